@@ -64,7 +64,9 @@ def verdicts(rows: list[Row]) -> list[Row]:
     for each defence whether it brings that family to chance, with its utility cost.
 
     A family whose strongest undefended attack does not clear chance by more than its spread gets no
-    verdict (a defence is never credited for stopping an attack that fails anyway)."""
+    verdict (a defence is never credited for stopping an attack that fails anyway), and a defence
+    is credited only where the strongest attack against it is lower than the undefended one by more
+    than their spread (``_clearly_lower``)."""
     findings = []
     for key, group in _group(rows, ("dataset", "model", "family")).items():
         by_defence = {defence: members for (defence,), members in _group(group, ("defence",)).items()}
@@ -81,12 +83,12 @@ def verdicts(rows: list[Row]) -> list[Row]:
                 outcome = "no verdict: the attack fails undefended"
             elif row is None:
                 outcome = "stops every attack (degraded or blocked the attacker)"
+            elif not _clearly_lower(row, baseline):
+                outcome = "does not help"
             elif not _above_chance(row):
                 outcome = "brings it to chance"
-            elif _success(row) < _success(baseline):
-                outcome = f"reduces it from {_success(baseline):.3g} to {_success(row):.3g}"
             else:
-                outcome = "does not help"
+                outcome = f"reduces it from {_success(baseline):.3g} to {_success(row):.3g}"
             accuracy = reference["utility"]["test_accuracy"]["mean"]
             base_accuracy = baseline["utility"]["test_accuracy"]["mean"]
             findings.append({
@@ -121,11 +123,24 @@ def _success(row: Row) -> float:
     return row["metrics"][row["primary"]]["mean"]
 
 
+MINIMAL_MARGIN = 0.02
+"""The smallest difference in a success measure the verdict treats as real, however small the spread."""
+
+
+def _spread(row: Row) -> float:
+    return row["metrics"][row["primary"]]["std"] or 0.0
+
+
 def _above_chance(row: Row) -> bool:
     """Success exceeds chance by more than twice the seed spread and by a minimal absolute margin."""
-    measure = row["metrics"][row["primary"]]
-    margin = max(2 * (measure["std"] or 0.0), 0.02)
-    return measure["mean"] > row["chance"] + margin
+    return _success(row) > row["chance"] + max(2 * _spread(row), MINIMAL_MARGIN)
+
+
+def _clearly_lower(row: Row, baseline: Row) -> bool:
+    """``row``'s success is below ``baseline``'s by more than twice their combined seed spread and
+    by the minimal margin."""
+    margin = max(2 * float(np.hypot(_spread(row), _spread(baseline))), MINIMAL_MARGIN)
+    return _success(row) < _success(baseline) - margin
 
 
 def _strongest(rows: list[Row]) -> Row | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -61,19 +62,77 @@ def targets(config: BenchConfig, dataset: str) -> tuple[str, ...]:
     return ("user",) if config.model else TARGETS.get(dataset, ("mlp",))
 
 
-def run(config: BenchConfig, out: Path, progress: bool = True) -> dict[str, Path]:
-    """Run the grid of ``config`` and write the report into ``out``."""
+Group = tuple[str, str, int]
+"""(dataset, model kind, seed): the cells that share trained models, run by one worker."""
+
+
+def run(config: BenchConfig, out: Path, progress: bool = True, workers: int | None = None,
+        threads: int = 1) -> dict[str, Path]:
+    """Run the grid of ``config`` and write the report into ``out``. The (dataset, model, seed)
+    groups run in ``workers`` processes (default: one per CPU core), each with ``threads`` torch
+    threads; results do not depend on either."""
     from tqdm import tqdm
 
-    cells = [(name, kind, DEFENCES[defence], seed) for name in config.datasets
-             for kind in targets(config, name) for defence in config.defences for seed in config.seeds]
+    groups = [(name, kind, seed) for name in config.datasets for kind in targets(config, name)
+              for seed in config.seeds]
+    workers = min(workers or os.cpu_count() or 1, len(groups))
+    done: dict[Group, list[tuple[tuple, dict[str, Any]]]] = {}
+    with tqdm(total=len(groups) * len(config.defences), desc="guard bench", disable=not progress,
+              unit="cell") as bar:
+        if workers == 1:
+            _prepare_worker(threads)
+            for group in groups:
+                done[group] = run_group(config, out, group, bar.update)
+        else:
+            done = _run_in_processes(config, out, groups, workers, threads, bar.update)
     outcomes: dict[tuple, list[dict[str, Any]]] = {}
-    cache = out / "cache"
+    for group in groups:
+        for key, outcome in done[group]:
+            outcomes.setdefault(key, []).append(outcome)
+    rows = [row(key, ATTACK_SPECS[key[3].split(" (")[0]], results) for key, results in outcomes.items()]
+    dp_delta = {name: default_delta(len(datasets.split(_dataset(name), config.seeds[0]).train))
+                for name in config.datasets}  # the delta guard.dp defaults to (for the DP bound)
+    return report.write(out, _recorded(config, dp_delta), rows)
+
+
+def _run_in_processes(config: BenchConfig, out: Path, groups: list[Group], workers: int, threads: int,
+                      advance) -> dict[Group, list[tuple[tuple, dict[str, Any]]]]:
+    """``run_group`` for every group in a pool of spawned processes; ``advance(1)`` per finished cell."""
+    import multiprocessing
+    import queue
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context, initializer=_prepare_worker,
+                                                            initargs=(threads,)) as pool:
+        finished = manager.Queue()
+        pending = {pool.submit(run_group, config, out, group, finished.put): group for group in groups}
+        results = {}
+        while pending:
+            ready, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    advance(finished.get_nowait())
+            for future in ready:
+                results[pending.pop(future)] = future.result()
+        return results
+
+
+def _prepare_worker(threads: int) -> None:
+    import logging
+
+    torch.set_num_threads(threads)
+    logging.getLogger("guard.sanctions").setLevel(logging.ERROR)  # the report records every sanction
+
+
+def run_group(config: BenchConfig, out: Path, group: Group, advance) -> list[tuple[tuple, dict[str, Any]]]:
+    """Every defence and attack of one (dataset, model, seed): (row key, per-seed outcome) pairs.
+    ``advance(1)`` is called after each defence (cell)."""
+    name, kind, seed = group
     trained: dict[tuple, Any] = {}
-    dp_delta: dict[str, float] = {}  # the delta guard.dp defaults to, per dataset (for the DP bound)
-    for name, kind, defence, seed in tqdm(cells, desc="guard bench", disable=not progress, unit="cell"):
+    results = []
+    for defence in (DEFENCES[d] for d in config.defences):
         context = _context(config, name, kind, defence, seed, trained)
-        dp_delta[name] = default_delta(len(context.split.train))
         undefended = context if defence.dp_epsilon is None else _context(
             config, name, kind, DEFENCES["none"], seed, trained)
         utility = _utility(context, undefended.model, config)
@@ -82,13 +141,12 @@ def run(config: BenchConfig, out: Path, progress: bool = True) -> dict[str, Path
                 continue
             for keys in _key_counts(spec, defence):
                 key = (name, kind, defence.name, spec.name if keys == 1 else f"{spec.name} ({keys} keys)")
-                outcome = _cached(cache, config, key, seed, lambda: _attack(spec, context, config, keys))
+                outcome = _cached(out / "cache", config, key, seed, lambda: _attack(spec, context, config, keys))
                 outcome = {**outcome, "images": {**_reference_images(spec, context), **outcome["images"]}}
-                outcomes.setdefault(key, []).append({**outcome, "utility": utility, "seed": seed,
-                                                     "chance": spec.chance(context),
-                                                     "adaptive": spec.adaptive(context) or keys > 1})
-    rows = [row(key, ATTACK_SPECS[key[3].split(" (")[0]], results) for key, results in outcomes.items()]
-    return report.write(out, _recorded(config, dp_delta), rows)
+                results.append((key, {**outcome, "utility": utility, "seed": seed, "chance": spec.chance(context),
+                                      "adaptive": spec.adaptive(context) or keys > 1}))
+        advance(1)
+    return results
 
 
 SYBIL_KEYS = 20
@@ -179,12 +237,11 @@ def _serve(app: FastAPI) -> Iterator[int]:
 def _context(config: BenchConfig, name: str, kind: str, defence: Defence, seed: int,
              trained: dict[tuple, Any]) -> Context:
     """The cell's data and models; ``trained`` memoises models shared by several cells."""
-    sensitive = None
     if name == "breast_cancer":
         table = sensitive_breast_cancer()
         dataset, sensitive = table.dataset, (table.attribute, table.values)
     else:
-        dataset = datasets.load(name)
+        dataset, sensitive = datasets.load(name), None
     split = datasets.split(dataset, seed)
     training = TrainingConfig(**config.training)
     X_train, y_train = dataset.X[split.train], dataset.y[split.train]
@@ -199,6 +256,11 @@ def _context(config: BenchConfig, name: str, kind: str, defence: Defence, seed: 
         context.detectors = _memo(trained, (name, kind, seed, "detectors"), lambda: calibrated_detectors(
             dataset, X_train, context.labels_of, seed, config.quick))
     return context
+
+
+def _dataset(name: str) -> datasets.Dataset:
+    """The records of dataset ``name`` (breast cancer: with its sensitive attribute coded)."""
+    return sensitive_breast_cancer().dataset if name == "breast_cancer" else datasets.load(name)
 
 
 def _labeller(model: torch.nn.Module):

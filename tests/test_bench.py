@@ -94,6 +94,13 @@ def test_a_defence_is_never_credited_against_an_attack_that_fails_undefended():
     assert _finding("x", undefended=0.3, defended=0.1, std=0.2).startswith("no verdict")  # within the spread
 
 
+def test_a_defence_is_credited_only_for_a_drop_beyond_the_spread():
+    # the undefended attack clears chance, the defended one does not, but the two barely differ
+    assert _finding("x", undefended=0.131, defended=0.119) == "does not help"
+    assert _finding("x", undefended=0.9, defended=0.85, std=0.03) == "does not help"
+    assert _finding("x", undefended=0.9, defended=0.7, std=0.03).startswith("reduces it")
+
+
 def test_dp_advantage_bound():
     assert report.membership_advantage_bound(0.0, 0.0) == 0.0
     assert 0.46 < report.membership_advantage_bound(1.0, 1e-5) < 0.47
