@@ -175,7 +175,8 @@ class HTTPTarget(Target):
     seconds in all per batch); ``events`` records the number of answered queries when the endpoint
     first throttled (``429``), degraded (answers switched from probabilities to labels) and blocked
     (``403``, which raises ``TargetBlocked``). ``api_keys`` are used round robin, one per batch, in
-    the ``key_header`` header. ``client`` is an ``httpx.Client``, an ASGI app (served in-process), or
+    the ``key_header`` header; with several keys each call's rows are split evenly over all of them
+    (a Sybil attacker spreads every round of queries over its identities). ``client`` is an ``httpx.Client``, an ASGI app (served in-process), or
     ``None`` for a fresh client; ``queries`` counts the rows the endpoint answered.
     """
 
@@ -238,8 +239,9 @@ class HTTPTarget(Target):
     def _query(self, X: np.ndarray) -> np.ndarray:
         answered = self.queries - len(X)
         parts = []
+        size = self.batch_size if len(self.api_keys) < 2 else min(self.batch_size, -(-len(X) // len(self.api_keys)))
         try:
-            for batch in np.array_split(X, range(self.batch_size, len(X), self.batch_size)):
+            for batch in np.array_split(X, range(size, len(X), size)):
                 parts.append(self._post(batch, answered))
                 answered += len(batch)
         finally:

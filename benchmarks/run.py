@@ -153,9 +153,10 @@ SYBIL_KEYS = 20
 
 
 def _key_counts(spec: AttackSpec, defence: Defence) -> tuple[int, ...]:
-    """Against monitoring, query-stealing attacks also run spread over many API keys (the Sybil
-    attacker that per-client detectors such as PRADA cannot see)."""
-    return (1, SYBIL_KEYS) if defence.monitoring and spec.family == "extraction" else (1,)
+    """Against monitoring, every attack that queries the API also runs spread over many API keys
+    (the Sybil attacker that per-client detectors such as PRADA cannot see), so monitoring is never
+    credited for stopping an attacker who would simply have used more keys."""
+    return (1, SYBIL_KEYS) if defence.monitoring and not spec.white_box else (1,)
 
 
 def policy(defence: Defence, detectors: dict[str, dict[str, Any]] | None = None) -> Policy:

@@ -176,7 +176,7 @@ def _learning(build: Callable[[Context], Any]) -> Callable[[Target, Context], At
 
 def _copy_options(context: Context) -> dict[str, Any]:
     return {"hidden": context.hidden if context.model_kind == "mlp" else None,
-            "epochs": 60 if context.quick else 150, "seed": context.seed}
+            "epochs": 60 if context.quick else 100, "seed": context.seed}
 
 
 def _membership(build: Callable[[Context], Any], population: bool) -> Callable[[Target, Context], AttackResult]:
@@ -207,7 +207,7 @@ def _lira(offline: bool) -> Callable[[Target, Context], AttackResult]:
 def _mi_face_run(white_box: bool) -> Callable[[Target, Context], AttackResult]:
     def run(target: Target, context: Context) -> AttackResult:
         shape = context.dataset.image_shape
-        steps = 200 if context.quick else 1000
+        steps = 200 if context.quick else 500
         if white_box:
             target = TorchTarget(context.model, context.dataset.n_classes)
             attack = MIFace(alpha=steps, process=ImageFilter(shape))

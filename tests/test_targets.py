@@ -64,6 +64,14 @@ def test_batches_json_pointers_and_key_rotation():
     assert [headers["x-api-key"] for _, headers in api.requests] == ["a", "b", "a"]
 
 
+def test_several_keys_share_every_call_evenly():
+    api = ScriptedAPI(PROBS)
+    target = HTTPTarget("/predict", 2, client=api, batch_size=256, api_keys=["a", "b", "c"])
+    target.predict_proba(np.zeros((8, 2)))
+    assert [len(request["features"]) for request, _ in api.requests] == [3, 3, 2]
+    assert [headers["x-api-key"] for _, headers in api.requests] == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize("entry, expected", [
     ({"cat": 0.25, "dog": 0.75}, [[0.25, 0.75]]),
     ("dog", [1]),
