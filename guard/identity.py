@@ -73,5 +73,7 @@ class ClientIdentifier:
             if key is not None:
                 return self.hash_key(key)
         peer = scope.get("client")
+        if not self._trusted and peer:  # no proxy to believe: the peer is the client, as the server named it
+            return "ip:" + peer[0]
         forwarded = [value for name, value in headers if name == b"x-forwarded-for"]
         return "ip:" + self.client_address(peer[0] if peer else None, forwarded)

@@ -73,15 +73,15 @@ class Round(OutputDefence):
         scaled = p * (units / p.sum(axis=1, keepdims=True))
         counts = np.floor(scaled)
         leftover = np.rint(units - counts.sum(axis=1, keepdims=True))  # in [0, k]
-        # Largest remainders first; a stable sort gives ties to the earlier column. The argsort of
-        # that permutation is each column's rank.
-        rank = np.argsort(np.argsort(counts - scaled, axis=1, kind="stable"), axis=1)
-        counts += rank < leftover
+        # Largest remainders first (a stable sort gives ties to the earlier column): the first
+        # ``leftover`` columns of that order get one unit more.
+        order = np.argsort(counts - scaled, axis=1, kind="stable")
+        counts[np.arange(len(p))[:, None], order] += np.arange(p.shape[1]) < leftover
         # The top column never ends below another; where it ties or trails by a unit, move one unit.
         top = p.argmax(axis=1)
         winner = counts.argmax(axis=1)
-        wrong = np.flatnonzero(winner != top)
-        if wrong.size:
+        if (winner != top).any():
+            wrong = np.flatnonzero(winner != top)
             counts[wrong, winner[wrong]] -= 1
             counts[wrong, top[wrong]] += 1
         return counts / units
