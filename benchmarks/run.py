@@ -164,8 +164,9 @@ def policy(defence: Defence, detectors: dict[str, dict[str, Any]] | None = None)
     detector settings when ``defence.monitoring``."""
     route = {"probabilities": "/probabilities", "features": "/features", "output": list(defence.output)}
     settings: dict[str, Any] = {"secret": "predguard-benchmark-secret", "routes": {"/predict": route}}
-    if defence.monitoring:
+    if defence.monitoring:  # cross-client alarms sanction every key they matched (Sybil keys)
         settings["detectors"] = detectors
+        route["sanctions"] = {"accomplices": True}
     return Policy.from_dict(settings)
 
 

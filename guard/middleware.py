@@ -355,19 +355,21 @@ class GuardedExchange:
         await self.send_json(self.start["status"], headers, dumps(document))
         return found.values.argmax(axis=1)
 
-    # Step 7: the detectors see the query and the model's own label; alarms raise the sanction.
+    # Step 7: the detectors see the query and the model's own label; alarms raise the client's
+    # sanction (and, when the route's rules say so, that of the other clients an alarm matched).
     async def observe(self, client: str, features: np.ndarray, predicted: np.ndarray) -> None:
         monitoring = self.monitoring
+        rules = self.route.sanctions
         for detector in self.route.detectors:
             try:
                 verdict = await detector.observe(client, features, predicted)
                 if not verdict.alarm:
                     continue
                 monitoring.metrics.detections.labels(detector=detector.name).inc()
-                before, standing = await monitoring.sanctions.escalate(client, self.route.sanctions,
-                                                                       detector.name)
-                if standing.level != before:
-                    monitoring.metrics.sanctions.labels(level=standing.level.name.lower()).inc()
+                for sanctioned in (client, *verdict.accomplices) if rules.accomplices else (client,):
+                    before, standing = await monitoring.sanctions.escalate(sanctioned, rules, detector.name)
+                    if standing.level != before:
+                        monitoring.metrics.sanctions.labels(level=standing.level.name.lower()).inc()
             except StoreUnavailable as error:
                 logger.error("guard: state store unreachable; %s did not see this query (%s)",
                              detector.name, error)

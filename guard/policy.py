@@ -40,6 +40,9 @@ class SanctionPolicy(BaseModel):
     floors: dict[str, str] = Field(default_factory=dict, description="detector -> lowest level its alarm imposes")
     memory: float = Field(default=86400.0, ge=0, description="seconds a lapsed sanction still counts")
     min_interval: float = Field(default=0.0, ge=0, description="alarms closer than this renew, not escalate")
+    accomplices: bool = Field(default=False, description="a cross-client alarm also sanctions the clients "
+                              "whose queries it matched (Sybil keys); lets a client who can guess "
+                              "another's queries frame it")
 
     @model_validator(mode="after")
     def _valid(self) -> SanctionPolicy:
@@ -47,7 +50,7 @@ class SanctionPolicy(BaseModel):
         return self
 
     def rules(self) -> SanctionRules:
-        return SanctionRules.parse(self.ladder, self.floors, self.memory, self.min_interval)
+        return SanctionRules.parse(self.ladder, self.floors, self.memory, self.min_interval, self.accomplices)
 
 
 class IdentityPolicy(BaseModel):

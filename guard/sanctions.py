@@ -39,16 +39,20 @@ class SanctionRules:
     """A route's answer to alarms. ``ladder``: the levels it uses and how long each lasts (seconds);
     ``floors``: per detector, the lowest level its alarm imposes; ``memory``: how long a lapsed
     sanction still counts toward escalation; alarms within ``min_interval`` seconds of the last
-    escalation renew the current level instead of raising it."""
+    escalation renew the current level instead of raising it. With ``accomplices``, an alarm raised
+    across clients also climbs the ladder for the other clients whose queries it matched (a Sybil
+    attacker's other keys). It is off by default: a client who can guess another's queries (public
+    images, say) could then push that client up the ladder."""
 
     ladder: Mapping[Level, float] = field(default_factory=lambda: dict(DEFAULT_LADDER))
     floors: Mapping[str, Level] = field(default_factory=dict)
     memory: float = 86400.0
     min_interval: float = 0.0
+    accomplices: bool = False
 
     @classmethod
     def parse(cls, ladder: Mapping[str, float] | None = None, floors: Mapping[str, str] | None = None,
-              memory: float = 86400.0, min_interval: float = 0.0) -> SanctionRules:
+              memory: float = 86400.0, min_interval: float = 0.0, accomplices: bool = False) -> SanctionRules:
         """From plain configuration, e.g. ``ladder={"degrade": 600, "block": 3600}``,
         ``floors={"similarity": "degrade"}``."""
         ladder = DEFAULT_LADDER if ladder is None else ladder
@@ -56,7 +60,7 @@ class SanctionRules:
         if not steps or Level.NONE in steps:
             raise ValueError("a sanction ladder needs at least one level above 'none'")
         return cls(dict(sorted(steps.items())), {d: Level.named(v) for d, v in (floors or {}).items()},
-                   float(memory), float(min_interval))
+                   float(memory), float(min_interval), accomplices)
 
     def next_level(self, reached: Level, detector: str, renew: bool) -> Level:
         """The level an alarm from ``detector`` imposes on a client that last reached ``reached``."""

@@ -92,6 +92,23 @@ async def test_log_degrade_throttle_sequence():
         assert full(await predict(client, query(3), x_api_key="alice"))
 
 
+@pytest.mark.parametrize("accomplices", [True, False])
+async def test_cross_client_alarms_sanction_every_sybil_key_when_configured(accomplices):
+    keys = ["sybil-0", "sybil-1", "sybil-2"]
+    route = {"sanctions": {"accomplices": accomplices}}
+    async with client_for(route=route, detectors=SIMILARITY) as client:
+        repeated = query(0)
+        # one query, sent in turn by each key: from the second on, each matches the key before it
+        for i in range(4):
+            assert full(await predict(client, repeated, x_api_key=keys[i % 3]))
+        probes = [await predict(client, query(10 + i), x_api_key=key) for i, key in enumerate(keys)]
+        untouched = full(await predict(client, query(20), x_api_key="alice"))
+    # with accomplices every key has climbed to degrade (label-only answers); without, each key
+    # took one alarm (log) and still gets full answers
+    assert [full(p) for p in probes] == [not accomplices] * 3
+    assert untouched
+
+
 async def test_block_gives_403_and_metrics_count_it():
     route = {"sanctions": {"ladder": {"block": 60}}}
     async with client_for(route=route, detectors=SIMILARITY, metrics_path="/metrics") as client:

@@ -10,11 +10,14 @@ import numpy as np
 @dataclass(frozen=True)
 class Verdict:
     """A detector's judgement of the query it just observed: its ``score`` (larger is more
-    suspicious) and whether the score crossed the detector's threshold (``alarm``)."""
+    suspicious), whether the score crossed the detector's threshold (``alarm``) and, for an alarm
+    raised across clients, the other clients whose earlier queries it matched (``accomplices``:
+    in a Sybil attack, the attacker's other keys)."""
 
     detector: str
     score: float
     alarm: bool
+    accomplices: tuple[str, ...] = ()
 
 
 class Detector(Protocol):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -110,6 +110,7 @@ class Similarity:
         """Judge each query in order; the batch's verdict is that of its most similar query."""
         owner = client.encode()
         verdict = self._judge(0.0, 0.0)
+        accomplices: set[bytes] = set()
         for fingerprint in self.fingerprints(features):
             query_id = owner + os.urandom(_QUERY_ID_BYTES)
             earlier = await self.store.swap_many(self.table, fingerprint, query_id, self.ttl)
@@ -117,12 +118,14 @@ class Similarity:
             own = max(
                 (n for match, n in shared.items() if match[:-_QUERY_ID_BYTES] == owner), default=0
             )
-            other = max(
-                (n for match, n in shared.items() if match[:-_QUERY_ID_BYTES] != owner), default=0
-            )
-            judged = self._judge(float(own), float(other))
+            others = {match[:-_QUERY_ID_BYTES]: n for match, n in shared.items()
+                      if match[:-_QUERY_ID_BYTES] != owner}
+            accomplices.update(other for other, n in others.items() if n >= self.threshold)
+            judged = self._judge(float(own), float(max(others.values(), default=0)))
             verdict = judged if judged.score > verdict.score else verdict
-        return verdict
+        if verdict.scope != "cross-client":
+            return verdict
+        return replace(verdict, accomplices=tuple(sorted(other.decode() for other in accomplices)))
 
     def _judge(self, per_client: float, cross_client: float) -> SimilarityVerdict:
         score = max(per_client, cross_client)
@@ -134,5 +137,6 @@ class Similarity:
             else None
         )
         return SimilarityVerdict(
-            self.name, score, scope is not None, per_client, cross_client, scope
+            self.name, score, scope is not None, per_client=per_client, cross_client=cross_client,
+            scope=scope
         )
