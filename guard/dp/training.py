@@ -115,7 +115,9 @@ def train_private(
             dp_loader.batch_sampler.set_epoch(epoch)
         physical = physical_batch_size or batch_size
         with BatchMemoryManager(data_loader=dp_loader, optimizer=dp_optimiser,
-                                max_physical_batch_size=physical) as batches:
+                                max_physical_batch_size=physical) as batches, warnings.catch_warnings():
+            # ghost clipping's hooks fire on a first layer whose inputs need no gradient: harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             run_epoch(dp_model, dp_optimiser, criterion, batches)
         if checkpoint_dir is not None and rank == 0:
             settings = dict(dataset_size=len(X), batch_size=batch_size, delta=delta,
