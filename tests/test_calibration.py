@@ -63,6 +63,16 @@ async def test_prada_delta_keeps_benign_clients_under_target(rng):
         assert len(alarmed) <= allowed
 
 
+async def test_prada_window_is_bounded_by_the_calibration_streams(rng):
+    # W over more distances than any benign stream had is not what delta was calibrated on
+    benign = streams(rng, clients=4, queries=130, repeats=3)
+    length = max(len(features) for features, _ in benign.values())
+    assert (await calibrate(benign, {"prada": {}}))["prada"]["max_distances"] == length
+    assert (await calibrate(benign, {"prada": {"max_distances": 120}}))["prada"]["max_distances"] == 120
+    short = streams(rng, clients=2, queries=20, repeats=1)
+    assert (await calibrate(short, {"prada": {"min_distances": 50}}))["prada"]["max_distances"] == 51
+
+
 async def test_calibrate_rejects_unknown_detectors_and_empty_data(rng):
     with pytest.raises(ValueError, match="no calibration rule"):
         await calibrate(streams(rng, 1, 5), {"other": {}})

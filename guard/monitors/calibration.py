@@ -4,7 +4,11 @@ query streams of several clients through a detector that never alarms, record it
 the threshold just beyond the benign scores that the target rate allows to alarm.
 
 - PRADA judges clients: a client alarms once its ``W`` drops below ``delta``, so ``delta`` is chosen
-  so that at most ``fpr`` of the benign clients ever reach it.
+  so that at most ``fpr`` of the benign clients ever reach it. Shapiro-Wilk grows more sensitive
+  with more values, so natural distances that look normal at 500 can fail at 2000: a ``delta``
+  calibrated on streams of ``n`` queries only holds for ``W`` over at most ``n`` distances, and
+  calibration also bounds ``max_distances`` (the window ``W`` is computed on) by the longest benign
+  stream. Longer benign streams give a longer window.
 - The similarity detector judges queries: ``threshold`` is chosen so that at most ``fpr`` of the
   benign queries reach it.
 
@@ -14,6 +18,7 @@ policy stores; ``write_policy`` merges it into a TOML or YAML policy file.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -25,6 +30,7 @@ import numpy as np
 
 from guard.monitors import build_detector
 from guard.monitors.base import Detector
+from guard.monitors.prada import Prada
 from guard.store.memory import MemoryStore
 
 Stream = tuple[np.ndarray, np.ndarray]
@@ -50,6 +56,14 @@ async def replay(detector: Detector, streams: Mapping[str, Stream]) -> dict[str,
     return {client: np.asarray(values) for client, values in scores.items()}
 
 
+def _prada_window(settings: Mapping[str, Any], streams: Mapping[str, Stream]) -> int:
+    """PRADA's ``max_distances`` bounded by the longest benign stream (and above its ``min_distances``)."""
+    defaults = {name: p.default for name, p in inspect.signature(Prada).parameters.items()}
+    horizon = max(len(features) for features, _ in streams.values())
+    floor = settings.get("min_distances", defaults["min_distances"]) + 1
+    return min(settings.get("max_distances", defaults["max_distances"]), max(horizon, floor))
+
+
 def _tolerated(values: np.ndarray, fpr: float) -> float:
     """The largest value that must not alarm: beyond it lie at most ``fpr`` of ``values``."""
     return float(np.sort(values)[::-1][min(math.floor(fpr * len(values)), len(values) - 1)])
@@ -69,7 +83,8 @@ async def calibrate(
             never = {**settings, "delta": 0.0}
             scores = await replay(build_detector(name, never, MemoryStore()), streams)
             worst = np.array([values.max(initial=0.0) for values in scores.values()])
-            thresholds[name] = {"delta": 1.0 - _tolerated(worst, fpr)}
+            thresholds[name] = {"delta": 1.0 - _tolerated(worst, fpr),
+                                "max_distances": _prada_window(settings, streams)}
         elif name == "similarity":
             never = {**settings, "threshold": math.inf}
             scores = await replay(build_detector(name, never, MemoryStore()), streams)
