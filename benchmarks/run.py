@@ -90,7 +90,7 @@ def run(config: BenchConfig, out: Path, progress: bool = True, workers: int | No
         for key, outcome in done[group]:
             outcomes.setdefault(key, []).append(outcome)
     rows = [row(key, ATTACK_SPECS[key[3].split(" (")[0]], results) for key, results in outcomes.items()]
-    dp_delta = {name: default_delta(len(datasets.split(_dataset(name), config.seeds[0]).train))
+    dp_delta = {name: default_delta(len(datasets.split(_dataset(name)[0], config.seeds[0]).train))
                 for name in config.datasets}  # the delta guard.dp defaults to (for the DP bound)
     return report.write(out, _recorded(config, dp_delta), rows)
 
@@ -241,11 +241,7 @@ def _serve(app: FastAPI) -> Iterator[int]:
 def _context(config: BenchConfig, name: str, kind: str, defence: Defence, seed: int,
              trained: dict[tuple, Any]) -> Context:
     """The cell's data and models; ``trained`` memoises models shared by several cells."""
-    if name == "breast_cancer":
-        table = sensitive_breast_cancer()
-        dataset, sensitive = table.dataset, (table.attribute, table.values)
-    else:
-        dataset, sensitive = datasets.load(name), None
+    dataset, sensitive = _dataset(name)
     split = datasets.split(dataset, seed)
     training = TrainingConfig(**config.training)
     X_train, y_train = dataset.X[split.train], dataset.y[split.train]
@@ -262,9 +258,13 @@ def _context(config: BenchConfig, name: str, kind: str, defence: Defence, seed: 
     return context
 
 
-def _dataset(name: str) -> datasets.Dataset:
-    """The records of dataset ``name`` (breast cancer: with its sensitive attribute coded)."""
-    return sensitive_breast_cancer().dataset if name == "breast_cancer" else datasets.load(name)
+def _dataset(name: str) -> tuple[datasets.Dataset, tuple[int, np.ndarray] | None]:
+    """The records of dataset ``name`` and its sensitive attribute (column, values), if it has one
+    (breast cancer: the coded "worst concave points" level)."""
+    if name == "breast_cancer":
+        table = sensitive_breast_cancer()
+        return table.dataset, (table.attribute, table.values)
+    return datasets.load(name), None
 
 
 def _labeller(model: torch.nn.Module):
