@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 
+import httpx
 import numpy as np
 import pytest
 from torch import nn
@@ -57,6 +58,29 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Poll ``url/health`` until it answers; fail at once if ``process`` (the server) exits, with
+    its output when it was piped, or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            output = process.stdout.read().decode() if process.stdout else ""
+            pytest.fail(f"the server at {url} exited: {output}")
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, f"no server at {url} after {timeout} s"
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def redis_url() -> str:
     """The test redis-server's URL (``REDIS_URL``, set by tests/run.sh). Without it the test is
@@ -74,9 +98,7 @@ class RedisServer:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 

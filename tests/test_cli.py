@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
 import pytest
+from conftest import free_port, wait_until_serving
 from typer.testing import CliRunner
 
 from guard.cli import app, is_loopback
@@ -28,12 +27,6 @@ def test_demo_refuses_remote_hosts_without_allow_remote():
     assert result.exit_code != 0 and "--allow-remote" in result.output
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_demo_serves_a_guarded_model_over_http(digits, digits_split):
     port = free_port()
     command = [sys.executable, "-c", "from guard.cli import main; main()",
@@ -42,15 +35,7 @@ def test_demo_serves_a_guarded_model_over_http(digits, digits_split):
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()
-            try:
-                httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "demo server did not start"
-                time.sleep(0.2)
+        wait_until_serving(url, 120, server)
         X = digits.X[digits_split.test[:20]]
         served = httpx.post(f"{url}/predict", json={"features": X.tolist()}).json()["probabilities"]
         served = np.asarray(served)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ import uuid
 
 import httpx
 import pytest
+from conftest import free_port, wait_until_serving
 
 APP = '''
 import os
@@ -34,12 +34,6 @@ app.add_middleware(GuardMiddleware, policy=Policy(
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def workers(redis_url, tmp_path):
     (tmp_path / "guarded_app.py").write_text(APP)
@@ -49,15 +43,8 @@ def workers(redis_url, tmp_path):
                                    str(tmp_path), "--port", str(port), "--log-level", "warning"], env=env)
                  for port in ports]
     try:
-        deadline = time.monotonic() + 60
-        for port in ports:
-            while True:
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, "uvicorn worker did not start"
-                    time.sleep(0.1)
+        for port, process in zip(ports, processes):
+            wait_until_serving(f"http://127.0.0.1:{port}", 60, process)
         yield [f"http://127.0.0.1:{port}" for port in ports]
     finally:
         for process in processes:
