@@ -165,7 +165,11 @@ class ReverseSigmoid(OutputDefence):
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         p = normalise(probabilities)
         perturbation = self.beta * (expit(self.gamma * logit(p)) - 0.5)
-        return keep_top(normalise(np.maximum(p - perturbation, 0.0)), p.argmax(axis=1))
+        q = np.maximum(p - perturbation, 0.0)
+        top = p.argmax(axis=1)
+        wiped = q.sum(axis=1) == 0  # a large beta can clip a whole row (e.g. one class): answer its top label
+        q[wiped, top[wiped]] = 1.0
+        return keep_top(normalise(q), top)
 
 
 @dataclass(frozen=True)
