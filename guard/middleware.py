@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from guard.identity import ClientIdentifier
 from guard.metrics import GuardMetrics
 from guard.monitors.base import Observation
-from guard.monitors.monitor import InProcessMonitor
+from guard.monitors.monitor import InProcessMonitor, Queued
 from guard.monitors.stream import ObservationStream
 from guard.outputs import Pipeline
 from guard.payload import (
@@ -195,6 +195,7 @@ class GuardedExchange:
         self.app = guard.app
         self.policy = guard.policy
         self.monitoring = guard.monitoring
+        self.escalations = 0 if guard.monitoring.monitor is None else guard.monitoring.monitor.escalations
         self.extra_headers: list[tuple[bytes, bytes]] = []
         self.app_seconds = 0.0
         self.route = route
@@ -353,8 +354,8 @@ class GuardedExchange:
         if len(found.values) != len(features):
             raise GuardError(502, "bad_response", f"{len(found.values)} probability rows for "
                              f"{len(features)} feature rows")
-        if self.route.monitored and not await self.observe(client, features, found.values.argmax(axis=1)):
-            output, decision = self.monitoring.fail_output, "unmonitored"
+        if self.route.monitored:
+            output, decision = await self.observe(client, features, found.values.argmax(axis=1), output, decision)
         defended = output(found.values, features)
         document = self.route.probabilities.replace(document, found.render(defended, output.label_only))
         await self.send_json(self.start["status"], headers, dumps(document))
@@ -363,18 +364,25 @@ class GuardedExchange:
     # Step 7: the observation (client, features, the model's own labels) goes to the monitor,
     # which judges it off the request path (guard.monitors.monitor). When it cannot be queued (the
     # queue is full, the monitor stalled or the stream unreachable) the answer fails closed.
-    async def observe(self, client: str, features: np.ndarray, predicted: np.ndarray) -> bool:
-        """Whether the monitor took the observation; if not, counted, and refused under ``503``."""
+    async def observe(self, client: str, features: np.ndarray, predicted: np.ndarray, output: Pipeline,
+                      decision: str) -> tuple[Pipeline, str]:
+        """The output and decision once the monitor has the observation: chosen again by the
+        client's standing when the monitor wrote a sanction since this request began (its sanction
+        check may predate it); the fail mode (counted; ``503`` under that fail mode) when refused."""
         monitoring = self.monitoring
         try:
-            if await monitoring.monitor.offer(Observation(client, features, predicted, self.route.path)):
-                return True
+            queued = await monitoring.monitor.offer(Observation(client, features, predicted, self.route.path))
+            if queued is Queued.ACCEPTED and monitoring.monitor.escalations != self.escalations:
+                if (await monitoring.sanctions.standing(client)).level >= Level.DEGRADE:
+                    return self.route.degraded_output, "degraded"
+            if queued is Queued.ACCEPTED:
+                return output, decision
         except StoreUnavailable as error:
-            logger.error("guard: the observation stream is unreachable (%s); failing closed", error)
+            logger.error("guard: state store unreachable (%s); the observation is not queued", error)
         monitoring.metrics.dropped.inc()
         if self.policy.fail_mode == "503":
             raise GuardError(503, "unavailable", "the guard's monitor cannot take more queries now")
-        return False
+        return monitoring.fail_output, "unmonitored"
 
     def locate(self, body: bytes) -> tuple[object, Probabilities | None]:
         """The parsed response and its validated probabilities. A non-2xx response without a value

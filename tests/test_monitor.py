@@ -222,3 +222,15 @@ async def test_monitor_thread_starts_and_stops_with_the_lifespan():
     assert sent[-1] == "lifespan.shutdown.complete"
     assert not thread.is_alive() and monitor._thread is None
     assert not monitor.backlog.times  # what was queued was judged before the thread ended
+
+
+async def test_with_max_pending_one_a_sequential_client_is_sanctioned_from_the_next_query():
+    """No waiting for the monitor in the test: the bound itself makes the sanction of each alarm
+    apply to the client's next query (log, degrade, throttle on the 2nd, 3rd, 4th repeat)."""
+    for attempt in range(5):
+        client, app = guarded({"max_pending": 1, "max_delay": 5.0}, rate_limits=["100/minute"])
+        async with client:
+            repeated = query(attempt)
+            answers = [await client.post("/predict", json={"features": repeated}, headers={"x-api-key": "mallory"})
+                       for _ in range(5)]
+        assert [full(a) for a in answers] == [True, True, True, False, False]

@@ -16,12 +16,17 @@ monitor did. Two deployments run the same ``Monitor``:
 The sanction delay is bounded by ``monitor.max_pending`` and ``monitor.max_delay``: an answer is
 sent in full only once its observation is queued behind fewer than ``max_pending`` unjudged ones,
 the oldest of them younger than ``max_delay`` seconds. Otherwise the request waits for the monitor
-up to ``max_delay``, then the queue is full or the monitor stalled, a fault: the answer is sent in
-the fail mode (label-only or ``503``) and counted in ``guard_observations_dropped_total``. So after
-a query that raises an alarm, its client receives at most ``max_pending - 1`` further full answers,
-all within ``max_delay`` seconds, before the sanction applies (plus requests already past their
-sanction check when it is written). A flood of queries cannot hide queries from the detectors: it
-can only make its own answers, and those of others, fail closed.
+up to ``max_delay``; if the queue is still full or the monitor stalled, that is a fault: the
+answer is sent in the fail mode (label-only or ``503``) and counted in
+``guard_observations_dropped_total``. A request during which the in-process monitor wrote a
+sanction reads its client's standing again before answering. So after a query that raises an
+alarm, its client receives at most ``max_pending - 1`` further full answers, all within
+``max_delay`` seconds, before the sanction applies; with ``max_pending = 1`` a client that waits
+for each answer before sending the next is sanctioned from the query after the alarm, as if the
+detectors ran on the request path. (With streams, a request may also be answered in full if the
+sanction is written by a monitor process between its sanction check and its queueing: at most the
+client's requests in flight.) A flood of queries cannot hide queries from the detectors: it can only make its own
+answers, and those of others, fail closed.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from guard.metrics import GuardMetrics
 from guard.monitors import DETECTORS, build_detector
@@ -130,6 +136,13 @@ class Monitor:
                 self.metrics.sanctions.labels(level=standing.level.name.lower()).inc()
 
 
+class Queued(Enum):
+    """What became of an offered observation."""
+
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+
+
 class Backlog:
     """The unjudged observations as the request path counts them: their enqueue times, oldest
     first. ``full`` when ``max_pending`` are waiting or the oldest has waited ``max_delay``."""
@@ -160,6 +173,7 @@ class InProcessMonitor:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the requests' loop
+        self.escalations = 0  # sanctions written so far: a request that saw another count reads its standing again
         self._own_loop: asyncio.AbstractEventLoop | None = None  # the worker thread's
 
     def start(self) -> None:
@@ -185,23 +199,23 @@ class InProcessMonitor:
             self._own_loop.close()
             self._own_loop = None
 
-    async def offer(self, observation: Observation) -> bool:
-        """Queue ``observation``, waiting up to ``max_delay`` for room; False: full or stalled."""
+    async def offer(self, observation: Observation) -> Queued:
+        """Queue ``observation``, waiting up to ``max_delay`` for room (refused: still full or stalled)."""
         backlog = self.backlog
         deadline = time.monotonic() + backlog.max_delay
         while backlog.full(now := time.monotonic()):
             if now >= deadline:
-                return False
+                return Queued.REFUSED
             self._progress.clear()
             try:
                 await asyncio.wait_for(self._progress.wait(), deadline - now)
             except TimeoutError:
-                return False
+                return Queued.REFUSED
         with self._lock:
             self._start()
             backlog.times.append(time.monotonic())
             self._inbox.put(observation)
-        return True
+        return Queued.ACCEPTED
 
     async def drain(self) -> None:
         """Wait until every queued observation has been judged."""
@@ -246,5 +260,10 @@ class InProcessMonitor:
 
     async def _escalate(self, client: str, rules: SanctionRules, detector: str) -> tuple[Level, Standing]:
         """``Sanctions.escalate`` run on the requests' event loop, awaited from the worker thread."""
-        work = asyncio.run_coroutine_threadsafe(self.sanctions.escalate(client, rules, detector), self._loop)
+        work = asyncio.run_coroutine_threadsafe(self._escalate_here(client, rules, detector), self._loop)
         return await asyncio.wrap_future(work)
+
+    async def _escalate_here(self, client: str, rules: SanctionRules, detector: str) -> tuple[Level, Standing]:
+        result = await self.sanctions.escalate(client, rules, detector)
+        self.escalations += 1
+        return result

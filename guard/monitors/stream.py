@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 
 from guard.metrics import GuardMetrics
 from guard.monitors.base import Observation
-from guard.monitors.monitor import Monitor
+from guard.monitors.monitor import Monitor, Queued
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Sanctions
 from guard.store.base import StoreUnavailable
@@ -86,6 +86,8 @@ def decode(fields: dict[bytes, bytes]) -> Observation:
 class ObservationStream:
     """The web worker's side: appends each observation to its client's partition, within the bound."""
 
+    escalations = 0  # sanctions are written by the monitor processes, unseen here
+
     def __init__(self, url: str, settings: MonitorPolicy, prefix: str = "predguard:", timeout: float = 0.25):
         self.settings, self.prefix = settings, prefix
         self._client = aioredis.Redis.from_url(url, **client_options(timeout))
@@ -97,14 +99,14 @@ class ObservationStream:
     async def stop(self) -> None:
         await self._client.aclose()
 
-    async def offer(self, observation: Observation) -> bool:
-        """Append ``observation``; False (nothing appended) when its partition's backlog is full or
+    async def offer(self, observation: Observation) -> Queued:
+        """Append ``observation``; refused (nothing appended) when its partition's backlog is full or
         its oldest entry has waited ``max_delay``. ``StoreUnavailable`` when Redis cannot be reached."""
         key = stream_key(self.prefix, partition_of(observation.client, self.settings.partitions))
         try:
-            return bool(await self._offer(keys=[key], args=[self.settings.max_pending,
-                                                             int(self.settings.max_delay * 1000),
-                                                             *encode(observation)]))
+            appended = await self._offer(keys=[key], args=[self.settings.max_pending,
+                                                           int(self.settings.max_delay * 1000), *encode(observation)])
+            return Queued.ACCEPTED if appended else Queued.REFUSED
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
             raise StoreUnavailable(f"redis unreachable: {error}") from error
 
