@@ -97,7 +97,16 @@ class Monitor:
 
     async def process(self, batch: Sequence[Observation]) -> None:
         """Every detector judges the observations of the routes it watches; then the alarms raise
-        sanctions in the order of the queries (and, per query, of the detectors)."""
+        sanctions in the order of the queries (and, per query, of the detectors). The CPU time of
+        this thread is counted in the metrics."""
+        started = time.thread_time()
+        try:
+            await self._process(batch)
+        finally:
+            self.metrics.judged.inc(len(batch))
+            self.metrics.monitor_cpu.inc(time.thread_time() - started)
+
+    async def _process(self, batch: Sequence[Observation]) -> None:
         alarms: dict[int, list[tuple[str, Verdict]]] = {}
         for name, detector in self.detectors.items():
             watched = [i for i, o in enumerate(batch) if o.route in self.routes
