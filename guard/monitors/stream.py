@@ -25,6 +25,7 @@ import math
 import os
 import secrets
 import socket
+import time
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -123,7 +124,9 @@ class StreamMonitor:
         self.monitor = Monitor.from_policy(policy, self.store, Sanctions(self.store).escalate,
                                            metrics or GuardMetrics())
         self.owned: set[int] = set()
+        self.inherited: set[int] = set()  # owned partitions that may still hold a previous owner's entries
         self._lease_ms = int(self.settings.lease * 1000)
+        self._rebalanced = -math.inf
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
 
@@ -149,17 +152,20 @@ class StreamMonitor:
                     raise
 
     async def step(self) -> int:
-        """One round: renew and rebalance the leases, take the next batch (a dead owner's pending
-        entries first), judge it, acknowledge and delete it. Returns the observations judged."""
-        await self.rebalance()
+        """One round: renew and rebalance the leases (every quarter lease), take the next batch (a
+        previous owner's pending entries first), judge it, acknowledge and delete it. Returns the
+        observations judged."""
+        if time.monotonic() - self._rebalanced >= self.settings.lease / 4:
+            await self.rebalance()
+            self._rebalanced = time.monotonic()
         entries: list[tuple[int, bytes, dict[bytes, bytes]]] = []
-        readable = []
-        for partition in sorted(self.owned):
+        for partition in sorted(self.inherited):
             claimed = await self.claim(partition)
             if claimed is None:
-                readable.append(partition)
+                self.inherited.discard(partition)
             else:
                 entries += [(partition, entry_id, fields) for entry_id, fields in claimed]
+        readable = sorted(self.owned - self.inherited)
         if not entries and readable:
             streams = {stream_key(self.prefix, p): ">" for p in readable}
             answer = await self.redis.xreadgroup(GROUP, self.name, streams, count=self.settings.batch_size,
@@ -216,12 +222,15 @@ class StreamMonitor:
         for partition in sorted(self.owned):
             if not await self._renew(keys=[self._lease(partition)], args=[self.name, self._lease_ms]):
                 self.owned.discard(partition)
+                self.inherited.discard(partition)
         for partition in sorted(self.owned, reverse=True)[: max(len(self.owned) - share, 0)]:
             await self._release(keys=[self._lease(partition)], args=[self.name])
             self.owned.discard(partition)
+            self.inherited.discard(partition)
         for partition in range(self.settings.partitions):
             if len(self.owned) >= share:
                 break
             if partition not in self.owned and await self.redis.set(self._lease(partition), self.name,
                                                                      nx=True, px=self._lease_ms):
                 self.owned.add(partition)
+                self.inherited.add(partition)
