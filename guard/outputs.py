@@ -77,7 +77,7 @@ class Round(OutputDefence):
         units = 10.0 ** self.decimals
         scaled = p * (units / p.sum(axis=1, keepdims=True))
         counts = np.floor(scaled)
-        leftover = np.rint(units - counts.sum(axis=1, keepdims=True))  # in [0, k]
+        leftover = units - counts.sum(axis=1, keepdims=True)  # in [0, k], exact: whole numbers
         # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
         counts += ranks(counts - scaled) < leftover
         # The top column never ends below another; where it ties or trails by a unit, move one unit.
@@ -167,8 +167,9 @@ class ReverseSigmoid(OutputDefence):
         p = normalise(probabilities)
         perturbation = self.beta * (expit(self.gamma * logit(p)) - 0.5)
         q, top = np.maximum(p - perturbation, 0.0), p.argmax(axis=1)
-        emptied = ~q.any(axis=1)  # beta >= 2 can clip a confident row to nothing: its top label remains
-        q[emptied, top[emptied]] = 1.0
+        if not q.any(axis=1).all():  # beta >= 2 can clip a confident row to nothing: its top label remains
+            emptied = ~q.any(axis=1)
+            q[emptied, top[emptied]] = 1.0
         return keep_top(normalise(q), top)
 
 
