@@ -234,3 +234,9 @@ async def test_with_max_pending_one_a_sequential_client_is_sanctioned_from_the_n
             answers = [await client.post("/predict", json={"features": repeated}, headers={"x-api-key": "mallory"})
                        for _ in range(5)]
         assert [full(a) for a in answers] == [True, True, True, False, False]
+
+
+def test_streams_need_a_redis_store():
+    with pytest.raises(ValueError, match="needs a Redis store"):
+        Policy(secret=SECRET, detectors=SIMILARITY, monitor={"deployment": "streams"})
+    Policy(secret=SECRET, detectors=SIMILARITY, store="redis://127.0.0.1:1/0", monitor={"deployment": "streams"})
