@@ -167,6 +167,11 @@ def policy(defence: Defence, detectors: dict[str, dict[str, Any]] | None = None)
     if defence.monitoring:  # cross-client alarms sanction every key they matched (Sybil keys)
         settings["detectors"] = detectors
         route["sanctions"] = {"accomplices": True}
+        # The monitor judges off the request path; with one observation pending at most, a request
+        # waits for the judgement of the one before it, so the attacker (who sends its next request
+        # after the last answer) is caught from the request after the alarm, as the report counts.
+        # A slow machine must not pass for a caught attacker: the wait may take up to 60 s.
+        settings["monitor"] = {"max_pending": 1, "max_delay": 60.0}
     return Policy.from_dict(settings)
 
 

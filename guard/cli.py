@@ -167,6 +167,37 @@ def calibrate(
     typer.echo(f"wrote the thresholds for {len(X)} benign queries from {clients} clients into {policy}")
 
 
+@app.command()
+def monitor(
+    policy: str = typer.Option(..., help="TOML or YAML policy with a Redis store and monitor.deployment = "
+                               "'streams'."),
+    name: str = typer.Option(None, help="This monitor's consumer name (default: host, pid and a random tag)."),
+) -> None:
+    """Judge the observations web workers append to Redis Streams, with the policy's detectors, as
+    one of any number of monitor processes (each takes a share of the client partitions; a dead
+    one's partitions and pending observations pass to the others). Runs until SIGINT or SIGTERM."""
+    import asyncio
+    import signal
+
+    from guard.monitors.stream import StreamMonitor
+    from guard.policy import Policy
+
+    settings = Policy.from_file(policy)
+    if settings.monitor.deployment != "streams":
+        raise typer.BadParameter("the policy's monitor.deployment is not 'streams'", param_hint="--policy")
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        consumer = StreamMonitor(settings, name)
+        typer.echo(f"guard monitor {consumer.name}: judging {settings.monitor.partitions} partitions "
+                   f"with {', '.join(settings.detectors) or 'no detectors'}")
+        await consumer.run(stop)
+
+    asyncio.run(serve())
+
+
 def _names(values: list[str] | None, known: dict, what: str) -> tuple[str, ...] | None:
     """Comma- or repeat-separated names, checked against ``known``."""
     if not values:
@@ -252,3 +283,7 @@ def audit(
 def main() -> None:
     """Console-script entry point (``guard``)."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,9 @@ LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5
 
 class GuardMetrics:
     """``guard_requests_total{route,decision}``, ``guard_detections_total{detector}``,
-    ``guard_sanctions_total{level}``, ``guard_middleware_seconds`` and ``guard_clients_tracked``
+    ``guard_sanctions_total{level}``, ``guard_middleware_seconds``, ``guard_clients_tracked``, and the
+    monitor's ``guard_observations_dropped_total``, ``guard_observations_judged_total`` and
+    ``guard_monitor_cpu_seconds_total``
     (distinct clients seen in the last ``client_window`` seconds, at most ``max_clients``)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, client_window: float = 3600.0,
@@ -40,6 +42,13 @@ class GuardMetrics:
                                   registry=self.registry)
         self.sanctions = Counter("guard_sanctions_total", "Sanctions imposed or raised, by level.",
                                  ["level"], registry=self.registry)
+        self.dropped = Counter("guard_observations_dropped_total", "Answers whose observation the monitor "
+                               "could not take (queue full or monitor stalled): sent in the fail mode.",
+                               registry=self.registry)
+        self.judged = Counter("guard_observations_judged_total", "Observations the monitor has judged.",
+                              registry=self.registry)
+        self.monitor_cpu = Counter("guard_monitor_cpu_seconds_total", "CPU time the monitor spent judging.",
+                                   registry=self.registry)
         self.latency = Histogram("guard_middleware_seconds", "Time the guard itself adds to a request.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.clients = Gauge("guard_clients_tracked", "Distinct clients seen recently.",

@@ -25,9 +25,6 @@ undefended answer.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import hmac
-import inspect
 import logging
 import time
 import zlib
@@ -40,7 +37,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.identity import ClientIdentifier
 from guard.metrics import GuardMetrics
-from guard.monitors import DETECTORS, Detector, build_detector
+from guard.monitors.base import Observation
+from guard.monitors.monitor import InProcessMonitor, Queued
+from guard.monitors.stream import ObservationStream
 from guard.outputs import Pipeline
 from guard.payload import (
     PayloadError,
@@ -53,7 +52,7 @@ from guard.payload import (
 )
 from guard.policy import Policy, RoutePolicy
 from guard.ratelimit import RateLimiter, RouteLimits, limits_storage_uri
-from guard.sanctions import Level, SanctionRules, Sanctions
+from guard.sanctions import Level, Sanctions
 from guard.store import StoreUnavailable, store_from_uri
 
 logger = logging.getLogger("guard")
@@ -89,23 +88,21 @@ class RouteGuard:
     tolerance: float
     path: str
     limits: RouteLimits
-    detectors: tuple[Detector, ...]
-    sanctions: SanctionRules
+    monitored: bool
 
     @classmethod
-    def compile(cls, path: str, route: RoutePolicy, secret: bytes,
-                detectors: dict[str, Detector]) -> RouteGuard:
-        watching = detectors if route.detectors is None else {name: detectors[name] for name in route.detectors}
+    def compile(cls, path: str, route: RoutePolicy, secret: bytes, detectors: list[str]) -> RouteGuard:
         return cls(Pointer.parse(route.probabilities), Pointer.parse(route.features),
                    Pipeline.from_specs(route.output, secret), Pipeline.from_specs(route.degraded_output, secret),
                    tuple(route.labels) if route.labels else None, route.tolerance, path,
                    RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits),
-                   tuple(watching.values()), route.sanctions.rules())
+                   bool(detectors if route.detectors is None else route.detectors))
 
 
 class Monitoring:
     """The policy's query monitoring, built once per middleware: who the client is, the shared state
-    store, rate limits, sanctions, detectors and metrics."""
+    store, rate limits, sanctions, metrics and where observations go (``monitor``: the in-process
+    monitor, or the Redis Streams that ``guard monitor`` processes consume; None without detectors)."""
 
     def __init__(self, policy: Policy, metrics: GuardMetrics | None = None) -> None:
         secret = policy.secret_bytes
@@ -113,18 +110,24 @@ class Monitoring:
         self.store = store_from_uri(policy.store)
         self.limiter = RateLimiter(limits_storage_uri(policy.store), policy.rate_limit_strategy)
         self.sanctions = Sanctions(self.store)
-        self.detectors = {name: build_detector(name, detector_settings(name, config, secret), self.store)
-                          for name, config in policy.detectors.items()}
         self.metrics = metrics or GuardMetrics()
         self.fail_output = Pipeline.from_specs(["label_only"], secret)
+        self.monitor: InProcessMonitor | ObservationStream | None = None
+        if policy.detectors and policy.monitor.deployment == "streams":
+            self.monitor = ObservationStream(policy.store, policy.monitor)
+        elif policy.detectors:
+            self.monitor = InProcessMonitor(policy, self.sanctions, self.metrics)
 
-
-def detector_settings(name: str, config: dict, secret: bytes) -> dict:
-    """A detector's settings, with a ``salt`` derived from the server secret when it takes one and
-    none is configured, so every worker fingerprints queries alike."""
-    if "salt" in config or "salt" not in inspect.signature(DETECTORS[name]).parameters:
-        return config
-    return {**config, "salt": hmac.new(secret, f"detector salt {name}".encode(), hashlib.sha256).digest()}
+    def lifespan(self, receive: Receive) -> Receive:
+        """The app's ``receive`` on the ASGI lifespan: the monitor starts with the app and stops with it."""
+        async def wrapped() -> Message:
+            message = await receive()
+            if self.monitor is not None and message["type"] == "lifespan.startup":
+                self.monitor.start()
+            elif self.monitor is not None and message["type"] == "lifespan.shutdown":
+                await self.monitor.stop()
+            return message
+        return wrapped
 
 
 class GuardMiddleware:
@@ -134,10 +137,13 @@ class GuardMiddleware:
         self.app = app
         self.policy = policy
         self.monitoring = Monitoring(policy, metrics)
-        self.routes = {path: RouteGuard.compile(path, route, policy.secret_bytes, self.monitoring.detectors)
+        self.routes = {path: RouteGuard.compile(path, route, policy.secret_bytes, list(policy.detectors))
                        for path, route in policy.routes.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self.monitoring.lifespan(receive), send)
+            return
         if scope["type"] == "http" and scope["path"] == self.policy.metrics_path:
             await self.serve_metrics(send)
             return
@@ -189,6 +195,7 @@ class GuardedExchange:
         self.app = guard.app
         self.policy = guard.policy
         self.monitoring = guard.monitoring
+        self.escalations = 0 if guard.monitoring.monitor is None else guard.monitoring.monitor.escalations
         self.extra_headers: list[tuple[bytes, bytes]] = []
         self.app_seconds = 0.0
         self.route = route
@@ -204,22 +211,18 @@ class GuardedExchange:
 
     async def run(self) -> None:
         """The request flow: identify (2), read (3), admit by rate limit and sanction (4, 5), call
-        the app and defend its answer (6), feed the detectors (7) after the answer is sent, and
-        count it (8)."""
+        the app and defend its answer (6), hand the observation to the monitor (7) before the
+        answer is sent, and count it (8)."""
         started = time.perf_counter()
         client = self.monitoring.identifier.identify(self.scope)
         features = await self.fail_closed(self.read_request())
         output, decision = (None, "rejected") if features is None else await self.admit(client, len(features))
-        predicted = None
         if output is not None:
             await self.call_app()
-            predicted = await self.fail_closed(self.respond(features, output))
-            decision = decision if predicted is not None else "failed"
+            decision = await self.fail_closed(self.respond(client, features, output, decision)) or "failed"
         metrics = self.monitoring.metrics
         metrics.request(self.route.path, decision, time.perf_counter() - started - self.app_seconds)
         await metrics.seen(client)
-        if predicted is not None and len(predicted):
-            await self.observe(client, features, predicted)
 
     async def fail_closed(self, step: Awaitable[T]) -> T | None:
         """Run a step of the guard; a refusal or any failure inside it becomes a JSON error (None)."""
@@ -336,8 +339,9 @@ class GuardedExchange:
         else:
             self.unsupported = kind
 
-    async def respond(self, features: np.ndarray, output: Pipeline) -> np.ndarray:
-        """Send the defended answer; return the model's own labels (empty when it carried none)."""
+    async def respond(self, client: str, features: np.ndarray, output: Pipeline, decision: str) -> str:
+        """Send the defended answer (in the fail mode when the monitor cannot take its observation);
+        return the metrics' decision."""
         if self.start is None or not self.complete or self.unsupported:
             raise GuardError(502, "bad_response", "the app's response is incomplete or not a plain body")
         headers = self.start.get("headers", [])
@@ -346,35 +350,39 @@ class GuardedExchange:
         document, found = self.locate(body)
         if found is None:
             await self.send_json(self.start["status"], headers, raw, rewritten=False)
-            return np.empty(0, np.int64)
+            return decision
         if len(found.values) != len(features):
             raise GuardError(502, "bad_response", f"{len(found.values)} probability rows for "
                              f"{len(features)} feature rows")
+        if self.route.monitored:
+            output, decision = await self.observe(client, features, found.values.argmax(axis=1), output, decision)
         defended = output(found.values, features)
         document = self.route.probabilities.replace(document, found.render(defended, output.label_only))
         await self.send_json(self.start["status"], headers, dumps(document))
-        return found.values.argmax(axis=1)
+        return decision
 
-    # Step 7: the detectors see the query and the model's own label; alarms raise the client's
-    # sanction (and, when the route's rules say so, that of the other clients an alarm matched).
-    async def observe(self, client: str, features: np.ndarray, predicted: np.ndarray) -> None:
+    # Step 7: the observation (client, features, the model's own labels) goes to the monitor,
+    # which judges it off the request path (guard.monitors.monitor). When it cannot be queued (the
+    # queue is full, the monitor stalled or the stream unreachable) the answer fails closed.
+    async def observe(self, client: str, features: np.ndarray, predicted: np.ndarray, output: Pipeline,
+                      decision: str) -> tuple[Pipeline, str]:
+        """The output and decision once the monitor has the observation: chosen again by the
+        client's standing when the monitor wrote a sanction since this request began (its sanction
+        check may predate it); the fail mode (counted; ``503`` under that fail mode) when refused."""
         monitoring = self.monitoring
-        rules = self.route.sanctions
-        for detector in self.route.detectors:
-            try:
-                verdict = await detector.observe(client, features, predicted)
-                if not verdict.alarm:
-                    continue
-                monitoring.metrics.detections.labels(detector=detector.name).inc()
-                for sanctioned in (client, *verdict.accomplices) if rules.accomplices else (client,):
-                    before, standing = await monitoring.sanctions.escalate(sanctioned, rules, detector.name)
-                    if standing.level != before:
-                        monitoring.metrics.sanctions.labels(level=standing.level.name.lower()).inc()
-            except StoreUnavailable as error:
-                logger.error("guard: state store unreachable; %s did not see this query (%s)",
-                             detector.name, error)
-            except Exception:
-                logger.exception("guard: detector %s failed on %s", detector.name, self.scope["path"])
+        try:
+            queued = await monitoring.monitor.offer(Observation(client, features, predicted, self.route.path))
+            if queued is Queued.ACCEPTED and monitoring.monitor.escalations != self.escalations:
+                if (await monitoring.sanctions.standing(client)).level >= Level.DEGRADE:
+                    return self.route.degraded_output, "degraded"
+            if queued is Queued.ACCEPTED:
+                return output, decision
+        except StoreUnavailable as error:
+            logger.error("guard: state store unreachable (%s); the observation is not queued", error)
+        monitoring.metrics.dropped.inc()
+        if self.policy.fail_mode == "503":
+            raise GuardError(503, "unavailable", "the guard's monitor cannot take more queries now")
+        return monitoring.fail_output, "unmonitored"
 
     def locate(self, body: bytes) -> tuple[object, Probabilities | None]:
         """The parsed response and its validated probabilities. A non-2xx response without a value

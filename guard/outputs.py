@@ -31,6 +31,11 @@ def normalise(probabilities: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Each entry's 0-based rank in its row, smallest first; ties ranked by column (a stable sort)."""
+    return np.argsort(values, axis=1, kind="stable").argsort(axis=1, kind="stable")
+
+
 def keep_top(q: np.ndarray, top: np.ndarray) -> np.ndarray:
     """Make ``top`` (one column per row) the first argmax of ``q`` in place: swap the largest
     value into that column, then lift it by one ulp where an earlier column ties with it."""
@@ -72,11 +77,9 @@ class Round(OutputDefence):
         units = 10.0 ** self.decimals
         scaled = p * (units / p.sum(axis=1, keepdims=True))
         counts = np.floor(scaled)
-        leftover = np.rint(units - counts.sum(axis=1, keepdims=True))  # in [0, k]
-        # Largest remainders first (a stable sort gives ties to the earlier column): the first
-        # ``leftover`` columns of that order get one unit more.
-        order = np.argsort(counts - scaled, axis=1, kind="stable")
-        counts[np.arange(len(p))[:, None], order] += np.arange(p.shape[1]) < leftover
+        leftover = units - counts.sum(axis=1, keepdims=True)  # in [0, k], exact: whole numbers
+        # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
+        counts += ranks(counts - scaled) < leftover
         # The top column never ends below another; where it ties or trails by a unit, move one unit.
         top = p.argmax(axis=1)
         winner = counts.argmax(axis=1)
@@ -99,10 +102,7 @@ class TopK(OutputDefence):
 
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         p = np.asarray(probabilities, dtype=np.float64)
-        kept = np.argsort(-p, axis=1, kind="stable")[:, : self.k]
-        mask = np.zeros(p.shape, dtype=bool)
-        np.put_along_axis(mask, kept, True, axis=1)
-        return keep_top(normalise(np.where(mask, p, 0.0)), p.argmax(axis=1))
+        return keep_top(normalise(np.where(ranks(-p) < self.k, p, 0.0)), p.argmax(axis=1))
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,8 @@ class Noise(OutputDefence):
 class ReverseSigmoid(OutputDefence):
     """The reverse sigmoid perturbation of Lee et al. 2019, "Defending Against NN Model Stealing
     Attacks Using Deceptive Perturbations" (IEEE S&P Workshops), Section III:
-    ``y - beta * (sigmoid(gamma * logit(y)) - 1/2)``, clipped at zero, renormalised, top label kept."""
+    ``y - beta * (sigmoid(gamma * logit(y)) - 1/2)``, clipped at zero, renormalised, top label kept
+    (a row clipped to all zeros becomes its top label, one-hot)."""
 
     beta: float
     gamma: float
@@ -165,10 +166,10 @@ class ReverseSigmoid(OutputDefence):
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         p = normalise(probabilities)
         perturbation = self.beta * (expit(self.gamma * logit(p)) - 0.5)
-        q = np.maximum(p - perturbation, 0.0)
-        top = p.argmax(axis=1)
-        wiped = q.sum(axis=1) == 0  # a large beta can clip a whole row (e.g. one class): answer its top label
-        q[wiped, top[wiped]] = 1.0
+        q, top = np.maximum(p - perturbation, 0.0), p.argmax(axis=1)
+        if not q.any(axis=1).all():  # beta >= 2 can clip a confident row to nothing: its top label remains
+            emptied = ~q.any(axis=1)
+            q[emptied, top[emptied]] = 1.0
         return keep_top(normalise(q), top)
 
 

@@ -70,6 +70,26 @@ class IdentityPolicy(BaseModel):
         return proxies
 
 
+class MonitorPolicy(BaseModel):
+    """Where the detectors run and how late a sanction may take effect (see
+    ``guard.monitors.monitor``): ``in-process`` (a worker thread of each web worker) or ``streams``
+    (Redis Streams consumed by ``guard monitor`` processes; needs a Redis store)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deployment: Literal["in-process", "streams"] = "in-process"
+    max_pending: int = Field(default=256, ge=1, description="observations (requests) answered but not "
+                             "yet judged, at most (per partition with streams); a request that would "
+                             "exceed it waits up to max_delay, then gets the fail-mode answer")
+    max_delay: float = Field(default=0.02, gt=0, description="seconds the oldest unjudged observation "
+                             "may wait; beyond it the monitor is stalled and new answers fail closed")
+    batch_size: int = Field(default=64, ge=1, description="observations judged together, at most")
+    partitions: int = Field(default=8, ge=1, description="streams: clients are dealt into this many "
+                            "partitions, each consumed by one monitor process at a time")
+    lease: float = Field(default=2.0, gt=0, description="streams: seconds a monitor holds a partition "
+                         "without renewing it; a dead monitor's partitions pass on after this")
+
+
 class RoutePolicy(BaseModel):
     """How one route is guarded."""
 
@@ -138,6 +158,7 @@ class Policy(BaseModel):
     fail_mode: Literal["label_only", "503"] = Field(default="label_only", description="when the store is "
                                                     "unreachable: answer label-only, or refuse with 503")
     metrics_path: str | None = Field(default=None, description="serve Prometheus metrics here (e.g. /metrics)")
+    monitor: MonitorPolicy = Field(default_factory=MonitorPolicy)
 
     @model_validator(mode="before")
     @classmethod
@@ -177,6 +198,12 @@ class Policy(BaseModel):
             missing = set(route.detectors or ()) - set(self.detectors)
             if missing:
                 raise ValueError(f"route {path} names detectors {sorted(missing)} absent from `detectors`")
+        return self
+
+    @model_validator(mode="after")
+    def _streams_need_redis(self) -> Policy:
+        if self.monitor.deployment == "streams" and not self.store.startswith(("redis", "rediss", "unix")):
+            raise ValueError("monitor.deployment = 'streams' needs a Redis store")
         return self
 
     @property

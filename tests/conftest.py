@@ -131,3 +131,18 @@ def redis_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+def guard_in(app) -> "GuardMiddleware":  # noqa: F821 (imported lazily)
+    """The ``GuardMiddleware`` inside a Starlette app's middleware stack (built on its first call)."""
+    from guard import GuardMiddleware
+
+    node = app.middleware_stack
+    while not isinstance(node, GuardMiddleware):
+        node = node.app
+    return node
+
+
+async def monitor_drained(app) -> None:
+    """Wait until the in-process monitor of ``app``'s guard has judged every observation."""
+    await guard_in(app).monitoring.monitor.drain()

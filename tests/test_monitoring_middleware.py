@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.serving import prediction_app
 from guard import GuardMiddleware, Policy
+from conftest import guard_in, monitor_drained
 
 D, K = 16, 3
 WEIGHTS = np.random.default_rng(0).normal(size=(D, K))
@@ -27,7 +28,9 @@ def client_for(peer: str = "203.0.113.7", **settings) -> httpx.AsyncClient:
     app = prediction_app(softmax, D)
     app.add_middleware(GuardMiddleware, policy=policy)
     transport = httpx.ASGITransport(app=app, client=(peer, 4000))
-    return httpx.AsyncClient(transport=transport, base_url="http://guarded")
+    client = httpx.AsyncClient(transport=transport, base_url="http://guarded")
+    client.guarded_app = app
+    return client
 
 
 def query(seed: int) -> list[float]:
@@ -35,8 +38,12 @@ def query(seed: int) -> list[float]:
 
 
 async def predict(client: httpx.AsyncClient, features: list[float], **headers: str) -> httpx.Response:
-    return await client.post("/predict", json={"features": features},
-                             headers={k.replace("_", "-"): v for k, v in headers.items()})
+    """One query; then wait for the monitor to judge it, so that its sanction applies to the next."""
+    answer = await client.post("/predict", json={"features": features},
+                               headers={k.replace("_", "-"): v for k, v in headers.items()})
+    if guard_in(client.guarded_app).monitoring.monitor is not None:
+        await monitor_drained(client.guarded_app)
+    return answer
 
 
 def full(response: httpx.Response) -> bool:

@@ -8,6 +8,11 @@ Run: ``python -m benchmarks.perf.detectors [--quick]``.
 - ``delay``: on digits, the queries until each detector flags a Jacobian-augmentation stream and a
   line-search stream (one API key, and spread over 20 keys), and the false alarms on benign
   clients, with thresholds calibrated on other benign clients and data.
+- ``sanction delay``: the same streams through the real middleware with the monitor off the
+  request path: queries until the attacker's first answer without probabilities, under the
+  monitor's bounds (one pending observation, and the defaults) and with 1 or 8 requests in flight;
+  the delay is the extra queries answered in full compared with the first (where each sanction
+  applies from the query after its alarm, as with the detectors on the request path).
 
 The stream generators here are the synthetic traffic the detector tests replay as well.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -184,11 +190,10 @@ async def _probe(detector: Detector, rng: np.random.Generator, probes: int) -> l
     return times
 
 
-def _delay(quick: bool) -> Rows:
-    """Queries until the first alarm per stream, and false alarms on held-out benign clients, on
-    digits with thresholds calibrated (0.1%) on 20 clients x 500 variations of the target-train
-    part; benign clients use the test part, attacks the auxiliary part (as in
-    tests/test_detection_streams.py)."""
+@functools.cache
+def _digits_setting() -> tuple[Any, Oracle, dict[str, dict[str, Any]], dict[str, Any], dict[str, Stream]]:
+    """The digits target, its labelling, the calibrated thresholds and detector settings, and the
+    attack streams (from the auxiliary part)."""
     digits = datasets.load("digits")
     split = datasets.split(digits, seed=0)
     target = models.train_target(
@@ -212,6 +217,18 @@ def _delay(quick: bool) -> Rows:
         "jacobian-long": jacobian_stream(oracle, aux[:50], digits.n_classes, rounds=6),
         "line-search": line_search_stream(oracle, starts, ends),
     }
+    return target, oracle, thresholds, settings, attacks
+
+
+def _delay(quick: bool) -> Rows:
+    """Queries until the first alarm per stream, and false alarms on held-out benign clients, on
+    digits with thresholds calibrated (0.1%) on 20 clients x 500 variations of the target-train
+    part; benign clients use the test part, attacks the auxiliary part (as in
+    tests/test_detection_streams.py)."""
+    _target, oracle, thresholds, settings, attacks = _digits_setting()
+    digits = datasets.load("digits")
+    split = datasets.split(digits, seed=0)
+    config = {name: {} for name in settings}
     rows: Rows = []
     for stream, queries in attacks.items():
         for keys in (1, 20):
@@ -260,12 +277,77 @@ def _delay(quick: bool) -> Rows:
     return rows
 
 
+SANCTION_RUNS = [({"max_pending": 1, "max_delay": 60.0}, 1), ({"max_pending": 256, "max_delay": 60.0}, 1),
+                 ({"max_pending": 256, "max_delay": 60.0}, 8), ({"max_pending": 256, "max_delay": 0.02}, 8)]
+"""(monitor bound, requests in flight) compared; the first is the reference (what ``guard bench``
+uses), the last the defaults under a pipelining attacker."""
+
+
+def _sanction_delay(quick: bool) -> Rows:
+    """Queries until caught through the real middleware (digits MLP app, in-process monitor,
+    calibrated detectors, cross-client alarms sanctioning the keys they matched): the attacker sends
+    one query per request, over 1 or 20 keys, with 1 or 8 requests in flight, and is caught at its
+    first answer without probabilities (degraded, throttled or blocked). The delay is the extra
+    queries answered in full compared with one pending observation at most and one request in
+    flight, where each sanction applies from the query after its alarm, as with the detectors on the
+    request path. ``dropped``: answers sent label-only because the monitor was behind its bound
+    (a fault, not a detection: a run with any has no delay figure)."""
+    target, _oracle, _thresholds, settings, attacks = _digits_setting()
+    rows: Rows = []
+    for stream, (features, _labels) in attacks.items():
+        if quick and stream == "jacobian-long":
+            continue
+        for keys in (1, 20):
+            reference = None
+            for bound, flight in SANCTION_RUNS:
+                at, dropped = asyncio.run(_caught_at(target, settings, bound, features, keys, flight))
+                reference = at if reference is None else reference
+                rows.append({"stream": stream, "keys": keys, "bound": f"{bound['max_pending']} obs / "
+                             f"{bound['max_delay']:g} s", "in flight": flight, "queries": len(features),
+                             "caught at": at, "dropped": dropped,
+                             "delay (queries)": None if at is None or dropped else at - reference})
+    return rows
+
+
+async def _caught_at(target: torch.nn.Module, settings: dict[str, dict[str, Any]], bound: dict[str, Any],
+                     features: np.ndarray, keys: int, in_flight: int) -> tuple[int | None, int]:
+    """The 1-based index (in sending order) of the first answer without probabilities (or None),
+    and how many answers the guard sent in the fail mode because its monitor was behind."""
+    import httpx
+
+    from benchmarks.serving import prediction_app
+    from guard import GuardMiddleware, Policy
+
+    policy = Policy(secret="detector benchmark secret", detectors=settings, monitor=bound, routes={"/predict": {
+        "probabilities": "/probabilities", "features": "/features", "sanctions": {"accomplices": True}}})
+    app = prediction_app(lambda X: models.predict_proba(target, X), features.shape[1])
+    app.add_middleware(GuardMiddleware, policy=policy)
+    answers: dict[int, bool] = {}
+    queue = iter(range(len(features)))
+
+    async def attacker(client: httpx.AsyncClient) -> None:
+        for i in queue:
+            answer = await client.post("/predict", json={"features": features[i].tolist()},
+                                       headers={"x-api-key": f"sybil-{i % keys}"})
+            answers[i] = answer.status_code == 200 and isinstance(answer.json()["probabilities"], list)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guarded") as client:
+        await asyncio.gather(*(attacker(client) for _ in range(in_flight)))
+    guard = app.middleware_stack
+    while not isinstance(guard, GuardMiddleware):
+        guard = guard.app
+    dropped = guard.monitoring.metrics.registry.get_sample_value("guard_observations_dropped_total")
+    return next((i + 1 for i in range(len(features)) if not answers[i]), None), int(dropped)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="histories up to 10k, one benign seed")
     args = parser.parse_args(argv)
     print_table("detector cost per query against history (784-d inputs)", _cost(args.quick))
     print_table("detection delay and false alarms (digits)", _delay(args.quick))
+    print_table("sanction delay through the middleware, monitor off the request path (digits)",
+                _sanction_delay(args.quick))
 
 
 if __name__ == "__main__":

@@ -1,34 +1,42 @@
 """Middleware overhead: the same FastAPI prediction app served bare and behind ``GuardMiddleware``.
 
-Run: ``python -m benchmarks.perf.overhead [--quick]``.
+Run: ``python -m benchmarks.perf.overhead [--quick] [--redis URL]``.
 
-Every configuration (a name and a ``Policy``, or ``None`` for the bare app) gets its own uvicorn
-server process on 127.0.0.1; a separate client process drives each in turn with the same closed-loop
-load (``--concurrency`` keep-alive HTTP/1.1 connections, each sending the next request as soon as
-the last answer arrived, cycling through the digits test images so that the detectors see varied
-benign traffic, as they would in service, rather than one repeated query), A/B interleaved over
-``--rounds`` rounds with the order alternating. It prints per configuration the medians over
-rounds of requests/s, p50 and p99 latency, and their ratio to the first configuration. Targets for ``round:2``: throughput >= 0.95 of bare, p50 added <= 0.2 ms.
-On a shared machine the figures are noisy: compare only configurations measured in the same run.
-The table also gives each server process's own CPU time per request during its load (from
-``/proc``, 10 ms ticks), which other load on the machine disturbs much less than throughput.
-Two more tables give the guard's added CPU time per request on the same queries, measured in
-process (which machine load hardly disturbs): around an app that answers at once, and around the
-FastAPI prediction app itself. The same guard code costs more in the second, interleaved with the
-app's own work (its caches are cold each time); that is the cost a server actually pays.
+Configurations: bare; ``round:2``; everything on (rate limits, PRADA, the similarity detector,
+metrics) with the monitor in process; and, when a Redis is at hand (``--redis``, or a throwaway
+``redis-server`` if installed), everything on in the scale-out deployment: Redis store,
+observations on Redis Streams, one ``guard monitor`` process judging them.
+Every configuration gets its own uvicorn server process on 127.0.0.1; a separate client process
+drives each in turn with the same closed-loop load (``--concurrency`` keep-alive HTTP/1.1
+connections, each sending the next request as soon as the last answer arrived, cycling through the
+digits test images so that the detectors see varied benign traffic, as they would in service,
+rather than one repeated query), A/B interleaved over ``--rounds`` rounds with the order
+alternating. It prints per configuration the medians over rounds of requests/s, p50 and p99
+latency and their ratio to bare, each server process's CPU time per request (from ``/proc``, 10 ms
+ticks; with the monitor in process, its thread included), the monitor's CPU per observation (its
+thread's, from ``/metrics``; or the monitor process's) and the share of answers whose observation
+the monitor could not take (sent in the fail mode). On a shared machine the figures are noisy:
+compare only configurations measured in the same run.
+Two more tables give the guard's added CPU time per request on the request path (the calling
+thread's) and the monitor's per observation, measured in process (which machine load hardly
+disturbs): around an app that answers at once, and around the FastAPI prediction app itself. A
+last table puts the issue's targets beside this run's figures.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import statistics
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -43,25 +51,41 @@ from guard import GuardMiddleware, Policy
 HOST = "127.0.0.1"
 
 
-def configurations() -> list[tuple[str, Policy | None]]:
-    """What is compared, baseline first: add a configuration by adding a (name, policy) pair."""
+ROUND2 = "guard round:2"
+ALL_ON = "all on, in process"
+STREAMS = "all on, streams + 1 monitor"
+
+
+def configurations(redis_url: str | None = None) -> list[tuple[str, Policy | None]]:
+    """What is compared, baseline first: add a configuration by adding a (name, policy) pair. With
+    ``redis_url``, also the scale-out deployment: Redis store, observations on Redis Streams."""
     round2 = {"probabilities": "/probabilities", "features": "/features", "output": ["round:2"]}
     # Monitoring on: generous limits that count every query but never refuse one; both detectors
     # observe every query, with thresholds that no query can cross (so the cost of observing is
     # measured, not the cheaper refusals after an alarm); metrics on.
     monitored = {**round2, "rate_limits": ["1000000/minute"], "overall_rate_limits": ["10000000/minute"]}
-    detectors = {"prada": {"delta": 0.0}, "similarity": {"threshold": 1e9}}
-    return [("bare", None),
-            ("guard round:2", Policy(secret="overhead benchmark secret", routes={"/predict": round2})),
-            ("guard round:2 + limits, prada, similarity, metrics",
-             Policy(secret="overhead benchmark secret", routes={"/predict": monitored}, detectors=detectors,
-                    metrics_path="/metrics"))]
+    everything = {"secret": "overhead benchmark secret", "routes": {"/predict": monitored},
+                  "detectors": {"prada": {"delta": 0.0}, "similarity": {"threshold": 1e9}},
+                  "metrics_path": "/metrics"}
+    configs = [("bare", None),
+               (ROUND2, Policy(secret="overhead benchmark secret", routes={"/predict": round2})),
+               (ALL_ON, Policy(**everything))]
+    if redis_url is not None:
+        configs.append((STREAMS, Policy(**everything, store=redis_url, monitor={"deployment": "streams"})))
+    return configs
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+def run_monitor(policy: Policy) -> None:
+    """A ``guard monitor`` process (the scale-out deployment's detectors) for ``policy``."""
+    from guard.monitors.stream import StreamMonitor
+
+    asyncio.run(StreamMonitor(policy).run(asyncio.Event()))
 
 
 def serve(state: dict, n_features: int, n_classes: int, policy: Policy | None, port: int) -> None:
@@ -135,37 +159,63 @@ def digits_model() -> tuple[nn.Module, np.ndarray]:
     return model, data.X[parts.test]
 
 
+def scrape(port: int) -> dict[str, float]:
+    """The monitor's counters from a guarded server's ``/metrics`` (empty without metrics)."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return {}
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith(("guard_observations_", "guard_monitor_cpu_seconds_total"))}
+
+
 def measure(configs: list[tuple[str, Policy | None]], model: nn.Module, bodies: list[bytes], rounds: int,
             seconds: float, concurrency: int) -> Rows:
-    """Serve every configuration, load them in interleaved rounds, and summarise (medians over rounds)."""
+    """Serve every configuration (and a monitor process for the streams one), load them in
+    interleaved rounds, and summarise (medians over rounds)."""
     n_features, n_classes = model[0].in_features, model[-1].out_features
     context = multiprocessing.get_context("spawn")
     ports = [free_port() for _ in configs]
     servers = [context.Process(target=serve, args=(model.state_dict(), n_features, n_classes, policy, port),
                                daemon=True)
                for (_, policy), port in zip(configs, ports)]
-    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name, _ in configs}
+    monitors = {name: context.Process(target=run_monitor, args=(policy,), daemon=True)
+                for name, policy in configs if policy is not None and policy.monitor.deployment == "streams"}
+    results: dict[str, list[tuple[float, ...]]] = {name: [] for name, _ in configs}
     try:
-        for server in servers:
-            server.start()
+        for process in [*servers, *monitors.values()]:
+            process.start()
         for port in ports:
             wait_until_listening(port)
         with ProcessPoolExecutor(1, mp_context=context) as client:
             for port in ports:  # warm-up
                 client.submit(load, port, bodies, min(seconds, 1.0), concurrency).result()
             for r in range(rounds):
-                order = list(zip(configs, ports))
-                for ((name, _), port), server in (zip(order, servers) if r % 2 == 0
-                                                  else reversed(list(zip(order, servers)))):
-                    used = cpu_seconds(server.pid)
+                order = list(zip(configs, ports, servers))
+                for (name, _), port, server in order if r % 2 == 0 else order[::-1]:
+                    monitor = monitors.get(name)
+                    used, before = cpu_seconds(server.pid), scrape(port)
+                    monitor_used = cpu_seconds(monitor.pid) if monitor else 0.0
                     elapsed, latencies = client.submit(load, port, bodies, seconds, concurrency).result()
                     cpu = (cpu_seconds(server.pid) - used) / len(latencies) * 1e6
+                    time.sleep(0.5)  # let the monitor finish the round's backlog
+                    after = scrape(port)
+                    change = {key: after[key] - before.get(key, 0.0) for key in after}
+                    judged = change.get("guard_observations_judged_total", 0.0)
+                    if monitor:  # judged in the monitor process: every observation not dropped
+                        judged = len(latencies) - change.get("guard_observations_dropped_total", 0.0)
+                        monitor_cpu = (cpu_seconds(monitor.pid) - monitor_used) / max(judged, 1) * 1e6
+                    else:
+                        monitor_cpu = change.get("guard_monitor_cpu_seconds_total", 0.0) / max(judged, 1) * 1e6
                     p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
-                    results[name].append((len(latencies) / elapsed, p50, p99, cpu))
+                    results[name].append((len(latencies) / elapsed, p50, p99, cpu, monitor_cpu,
+                                          change.get("guard_observations_dropped_total", 0.0) / len(latencies)))
     finally:
-        for server in servers:
-            server.terminate()
-            server.join(10)
+        for process in [*servers, *monitors.values()]:
+            process.terminate()
+            process.join(10)
     return summarise(results)
 
 
@@ -183,10 +233,13 @@ def canned_app(exchanges: list[tuple[bytes, bytes]]) -> Callable:
 
 
 def guard_cpu_cost(configs: list[tuple[str, Policy | None]], make_app: Callable[[], Callable],
-                   bodies: list[bytes], rounds: int, calls: int) -> Rows:
+                   bodies: list[bytes], rounds: int, calls: int, drain_every: int = 32) -> Rows:
     """The guard's own CPU time per request, in process and free of network costs: each
-    configuration wraps a fresh ``make_app()`` and is called on ``bodies`` in turn. Process CPU
-    time (all threads), so other load on the machine hardly moves it; medians over ``rounds``."""
+    configuration wraps a fresh ``make_app()`` and is called on ``bodies`` in turn. The request
+    path's CPU time is that of the calling thread (other load on the machine hardly moves it); the
+    in-process monitor's, per observation, is read from its metrics, the monitor being left to
+    catch up every ``drain_every`` requests (so it judges batches of up to that many and never
+    falls behind its bound). Medians over ``rounds``."""
     def replaying(body: bytes) -> Callable[[], Awaitable[dict]]:
         async def receive() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
@@ -206,15 +259,29 @@ def guard_cpu_cost(configs: list[tuple[str, Policy | None]], make_app: Callable[
         app = make_app()
         apps.append((name, app if policy is None else GuardMiddleware(app, policy)))
 
-    async def per_call(app: object) -> float:
-        start = time.process_time()
-        for i in range(calls):
-            scope, receive = requests[i % len(requests)]
-            await app(dict(scope), receive, discard)
-        return (time.process_time() - start) / calls * 1e6
+    async def per_call(app: object) -> tuple[float, float]:
+        """Request-path CPU per call, and the monitor's CPU per observation (0 without one)."""
+        monitor = app.monitoring.monitor if isinstance(app, GuardMiddleware) else None
+        registry = app.monitoring.metrics.registry if monitor is not None else None
+        spent = 0.0
+        cpu_before = registry.get_sample_value("guard_monitor_cpu_seconds_total") if registry else 0.0
+        judged_before = registry.get_sample_value("guard_observations_judged_total") if registry else 0.0
+        for start in range(0, calls, drain_every):
+            began = time.thread_time()
+            for i in range(start, min(start + drain_every, calls)):
+                scope, receive = requests[i % len(requests)]
+                await app(dict(scope), receive, discard)
+            spent += time.thread_time() - began
+            if monitor is not None:
+                await monitor.drain()
+        if registry is None:
+            return spent / calls * 1e6, 0.0
+        judged = registry.get_sample_value("guard_observations_judged_total") - judged_before
+        cpu = registry.get_sample_value("guard_monitor_cpu_seconds_total") - cpu_before
+        return spent / calls * 1e6, cpu / max(judged, 1) * 1e6
 
-    async def run() -> dict[str, list[float]]:
-        times: dict[str, list[float]] = {name: [] for name, _ in apps}
+    async def run() -> dict[str, list[tuple[float, float]]]:
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in apps}
         for r in range(rounds + 1):  # the first round warms up
             for name, app in apps if r % 2 == 0 else apps[::-1]:
                 cost = await per_call(app)
@@ -222,10 +289,12 @@ def guard_cpu_cost(configs: list[tuple[str, Policy | None]], make_app: Callable[
                     times[name].append(cost)
         return times
 
-    medians = {name: statistics.median(times) for name, times in asyncio.run(run()).items()}
-    base = next(iter(medians.values()))
-    return [{"configuration": name, "CPU us/request": cost, "added us": cost - base}
-            for name, cost in medians.items()]
+    medians = {name: [statistics.median(column) for column in zip(*runs)]
+               for name, runs in asyncio.run(run()).items()}
+    base = next(iter(medians.values()))[0]
+    return [{"configuration": name, "request-path CPU us": cost, "added us": cost - base,
+             "monitor CPU us/obs": monitor}
+            for name, (cost, monitor) in medians.items()]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -234,13 +303,52 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def summarise(results: dict[str, list[tuple[float, float, float, float]]]) -> Rows:
+def summarise(results: dict[str, list[tuple[float, ...]]]) -> Rows:
+    """Medians over rounds. ``CPU ratio``: the web server's CPU per request (its monitor thread
+    included, in process) plus a monitor process's per observation (streams), to bare's."""
     medians = {name: [statistics.median(column) for column in zip(*runs)] for name, runs in results.items()}
-    base_rps, base_p50, base_p99, base_cpu = next(iter(medians.values()))
+    base_rps, base_p50, base_p99, base_cpu, _, _ = next(iter(medians.values()))
     return [{"configuration": name, "req/s": rps, "p50 ms": p50, "p99 ms": p99,
              "req/s ratio": rps / base_rps, "p50 added ms": p50 - base_p50, "p99 ratio": p99 / base_p99,
-             "server CPU us/req": cpu, "CPU ratio": cpu / base_cpu}
-            for name, (rps, p50, p99, cpu) in medians.items()]
+             "server CPU us/req": cpu, "monitor CPU us/obs": monitor_cpu,
+             "CPU ratio": (cpu + (monitor_cpu if name == STREAMS else 0.0)) / base_cpu,
+             "dropped %": 100 * dropped}
+            for name, (rps, p50, p99, cpu, monitor_cpu, dropped) in medians.items()]
+
+
+@contextlib.contextmanager
+def redis_server(url: str | None) -> Iterator[str | None]:
+    """``url``, or a throwaway redis-server on a free port when the binary is installed (else None:
+    the streams configuration is left out)."""
+    if url is not None or shutil.which("redis-server") is None:
+        yield url
+        return
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        wait_until_listening(port)
+        yield f"redis://{HOST}:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def targets(http: Rows, no_op: Rows) -> Rows:
+    """The issue's targets beside the figures measured in this run."""
+    served, added = {row["configuration"]: row for row in http}, {row["configuration"]: row for row in no_op}
+    rows = [{"target": "round:2 req/s ratio >= 0.95", "measured": served[ROUND2]["req/s ratio"]},
+            {"target": "round:2 CPU added <= 25 us (no-op app)", "measured": added[ROUND2]["added us"]},
+            {"target": "all on req/s ratio >= 0.90", "measured": served[ALL_ON]["req/s ratio"]},
+            {"target": "all on request-path CPU added <= 60 us (no-op app)", "measured": added[ALL_ON]["added us"]},
+            {"target": "all on monitor CPU per observation (reported)", "measured": added[ALL_ON]["monitor CPU us/obs"]},
+            {"target": "all on total CPU per query <= 1.3x bare", "measured": served[ALL_ON]["CPU ratio"]}]
+    if STREAMS in served:
+        rows += [{"target": "streams req/s ratio >= 0.90", "measured": served[STREAMS]["req/s ratio"]},
+                 {"target": "streams monitor process CPU per observation (reported)",
+                  "measured": served[STREAMS]["monitor CPU us/obs"]},
+                 {"target": "streams total CPU per query <= 1.3x bare", "measured": served[STREAMS]["CPU ratio"]}]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,24 +357,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3 quick, 9 full)")
     parser.add_argument("--seconds", type=float, help="load per configuration per round (default 2 / 5)")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent keep-alive connections")
+    parser.add_argument("--redis", help="Redis URL for the streams configuration (default: a throwaway "
+                        "redis-server if installed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as in the server processes
     rounds = args.rounds or (3 if args.quick else 9)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
-    configs = configurations()
     model, X = digits_model()
     bodies = [json.dumps({"features": x}).encode() for x in X.tolist()]
     answers = [json.dumps({"probabilities": p}, separators=(",", ":")).encode()
                for p in models.predict_proba(model, X).tolist()]
+    with redis_server(args.redis) as url:
+        configs = configurations(url)
+        http = measure(configs, model, bodies, rounds, seconds, args.concurrency)
     print_table(f"HTTP on loopback ({rounds} rounds x {seconds:g} s, {args.concurrency} connections; "
-                "medians over rounds)", measure(configs, model, bodies, rounds, seconds, args.concurrency))
+                "medians over rounds)", http)
     exchanges = list(zip(bodies, answers))
+    in_process = [(name, policy) for name, policy in configs if name != STREAMS]
+    tables = []
     for inner, make_app, calls in (
             ("an app that answers at once", lambda: canned_app(exchanges), 2000),
             ("the FastAPI prediction app", lambda: serving.prediction_app(
                 lambda X: models.predict_proba(model, X), X.shape[1]), 500)):
+        tables.append(guard_cpu_cost(in_process, make_app, bodies, rounds, calls))
         print_table(f"the guard's own CPU time per request, in process, around {inner} ({rounds} rounds x "
-                    f"{calls} calls; medians)", guard_cpu_cost(configs, make_app, bodies, rounds, calls))
+                    f"{calls} calls; medians)", tables[-1])
+    print_table("the issue's targets (this run)", targets(http, tables[0]))
+
 
 if __name__ == "__main__":
     main()

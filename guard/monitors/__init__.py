@@ -1,10 +1,12 @@
-"""Query-pattern detectors behind one protocol (``Detector.observe -> Verdict``), chosen by name."""
+"""Query-pattern detectors behind one protocol (``Detector.observe_batch -> [Verdict]``, one verdict per
+``Observation``), chosen by name; the monitor that runs them off the request path is
+``guard.monitors.monitor`` (in process) and ``guard.monitors.stream`` (Redis Streams)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from guard.monitors.base import Detector, Verdict
+from guard.monitors.base import Detector, Observation, Verdict
 from guard.monitors.prada import Prada
 from guard.monitors.similarity import Similarity, SimilarityVerdict
 from guard.store.base import StateStore
@@ -23,6 +25,7 @@ def build_detector(name: str, config: dict[str, Any], store: StateStore) -> Dete
 __all__ = [
     "DETECTORS",
     "Detector",
+    "Observation",
     "Prada",
     "Similarity",
     "SimilarityVerdict",

@@ -1,10 +1,23 @@
-"""The one small protocol every query-pattern detector implements."""
+"""The one small protocol every query-pattern detector implements: it judges a batch of
+observations at once, each as if the observations had arrived one after another."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One answered request as the monitor sees it: who sent it (``client``), its feature rows
+    ``(n, d)``, the model's own labels for them ``(n,)`` and the guarded ``route`` it came on."""
+
+    client: str
+    features: np.ndarray
+    predicted: np.ndarray
+    route: str = ""
 
 
 @dataclass(frozen=True)
@@ -20,9 +33,18 @@ class Verdict:
     accomplices: tuple[str, ...] = ()
 
 
-class Detector(Protocol):
+class Detector(ABC):
+    """A detector keeps its state in the ``StateStore`` it was built with. ``observe_batch`` is
+    its one implementation; ``observe`` is a batch of one."""
+
     name: str
 
+    @abstractmethod
+    async def observe_batch(self, observations: Sequence[Observation]) -> list[Verdict]:
+        """Record ``observations`` in order and return one verdict per observation, the same as
+        observing them one at a time (a client's state must have no other writer meanwhile)."""
+
     async def observe(self, client: str, features: np.ndarray, predicted: np.ndarray) -> Verdict:
-        """Record a batch of queries (``features`` ``(n, d)``, model labels ``(n,)``) from ``client``
-        and judge them; state lives in the ``StateStore`` the detector was built with."""
+        """Record a request's queries (``features`` ``(n, d)``, model labels ``(n,)``) from
+        ``client`` and judge them."""
+        return (await self.observe_batch([Observation(client, features, predicted)]))[0]

@@ -23,12 +23,13 @@ and class for ``G_c``, one per client for ``D``), as float32:
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
-from guard.monitors.base import Verdict
+from guard.monitors.base import Detector, Observation, Verdict
 from guard.store.base import StateStore
 
 # G_c key: dimension, members ever admitted, T_c, sum and sum of squares of joining distances.
@@ -65,33 +66,50 @@ class _GrowingSet:
         )
         return header + self.members.tobytes()
 
-    def admit(self, query: np.ndarray, distance: float, cap: int) -> None:
-        """Add ``query`` to the set (replacing the oldest member at the cap) and raise ``T_c``."""
-        if len(self.members) < cap:
-            self.members = np.vstack([self.members, query[None]])
-        else:
-            if not self.members.flags.writeable:
-                self.members = self.members.copy()
-            self.members[self.admitted % cap] = query
-        self.admitted += 1
-        self.total += distance
-        self.total_squares += distance * distance
-        mean = self.total / self.admitted
-        std = np.sqrt(max(self.total_squares / self.admitted - mean * mean, 0.0))
-        self.threshold = max(self.threshold, mean - std)
-
     def observe(self, queries: np.ndarray, cap: int) -> np.ndarray:
         """Algorithm 1's inner step for a class's queries in order: their ``d_min`` (NaN for the
-        query that founds an empty set, which adds nothing to ``D``)."""
-        minima = np.full(len(queries), np.nan)
-        for i, query in enumerate(queries):
-            if len(self.members) == 0:
-                self.admit(query, 0.0, cap)
-                continue
-            minima[i] = np.sqrt(np.min(np.sum((self.members - query) ** 2, axis=1)))
-            if minima[i] > self.threshold:
-                self.admit(query, float(minima[i]), cap)
+        query that founds an empty set, which adds nothing to ``D``). The distances of every query
+        to the members before the batch and to the batch's earlier queries come from one
+        vectorised computation; the members each query is compared with are tracked as indices
+        into them, so admitting a query costs no copy."""
+        n, known = len(queries), len(self.members)
+        candidates = np.concatenate([self.members, queries])
+        squared = squared_distances(queries, candidates)
+        ring = list(range(known))  # slot -> row of ``candidates`` it holds
+        minima = np.full(n, np.nan)
+        for i in range(n):
+            if not ring:
+                distance = 0.0
+            else:
+                minima[i] = np.sqrt(np.min(squared[i, ring]))
+                if not minima[i] > self.threshold:
+                    continue
+                distance = float(minima[i])
+            if len(ring) < cap:
+                ring.append(known + i)
+            else:
+                ring[self.admitted % cap] = known + i
+            self.admitted += 1
+            self.total += distance
+            self.total_squares += distance * distance
+            mean = self.total / self.admitted
+            std = np.sqrt(max(self.total_squares / self.admitted - mean * mean, 0.0))
+            self.threshold = max(self.threshold, mean - std)
+        if ring != list(range(known)):
+            self.members = candidates[ring]
         return minima
+
+
+def squared_distances(queries: np.ndarray, candidates: np.ndarray, budget: int = 1 << 22) -> np.ndarray:
+    """``(n, m)`` squared L2 distances between float32 rows, as ``sum((c - q) ** 2)`` per pair (the
+    exact float32 arithmetic of comparing one query at a time), in chunks of at most ``budget``
+    differences."""
+    out = np.empty((len(queries), len(candidates)), np.float32)
+    step = max(1, budget // max(1, candidates.size))
+    for start in range(0, len(queries), step):
+        chunk = queries[start : start + step]
+        out[start : start + step] = np.sum((candidates[None] - chunk[:, None]) ** 2, axis=2)
+    return out
 
 
 def append_window(raw: bytes | None, values: np.ndarray, cap: int) -> bytes:
@@ -134,7 +152,7 @@ def shapiro_w(distances: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     return float(_shapiro(kept).statistic)
 
 
-class Prada:
+class Prada(Detector):
     """PRADA's detector behind the ``Detector`` protocol; ``score`` is ``1 - W`` (0 until ``D``
     holds more than ``min_distances`` values) and the alarm is ``W < delta``."""
 
@@ -161,9 +179,25 @@ class Prada:
         )
         self.ttl, self.prefix = ttl, prefix
 
-    async def observe(self, client: str, features: np.ndarray, predicted: np.ndarray) -> Verdict:
-        queries = np.asarray(features, np.float32).reshape(len(features), -1)
-        labels = np.asarray(predicted).astype(np.int64).reshape(-1)
+    async def observe_batch(self, observations: Sequence[Observation]) -> list[Verdict]:
+        """Per client: one store update per class it queried (distances of all its queries in the
+        batch at once) and one for its distances ``D``; then ``W`` after each observation, as if
+        they had come one at a time."""
+        verdicts: list[Verdict] = [Verdict(self.name, 0.0, False)] * len(observations)
+        clients: dict[str, list[int]] = {}
+        for index, observation in enumerate(observations):
+            clients.setdefault(observation.client, []).append(index)
+        for client, indices in clients.items():
+            mine = [observations[i] for i in indices]
+            for index, verdict in zip(indices, await self._observe_client(client, mine)):
+                verdicts[index] = verdict
+        return verdicts
+
+    async def _observe_client(self, client: str, observations: list[Observation]) -> list[Verdict]:
+        queries = np.concatenate([np.asarray(o.features, np.float32).reshape(len(o.features), -1)
+                                  for o in observations])
+        labels = np.concatenate([np.asarray(o.predicted).astype(np.int64).reshape(-1) for o in observations])
+        ends = np.cumsum([len(o.features) for o in observations])
         minima = np.full(len(queries), np.nan)
         for label in np.unique(labels):
             rows = np.flatnonzero(labels == label)
@@ -175,13 +209,20 @@ class Prada:
                 return raw if raw is not None and growing.admitted == admitted else growing.encode()
 
             await self.store.update(f"{self.prefix}:{client}:class:{label}", grow, self.ttl)
-        found = minima[~np.isnan(minima)]
-        raw = await self.store.update(
-            f"{self.prefix}:{client}:distances",
-            lambda old: append_window(old, found, self.max_distances),
-            self.ttl,
-        )
-        distances = read_window(raw)
+        found = ~np.isnan(minima)
+        before: list[bytes | None] = []
+
+        def append(old: bytes | None) -> bytes:
+            before.append(old)
+            return append_window(old, minima[found], self.max_distances)
+
+        await self.store.update(f"{self.prefix}:{client}:distances", append, self.ttl)
+        # D after each observation: the window before the batch and the batch's distances so far.
+        counts = np.cumsum(found)[ends - 1]
+        return [self._judge(read_window(append_window(before[-1], minima[found][:count], self.max_distances)))
+                for count in counts]
+
+    def _judge(self, distances: np.ndarray) -> Verdict:
         if len(distances) <= self.min_distances:
             return Verdict(self.name, 0.0, False)
         w = shapiro_w(distances, self.outlier_sigmas)

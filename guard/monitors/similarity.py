@@ -8,8 +8,9 @@ the ``top_n`` largest hashes form the query's fingerprint. One bounded hash tabl
 hash -> id of the last query that produced it; the id carries the client, so a single table serves
 both the per-client view and the cross-client view (queries spread over many API keys, a Sybil
 attack). The score of a query is the number of its hashes shared with the most similar earlier
-query, and the alarm is ``score >= threshold``. The per-query cost is one fingerprint and one
-``swap_many`` of ``top_n`` fields, independent of how many queries came before.
+query, and the alarm is ``score >= threshold``. The per-query cost is one fingerprint and ``top_n``
+swapped fields (a batch of queries: one ``swap_many`` for all), independent of how many queries
+came before.
 
 The hash: Blacklight uses SHA-256 of each window. What the detector needs from it is only that
 distinct windows rarely collide and that clients cannot predict the hashes (and so cannot aim
@@ -27,12 +28,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from guard.monitors.base import Verdict
+from guard.monitors.base import Detector, Observation, Verdict
 from guard.store.base import StateStore
 
 _QUERY_ID_BYTES = 8
@@ -54,7 +56,7 @@ class SimilarityVerdict(Verdict):
     scope: str | None = None
 
 
-class Similarity:
+class Similarity(Detector):
     """Blacklight-style detector behind the ``Detector`` protocol (defaults follow Blacklight's
     settings for 784-pixel MNIST-like inputs in [0, 1])."""
 
@@ -106,26 +108,39 @@ class Similarity:
             for row, keep in zip(hashes, distinct)
         ]
 
-    async def observe(self, client: str, features: np.ndarray, predicted: np.ndarray) -> Verdict:
-        """Judge each query in order; the batch's verdict is that of its most similar query."""
-        owner = client.encode()
-        verdict = self._judge(0.0, 0.0)
-        accomplices: set[bytes] = set()
-        for fingerprint in self.fingerprints(features):
-            query_id = owner + os.urandom(_QUERY_ID_BYTES)
-            earlier = await self.store.swap_many(self.table, fingerprint, query_id, self.ttl)
-            shared = Counter(match for match in earlier if match is not None)
-            own = max(
-                (n for match, n in shared.items() if match[:-_QUERY_ID_BYTES] == owner), default=0
-            )
-            others = {match[:-_QUERY_ID_BYTES]: n for match, n in shared.items()
-                      if match[:-_QUERY_ID_BYTES] != owner}
-            accomplices.update(other for other, n in others.items() if n >= self.threshold)
-            judged = self._judge(float(own), float(max(others.values(), default=0)))
-            verdict = judged if judged.score > verdict.score else verdict
-        if verdict.scope != "cross-client":
-            return verdict
-        return replace(verdict, accomplices=tuple(sorted(other.decode() for other in accomplices)))
+    async def observe_batch(self, observations: Sequence[Observation]) -> list[Verdict]:
+        """Judge each query in order (one fingerprinting of every query of the batch and one
+        ``swap_many`` of all their hashes); an observation's verdict is that of its most similar
+        query."""
+        if not observations:
+            return []
+        prints = self.fingerprints(np.concatenate([np.asarray(o.features).reshape(len(o.features), -1)
+                                                   for o in observations]))
+        owners = [o.client.encode() for o in observations for _ in range(len(o.features))]
+        ids = [owner + os.urandom(_QUERY_ID_BYTES) for owner in owners]
+        earlier = await self.store.swap_many(self.table, [h for p in prints for h in p],
+                                             [i for i, p in zip(ids, prints) for _ in p], self.ttl)
+        verdicts, row, start = [], 0, 0
+        for observation in observations:
+            verdict = self._judge(0.0, 0.0)
+            accomplices: set[bytes] = set()
+            owner = observation.client.encode()
+            for _ in range(len(observation.features)):
+                shared = Counter(match for match in earlier[start : start + len(prints[row])]
+                                 if match is not None)
+                start, row = start + len(prints[row]), row + 1
+                own = max(
+                    (n for match, n in shared.items() if match[:-_QUERY_ID_BYTES] == owner), default=0
+                )
+                others = {match[:-_QUERY_ID_BYTES]: n for match, n in shared.items()
+                          if match[:-_QUERY_ID_BYTES] != owner}
+                accomplices.update(other for other, n in others.items() if n >= self.threshold)
+                judged = self._judge(float(own), float(max(others.values(), default=0)))
+                verdict = judged if judged.score > verdict.score else verdict
+            if verdict.scope == "cross-client":
+                verdict = replace(verdict, accomplices=tuple(sorted(other.decode() for other in accomplices)))
+            verdicts.append(verdict)
+        return verdicts
 
     def _judge(self, per_client: float, cross_client: float) -> SimilarityVerdict:
         score = max(per_client, cross_client)

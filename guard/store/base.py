@@ -30,6 +30,9 @@ class StateStore(Protocol):
         """Atomically replace the value at ``key`` by ``update(old)`` (old is None when absent)
         and return the new value; concurrent updates of one key never lose a write."""
 
-    async def swap_many(self, table: str, fields: list[bytes], value: bytes, ttl: float) -> list[bytes | None]:
-        """Atomically, for each field of hash-table ``table``: return its previous value (None if
-        absent) and set it to ``value``. The table keeps at most a bounded number of fields."""
+    async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
+                        ttl: float) -> list[bytes | None]:
+        """Atomically, for each field of hash-table ``table`` in order: return its previous value
+        (None if absent; a field repeated in ``fields`` sees the value its earlier occurrence set)
+        and set it to ``value`` (or to ``value[i]``, one per field). The table keeps at most a
+        bounded number of fields."""

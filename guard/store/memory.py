@@ -66,12 +66,14 @@ class MemoryStore:
             self._keys.set(key, value, now + ttl)
             return value
 
-    async def swap_many(self, table: str, fields: list[bytes], value: bytes, ttl: float) -> list[bytes | None]:
+    async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
+                        ttl: float) -> list[bytes | None]:
         now = time.monotonic()
         entries = self._tables.setdefault(table, _ExpiringLRU(self._max_table_fields))
-        previous = [entries.get(field, now) for field in fields]
-        for field in fields:
-            entries.set(field, value, now + ttl)
+        previous = []
+        for field, new in zip(fields, [value] * len(fields) if isinstance(value, bytes) else value):
+            previous.append(entries.get(field, now))
+            entries.set(field, new, now + ttl)
         return previous
 
     def __len__(self) -> int:

@@ -15,19 +15,22 @@ from redis.retry import Retry
 
 from guard.store.base import StoreUnavailable, Update
 
-# One swap per field in a capped table kept as two generations of a hash (current and previous):
+# One swap per field, in order, in a capped table kept as two generations of a hash (current and previous):
 # a field is looked up in both, written to the current one, and when the current one holds half the
 # cap it replaces the previous one, so the table never holds more than ``cap`` fields and recently
 # written fields survive. Each value carries its own expiry (ms, Redis server time) before a ':';
-# a generation's key lives as long as its longest-lived field.
+# a generation's key lives as long as its longest-lived field. ARGV: ttl, half the cap, the number of
+# values (1: one for every field), the values, the fields.
 _SWAP_MANY = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-local half = tonumber(ARGV[3])
-local stamped = (now + ttl) .. ':' .. ARGV[1]
+local ttl = tonumber(ARGV[1])
+local half = tonumber(ARGV[2])
+local values = tonumber(ARGV[3])
+local fields = 3 + values
 local previous = {}
-for i = 4, #ARGV do
+for i = fields + 1, #ARGV do
+  local stamped = (now + ttl) .. ':' .. ARGV[values == 1 and 4 or i - values]
   local old = redis.call('HGET', KEYS[1], ARGV[i]) or redis.call('HGET', KEYS[2], ARGV[i])
   local value = false
   if old then
@@ -102,13 +105,15 @@ class RedisStore:
                 except WatchError:
                     continue
 
-    async def swap_many(self, table: str, fields: list[bytes], value: bytes, ttl: float) -> list[bytes | None]:
+    async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
+                        ttl: float) -> list[bytes | None]:
         if not fields:
             return []
+        values = [value] if isinstance(value, bytes) else list(value)
         base = f"{self._prefix}{{{table}}}"
         async with self._reachable():
             return await self._swap_many(keys=[base + ":cur", base + ":prev"],
-                                         args=[value, _ms(ttl), self._half_cap, *fields])
+                                         args=[_ms(ttl), self._half_cap, len(values), *values, *fields])
 
     async def close(self) -> None:
         await self._client.aclose()
