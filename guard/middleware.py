@@ -43,12 +43,15 @@ from guard.metrics import GuardMetrics
 from guard.monitors import DETECTORS, Detector, build_detector
 from guard.outputs import Pipeline
 from guard.payload import (
+    NO_FEATURES,
+    EachRow,
+    FeatureSource,
+    InvalidJSON,
     PayloadError,
     Pointer,
     Probabilities,
     dumps,
     loads,
-    read_features,
     read_probabilities,
 )
 from guard.policy import Policy, RoutePolicy
@@ -59,6 +62,9 @@ from guard.store import StoreUnavailable, store_from_uri
 logger = logging.getLogger("guard")
 
 T = TypeVar("T")
+
+# Methods whose answers carry no prediction (a CORS preflight, HEAD): the app answers them as it would.
+PASSING_METHODS = frozenset({"OPTIONS", "HEAD"})
 
 # Response headers that describe the app's original bytes and must not survive the rewrite.
 _STALE_HEADERS = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"etag",
@@ -81,8 +87,8 @@ class ClientDisconnected(Exception):
 class RouteGuard:
     """A ``RoutePolicy`` compiled for the hot path, with the server secret bound."""
 
-    probabilities: Pointer
-    features: Pointer
+    probabilities: Pointer | EachRow
+    features: FeatureSource | None
     output: Pipeline
     degraded_output: Pipeline
     labels: tuple[str, ...] | None
@@ -91,16 +97,21 @@ class RouteGuard:
     limits: RouteLimits
     detectors: tuple[Detector, ...]
     sanctions: SanctionRules
+    flat: bool = False
+    one_hot: bool = False
 
     @classmethod
     def compile(cls, path: str, route: RoutePolicy, secret: bytes,
                 detectors: dict[str, Detector]) -> RouteGuard:
         watching = detectors if route.detectors is None else {name: detectors[name] for name in route.detectors}
-        return cls(Pointer.parse(route.probabilities), Pointer.parse(route.features),
+        if not route.has_features:  # detectors watch features
+            watching = {}
+        return cls(route.probabilities_at(), route.feature_source(),
                    Pipeline.from_specs(route.output, secret), Pipeline.from_specs(route.degraded_output, secret),
                    tuple(route.labels) if route.labels else None, route.tolerance, path,
                    RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits),
-                   tuple(watching.values()), route.sanctions.rules())
+                   tuple(watching.values()), route.sanctions.rules(), route.probabilities_flat,
+                   route.label_only_as == "one_hot")
 
 
 class Monitoring:
@@ -206,6 +217,9 @@ class GuardedExchange:
         """The request flow: identify (2), read (3), admit by rate limit and sanction (4, 5), call
         the app and defend its answer (6), feed the detectors (7) after the answer is sent, and
         count it (8)."""
+        if self.scope["method"] in PASSING_METHODS:
+            await self.app(self.scope, self.receive, self.send)
+            return
         started = time.perf_counter()
         client = self.monitoring.identifier.identify(self.scope)
         features = await self.fail_closed(self.read_request())
@@ -218,7 +232,7 @@ class GuardedExchange:
         metrics = self.monitoring.metrics
         metrics.request(self.route.path, decision, time.perf_counter() - started - self.app_seconds)
         await metrics.seen(client)
-        if predicted is not None and len(predicted):
+        if predicted is not None and len(predicted) and len(features):
             await self.observe(client, features, predicted)
 
     async def fail_closed(self, step: Awaitable[T]) -> T | None:
@@ -243,15 +257,16 @@ class GuardedExchange:
         await self.send_json(error.status, [(b"content-type", b"application/json")],
                              dumps({"error": error.error, "detail": error.detail}))
 
-    # Step 3: the request body, read once and bounded, and the features in it.
+    # Step 3: the request body, read once and bounded, and the features in it (``NO_FEATURES``
+    # when the route names none or a body source gets no body).
     async def read_request(self) -> np.ndarray:
         self.body = await self.read_body()
+        if self.route.features is None:
+            return NO_FEATURES
         try:
-            document = loads(self.body)
-        except ValueError:
-            raise GuardError(400, "invalid_json", "the request body is not valid JSON") from None
-        try:
-            return read_features(self.route.features.get(document))
+            return self.route.features.read(self.body, self.scope.get("query_string", b""))
+        except InvalidJSON as error:
+            raise GuardError(400, "invalid_json", str(error)) from None
         except PayloadError as error:
             raise GuardError(422, "invalid_features", str(error)) from None
 
@@ -347,11 +362,12 @@ class GuardedExchange:
         if found is None:
             await self.send_json(self.start["status"], headers, raw, rewritten=False)
             return np.empty(0, np.int64)
-        if len(found.values) != len(features):
+        if len(features) and len(found.values) != len(features):
             raise GuardError(502, "bad_response", f"{len(found.values)} probability rows for "
                              f"{len(features)} feature rows")
-        defended = output(found.values, features)
-        document = self.route.probabilities.replace(document, found.render(defended, output.label_only))
+        defended = output(found.values, features if len(features) else None)
+        rendered = found.render(defended, output.label_only, self.route.one_hot)
+        document = self.route.probabilities.replace(document, rendered)
         await self.send_json(self.start["status"], headers, dumps(document))
         return found.values.argmax(axis=1)
 
@@ -389,7 +405,7 @@ class GuardedExchange:
             raise GuardError(502, "bad_response", "no probabilities at "
                              f"{self.route.probabilities.text!r} in the app's JSON response") from None
         try:
-            return document, read_probabilities(value, self.route.labels, self.route.tolerance)
+            return document, read_probabilities(value, self.route.labels, self.route.tolerance, self.route.flat)
         except PayloadError as error:
             raise GuardError(502, "bad_response", str(error)) from None
 
