@@ -33,6 +33,48 @@ def require_local(host: str, allow_remote: bool) -> None:
                                  param_hint="--host")
 
 
+def uvicorn_log_config() -> dict:
+    """Uvicorn's default logging, with the ``guard`` logger's lines (refusals, failures) shown beside
+    its own. Pass it as ``uvicorn.run(..., log_config=...)`` (or write it to a file for
+    ``uvicorn --log-config``)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["guard"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
+@app.command()
+def proxy(
+    upstream: str = typer.Option(..., help="The model server to guard, e.g. http://127.0.0.1:8080."),
+    policy: str = typer.Option(..., help="TOML or YAML policy file; its routes are the upstream's paths."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port to listen on."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a non-loopback --host."),
+    timeout: float = typer.Option(30.0, min=0.001, help="Seconds the upstream may take to answer (then 504)."),
+    connect_timeout: float = typer.Option(5.0, min=0.001, help="Seconds to connect to the upstream (then 502)."),
+    max_connections: int = typer.Option(100, min=1, help="Pooled connections to the upstream."),
+) -> None:
+    """Guard any HTTP model server: a reverse proxy to --upstream behind GuardMiddleware."""
+    require_local(host, allow_remote)
+    import uvicorn
+
+    from guard import GuardMiddleware, Policy
+    from guard.proxy import UpstreamProxy
+
+    try:
+        forward = UpstreamProxy(upstream, timeout=timeout, connect_timeout=connect_timeout,
+                                max_connections=max_connections)
+        rules = Policy.from_file(policy)
+    except (ValueError, OSError) as error:
+        typer.echo(f"guard proxy: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"guarding {upstream} ({len(rules.routes)} routes) on http://{host}:{port}")
+    uvicorn.run(GuardMiddleware(forward, policy=rules), host=host, port=port, log_config=uvicorn_log_config())
+
+
 @app.command()
 def demo(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),

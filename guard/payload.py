@@ -230,6 +230,19 @@ class FeatureFunction:
         return read_features(rows.tolist() if isinstance(rows, np.ndarray) else rows)
 
 
+def kserve_v2_inputs(document: Json, query: Mapping[str, list[str]]) -> np.ndarray:
+    """Features of a KServe v2 (Open Inference Protocol) request: its one input tensor, reshaped by
+    its ``shape``. Requests asking for more than one output are refused, so the one answer is at
+    ``/outputs/0`` where the policy's probabilities pointer defends it (a second output could carry
+    the raw probabilities past the guard)."""
+    if not isinstance(document, dict) or len(document.get("inputs") or ()) != 1:
+        raise ValueError("a v2 inference request with exactly one input tensor is expected")
+    if len(document.get("outputs") or ()) > 1:
+        raise ValueError("ask for at most one output: only /outputs/0 is answered through the guard")
+    tensor = document["inputs"][0]
+    return np.asarray(tensor["data"], dtype=np.float64).reshape(tensor["shape"])
+
+
 def import_function(reference: str) -> Callable:
     """The callable a ``"module:function"`` reference names."""
     module, _, name = reference.partition(":")
