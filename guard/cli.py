@@ -180,33 +180,59 @@ def calibrate(
     data: str = typer.Option(..., help="Benign queries: digits, breast_cancer, or a .csv/.npz file."),
     clients: int = typer.Option(10, min=1, help="Benign client streams the queries are dealt into."),
     fpr: float = typer.Option(0.001, min=0.0, max=1.0, help="Target false-positive rate."),
-    detector: list[str] | None = typer.Option(None, help="Detectors to calibrate (default: prada and similarity)."),
+    detector: list[str] | None = typer.Option(None, help="Detectors to calibrate: prada, similarity "
+                                              "(default: both)."),
+    holdout: float = typer.Option(0.25, min=0.0, max=0.9, help="Share of the clients held out to measure "
+                                  "the false alarms the thresholds cause (0: none)."),
+    force: bool = typer.Option(False, "--force", help="Write thresholds the data cannot support."),
     seed: int = typer.Option(0, help="Seed of the shuffle before dealing the queries."),
 ) -> None:
     """Set detector thresholds from benign data to a target false-positive rate and write them into
-    the policy file (Chen, Carlini & Wagner 2019, section 4). The data set's labels stand in for
-    the model's predicted labels, which an accurate model matches on natural data."""
+    the policy file, keeping its comments (Chen, Carlini & Wagner 2019, section 4). The data set's
+    labels stand in for the model's predicted labels, which an accurate model matches on natural
+    data. Held-out benign clients are replayed with the new thresholds and their false alarms shown."""
     import asyncio
     from pathlib import Path
 
     import numpy as np
 
     from benchmarks import datasets
+    from guard.monitors.calibration import adequacy, false_alarms, hold_out, write_policy
     from guard.monitors.calibration import calibrate as fit_thresholds
-    from guard.monitors.calibration import write_policy
     from guard.policy import Policy
 
-    configured = Policy.from_file(policy).detectors if Path(policy).exists() else {}
-    dataset = datasets.load(data)
+    names = _names(detector, {"prada": None, "similarity": None}, "detectors") or ("prada", "similarity")
+    try:
+        configured = Policy.from_file(policy).detectors if Path(policy).exists() else {}
+        dataset = datasets.load(data)
+    except (ValueError, OSError) as error:
+        typer.echo(f"guard calibrate: {error}", err=True)
+        raise typer.Exit(2) from error
     order = np.random.default_rng(seed).permutation(len(dataset.X))
     X, y = dataset.X[order], dataset.y[order]
     streams = {f"benign-{i}": (X[i::clients], y[i::clients]) for i in range(clients)}
-    settings = {name: configured.get(name, {}) for name in detector or ["prada", "similarity"]}
-    thresholds = asyncio.run(fit_thresholds(streams, settings, fpr=fpr))
+    fitting, held_out = hold_out(streams, holdout) if holdout > 0 and clients > 1 else (streams, {})
+    settings = {name: configured.get(name, {}) for name in names}
+    errors, warnings = adequacy(fitting, settings, fpr)
+    for line in warnings:
+        typer.echo(f"warning: {line}", err=True)
+    for line in errors:
+        typer.echo(f"{'warning' if force else 'error'}: {line}", err=True)
+    if errors and not force:
+        typer.echo("guard calibrate: the data cannot support these thresholds; nothing written "
+                   "(--force writes them anyway)", err=True)
+        raise typer.Exit(2)
+    thresholds = asyncio.run(fit_thresholds(fitting, settings, fpr=fpr))
     write_policy(policy, thresholds)
     for name, values in thresholds.items():
         typer.echo(f"{name}: " + ", ".join(f"{key} = {value:.6g}" for key, value in values.items()))
-    typer.echo(f"wrote the thresholds for {len(X)} benign queries from {clients} clients into {policy}")
+    typer.echo(f"wrote the thresholds for {sum(len(f) for f, _ in fitting.values())} benign queries from "
+               f"{len(fitting)} clients into {policy}")
+    if held_out:
+        rates = asyncio.run(false_alarms(held_out, {n: {**settings[n], **thresholds[n]} for n in names}))
+        for name, rate in rates.items():
+            typer.echo(f"{name} on {len(held_out)} held-out benign clients: {rate['clients']:.1%} of clients "
+                       f"and {rate['queries']:.2%} of queries alarmed (target {fpr:g})")
 
 
 def _names(values: list[str] | None, known: dict, what: str) -> tuple[str, ...] | None:
@@ -258,17 +284,36 @@ def bench(
         typer.echo(f"{kind}: {path}")
 
 
+def _list(value: str | None) -> tuple[str, ...] | None:
+    return tuple(item.strip() for item in value.split(",") if item.strip()) if value else None
+
+
 @app.command()
 def audit(
     url: str = typer.Option(..., help="The prediction endpoint, e.g. http://127.0.0.1:8000/predict."),
     data: str = typer.Option("digits", help="The attacker's data: digits, breast_cancer, or a .csv/.npz file "
                              "whose features the endpoint takes."),
     out: str = typer.Option("guard-audit", help="Folder for the report."),
-    features_path: str = typer.Option("/features", help="JSON pointer to the feature rows in the request."),
+    features_path: str = typer.Option("/features", help="JSON pointer to the feature rows in the request "
+                                      "('' with --fields: the body is the object of fields)."),
+    fields: str | None = typer.Option(None, help="Send each row as an object of these named fields "
+                                      "(comma-separated, in the data's column order)."),
     probabilities_path: str = typer.Option("/probabilities", help="JSON pointer to the answers in the response."),
+    labels: str | None = typer.Option(None, help="The class names the endpoint answers with, comma-separated, "
+                                      "in the order of the data's sorted labels (label-only and "
+                                      "label->probability answers)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Rows per request; 1 sends single rows "
+                                          "(default: batches of 256, or 1 if the endpoint refuses a batch)."),
+    scale: bool | None = typer.Option(None, "--scale/--no-scale", help="Send features min-max scaled to "
+                                      "[0, 1] (default: scaled for digits and breast_cancer, as the demo "
+                                      "serves them; a file's as they are in it)."),
+    baseline: str | None = typer.Option(None, help="The same model served without the guard: attacked too, "
+                                        "so the report's verdicts compare the two."),
     api_key: list[str] | None = typer.Option(None, help="API key(s) to send (several are rotated)."),
     budget: int | None = typer.Option(None, min=1, help="Most queries each attack may spend."),
-    attacks: list[str] | None = typer.Option(None, help="Attacks (comma-separated)."),
+    attacks: list[str] | None = typer.Option(None, help="Attacks (comma-separated; default: the black-box "
+                                             "extraction and inversion attacks; a wrong name lists them all)."),
+    max_wait: float = typer.Option(60.0, min=0, help="Seconds an attack waits out rate limits before it stops."),
     allow_host: list[str] | None = typer.Option(None, help="A non-loopback host you own and may attack."),
     seed: int = typer.Option(0, help="Seed of the data split and the attacks."),
 ) -> None:
@@ -283,8 +328,10 @@ def audit(
         paths = run_audit(url, data, Path(out), features_path=features_path, probabilities_path=probabilities_path,
                           api_keys=tuple(api_key or ()), budget=budget,
                           attacks=_names(attacks, ATTACK_SPECS, "attacks") or AUDIT_ATTACKS, seed=seed,
-                          allowed_hosts=tuple(allow_host or ()))
-    except AuditError as error:
+                          allowed_hosts=tuple(allow_host or ()), fields=_list(fields), labels=_list(labels),
+                          batch_size=batch_size, scale=scale, baseline=baseline, max_wait=max_wait,
+                          echo=typer.echo)
+    except (AuditError, ValueError, OSError) as error:
         typer.echo(f"guard audit: {error}", err=True)
         raise typer.Exit(2) from error
     for kind, path in paths.items():
