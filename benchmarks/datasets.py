@@ -114,4 +114,4 @@ def _make(name: str, X: np.ndarray, y: np.ndarray, image_shape=None) -> Dataset:
     low, high = X.min(axis=0), X.max(axis=0)
     scaled = (X - low) / np.where(high > low, high - low, 1.0)
     return Dataset(name, scaled.astype(np.float32), labels.astype(np.int64), len(classes), image_shape, low, high,
-                   tuple(classes.tolist()))
+                   tuple(int(c) if isinstance(c, float) and c.is_integer() else c for c in classes.tolist()))

@@ -110,8 +110,9 @@ def demo(
 
 @app.command("train-dp")
 def train_dp(
-    dataset: str = typer.Option(..., help="digits, breast_cancer, or a .csv/.npz file (X, y)."),
-    out: str = typer.Option(..., help="Directory for model.pt and privacy_report.json."),
+    data: str = typer.Option(..., "--data", "--dataset", help="digits, breast_cancer, or a .csv (numeric, "
+                             "header row, label last) / .npz (arrays X, y) file."),
+    out: str = typer.Option(..., help="Directory for model.pt, privacy_report.json and preprocessing.json."),
     target_epsilon: float = typer.Option(..., help="Privacy budget epsilon for the whole run."),
     model: str = typer.Option("mlp", help="mlp, softmax, or module:factory with "
                                           "factory(n_features, n_classes) -> torch.nn.Module."),
@@ -133,45 +134,56 @@ def train_dp(
     seed: int = typer.Option(None, help="Fix initial weights, sampling and noise seeds "
                                         "(reproducible, and the noise predictable)."),
 ) -> None:
-    """Retrain a model with DP-SGD to a target epsilon; write the model and its privacy report."""
-    import importlib
-
+    """Retrain a model with DP-SGD to a target epsilon; write the model, its privacy report and the
+    data's preprocessing (min-max scaling, label mapping), which ``guard.dp.load(out, factory)``
+    applies so the loaded model predicts on features as they are in the file."""
     from benchmarks import datasets, models
     from guard import dp
+    from guard.payload import import_function
 
-    data = datasets.load(dataset)
-    parts = datasets.split(data, seed=0, train=1 - test_fraction, test=test_fraction)
-    if seed is not None:
-        import torch
+    def fail(error: BaseException) -> typer.Exit:
+        typer.echo(f"guard train-dp: {error}", err=True)
+        return typer.Exit(2)
 
-        torch.manual_seed(seed)  # the model's initial weights too
-    if ":" in model:
-        module_name, factory = model.split(":", 1)
-        network = getattr(importlib.import_module(module_name), factory)(data.n_features,
-                                                                          data.n_classes)
-    else:
-        network = models.make_model(model, data.n_features, data.n_classes)
+    try:
+        dataset = datasets.load(data)
+        if seed is not None:
+            import torch
+
+            torch.manual_seed(seed)  # the model's initial weights too
+        if ":" in model:
+            network = import_function(model)(dataset.n_features, dataset.n_classes)
+        else:
+            network = models.make_model(model, dataset.n_features, dataset.n_classes)
+    except (ValueError, OSError, ImportError, KeyError, TypeError) as error:
+        raise fail(error) from error
+    parts = datasets.split(dataset, seed=0, train=1 - test_fraction, test=test_fraction)
+    if dataset.classes != tuple(range(dataset.n_classes)):
+        typer.echo("labels mapped to class indices: " + ", ".join(
+            f"{label} -> {index}" for index, label in enumerate(dataset.classes)))
     options = dict(target_epsilon=target_epsilon, target_delta=delta, epochs=epochs,
                    batch_size=batch_size, physical_batch_size=physical_batch_size,
                    max_grad_norm=max_grad_norm, optimizer=optimizer, lr=lr, accountant=accountant,
                    grad_sample_mode=grad_sample_mode or dp.DEFAULT_GRAD_SAMPLE_MODE, fix=fix,
-                   test_data=(data.X[parts.test], data.y[parts.test]),
+                   test_data=(dataset.X[parts.test], dataset.y[parts.test]),
                    checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=True)
-    train = (data.X[parts.train], data.y[parts.train])
+    train = (dataset.X[parts.train], dataset.y[parts.train])
     try:
         if nproc > 1:
             trained, report = dp.train_private_distributed(nproc, network, train, **options)
         else:
             trained, report = dp.train_private(network, train, **options)
     except dp.DPConfigError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from error
-    dp.save(trained, report, out)
+        raise fail(error) from error
+    report.classes = list(dataset.classes)
+    dp.save(trained, report, out, dp.Preprocessing(dataset.low.tolist(), dataset.high.tolist(),
+                                                   list(dataset.classes)))
     typer.echo(f"epsilon {report.epsilon:.3f} at delta {report.delta:.2g} ({report.accountant}, "
                f"{report.steps} steps, noise multiplier {report.noise_multiplier:.3f}); test "
                f"accuracy {report.test_accuracy:.3f} private, "
                f"{report.non_private_test_accuracy:.3f} without DP")
-    typer.echo(f"wrote {out}/{dp.MODEL_FILE} and {out}/{dp.REPORT_FILE}")
+    typer.echo(f"wrote {out}/{dp.MODEL_FILE}, {out}/{dp.REPORT_FILE} and {out}/{dp.PREPROCESSING_FILE}; "
+               f"serve it with guard.dp.load({out!r}, factory), which takes features as they are in {data}")
 
 
 @app.command()
