@@ -91,21 +91,27 @@ def demo(
 
     data = datasets.load("digits")
     parts = datasets.split(data, seed=0)
-    model = models.train_target("mlp", data.X[parts.train], data.y[parts.train], data.n_classes, seed=0,
-                                epochs=epochs)
-    typer.echo(f"trained an MLP on digits: test accuracy "
-               f"{models.accuracy(model, data.X[parts.test], data.y[parts.test]):.3f}")
+    typer.echo(f"training an MLP on digits ({len(parts.train)} images, {epochs} epochs)...")
+    model = models.train_target("mlp", data.X[parts.train],
+                                data.y[parts.train], data.n_classes, seed=0, epochs=epochs)
+    typer.echo(f"trained: test accuracy {models.accuracy(model, data.X[parts.test], data.y[parts.test]):.3f}")
     # One process, so a fresh secret is as stable as it needs to be (it seeds keyed noise, unused here).
     policy = Policy(secret=secrets.token_hex(16),
                     routes={"/predict": {"probabilities": "/probabilities", "features": "/features",
                                          "output": ["round:2"]}})
     server = serving.prediction_app(lambda X: models.predict_proba(model, X), data.X.shape[1])
     server.add_middleware(GuardMiddleware, policy=policy)
-    example = ",".join(f"{v:.2f}".rstrip("0").rstrip(".") for v in data.X[parts.test[0]])
+    # The least confident test image: its answer shows what rounding removes.
+    X_test = data.X[parts.test]
+    raw = models.predict_proba(model, X_test)
+    row = int(raw.max(axis=1).argmin())
+    example = ",".join(f"{v:.6g}" for v in X_test[row])
+    typer.echo("the model's own answer for the example below:  " + ", ".join(f"{p:.5f}" for p in raw[row]))
+    typer.echo("what the guard sends (round:2):                  " + ", ".join(f"{p:.2f}" for p in raw[row].round(2)))
     typer.echo("try it:\n"
                f"  curl -s -X POST http://{host}:{port}/predict -H 'Content-Type: application/json' "
                f"-d '{{\"features\": [{example}]}}'")
-    uvicorn.run(server, host=host, port=port, log_level="info")
+    uvicorn.run(server, host=host, port=port, log_config=uvicorn_log_config())
 
 
 @app.command("train-dp")

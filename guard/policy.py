@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -37,6 +38,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _PROCESS_SECRET = secrets.token_hex(32)
+STORE_SCHEMES = ("memory", "redis", "rediss", "unix")
 
 
 class SanctionPolicy(BaseModel):
@@ -287,6 +289,21 @@ class Policy(BaseModel):
             if not path.startswith("/"):
                 raise ValueError(f"route {path!r} must be a path starting with '/'")
         return routes
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, uri: str) -> str:
+        if urlsplit(uri).scheme not in STORE_SCHEMES:
+            raise ValueError(f"unknown state store URI {uri!r}: use memory:// or redis://host:port/db "
+                             "(also rediss:// and unix://)")
+        return uri
+
+    @model_validator(mode="after")
+    def _metrics_path(self) -> Policy:
+        path = self.metrics_path
+        if path is not None and (not path.startswith("/") or path in self.routes):
+            raise ValueError(f"metrics_path {path!r} must be a path starting with '/' and not a guarded route")
+        return self
 
     @field_validator("detectors")
     @classmethod

@@ -72,3 +72,14 @@ def test_unknown_file_types_are_refused(tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match=".toml, .yaml or .yml"):
         Policy.from_file(path)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"store": "memcached://localhost"}, "unknown state store URI"),
+    ({"store": "localhost:6379"}, "unknown state store URI"),
+    ({"metrics_path": "metrics"}, "metrics_path"),
+    ({"metrics_path": "/predict"}, "not a guarded route"),
+])
+def test_bad_server_settings_fail_at_load_time(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        Policy.from_dict({"secret": SECRET, "routes": {"/predict": ROUTE}, **settings})
