@@ -144,28 +144,35 @@ def measure(configs: list[tuple[str, Policy | None]], model: nn.Module, bodies: 
     servers = [context.Process(target=serve, args=(model.state_dict(), n_features, n_classes, policy, port),
                                daemon=True)
                for (_, policy), port in zip(configs, ports)]
-    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name, _ in configs}
     try:
         for server in servers:
             server.start()
-        for port in ports:
-            wait_until_listening(port)
-        with ProcessPoolExecutor(1, mp_context=context) as client:
-            for port in ports:  # warm-up
-                client.submit(load, port, bodies, min(seconds, 1.0), concurrency).result()
-            for r in range(rounds):
-                order = list(zip(configs, ports))
-                for ((name, _), port), server in (zip(order, servers) if r % 2 == 0
-                                                  else reversed(list(zip(order, servers)))):
-                    used = cpu_seconds(server.pid)
-                    elapsed, latencies = client.submit(load, port, bodies, seconds, concurrency).result()
-                    cpu = (cpu_seconds(server.pid) - used) / len(latencies) * 1e6
-                    p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
-                    results[name].append((len(latencies) / elapsed, p50, p99, cpu))
+        return drive([(name, port, server.pid) for (name, _), port, server in zip(configs, ports, servers)],
+                     bodies, rounds, seconds, concurrency)
     finally:
         for server in servers:
             server.terminate()
             server.join(10)
+
+
+def drive(servers: list[tuple[str, int, int]], bodies: list[bytes], rounds: int, seconds: float,
+          concurrency: int) -> Rows:
+    """Load the running ``servers`` (name, port, the pid whose CPU time is counted) in interleaved
+    rounds, the order alternating, from one client process; medians over rounds, ratios to the first."""
+    context = multiprocessing.get_context("spawn")
+    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name, _, _ in servers}
+    for _, port, _ in servers:
+        wait_until_listening(port)
+    with ProcessPoolExecutor(1, mp_context=context) as client:
+        for _, port, _ in servers:  # warm-up
+            client.submit(load, port, bodies, min(seconds, 1.0), concurrency).result()
+        for r in range(rounds):
+            for name, port, pid in servers if r % 2 == 0 else servers[::-1]:
+                used = cpu_seconds(pid)
+                elapsed, latencies = client.submit(load, port, bodies, seconds, concurrency).result()
+                cpu = (cpu_seconds(pid) - used) / len(latencies) * 1e6
+                p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
+                results[name].append((len(latencies) / elapsed, p50, p99, cpu))
     return summarise(results)
 
 
