@@ -1,9 +1,10 @@
 """``GuardMiddleware``: a pure ASGI middleware (in the shape of Starlette's ``GZipMiddleware``) that
 puts a ``Policy`` in front of a prediction app.
 
-A request on a guarded route (exact path match, any method) goes through ``GuardedExchange``, one
-small method per step of the request flow in DESIGN.md: read the body (at most ``max_body_bytes``:
-``413``), parse the features (bad JSON: ``400``; missing or malformed features: ``422``; the app is
+A request on a guarded route (exact path match, any method but ``OPTIONS`` and ``HEAD``, which the
+app answers as it would) goes through ``GuardedExchange``, one small method per step of the request
+flow in DESIGN.md: read the body (at most ``max_body_bytes``: ``413``), read the features where the
+route's ``FeatureSource`` says (bad JSON: ``400``; missing or malformed features: ``422``; the app is
 never called), replay the body unchanged to the app, buffer its whole response, rewrite the
 probabilities with the route's output defences, re-serialise and fix ``Content-Length``.
 

@@ -277,7 +277,9 @@ class Probabilities:
             return rows[0] if self.single else rows
         if self.flat:
             return defended.ravel().tolist()
-        rows = defended.tolist() if self.labels is None else [dict(zip(self.labels, row)) for row in defended.tolist()]
+        rows = defended.tolist()
+        if self.labels is not None:
+            rows = [dict(zip(self.labels, row)) for row in rows]
         return rows[0] if self.single else rows
 
 
