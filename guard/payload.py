@@ -306,7 +306,7 @@ def read_probabilities(value: Json, labels: tuple[str, ...] | None = None,
         values, single = numeric_matrix(value, "probabilities")
         if not single or labels is None or values.size % len(labels):
             raise PayloadError("probabilities: expected a flat list of rows of the labels' length")
-        values = values.reshape(-1, len(labels))
+        values, single = values.reshape(-1, len(labels)), False
     elif isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
         value, single, keys = _label_rows(value, labels)
         values = numeric_matrix(value, "probabilities")[0]

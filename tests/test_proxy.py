@@ -181,3 +181,16 @@ async def test_mlserver_is_guarded_without_changing_its_api(mlserver):
     assert labels.status_code == 502  # predicted labels are not probabilities: fail closed
     assert ready.status_code == 200
     assert hot["outputs"][0]["data"] == np.eye(3)[expected.argmax(axis=1)].ravel().tolist()
+
+
+def test_guard_proxy_refuses_bad_settings_with_a_clear_message(tmp_path):
+    from typer.testing import CliRunner
+
+    from guard.cli import app
+
+    policy = tmp_path / "guard.toml"
+    policy.write_text('secret = "a proxy secret value"\n[routes."/predict"]\nprobabilities = "/p"\n')
+    for upstream, path, message in [("ftp://model", policy, "must be an http(s) URL"),
+                                    ("http://127.0.0.1:9", tmp_path / "none.toml", "none.toml")]:
+        result = CliRunner().invoke(app, ["proxy", "--upstream", upstream, "--policy", str(path)])
+        assert result.exit_code == 2 and message in result.output
