@@ -171,13 +171,21 @@ class HTTPTarget(Target):
     ``returns_probabilities`` is learnt from the answers (a probe of one row in the middle of the
     feature box when nothing was asked yet; needs ``n_features``).
 
+    ``single_rows``: each request carries one row (a vector, not a batch) and the answer is one
+    entry, as for an endpoint with a typed single-record body; ``fields`` sends each row as an object
+    of named fields (``{"sepal_length": 5.1, ...}``) instead of a vector; ``encode`` maps the rows
+    (e.g. back to the endpoint's own feature scale) just before they are sent.
+
+    Requests are paced by the endpoint's ``RateLimit-Remaining``/``RateLimit-Reset`` headers (or
+    their ``X-RateLimit-`` forms): when none remain, the next request waits for the reset.
     ``429`` answers are retried after ``Retry-After`` seconds (each wait capped, at most ``max_wait``
     seconds in all per batch); ``events`` records the number of answered queries when the endpoint
     first throttled (``429``), degraded (answers switched from probabilities to labels) and blocked
     (``403``, which raises ``TargetBlocked``). ``api_keys`` are used round robin, one per batch, in
     the ``key_header`` header; with several keys each call's rows are split evenly over all of them
-    (a Sybil attacker spreads every round of queries over its identities). ``client`` is an ``httpx.Client``, an ASGI app (served in-process), or
-    ``None`` for a fresh client; ``queries`` counts the rows the endpoint answered.
+    (a Sybil attacker spreads every round of queries over its identities). ``client`` is an
+    ``httpx.Client``, an ASGI app (served in-process), or ``None`` for a fresh client; ``queries``
+    counts the rows the endpoint answered; ``progress(queries)`` is called after every request.
     """
 
     def __init__(self, url: str, n_classes: int, *, features_path: str = "/features",
@@ -185,14 +193,21 @@ class HTTPTarget(Target):
                  api_keys: Sequence[str] = (), key_header: str = "X-API-Key", budget: int | None = None,
                  client: httpx.Client | Callable | None = None, timeout: float = 30.0,
                  max_wait: float = 60.0, class_labels: Sequence[str] | None = None,
-                 n_features: int | None = None):
+                 n_features: int | None = None, single_rows: bool = False,
+                 fields: Sequence[str] | None = None, encode: Callable[[np.ndarray], np.ndarray] | None = None,
+                 progress: Callable[[int], None] | None = None):
         super().__init__(n_classes, budget)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.url = url
         self.features_path = _pointer_tokens(features_path)
         self.probabilities_path = _pointer_tokens(probabilities_path)
-        self.batch_size = batch_size
+        self.single_rows = single_rows
+        self.batch_size = 1 if single_rows else batch_size
+        self.fields = list(fields) if fields else None
+        self.encode = encode
+        self.progress = progress
+        self._remaining: tuple[int, float] | None = None  # (rows left, monotonic time of the reset)
         self.api_keys = list(api_keys)
         self.key_header = key_header
         self.max_wait = max_wait
@@ -255,10 +270,11 @@ class HTTPTarget(Target):
         if self.api_keys:
             headers[self.key_header] = self.api_keys[self._batches % len(self.api_keys)]
         self._batches += 1
-        body = _pointer_build(self.features_path, batch.tolist())
-        waited = 0.0
+        body = _pointer_build(self.features_path, self._rows(batch))
+        waited = self._pace(len(batch))
         while True:
             response = self._client.post(self.url, json=body, headers=headers)
+            self._note_limit(response.headers)
             if response.status_code != 429:
                 break
             self._record("throttled_at", answered)
@@ -277,13 +293,47 @@ class HTTPTarget(Target):
         except (ValueError, KeyError, IndexError, TypeError) as error:
             raise TargetError(f"no predictions at {self.probabilities_path}: {error}",
                               response.status_code, response.text) from error
-        answers = self._parse(value, len(batch), response)
+        answers = self._parse([value] if self.single_rows else value, len(batch), response)
+        if self.progress is not None:
+            self.progress(answered + len(batch))
         gave_probabilities = answers.ndim == 2
         if self._gave_probabilities and not gave_probabilities:
             self._record("degraded_at", answered)
         if self._gave_probabilities is None:
             self._gave_probabilities = gave_probabilities
         return answers
+
+    def _rows(self, batch: np.ndarray) -> Any:
+        """The JSON the request carries for ``batch``: vectors or objects of named fields, one row
+        alone when the endpoint takes single rows."""
+        rows = (self.encode(batch) if self.encode is not None else batch).tolist()
+        if self.fields is not None:
+            rows = [dict(zip(self.fields, row, strict=True)) for row in rows]
+        return rows[0] if self.single_rows else rows
+
+    def _pace(self, rows: int) -> float:
+        """Wait until the endpoint's rate-limit window resets when its last answer said fewer than
+        ``rows`` queries remain; the seconds waited (counted against ``max_wait``)."""
+        if self._remaining is None or self._remaining[0] >= rows:
+            return 0.0
+        pause = self._remaining[1] - time.monotonic()
+        self._remaining = None
+        if pause <= 0:
+            return 0.0
+        if pause > self.max_wait:
+            raise TargetThrottled(f"the rate limit resets in {pause:.0f} s, more than max_wait {self.max_wait:.0f} s")
+        time.sleep(pause)
+        return pause
+
+    def _note_limit(self, headers: httpx.Headers) -> None:
+        remaining = headers.get("RateLimit-Remaining") or headers.get("X-RateLimit-Remaining")
+        reset = headers.get("RateLimit-Reset") or headers.get("X-RateLimit-Reset")
+        if remaining is None or reset is None or not remaining.strip().isdigit():
+            return
+        seconds = _retry_after(reset)
+        if seconds > 1e6:  # an epoch timestamp (the X-RateLimit-Reset convention of some APIs)
+            seconds = max(0.0, seconds - time.time())
+        self._remaining = (int(remaining), time.monotonic() + seconds)
 
     def _parse(self, value: Any, n: int, response: httpx.Response) -> np.ndarray:
         """One batch's answers: ``(n, k)`` probabilities or ``(n,)`` label indices."""

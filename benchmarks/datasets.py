@@ -15,20 +15,31 @@ BUNDLED = ("digits", "breast_cancer")
 
 @dataclass(frozen=True)
 class Dataset:
-    """Features in [0, 1] as float32 ``(n, d)``, labels as int64 ``(n,)``."""
+    """Features in [0, 1] as float32 ``(n, d)``, labels as int64 ``(n,)``; ``low``/``high`` the
+    per-feature box of the features as loaded (``raw`` maps back to it); ``classes`` the original
+    label values, in the order of the integer labels."""
 
     name: str
     X: np.ndarray
     y: np.ndarray
     n_classes: int
     image_shape: tuple[int, int] | None = None
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+    classes: tuple | None = None
+
+    def raw(self, X: np.ndarray) -> np.ndarray:
+        """Features in [0, 1] mapped back to the scale they were loaded in."""
+        X = np.asarray(X, dtype=np.float64)
+        return X if self.low is None else self.low + X * (self.high - self.low)
 
     @property
     def n_features(self) -> int:
         return int(self.X.shape[1])
 
     def subset(self, index: np.ndarray) -> "Dataset":
-        return Dataset(self.name, self.X[index], self.y[index], self.n_classes, self.image_shape)
+        return Dataset(self.name, self.X[index], self.y[index], self.n_classes, self.image_shape, self.low,
+                       self.high, self.classes)
 
 
 @dataclass(frozen=True)
@@ -102,4 +113,5 @@ def _make(name: str, X: np.ndarray, y: np.ndarray, image_shape=None) -> Dataset:
         raise ValueError(f"{name}: needs at least two classes, found {len(classes)}")
     low, high = X.min(axis=0), X.max(axis=0)
     scaled = (X - low) / np.where(high > low, high - low, 1.0)
-    return Dataset(name, scaled.astype(np.float32), labels.astype(np.int64), len(classes), image_shape)
+    return Dataset(name, scaled.astype(np.float32), labels.astype(np.int64), len(classes), image_shape, low, high,
+                   tuple(int(c) if isinstance(c, float) and c.is_integer() else c for c in classes.tolist()))

@@ -33,6 +33,48 @@ def require_local(host: str, allow_remote: bool) -> None:
                                  param_hint="--host")
 
 
+def uvicorn_log_config() -> dict:
+    """Uvicorn's default logging, with the ``guard`` logger's lines (refusals, failures) shown beside
+    its own. Pass it as ``uvicorn.run(..., log_config=...)`` (or write it to a file for
+    ``uvicorn --log-config``)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["guard"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
+@app.command()
+def proxy(
+    upstream: str = typer.Option(..., help="The model server to guard, e.g. http://127.0.0.1:8080."),
+    policy: str = typer.Option(..., help="TOML or YAML policy file; its routes are the upstream's paths."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port to listen on."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a non-loopback --host."),
+    timeout: float = typer.Option(30.0, min=0.001, help="Seconds the upstream may take to answer (then 504)."),
+    connect_timeout: float = typer.Option(5.0, min=0.001, help="Seconds to connect to the upstream (then 502)."),
+    max_connections: int = typer.Option(100, min=1, help="Pooled connections to the upstream."),
+) -> None:
+    """Guard any HTTP model server: a reverse proxy to --upstream behind GuardMiddleware."""
+    require_local(host, allow_remote)
+    import uvicorn
+
+    from guard import GuardMiddleware, Policy
+    from guard.proxy import UpstreamProxy
+
+    try:
+        forward = UpstreamProxy(upstream, timeout=timeout, connect_timeout=connect_timeout,
+                                max_connections=max_connections)
+        rules = Policy.from_file(policy)
+    except (ValueError, OSError) as error:
+        typer.echo(f"guard proxy: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"guarding {upstream} ({len(rules.routes)} routes) on http://{host}:{port}")
+    uvicorn.run(GuardMiddleware(forward, policy=rules), host=host, port=port, log_config=uvicorn_log_config())
+
+
 @app.command()
 def demo(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
@@ -49,27 +91,34 @@ def demo(
 
     data = datasets.load("digits")
     parts = datasets.split(data, seed=0)
-    model = models.train_target("mlp", data.X[parts.train], data.y[parts.train], data.n_classes, seed=0,
-                                epochs=epochs)
-    typer.echo(f"trained an MLP on digits: test accuracy "
-               f"{models.accuracy(model, data.X[parts.test], data.y[parts.test]):.3f}")
+    typer.echo(f"training an MLP on digits ({len(parts.train)} images, {epochs} epochs)...")
+    model = models.train_target("mlp", data.X[parts.train],
+                                data.y[parts.train], data.n_classes, seed=0, epochs=epochs)
+    typer.echo(f"trained: test accuracy {models.accuracy(model, data.X[parts.test], data.y[parts.test]):.3f}")
     # One process, so a fresh secret is as stable as it needs to be (it seeds keyed noise, unused here).
     policy = Policy(secret=secrets.token_hex(16),
                     routes={"/predict": {"probabilities": "/probabilities", "features": "/features",
                                          "output": ["round:2"]}})
     server = serving.prediction_app(lambda X: models.predict_proba(model, X), data.X.shape[1])
     server.add_middleware(GuardMiddleware, policy=policy)
-    example = ",".join(f"{v:.2f}".rstrip("0").rstrip(".") for v in data.X[parts.test[0]])
+    # The least confident test image: its answer shows what rounding removes.
+    X_test = data.X[parts.test]
+    raw = models.predict_proba(model, X_test)
+    row = int(raw.max(axis=1).argmin())
+    example = ",".join(f"{v:.6g}" for v in X_test[row])
+    typer.echo("the model's own answer for the example below:  " + ", ".join(f"{p:.5f}" for p in raw[row]))
+    typer.echo("what the guard sends (round:2):                  " + ", ".join(f"{p:.2f}" for p in raw[row].round(2)))
     typer.echo("try it:\n"
                f"  curl -s -X POST http://{host}:{port}/predict -H 'Content-Type: application/json' "
                f"-d '{{\"features\": [{example}]}}'")
-    uvicorn.run(server, host=host, port=port, log_level="info")
+    uvicorn.run(server, host=host, port=port, log_config=uvicorn_log_config())
 
 
 @app.command("train-dp")
 def train_dp(
-    dataset: str = typer.Option(..., help="digits, breast_cancer, or a .csv/.npz file (X, y)."),
-    out: str = typer.Option(..., help="Directory for model.pt and privacy_report.json."),
+    data: str = typer.Option(..., "--data", "--dataset", help="digits, breast_cancer, or a .csv (numeric, "
+                             "header row, label last) / .npz (arrays X, y) file."),
+    out: str = typer.Option(..., help="Directory for model.pt, privacy_report.json and preprocessing.json."),
     target_epsilon: float = typer.Option(..., help="Privacy budget epsilon for the whole run."),
     model: str = typer.Option("mlp", help="mlp, softmax, or module:factory with "
                                           "factory(n_features, n_classes) -> torch.nn.Module."),
@@ -91,45 +140,56 @@ def train_dp(
     seed: int = typer.Option(None, help="Fix initial weights, sampling and noise seeds "
                                         "(reproducible, and the noise predictable)."),
 ) -> None:
-    """Retrain a model with DP-SGD to a target epsilon; write the model and its privacy report."""
-    import importlib
-
+    """Retrain a model with DP-SGD to a target epsilon; write the model, its privacy report and the
+    data's preprocessing (min-max scaling, label mapping), which ``guard.dp.load(out, factory)``
+    applies so the loaded model predicts on features as they are in the file."""
     from benchmarks import datasets, models
     from guard import dp
+    from guard.payload import import_function
 
-    data = datasets.load(dataset)
-    parts = datasets.split(data, seed=0, train=1 - test_fraction, test=test_fraction)
-    if seed is not None:
-        import torch
+    def fail(error: BaseException) -> typer.Exit:
+        typer.echo(f"guard train-dp: {error}", err=True)
+        return typer.Exit(2)
 
-        torch.manual_seed(seed)  # the model's initial weights too
-    if ":" in model:
-        module_name, factory = model.split(":", 1)
-        network = getattr(importlib.import_module(module_name), factory)(data.n_features,
-                                                                          data.n_classes)
-    else:
-        network = models.make_model(model, data.n_features, data.n_classes)
+    try:
+        dataset = datasets.load(data)
+        if seed is not None:
+            import torch
+
+            torch.manual_seed(seed)  # the model's initial weights too
+        if ":" in model:
+            network = import_function(model)(dataset.n_features, dataset.n_classes)
+        else:
+            network = models.make_model(model, dataset.n_features, dataset.n_classes)
+    except (ValueError, OSError, ImportError, KeyError, TypeError) as error:
+        raise fail(error) from error
+    parts = datasets.split(dataset, seed=0, train=1 - test_fraction, test=test_fraction)
+    if dataset.classes != tuple(range(dataset.n_classes)):
+        typer.echo("labels mapped to class indices: " + ", ".join(
+            f"{label} -> {index}" for index, label in enumerate(dataset.classes)))
     options = dict(target_epsilon=target_epsilon, target_delta=delta, epochs=epochs,
                    batch_size=batch_size, physical_batch_size=physical_batch_size,
                    max_grad_norm=max_grad_norm, optimizer=optimizer, lr=lr, accountant=accountant,
                    grad_sample_mode=grad_sample_mode or dp.DEFAULT_GRAD_SAMPLE_MODE, fix=fix,
-                   test_data=(data.X[parts.test], data.y[parts.test]),
+                   test_data=(dataset.X[parts.test], dataset.y[parts.test]),
                    checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=True)
-    train = (data.X[parts.train], data.y[parts.train])
+    train = (dataset.X[parts.train], dataset.y[parts.train])
     try:
         if nproc > 1:
             trained, report = dp.train_private_distributed(nproc, network, train, **options)
         else:
             trained, report = dp.train_private(network, train, **options)
     except dp.DPConfigError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from error
-    dp.save(trained, report, out)
+        raise fail(error) from error
+    report.classes = list(dataset.classes)
+    dp.save(trained, report, out, dp.Preprocessing(dataset.low.tolist(), dataset.high.tolist(),
+                                                   list(dataset.classes)))
     typer.echo(f"epsilon {report.epsilon:.3f} at delta {report.delta:.2g} ({report.accountant}, "
                f"{report.steps} steps, noise multiplier {report.noise_multiplier:.3f}); test "
                f"accuracy {report.test_accuracy:.3f} private, "
                f"{report.non_private_test_accuracy:.3f} without DP")
-    typer.echo(f"wrote {out}/{dp.MODEL_FILE} and {out}/{dp.REPORT_FILE}")
+    typer.echo(f"wrote {out}/{dp.MODEL_FILE}, {out}/{dp.REPORT_FILE} and {out}/{dp.PREPROCESSING_FILE}; "
+               f"serve it with guard.dp.load({out!r}, factory), which takes features as they are in {data}")
 
 
 @app.command()
@@ -138,33 +198,59 @@ def calibrate(
     data: str = typer.Option(..., help="Benign queries: digits, breast_cancer, or a .csv/.npz file."),
     clients: int = typer.Option(10, min=1, help="Benign client streams the queries are dealt into."),
     fpr: float = typer.Option(0.001, min=0.0, max=1.0, help="Target false-positive rate."),
-    detector: list[str] | None = typer.Option(None, help="Detectors to calibrate (default: prada and similarity)."),
+    detector: list[str] | None = typer.Option(None, help="Detectors to calibrate: prada, similarity "
+                                              "(default: both)."),
+    holdout: float = typer.Option(0.25, min=0.0, max=0.9, help="Share of the clients held out to measure "
+                                  "the false alarms the thresholds cause (0: none)."),
+    force: bool = typer.Option(False, "--force", help="Write thresholds the data cannot support."),
     seed: int = typer.Option(0, help="Seed of the shuffle before dealing the queries."),
 ) -> None:
     """Set detector thresholds from benign data to a target false-positive rate and write them into
-    the policy file (Chen, Carlini & Wagner 2019, section 4). The data set's labels stand in for
-    the model's predicted labels, which an accurate model matches on natural data."""
+    the policy file, keeping its comments (Chen, Carlini & Wagner 2019, section 4). The data set's
+    labels stand in for the model's predicted labels, which an accurate model matches on natural
+    data. Held-out benign clients are replayed with the new thresholds and their false alarms shown."""
     import asyncio
     from pathlib import Path
 
     import numpy as np
 
     from benchmarks import datasets
+    from guard.monitors.calibration import adequacy, false_alarms, hold_out, write_policy
     from guard.monitors.calibration import calibrate as fit_thresholds
-    from guard.monitors.calibration import write_policy
     from guard.policy import Policy
 
-    configured = Policy.from_file(policy).detectors if Path(policy).exists() else {}
-    dataset = datasets.load(data)
+    names = _names(detector, {"prada": None, "similarity": None}, "detectors") or ("prada", "similarity")
+    try:
+        configured = Policy.from_file(policy).detectors if Path(policy).exists() else {}
+        dataset = datasets.load(data)
+    except (ValueError, OSError) as error:
+        typer.echo(f"guard calibrate: {error}", err=True)
+        raise typer.Exit(2) from error
     order = np.random.default_rng(seed).permutation(len(dataset.X))
     X, y = dataset.X[order], dataset.y[order]
     streams = {f"benign-{i}": (X[i::clients], y[i::clients]) for i in range(clients)}
-    settings = {name: configured.get(name, {}) for name in detector or ["prada", "similarity"]}
-    thresholds = asyncio.run(fit_thresholds(streams, settings, fpr=fpr))
+    fitting, held_out = hold_out(streams, holdout) if holdout > 0 and clients > 1 else (streams, {})
+    settings = {name: configured.get(name, {}) for name in names}
+    errors, warnings = adequacy(fitting, settings, fpr)
+    for line in warnings:
+        typer.echo(f"warning: {line}", err=True)
+    for line in errors:
+        typer.echo(f"{'warning' if force else 'error'}: {line}", err=True)
+    if errors and not force:
+        typer.echo("guard calibrate: the data cannot support these thresholds; nothing written "
+                   "(--force writes them anyway)", err=True)
+        raise typer.Exit(2)
+    thresholds = asyncio.run(fit_thresholds(fitting, settings, fpr=fpr))
     write_policy(policy, thresholds)
     for name, values in thresholds.items():
         typer.echo(f"{name}: " + ", ".join(f"{key} = {value:.6g}" for key, value in values.items()))
-    typer.echo(f"wrote the thresholds for {len(X)} benign queries from {clients} clients into {policy}")
+    typer.echo(f"wrote the thresholds for {sum(len(f) for f, _ in fitting.values())} benign queries from "
+               f"{len(fitting)} clients into {policy}")
+    if held_out:
+        rates = asyncio.run(false_alarms(held_out, {n: {**settings[n], **thresholds[n]} for n in names}))
+        for name, rate in rates.items():
+            typer.echo(f"{name} on {len(held_out)} held-out benign clients: {rate['clients']:.1%} of clients "
+                       f"and {rate['queries']:.2%} of queries alarmed (target {fpr:g})")
 
 
 @app.command()
@@ -247,17 +333,36 @@ def bench(
         typer.echo(f"{kind}: {path}")
 
 
+def _list(value: str | None) -> tuple[str, ...] | None:
+    return tuple(item.strip() for item in value.split(",") if item.strip()) if value else None
+
+
 @app.command()
 def audit(
     url: str = typer.Option(..., help="The prediction endpoint, e.g. http://127.0.0.1:8000/predict."),
     data: str = typer.Option("digits", help="The attacker's data: digits, breast_cancer, or a .csv/.npz file "
                              "whose features the endpoint takes."),
     out: str = typer.Option("guard-audit", help="Folder for the report."),
-    features_path: str = typer.Option("/features", help="JSON pointer to the feature rows in the request."),
+    features_path: str = typer.Option("/features", help="JSON pointer to the feature rows in the request "
+                                      "('' with --fields: the body is the object of fields)."),
+    fields: str | None = typer.Option(None, help="Send each row as an object of these named fields "
+                                      "(comma-separated, in the data's column order)."),
     probabilities_path: str = typer.Option("/probabilities", help="JSON pointer to the answers in the response."),
+    labels: str | None = typer.Option(None, help="The class names the endpoint answers with, comma-separated, "
+                                      "in the order of the data's sorted labels (label-only and "
+                                      "label->probability answers)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Rows per request; 1 sends single rows "
+                                          "(default: batches of 256, or 1 if the endpoint refuses a batch)."),
+    scale: bool | None = typer.Option(None, "--scale/--no-scale", help="Send features min-max scaled to "
+                                      "[0, 1] (default: scaled for digits and breast_cancer, as the demo "
+                                      "serves them; a file's as they are in it)."),
+    baseline: str | None = typer.Option(None, help="The same model served without the guard: attacked too, "
+                                        "so the report's verdicts compare the two."),
     api_key: list[str] | None = typer.Option(None, help="API key(s) to send (several are rotated)."),
     budget: int | None = typer.Option(None, min=1, help="Most queries each attack may spend."),
-    attacks: list[str] | None = typer.Option(None, help="Attacks (comma-separated)."),
+    attacks: list[str] | None = typer.Option(None, help="Attacks (comma-separated; default: the black-box "
+                                             "extraction and inversion attacks; a wrong name lists them all)."),
+    max_wait: float = typer.Option(60.0, min=0, help="Seconds an attack waits out rate limits before it stops."),
     allow_host: list[str] | None = typer.Option(None, help="A non-loopback host you own and may attack."),
     seed: int = typer.Option(0, help="Seed of the data split and the attacks."),
 ) -> None:
@@ -272,8 +377,10 @@ def audit(
         paths = run_audit(url, data, Path(out), features_path=features_path, probabilities_path=probabilities_path,
                           api_keys=tuple(api_key or ()), budget=budget,
                           attacks=_names(attacks, ATTACK_SPECS, "attacks") or AUDIT_ATTACKS, seed=seed,
-                          allowed_hosts=tuple(allow_host or ()))
-    except AuditError as error:
+                          allowed_hosts=tuple(allow_host or ()), fields=_list(fields), labels=_list(labels),
+                          batch_size=batch_size, scale=scale, baseline=baseline, max_wait=max_wait,
+                          echo=typer.echo)
+    except (AuditError, ValueError, OSError) as error:
         typer.echo(f"guard audit: {error}", err=True)
         raise typer.Exit(2) from error
     for kind, path in paths.items():

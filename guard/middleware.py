@@ -1,9 +1,10 @@
 """``GuardMiddleware``: a pure ASGI middleware (in the shape of Starlette's ``GZipMiddleware``) that
 puts a ``Policy`` in front of a prediction app.
 
-A request on a guarded route (exact path match, any method) goes through ``GuardedExchange``, one
-small method per step of the request flow in DESIGN.md: read the body (at most ``max_body_bytes``:
-``413``), parse the features (bad JSON: ``400``; missing or malformed features: ``422``; the app is
+A request on a guarded route (exact path match, any method but ``OPTIONS`` and ``HEAD``, which the
+app answers as it would) goes through ``GuardedExchange``, one small method per step of the request
+flow in DESIGN.md: read the body (at most ``max_body_bytes``: ``413``), read the features where the
+route's ``FeatureSource`` says (bad JSON: ``400``; missing or malformed features: ``422``; the app is
 never called), replay the body unchanged to the app, buffer its whole response, rewrite the
 probabilities with the route's output defences, re-serialise and fix ``Content-Length``.
 
@@ -42,12 +43,15 @@ from guard.monitors.monitor import InProcessMonitor, Queued
 from guard.monitors.stream import ObservationStream
 from guard.outputs import Pipeline
 from guard.payload import (
+    NO_FEATURES,
+    EachRow,
+    FeatureSource,
+    InvalidJSON,
     PayloadError,
     Pointer,
     Probabilities,
     dumps,
     loads,
-    read_features,
     read_probabilities,
 )
 from guard.policy import Policy, RoutePolicy
@@ -58,6 +62,9 @@ from guard.store import StoreUnavailable, store_from_uri
 logger = logging.getLogger("guard")
 
 T = TypeVar("T")
+
+# Methods whose answers carry no prediction (a CORS preflight, HEAD): the app answers them as it would.
+PASSING_METHODS = frozenset({"OPTIONS", "HEAD"})
 
 # Response headers that describe the app's original bytes and must not survive the rewrite.
 _STALE_HEADERS = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"etag",
@@ -80,8 +87,8 @@ class ClientDisconnected(Exception):
 class RouteGuard:
     """A ``RoutePolicy`` compiled for the hot path, with the server secret bound."""
 
-    probabilities: Pointer
-    features: Pointer
+    probabilities: Pointer | EachRow
+    features: FeatureSource | None
     output: Pipeline
     degraded_output: Pipeline
     labels: tuple[str, ...] | None
@@ -89,14 +96,18 @@ class RouteGuard:
     path: str
     limits: RouteLimits
     monitored: bool
+    flat: bool = False
+    one_hot: bool = False
 
     @classmethod
     def compile(cls, path: str, route: RoutePolicy, secret: bytes, detectors: list[str]) -> RouteGuard:
-        return cls(Pointer.parse(route.probabilities), Pointer.parse(route.features),
+        watching = detectors if route.detectors is None else route.detectors
+        return cls(route.probabilities_at(), route.feature_source(),
                    Pipeline.from_specs(route.output, secret), Pipeline.from_specs(route.degraded_output, secret),
                    tuple(route.labels) if route.labels else None, route.tolerance, path,
                    RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits),
-                   bool(detectors if route.detectors is None else route.detectors))
+                   bool(watching) and route.has_features,  # detectors watch features
+                   route.probabilities_flat, route.label_only_as == "one_hot")
 
 
 class Monitoring:
@@ -213,6 +224,9 @@ class GuardedExchange:
         """The request flow: identify (2), read (3), admit by rate limit and sanction (4, 5), call
         the app and defend its answer (6), hand the observation to the monitor (7) before the
         answer is sent, and count it (8)."""
+        if self.scope["method"] in PASSING_METHODS:
+            await self.app(self.scope, self.receive, self.send)
+            return
         started = time.perf_counter()
         client = self.monitoring.identifier.identify(self.scope)
         features = await self.fail_closed(self.read_request())
@@ -246,15 +260,16 @@ class GuardedExchange:
         await self.send_json(error.status, [(b"content-type", b"application/json")],
                              dumps({"error": error.error, "detail": error.detail}))
 
-    # Step 3: the request body, read once and bounded, and the features in it.
+    # Step 3: the request body, read once and bounded, and the features in it (``NO_FEATURES``
+    # when the route names none or a body source gets no body).
     async def read_request(self) -> np.ndarray:
         self.body = await self.read_body()
+        if self.route.features is None:
+            return NO_FEATURES
         try:
-            document = loads(self.body)
-        except ValueError:
-            raise GuardError(400, "invalid_json", "the request body is not valid JSON") from None
-        try:
-            return read_features(self.route.features.get(document))
+            return self.route.features.read(self.body, self.scope.get("query_string", b""))
+        except InvalidJSON as error:
+            raise GuardError(400, "invalid_json", str(error)) from None
         except PayloadError as error:
             raise GuardError(422, "invalid_features", str(error)) from None
 
@@ -351,13 +366,14 @@ class GuardedExchange:
         if found is None:
             await self.send_json(self.start["status"], headers, raw, rewritten=False)
             return decision
-        if len(found.values) != len(features):
+        if len(features) and len(found.values) != len(features):
             raise GuardError(502, "bad_response", f"{len(found.values)} probability rows for "
                              f"{len(features)} feature rows")
-        if self.route.monitored:
+        if self.route.monitored and len(features):
             output, decision = await self.observe(client, features, found.values.argmax(axis=1), output, decision)
-        defended = output(found.values, features)
-        document = self.route.probabilities.replace(document, found.render(defended, output.label_only))
+        defended = output(found.values, features if len(features) else None)
+        rendered = found.render(defended, output.label_only, self.route.one_hot)
+        document = self.route.probabilities.replace(document, rendered)
         await self.send_json(self.start["status"], headers, dumps(document))
         return decision
 
@@ -397,7 +413,7 @@ class GuardedExchange:
             raise GuardError(502, "bad_response", "no probabilities at "
                              f"{self.route.probabilities.text!r} in the app's JSON response") from None
         try:
-            return document, read_probabilities(value, self.route.labels, self.route.tolerance)
+            return document, read_probabilities(value, self.route.labels, self.route.tolerance, self.route.flat)
         except PayloadError as error:
             raise GuardError(502, "bad_response", str(error)) from None
 

@@ -1,14 +1,22 @@
 """Find and rewrite the probability vectors inside a JSON body, and read the feature vectors from a
-request body, at JSON pointers (RFC 6901).
+request, at JSON pointers (RFC 6901).
 
-Probabilities may be a single vector ``[p1, ..., pk]``, a batch ``[[...], ...]``, a label→probability
-object ``{"cat": p1, ...}`` or a batch of such objects; ``Probabilities`` holds them as an ``(n, k)``
-array and writes defended values back in the same form (or, label-only, the predicted labels).
+Probabilities may be a single vector ``[p1, ..., pk]``, a batch ``[[...], ...]``, a flat row-major
+list of ``n * k`` numbers (KServe v2 tensors), a label→probability object ``{"cat": p1, ...}`` or a
+batch of such objects; ``Probabilities`` holds them as an ``(n, k)`` array and writes defended values
+back in the same form (label-only: the predicted labels, or one-hot rows that keep the schema).
+
+Features come from a ``FeatureSource``: a vector or batch at one pointer (``VectorAt``), named
+fields of one object or of each object in a list (``NamedFields``), query parameters (``QueryFields``)
+or a user function (``FeatureFunction``).
 """
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
@@ -67,6 +75,33 @@ class Pointer:
         return document
 
 
+@dataclass(frozen=True)
+class EachRow:
+    """The value at ``field`` in each object of the list at ``rows``, read and written as one batch:
+    an answer like ``[{"prediction": "setosa", "probabilities": {...}}, ...]``."""
+
+    rows: Pointer
+    field: Pointer
+
+    @property
+    def text(self) -> str:
+        return f"{self.field.text!r} in each of {self.rows.text!r}"
+
+    def _objects(self, document: Json) -> list:
+        objects = self.rows.get(document)
+        if not isinstance(objects, list) or not objects:
+            raise PayloadError(f"nothing at JSON pointer {self.rows.text!r} is a non-empty list")
+        return objects
+
+    def get(self, document: Json) -> list:
+        return [self.field.get(row) for row in self._objects(document)]
+
+    def replace(self, document: Json, value: list) -> Json:
+        for row, replacement in zip(self._objects(document), value, strict=True):
+            self.field.replace(row, replacement)
+        return document
+
+
 def numeric_matrix(value: Json, what: str) -> tuple[np.ndarray, bool]:
     """A JSON vector or list of equal-length vectors of numbers as ``(n, d)`` float64, and whether it
     was a single vector."""
@@ -80,34 +115,171 @@ def numeric_matrix(value: Json, what: str) -> tuple[np.ndarray, bool]:
     return (array.reshape(1, -1), True) if array.ndim == 1 else (array, False)
 
 
-def read_features(value: Json) -> np.ndarray:
-    """The request's feature vectors (one vector or a batch) as a finite ``(n, d)`` array."""
+def read_features(value: Json, width: int | None = None) -> np.ndarray:
+    """The request's feature vectors (one vector or a batch) as a finite ``(n, d)`` array; with
+    ``width``, a flat row-major list of ``n * width`` numbers is read as ``n`` rows."""
     features = numeric_matrix(value, "features")[0]
+    if width is not None:
+        if features.size % width:
+            raise PayloadError(f"features: {features.size} values are not rows of {width}")
+        features = features.reshape(-1, width)
     if not np.isfinite(features).all():
         raise PayloadError("features: not all values are finite")
     return features
+
+
+class InvalidJSON(PayloadError):
+    """The request body is not JSON."""
+
+
+NO_FEATURES = np.empty((0, 0))
+"""What a source reads from a request without a body (a GET or DELETE on a JSON route): no rows."""
+
+
+class FeatureSource(Protocol):
+    """Where a route's feature rows are in a request."""
+
+    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
+        """The request's feature rows as a finite ``(n, d)`` array (``NO_FEATURES`` when a body
+        source gets no body); ``InvalidJSON`` or ``PayloadError`` when they are not there."""
+
+
+def parse_body(body: bytes) -> Json:
+    try:
+        return loads(body)
+    except ValueError:
+        raise InvalidJSON("the request body is not valid JSON") from None
+
+
+@dataclass(frozen=True)
+class VectorAt:
+    """One feature vector or a batch of them at ``pointer`` (flat rows of ``width`` when given)."""
+
+    pointer: Pointer
+    width: int | None = None
+
+    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
+        if not body:
+            return NO_FEATURES
+        return read_features(self.pointer.get(parse_body(body)), self.width)
+
+
+@dataclass(frozen=True)
+class NamedFields:
+    """Named scalar fields in model order, e.g. a pydantic body ``{"sepal_length": 5.1, ...}``: read
+    from the object at ``rows``, or from each object when ``rows`` names a list of them."""
+
+    fields: tuple[Pointer, ...]
+    rows: Pointer = Pointer("", ())
+
+    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
+        if not body:
+            return NO_FEATURES
+        found = self.rows.get(parse_body(body))
+        objects = found if isinstance(found, list) else [found]
+        try:
+            values = [[field.get(row) for field in self.fields] for row in objects]
+        except PayloadError as error:
+            raise PayloadError(f"features: {error}") from None
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for row in values for v in row):
+            raise PayloadError("features: every named field must hold a number")
+        return read_features(values)
+
+
+@dataclass(frozen=True)
+class QueryFields:
+    """Features from query parameters in model order (``GET /predict?x1=0.5&x2=3``): one row."""
+
+    names: tuple[str, ...]
+
+    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
+        query = parse_qs(query_string.decode("latin-1"), keep_blank_values=True)
+        missing = [name for name in self.names if name not in query]
+        if missing:
+            raise PayloadError(f"features: query parameters {missing} missing")
+        try:
+            row = [float(query[name][-1]) for name in self.names]
+        except ValueError:
+            raise PayloadError("features: every feature parameter must be a number") from None
+        return read_features([row])
+
+
+UserFunction = Callable[[Json, Mapping[str, list[str]]], Any]
+"""``function(document, query) -> rows``: the parsed JSON body (``None`` without a body) and the
+query parameters (name -> values) to one feature vector or a batch."""
+
+
+@dataclass(frozen=True)
+class FeatureFunction:
+    """Features computed by the user's ``function`` (``UserFunction``); any exception it raises is
+    the request's fault (``422``)."""
+
+    function: UserFunction
+
+    @classmethod
+    def named(cls, reference: str | UserFunction) -> FeatureFunction:
+        """From a callable or a ``"module:function"`` reference."""
+        return cls(reference if callable(reference) else import_function(reference))
+
+    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
+        document = parse_body(body) if body else None
+        try:
+            rows = self.function(document, parse_qs(query_string.decode("latin-1")))
+        except Exception as error:
+            raise PayloadError(f"features: {type(error).__name__}: {error}") from None
+        return read_features(rows.tolist() if isinstance(rows, np.ndarray) else rows)
+
+
+def kserve_v2_inputs(document: Json, query: Mapping[str, list[str]]) -> np.ndarray:
+    """Features of a KServe v2 (Open Inference Protocol) request: its one input tensor, reshaped by
+    its ``shape``. Requests asking for more than one output are refused, so the one answer is at
+    ``/outputs/0`` where the policy's probabilities pointer defends it (a second output could carry
+    the raw probabilities past the guard)."""
+    if not isinstance(document, dict) or len(document.get("inputs") or ()) != 1:
+        raise ValueError("a v2 inference request with exactly one input tensor is expected")
+    if len(document.get("outputs") or ()) > 1:
+        raise ValueError("ask for at most one output: only /outputs/0 is answered through the guard")
+    tensor = document["inputs"][0]
+    return np.asarray(tensor["data"], dtype=np.float64).reshape(tensor["shape"])
+
+
+def import_function(reference: str) -> Callable:
+    """The callable a ``"module:function"`` reference names."""
+    module, _, name = reference.partition(":")
+    if not module or not name:
+        raise ValueError(f"{reference!r} is not a 'module:function' reference")
+    function = getattr(importlib.import_module(module), name, None)
+    if not callable(function):
+        raise ValueError(f"{reference!r} does not name a function")
+    return function
 
 
 @dataclass(frozen=True)
 class Probabilities:
     """Probability vectors found in a response: ``values`` ``(n, k)``; ``single`` when the body held
     one vector rather than a batch; ``labels`` the object keys when it held label→probability
-    objects (``None`` for plain vectors)."""
+    objects (``None`` for plain vectors); ``flat`` when it held one row-major list of ``n * k``."""
 
     values: np.ndarray
     single: bool
     labels: tuple[str, ...] | None
+    flat: bool = False
 
-    def render(self, defended: np.ndarray, label_only: bool) -> Json:
+    def render(self, defended: np.ndarray, label_only: bool, one_hot: bool = False) -> Json:
         """JSON for ``defended`` in the form the probabilities came in. Label-only: the predicted
-        class instead of each vector: its index, or its label for label→probability objects."""
-        if label_only:
+        class instead of each vector: its index, or its label for label→probability objects; with
+        ``one_hot``, a vector (or object) of the same schema with 1.0 for the predicted class."""
+        if label_only and one_hot:
+            defended = np.eye(defended.shape[1])[defended.argmax(axis=1)]
+        elif label_only:
             top = defended.argmax(axis=1).tolist()
             rows = top if self.labels is None else [self.labels[i] for i in top]
-        elif self.labels is None:
-            rows = defended.tolist()
-        else:
-            rows = [dict(zip(self.labels, row)) for row in defended.tolist()]
+            return rows[0] if self.single else rows
+        if self.flat:
+            return defended.ravel().tolist()
+        rows = defended.tolist()
+        if self.labels is not None:
+            rows = [dict(zip(self.labels, row)) for row in rows]
         return rows[0] if self.single else rows
 
 
@@ -124,12 +296,18 @@ def _label_rows(value: Json, labels: tuple[str, ...] | None) -> tuple[list, bool
 
 
 def read_probabilities(value: Json, labels: tuple[str, ...] | None = None,
-                       tolerance: float = 1e-3) -> Probabilities:
+                       tolerance: float = 1e-3, flat: bool = False) -> Probabilities:
     """Locate and validate the probability vectors in ``value``: finite, non-negative, each row
     summing to one within ``tolerance``; with ``labels``, exactly that many classes (and, for
-    label→probability objects, exactly those keys, in that order)."""
+    label→probability objects, exactly those keys, in that order). ``flat``: ``value`` is one
+    row-major list of ``n * len(labels)`` numbers."""
     keys = None
-    if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
+    if flat:
+        values, single = numeric_matrix(value, "probabilities")
+        if not single or labels is None or values.size % len(labels):
+            raise PayloadError("probabilities: expected a flat list of rows of the labels' length")
+        values, single = values.reshape(-1, len(labels)), False
+    elif isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
         value, single, keys = _label_rows(value, labels)
         values = numeric_matrix(value, "probabilities")[0]
     else:
@@ -144,4 +322,4 @@ def read_probabilities(value: Json, labels: tuple[str, ...] | None = None,
         if values.min() < 0:
             raise PayloadError("probabilities: negative values")
         raise PayloadError(f"probabilities: rows do not sum to 1 (tolerance {tolerance})")
-    return Probabilities(values, single, keys)
+    return Probabilities(values, single, keys, flat)

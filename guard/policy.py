@@ -10,14 +10,25 @@ import ipaddress
 import secrets
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from guard.monitors import DETECTORS
 from guard.outputs import Pipeline
-from guard.payload import Pointer
+from guard.payload import (
+    EachRow,
+    FeatureFunction,
+    FeatureSource,
+    NamedFields,
+    Pointer,
+    QueryFields,
+    VectorAt,
+    import_function,
+)
 from guard.ratelimit import parse_limits
 from guard.sanctions import DEFAULT_LADDER, SanctionRules
 
@@ -27,6 +38,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _PROCESS_SECRET = secrets.token_hex(32)
+STORE_SCHEMES = ("memory", "redis", "rediss", "unix")
 
 
 class SanctionPolicy(BaseModel):
@@ -90,13 +102,75 @@ class MonitorPolicy(BaseModel):
                          "without renewing it; a dead monitor's partitions pass on after this")
 
 
+class FeatureRows(BaseModel):
+    """Named fields read from each object of a list (or from one object) in the request body."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rows: str = Field(description="JSON pointer to the list of objects (or the one object)")
+    fields: list[str] = Field(min_length=1, description="JSON pointers into each object, in model order")
+
+    @field_validator("rows")
+    @classmethod
+    def _pointer(cls, text: str) -> str:
+        Pointer.parse(text)
+        return text
+
+    @field_validator("fields")
+    @classmethod
+    def _pointers(cls, texts: list[str]) -> list[str]:
+        for text in texts:
+            Pointer.parse(text)
+        return texts
+
+
+class AnswerRows(BaseModel):
+    """Probabilities in each object of a list in the response (``[{"probabilities": ...}, ...]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rows: str = Field(description="JSON pointer to the list of answer objects")
+    field: str = Field(description="JSON pointer into each object, e.g. /probabilities")
+
+    @field_validator("rows", "field")
+    @classmethod
+    def _pointer(cls, text: str) -> str:
+        Pointer.parse(text)
+        return text
+
+    @field_validator("field")
+    @classmethod
+    def _inside(cls, text: str) -> str:
+        if not text:
+            raise ValueError("`field` must point inside each answer object")
+        return text
+
+
 class RoutePolicy(BaseModel):
     """How one route is guarded."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    probabilities: str = Field(description="JSON pointer (RFC 6901) to the probabilities in the response")
-    features: str = Field(description="JSON pointer to the feature vector(s) in the request")
+    probabilities: str | AnswerRows = Field(description="JSON pointer (RFC 6901) to the probabilities in "
+                                            "the response, or {rows, field} for a list of answers")
+    probabilities_flat: bool = Field(default=False, description="the probabilities are one row-major list "
+                                     "of n * k numbers (KServe v2 tensors); needs `labels`")
+    features: str | list[str] | FeatureRows | None = Field(
+        default=None, description="where the features are: a JSON pointer to the vector(s); a list of "
+        "pointers to named fields in model order; {rows, fields} for a list of such objects; with "
+        "features_in = 'query', a list of query parameter names. None: the route has no features "
+        "(only output defences that need none, no detectors)")
+    features_in: Literal["body", "query"] = Field(default="body", description="the JSON body, or the "
+                                                  "query string (GET)")
+    features_function: str | Callable | None = Field(default=None, description="instead of `features`: "
+                                                     "a function (document, query) -> rows, or a "
+                                                     "'module:function' reference")
+    features_width: int | None = Field(default=None, gt=0, description="a flat list of n * width numbers "
+                                       "at the `features` pointer is n rows (KServe v2 tensors)")
+    label_only_as: Literal["label", "one_hot"] = Field(default="label", description="how label-only "
+                                                       "answers are written: the bare label, or a "
+                                                       "vector/object of the original schema with "
+                                                       "1.0 for the answer")
     output: list[str] = Field(default_factory=list, description="output defence specs, applied in order")
     degraded_output: list[str] = Field(default_factory=lambda: ["label_only"],
                                        description="the stricter output specs for sanctioned clients")
@@ -118,11 +192,64 @@ class RoutePolicy(BaseModel):
         parse_limits(limits)
         return limits
 
-    @field_validator("probabilities", "features")
+    @field_validator("probabilities")
     @classmethod
-    def _pointer(cls, text: str) -> str:
-        Pointer.parse(text)
-        return text
+    def _pointer(cls, where: str | AnswerRows) -> str | AnswerRows:
+        if isinstance(where, str):
+            Pointer.parse(where)
+        return where
+
+    def probabilities_at(self) -> Pointer | EachRow:
+        """Where the response's probabilities are, compiled."""
+        if isinstance(self.probabilities, str):
+            return Pointer.parse(self.probabilities)
+        return EachRow(Pointer.parse(self.probabilities.rows), Pointer.parse(self.probabilities.field))
+
+    @field_validator("features_function")
+    @classmethod
+    def _function(cls, function: str | Callable | None) -> str | Callable | None:
+        if isinstance(function, str):
+            import_function(function)
+        return function
+
+    @model_validator(mode="after")
+    def _request_shape(self) -> RoutePolicy:
+        self.feature_source()
+        if self.probabilities_flat and self.labels is None:
+            raise ValueError("probabilities_flat needs `labels` (the number of classes)")
+        if not self.has_features:
+            if any(spec.split(":")[0] == "noise" for spec in self.output + self.degraded_output):
+                raise ValueError("noise is seeded by the features: name the route's `features`")
+            if self.detectors:
+                raise ValueError("detectors watch features: name the route's `features`")
+        return self
+
+    @property
+    def has_features(self) -> bool:
+        return self.features is not None or self.features_function is not None
+
+    def feature_source(self) -> FeatureSource | None:
+        """The compiled request shape (``None``: the route names no features)."""
+        if self.features_function is not None:
+            if self.features is not None:
+                raise ValueError("set either `features` or `features_function`, not both")
+            return FeatureFunction.named(self.features_function)
+        if self.features_width is not None and not isinstance(self.features, str):
+            raise ValueError("features_width applies to a single `features` pointer")
+        if self.features_in == "query":
+            if not isinstance(self.features, list):
+                raise ValueError("features_in = 'query' needs `features` as a list of parameter names")
+            return QueryFields(tuple(self.features))
+        if self.features is None:
+            return None
+        if isinstance(self.features, str):
+            return VectorAt(Pointer.parse(self.features), self.features_width)
+        if isinstance(self.features, list):
+            if not self.features:
+                raise ValueError("`features` names no fields")
+            return NamedFields(tuple(Pointer.parse(text) for text in self.features))
+        return NamedFields(tuple(Pointer.parse(text) for text in self.features.fields),
+                           Pointer.parse(self.features.rows))
 
     @field_validator("output", "degraded_output")
     @classmethod
@@ -183,6 +310,21 @@ class Policy(BaseModel):
             if not path.startswith("/"):
                 raise ValueError(f"route {path!r} must be a path starting with '/'")
         return routes
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, uri: str) -> str:
+        if urlsplit(uri).scheme not in STORE_SCHEMES:
+            raise ValueError(f"unknown state store URI {uri!r}: use memory:// or redis://host:port/db "
+                             "(also rediss:// and unix://)")
+        return uri
+
+    @model_validator(mode="after")
+    def _metrics_path(self) -> Policy:
+        path = self.metrics_path
+        if path is not None and (not path.startswith("/") or path in self.routes):
+            raise ValueError(f"metrics_path {path!r} must be a path starting with '/' and not a guarded route")
+        return self
 
     @field_validator("detectors")
     @classmethod

@@ -9,7 +9,7 @@ import tomllib
 import yaml
 
 from guard.monitors import build_detector
-from guard.monitors.calibration import calibrate, interleave, replay, write_policy
+from guard.monitors.calibration import adequacy, calibrate, false_alarms, interleave, replay, write_policy
 from guard.store.memory import MemoryStore
 
 
@@ -103,3 +103,50 @@ def test_write_policy_creates_yaml(tmp_path):
     assert yaml.safe_load(path.read_text()) == {
         "detectors": {"prada": {"delta": 0.9}, "similarity": {"threshold": 7.0}}
     }
+
+
+def test_write_policy_keeps_the_toml_files_comments(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text('# production policy\nsecret = "s3cret"  # rotate yearly\n\n'
+                    '[detectors.prada]  # watch extraction\nmin_distances = 50\n')
+    write_policy(path, {"prada": {"delta": 0.9}, "similarity": {"threshold": 7.0}})
+    text = path.read_text()
+    assert "# production policy" in text and "# rotate yearly" in text and "# watch extraction" in text
+    assert tomllib.loads(text)["detectors"] == {"prada": {"min_distances": 50, "delta": 0.9},
+                                                "similarity": {"threshold": 7.0}}
+
+
+def test_adequacy_refuses_streams_too_short_for_prada_and_warns_on_few_clients(rng):
+    short = streams(rng, clients=10, queries=15)
+    errors, warnings = adequacy(short, {"prada": {}, "similarity": {}}, fpr=0.001)
+    assert len(errors) == 1 and "15 queries" in errors[0]
+    assert any("10 benign clients" in line for line in warnings)
+    assert any("150 benign queries" in line for line in warnings)
+    assert adequacy(streams(rng, 4, 130), {"prada": {}}, fpr=0.25) == ([], [])
+
+
+async def test_false_alarms_count_clients_and_queries(rng):
+    benign = streams(rng, clients=4, queries=40)
+    rates = await false_alarms(benign, {"similarity": {"threshold": 0.0, "salt": "s"}})
+    assert rates["similarity"] == {"clients": 1.0, "queries": 1.0}  # a zero threshold alarms on everything
+    never = await false_alarms(benign, {"similarity": {"threshold": 1e9, "salt": "s"}})
+    assert never["similarity"] == {"clients": 0.0, "queries": 0.0}
+
+
+def test_guard_calibrate_refuses_a_small_data_set_and_reports_held_out_false_alarms(tmp_path):
+    from typer.testing import CliRunner
+
+    from guard.cli import app
+
+    iris = tmp_path / "iris.npz"
+    data = np.random.default_rng(0)
+    np.savez(iris, X=data.normal(size=(150, 4)), y=np.repeat([0, 1, 2], 50))
+    path = tmp_path / "policy.toml"
+    path.write_text('# mine\nsecret = "a secret of sixteen+"\n')
+    refused = CliRunner().invoke(app, ["calibrate", str(path), "--data", str(iris), "--clients", "10"])
+    assert refused.exit_code == 2 and "nothing written" in refused.output
+    assert path.read_text() == '# mine\nsecret = "a secret of sixteen+"\n'
+    result = CliRunner().invoke(app, ["calibrate", str(path), "--data", "digits", "--clients", "8",
+                                      "--detector", "similarity", "--fpr", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert "held-out benign clients" in result.output and "# mine" in path.read_text()

@@ -42,7 +42,10 @@ def test_demo_serves_a_guarded_model_over_http(digits, digits_split):
         np.testing.assert_allclose(served * 100, np.rint(served * 100), atol=1e-9)  # round:2 on the wire
         np.testing.assert_allclose(served.sum(axis=1), 1.0)
         assert (served.argmax(axis=1) == digits.y[digits_split.test[:20]]).mean() >= 0.7
+        assert httpx.post(f"{url}/predict", content=b"{not json").status_code == 400
     finally:
         server.terminate()
         output = server.communicate(timeout=30)[0].decode()
     assert re.search(r"curl -s -X POST http://127\.0\.0\.1:\d+/predict", output)
+    assert "training an MLP on digits" in output and "what the guard sends (round:2)" in output
+    assert "guard: POST /predict -> 400 invalid_json" in output  # under uvicorn's logging

@@ -91,3 +91,41 @@ def test_sum_tolerance_is_configurable():
     assert read_probabilities([0.33, 0.33, 0.33], tolerance=0.02).values.shape == (1, 3)
     with pytest.raises(PayloadError):
         read_probabilities([0.33, 0.33, 0.33])
+
+
+def test_one_hot_label_only_keeps_vectors_objects_and_flat_tensors():
+    from guard.payload import read_probabilities
+
+    vector = read_probabilities([0.2, 0.7, 0.1])
+    assert vector.render(vector.values, label_only=True, one_hot=True) == [0.0, 1.0, 0.0]
+    mapping = read_probabilities({"cat": 0.6, "dog": 0.4})
+    assert mapping.render(mapping.values, label_only=True, one_hot=True) == {"cat": 1.0, "dog": 0.0}
+    flat = read_probabilities([0.2, 0.8, 0.9, 0.1], labels=("a", "b"), flat=True)
+    assert flat.values.shape == (2, 2)
+    assert flat.render(flat.values, label_only=False) == [0.2, 0.8, 0.9, 0.1]
+    assert flat.render(flat.values, label_only=True, one_hot=True) == [0.0, 1.0, 1.0, 0.0]
+    assert flat.render(flat.values, label_only=True) == [1, 0]
+    with pytest.raises(PayloadError, match="flat list"):
+        read_probabilities([0.2, 0.8, 1.0], labels=("a", "b"), flat=True)
+
+
+def test_answer_rows_read_and_write_a_field_of_each_object():
+    from guard.payload import EachRow, Pointer
+
+    where = EachRow(Pointer.parse("/answers"), Pointer.parse("/p"))
+    document = {"answers": [{"label": "a", "p": [0.9, 0.1]}, {"label": "b", "p": [0.3, 0.7]}]}
+    assert where.get(document) == [[0.9, 0.1], [0.3, 0.7]]
+    assert where.replace(document, [0, 1]) == {"answers": [{"label": "a", "p": 0}, {"label": "b", "p": 1}]}
+    with pytest.raises(PayloadError, match="non-empty list"):
+        where.get({"answers": {}})
+
+
+def test_kserve_v2_inputs_reshape_and_refuse_second_outputs():
+    from guard.payload import kserve_v2_inputs
+
+    request = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP64", "data": [1, 2, 3, 4]}]}
+    assert kserve_v2_inputs(request, {}).tolist() == [[1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="at most one output"):
+        kserve_v2_inputs({**request, "outputs": [{"name": "predict"}, {"name": "predict_proba"}]}, {})
+    with pytest.raises(ValueError, match="exactly one input"):
+        kserve_v2_inputs({"inputs": []}, {})

@@ -32,7 +32,14 @@ def test_keyword_dict_and_file_construction_agree(tmp_path):
     ({**ROUTE, "degraded_output": ["label_only", "round:1"]}, "label_only must be the last"),
     ({**ROUTE, "probabilities": "probabilities"}, "start with '/'"),
     ({**ROUTE, "rate": 5}, "Extra inputs are not permitted"),
-    ({"probabilities": "/p", "output": []}, "features"),
+    ({"probabilities": "/p", "output": ["noise:0.1"]}, "noise is seeded by the features"),
+    ({"probabilities": "/p", "detectors": ["prada"]}, "detectors watch features"),
+    ({**ROUTE, "features": ["/a"], "features_width": 2}, "features_width applies"),
+    ({**ROUTE, "features": "/x", "features_in": "query"}, "list of parameter names"),
+    ({**ROUTE, "features_function": "os:nothing_here"}, "does not name a function"),
+    ({**ROUTE, "features_function": "os:getcwd"}, "either `features` or `features_function`"),
+    ({**ROUTE, "probabilities_flat": True}, "needs `labels`"),
+    ({**ROUTE, "label_only_as": "onehot"}, "label_only_as"),
     ({**ROUTE, "labels": ["a", "a"]}, "distinct"),
     ({**ROUTE, "tolerance": 0}, "greater than 0"),
 ])
@@ -65,3 +72,14 @@ def test_unknown_file_types_are_refused(tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match=".toml, .yaml or .yml"):
         Policy.from_file(path)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"store": "memcached://localhost"}, "unknown state store URI"),
+    ({"store": "localhost:6379"}, "unknown state store URI"),
+    ({"metrics_path": "metrics"}, "metrics_path"),
+    ({"metrics_path": "/predict"}, "not a guarded route"),
+])
+def test_bad_server_settings_fail_at_load_time(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        Policy.from_dict({"secret": SECRET, "routes": {"/predict": ROUTE}, **settings})

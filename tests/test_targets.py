@@ -153,3 +153,31 @@ def test_budget_counts_rows():
     target.answer(np.zeros((3, 2)))
     with pytest.raises(targets.QueryBudgetExceeded):
         target.answer(np.zeros((1, 2)))
+
+
+def test_http_target_paces_itself_by_the_guards_ratelimit_headers():
+    """Single rows of named fields against a guarded endpoint allowing 3 queries a second: the
+    target waits for the window's reset instead of being refused."""
+    import time
+
+    from fastapi import FastAPI
+
+    from guard import GuardMiddleware, Policy
+
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict(body: dict) -> dict:
+        return {"probabilities": {"no": 1 - body["x"], "yes": body["x"]}}
+
+    route = {"probabilities": "/probabilities", "features": ["/x"], "rate_limits": ["3 per 1 second"]}
+    app.add_middleware(GuardMiddleware, policy=Policy(secret="pacing test secret", routes={"/predict": route}))
+    seen = []
+    with HTTPTarget("http://t/predict", 2, client=app, features_path="", fields=["x"], single_rows=True,
+                    class_labels=["no", "yes"], progress=seen.append, max_wait=5) as target:
+        started = time.monotonic()
+        answers = target.predict_proba(np.linspace(0.1, 0.9, 7)[:, None])
+        elapsed = time.monotonic() - started
+    assert np.allclose(answers[:, 1], np.linspace(0.1, 0.9, 7))
+    assert target.events["throttled_at"] is None and seen == list(range(1, 8))
+    assert elapsed >= 1.0  # seven queries at three a second span at least two windows

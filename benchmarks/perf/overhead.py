@@ -183,39 +183,50 @@ def measure(configs: list[tuple[str, Policy | None]], model: nn.Module, bodies: 
                for (_, policy), port in zip(configs, ports)]
     monitors = {name: context.Process(target=run_monitor, args=(policy,), daemon=True)
                 for name, policy in configs if policy is not None and policy.monitor.deployment == "streams"}
-    results: dict[str, list[tuple[float, ...]]] = {name: [] for name, _ in configs}
     try:
         for process in [*servers, *monitors.values()]:
             process.start()
-        for port in ports:
-            wait_until_listening(port)
-        with ProcessPoolExecutor(1, mp_context=context) as client:
-            for port in ports:  # warm-up
-                client.submit(load, port, bodies, min(seconds, 1.0), concurrency).result()
-            for r in range(rounds):
-                order = list(zip(configs, ports, servers))
-                for (name, _), port, server in order if r % 2 == 0 else order[::-1]:
-                    monitor = monitors.get(name)
-                    used, before = cpu_seconds(server.pid), scrape(port)
-                    monitor_used = cpu_seconds(monitor.pid) if monitor else 0.0
-                    elapsed, latencies = client.submit(load, port, bodies, seconds, concurrency).result()
-                    cpu = (cpu_seconds(server.pid) - used) / len(latencies) * 1e6
-                    time.sleep(0.5)  # let the monitor finish the round's backlog
-                    after = scrape(port)
-                    change = {key: after[key] - before.get(key, 0.0) for key in after}
-                    judged = change.get("guard_observations_judged_total", 0.0)
-                    if monitor:  # judged in the monitor process: every observation not dropped
-                        judged = len(latencies) - change.get("guard_observations_dropped_total", 0.0)
-                        monitor_cpu = (cpu_seconds(monitor.pid) - monitor_used) / max(judged, 1) * 1e6
-                    else:
-                        monitor_cpu = change.get("guard_monitor_cpu_seconds_total", 0.0) / max(judged, 1) * 1e6
-                    p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
-                    results[name].append((len(latencies) / elapsed, p50, p99, cpu, monitor_cpu,
-                                          change.get("guard_observations_dropped_total", 0.0) / len(latencies)))
+        return drive([(name, port, server.pid, monitors[name].pid if name in monitors else None)
+                      for (name, _), port, server in zip(configs, ports, servers)],
+                     bodies, rounds, seconds, concurrency)
     finally:
         for process in [*servers, *monitors.values()]:
             process.terminate()
             process.join(10)
+
+
+def drive(servers: list[tuple[str, int, int, int | None]], bodies: list[bytes], rounds: int, seconds: float,
+          concurrency: int) -> Rows:
+    """Load the running ``servers`` (name, port, the pid whose CPU time is counted, the pid of its
+    monitor process or None) in interleaved rounds, the order alternating, from one client process;
+    medians over rounds, ratios to the first."""
+    context = multiprocessing.get_context("spawn")
+    results: dict[str, list[tuple[float, ...]]] = {name: [] for name, *_ in servers}
+    for _, port, _, _ in servers:
+        wait_until_listening(port)
+    with ProcessPoolExecutor(1, mp_context=context) as client:
+        for _, port, _, _ in servers:  # warm-up
+            client.submit(load, port, bodies, min(seconds, 1.0), concurrency).result()
+        for r in range(rounds):
+            for name, port, pid, monitor in servers if r % 2 == 0 else servers[::-1]:
+                used, before = cpu_seconds(pid), scrape(port)
+                monitor_used = cpu_seconds(monitor) if monitor else 0.0
+                elapsed, latencies = client.submit(load, port, bodies, seconds, concurrency).result()
+                cpu = (cpu_seconds(pid) - used) / len(latencies) * 1e6
+                if before:
+                    time.sleep(0.5)  # let the monitor finish the round's backlog
+                after = scrape(port)
+                change = {key: after[key] - before.get(key, 0.0) for key in after}
+                dropped = change.get("guard_observations_dropped_total", 0.0)
+                judged = change.get("guard_observations_judged_total", 0.0)
+                if monitor:  # judged in the monitor process: every observation not dropped
+                    judged = len(latencies) - dropped
+                    monitor_cpu = (cpu_seconds(monitor) - monitor_used) / max(judged, 1) * 1e6
+                else:
+                    monitor_cpu = change.get("guard_monitor_cpu_seconds_total", 0.0) / max(judged, 1) * 1e6
+                p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
+                results[name].append((len(latencies) / elapsed, p50, p99, cpu, monitor_cpu,
+                                      dropped / len(latencies)))
     return summarise(results)
 
 

@@ -9,7 +9,7 @@ subsampled Gaussian bound of Mironov, Talwar & Zhang 2019). One entry point, :fu
 plays the role of Opacus's ``PrivacyEngine``; :func:`train_private_distributed` runs the same
 training over ``torch.distributed`` (gloo) with Opacus's ``DPDDP``.
 """
-from guard.dp.checkpoint import MODEL_FILE, REPORT_FILE, load_state_dict, save
+from guard.dp.checkpoint import MODEL_FILE, REPORT_FILE, load, load_state_dict, save
 from guard.dp.checks import (
                              ACCOUNTANTS,
                              GRAD_SAMPLE_MODES,
@@ -21,6 +21,7 @@ from guard.dp.checks import (
                              prepare_model,
 )
 from guard.dp.distributed import train_private_distributed
+from guard.dp.preprocessing import PREPROCESSING_FILE, Preprocessing, RawFeatureModel
 from guard.dp.report import PrivacyReport
 from guard.dp.training import (
                              DEFAULT_GRAD_SAMPLE_MODE,
@@ -33,7 +34,8 @@ from guard.dp.training import (
 )
 
 __all__ = ["ACCOUNTANTS", "DEFAULT_GRAD_SAMPLE_MODE", "GRAD_SAMPLE_MODES", "MAX_NOISE_MULTIPLIER",
-           "MODEL_FILE", "REPORT_FILE", "DPConfigError", "PrivacyReport", "UnsupportedLayersError",
-           "accuracy", "as_tensors", "default_delta", "load_state_dict", "make_private",
+           "MODEL_FILE", "PREPROCESSING_FILE", "REPORT_FILE", "DPConfigError", "Preprocessing",
+           "PrivacyReport", "RawFeatureModel", "UnsupportedLayersError", "accuracy", "as_tensors",
+           "default_delta", "load", "load_state_dict", "make_private",
            "prepare_model", "privacy_engine", "run_epoch", "save", "train_non_private",
            "train_private", "train_private_distributed"]

@@ -5,24 +5,47 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from guard.dp.checks import DPConfigError
+from guard.dp.checks import DPConfigError, prepare_model
+from guard.dp.preprocessing import PREPROCESSING_FILE, Preprocessing, RawFeatureModel
 from guard.dp.report import PrivacyReport, write_atomic
 
 MODEL_FILE, REPORT_FILE = "model.pt", "privacy_report.json"
 _CKPT_MODEL, _CKPT_OPTIMISER, _CKPT_STATE = "model.pt", "optimizer.pt", "state.json"
 
 
-def save(model: nn.Module, report: PrivacyReport, directory: str | Path) -> None:
-    """Write the model's state dict (``model.pt``) and its report (``privacy_report.json``)."""
+def save(model: nn.Module, report: PrivacyReport, directory: str | Path,
+         preprocessing: Preprocessing | None = None) -> None:
+    """Write the model's state dict (``model.pt``), its report (``privacy_report.json``) and the
+    data's preprocessing (``preprocessing.json``), when there was any."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch_save_atomic(model.state_dict(), directory / MODEL_FILE)
     report.save(directory / REPORT_FILE)
+    if preprocessing is not None:
+        preprocessing.save(directory / PREPROCESSING_FILE)
+
+
+def load(directory: str | Path, factory: Callable[[], nn.Module]) -> nn.Module:
+    """The trained model of a ``save``d run, ready to serve (eval mode): ``factory()`` builds the
+    architecture as it was given to training; the layers DP-SGD replaced (the report's
+    ``model_changes``) are replaced again, the weights loaded, and, when the run saved its
+    preprocessing, the model is wrapped to take raw features (``RawFeatureModel``, whose
+    ``classes`` map output indices to the original labels)."""
+    directory = Path(directory)
+    report = PrivacyReport.load(directory / REPORT_FILE)
+    model = factory()
+    if report.model_changes:
+        model, _ = prepare_model(model, fix=True)
+    model.load_state_dict(load_state_dict(directory / MODEL_FILE))
+    if (directory / PREPROCESSING_FILE).exists():
+        model = RawFeatureModel(model, Preprocessing.load(directory / PREPROCESSING_FILE))
+    return model.eval()
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ class PrivacyReport:
     model_changes: list[str] = field(default_factory=list)
     test_accuracy: float | None = None
     non_private_test_accuracy: float | None = None
+    classes: list | None = None  # the original label of each class index, when labels were mapped
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

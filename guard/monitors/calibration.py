@@ -19,9 +19,7 @@ policy stores; ``write_policy`` merges it into a TOML or YAML policy file.
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -96,60 +94,80 @@ async def calibrate(
     return thresholds
 
 
+def adequacy(streams: Mapping[str, Stream], config: Mapping[str, Mapping[str, Any]],
+             fpr: float) -> tuple[list[str], list[str]]:
+    """What ``streams`` cannot support: ``(errors, warnings)``. Errors: PRADA streams too short to
+    give it a single ``W`` (its threshold would be meaningless, ``delta = 1``). Warnings: fewer
+    clients (PRADA) or queries (similarity) than ``1 / fpr``, so the rate measured cannot go as
+    low as the target and the threshold is only the most lenient value seen."""
+    errors, warnings = [], []
+    lengths = [len(features) for features, _ in streams.values()]
+    for name, settings in config.items():
+        if name == "prada":
+            floor = settings.get("min_distances", inspect.signature(Prada).parameters["min_distances"].default)
+            if min(lengths) <= floor + 1:
+                errors.append(f"prada: the shortest benign stream has {min(lengths)} queries; PRADA needs "
+                              f"more than {floor + 1} per client to judge it: give more data, fewer "
+                              f"--clients, or a smaller min_distances")
+            if len(streams) * fpr < 1:
+                warnings.append(f"prada: {len(streams)} benign clients cannot show a false-alarm rate of "
+                                f"{fpr:g} (the least is 1/{len(streams)}); delta is set just below the "
+                                f"worst benign client, with no margin")
+        elif name == "similarity" and sum(lengths) * fpr < 1:
+            warnings.append(f"similarity: {sum(lengths)} benign queries cannot show a false-alarm rate of "
+                            f"{fpr:g}; the threshold is set just above the most similar benign query")
+    return errors, warnings
+
+
+def hold_out(streams: Mapping[str, Stream], fraction: float) -> tuple[dict[str, Stream], dict[str, Stream]]:
+    """The streams split by client into (calibration, held out): ``fraction`` of the clients, at
+    least one, are held out to measure the false alarms the thresholds cause."""
+    if len(streams) < 2:
+        raise ValueError("holding out clients needs at least two benign streams")
+    clients = list(streams)
+    held = max(1, round(fraction * len(clients)))
+    return ({c: streams[c] for c in clients[held:]}, {c: streams[c] for c in clients[:held]})
+
+
+async def false_alarms(streams: Mapping[str, Stream], config: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """Replay ``streams`` through each detector of ``config`` (with its thresholds) and count its
+    alarms: the share of clients alarmed at least once, and of queries that alarmed."""
+    rates = {}
+    for name, settings in config.items():
+        detector = build_detector(name, dict(settings), MemoryStore())
+        alarmed: dict[str, int] = {client: 0 for client in streams}
+        queries = 0
+        for client, features, predicted in interleave(streams):
+            alarmed[client] += (await detector.observe(client, features, predicted)).alarm
+            queries += 1
+        rates[name] = {"clients": sum(count > 0 for count in alarmed.values()) / len(streams),
+                       "queries": sum(alarmed.values()) / max(queries, 1)}
+    return rates
+
+
 def write_policy(
     path: str | Path, thresholds: Mapping[str, Mapping[str, float]], section: str = "detectors"
 ) -> None:
-    """Merge ``thresholds`` into the ``[section.<detector>]`` tables of a TOML policy file, or the
-    ``section: {detector: ...}`` mapping of a YAML one (chosen by the file's suffix), keeping the
-    rest of the file's settings (comments are not kept); the file is created if absent."""
+    """Merge ``thresholds`` into the ``[section.<detector>]`` tables of a TOML policy file (through
+    tomlkit, which keeps its comments and layout), or the ``section: {detector: ...}`` mapping of a
+    YAML one (its comments are not kept), chosen by the file's suffix; the file is created if absent."""
     path = Path(path)
-    is_toml = path.suffix == ".toml"
     text = path.read_text() if path.exists() else ""
-    if is_toml:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
+    if path.suffix == ".toml":
+        import tomlkit
 
-        document = tomllib.loads(text)
-    else:
-        import yaml
+        document = tomlkit.parse(text)
+        detectors = document.setdefault(section, tomlkit.table(is_super_table=True))
+        for name, values in thresholds.items():
+            if name not in detectors:
+                detectors[name] = tomlkit.table()
+            detectors[name].update(values)
+        path.write_text(tomlkit.dumps(document))
+        return
+    import yaml
 
-        document = yaml.safe_load(text) or {}
+    document = yaml.safe_load(text) or {}
     detectors = document.setdefault(section, {})
     for name, values in thresholds.items():
         detectors.setdefault(name, {}).update(values)
-    path.write_text(_dump_toml(document) if is_toml else yaml.safe_dump(document, sort_keys=False))
-
-
-def _dump_toml(document: Mapping[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for a policy's tables, numbers, strings, booleans and lists."""
-    plain = [
-        f"{_toml_key(key)} = {_toml_value(value)}"
-        for key, value in document.items()
-        if not isinstance(value, Mapping)
-    ]
-    lines = ([f"[{prefix}]"] if prefix and plain else []) + plain
-    for key, value in document.items():
-        if isinstance(value, Mapping):
-            name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
-            lines.append(_dump_toml(value, name))
-    return "\n".join(line for line in lines if line) + "\n"
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+    path.write_text(yaml.safe_dump(document, sort_keys=False))

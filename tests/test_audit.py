@@ -1,0 +1,115 @@
+"""``guard audit`` against servers as people write them: a tutorial iris server (single typed rows of
+named fields, label->probability answers, label-only, rate limited), and the same verdicts as
+``guard bench`` gives in process for the same model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from typer.testing import CliRunner
+
+from benchmarks import models, report
+from benchmarks.audit import audit
+from benchmarks.run import policy
+from benchmarks.scenarios import DEFENCES
+from benchmarks.serving import prediction_app
+from guard import GuardMiddleware, Policy
+from guard.cli import app as cli
+
+FIELDS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+SPECIES = ("setosa", "versicolor", "virginica")
+
+
+class Flower(BaseModel):
+    sepal_length: float
+    sepal_width: float
+    petal_length: float
+    petal_width: float
+
+
+def iris_server(model: LogisticRegression, **route) -> FastAPI:
+    """The tutorial server (one flower per request), behind the guard with ``route``'s settings."""
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict(flower: Flower) -> dict:
+        p = model.predict_proba(np.array([[getattr(flower, name) for name in FIELDS]]))[0]
+        return {"prediction": SPECIES[int(p.argmax())], "probabilities": dict(zip(SPECIES, p.tolist()))}
+
+    settings = {"probabilities": "/probabilities", "features": [f"/{name}" for name in FIELDS], **route}
+    app.add_middleware(GuardMiddleware, policy=Policy(secret="audit test secret", routes={"/predict": settings}))
+    return app
+
+
+@pytest.fixture(scope="module")
+def iris_csv(tmp_path_factory):
+    """Iris as a user's CSV file (raw centimetres), and a model trained on those raw features."""
+    iris = load_iris()
+    path = tmp_path_factory.mktemp("iris") / "iris.csv"
+    table = np.column_stack([iris.data, iris.target])
+    np.savetxt(path, table, delimiter=",", header=",".join([*FIELDS, "species"]), comments="", fmt="%g")
+    return path, LogisticRegression(max_iter=500).fit(iris.data, iris.target)
+
+
+def test_audit_of_a_single_row_named_field_label_only_server(tmp_path, iris_csv):
+    """One flower per request (the 422 on a batch is detected), named fields, bare label answers."""
+    path, model = iris_csv
+    lines = []
+    server = iris_server(model, output=["label_only"])
+    paths = audit("http://iris/predict", str(path), tmp_path, client=server, attacks=("copycat", "inverse-model"),
+                  budget=150, features_path="", fields=FIELDS, labels=SPECIES, echo=lines.append)
+    results = json.loads(paths["json"].read_text())
+    copycat, inversion = results["rows"]
+    assert results["config"]["batch_size"] == 1 and not results["config"]["scaled"]
+    assert any("one row per request" in line for line in lines)
+    assert copycat["status"] == "ok" and copycat["metrics"]["agreement_test"]["mean"] > 0.8
+    assert copycat["utility"]["test_accuracy"]["mean"] > 0.9  # raw features reached the model as in the file
+    assert inversion["status"] == "not-applicable" and "image" in inversion["reason"]
+    assert any(line.startswith("endpoint copycat: agreement_test") for line in lines)
+
+
+def test_audit_cli_warns_when_the_answers_look_like_a_feature_mismatch(tmp_path, iris_csv):
+    path, model = iris_csv
+    lines = []
+    server = iris_server(model)
+    # Scaled to [0, 1], every flower looks like the smallest setosa: one class for everything.
+    audit("http://iris/predict", str(path), tmp_path, client=server, attacks=(),
+          features_path="", fields=FIELDS, labels=SPECIES, scale=True, batch_size=1, echo=lines.append)
+    assert any(line.startswith("warning:") and "dropping --scale" in line for line in lines)
+
+
+def test_audit_cli_options_reach_the_audit(tmp_path, iris_csv):
+    path, _ = iris_csv
+    result = CliRunner().invoke(cli, ["audit", "--url", "http://127.0.0.1:9/predict", "--data", str(path),
+                                      "--out", str(tmp_path), "--attacks", "copycat,nope"])
+    assert result.exit_code == 2 and "nope" in result.output and "copycat" in result.output
+
+
+def _verdict(rows: list[dict], defence: str) -> tuple[str, float, float]:
+    [finding] = [f for f in report.verdicts(rows) if f["defence"] == defence]
+    return finding["outcome"].split(" from ")[0], finding["undefended"], finding["defended"]
+
+
+def test_audit_gives_the_verdicts_bench_gives_in_process(tmp_path, digits, digits_split):
+    """The bench's digits softmax target, served bare and behind label-only, audited over HTTP."""
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(cli, ["bench", "--quick", "--out", str(out), "--defences", "none,label_only",
+                                      "--attacks", "copycat"])
+    assert result.exit_code == 0, result.output
+    bench_rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["model"] == "softmax"]
+    model = models.train_target("softmax", digits.X[digits_split.train], digits.y[digits_split.train],
+                                digits.n_classes, seed=0, epochs=60)
+    bare = prediction_app(lambda X: models.predict_proba(model, X), digits.n_features)
+    guarded = prediction_app(lambda X: models.predict_proba(model, X), digits.n_features)
+    guarded.add_middleware(GuardMiddleware, policy=policy(DEFENCES["label_only"]))
+    paths = audit("http://guarded/predict", "digits", tmp_path / "audit", client=guarded, attacks=("copycat",),
+                  baseline="http://bare/predict", baseline_client=bare)
+    audit_rows = json.loads(paths["json"].read_text())["rows"]
+    bench_verdict, audit_verdict = _verdict(bench_rows, "label_only"), _verdict(audit_rows, "endpoint")
+    assert bench_verdict[0] == audit_verdict[0]
+    assert np.allclose(bench_verdict[1:], audit_verdict[1:], atol=0.05)
