@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from attacks.ensemble import Architecture
+
 KINDS = ("softmax", "mlp")
-ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+ACTIVATIONS = ("relu", "sigmoid", "tanh")
 MIN_STEPS = 300
 """Fewest optimiser steps a recipe sized to the data trains for (small data sets get more epochs)."""
 
@@ -56,14 +58,13 @@ def recipe(dataset: str, kind: str) -> Recipe:
 
 def make_model(kind: str, n_features: int, n_classes: int, hidden: int = 64,
                activation: str = "relu") -> nn.Module:
-    """``softmax``: multinomial logistic regression; ``mlp``: one hidden layer of ``activation``."""
+    """``softmax``: multinomial logistic regression; ``mlp``: one hidden layer of ``activation``
+    (the same architectures the attacker's own copies use, ``attacks.ensemble.Architecture``)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}: use one of {sorted(ACTIVATIONS)}")
-    if kind == "softmax":
-        return nn.Sequential(nn.Linear(n_features, n_classes))
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(n_features, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, n_classes))
-    raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
+        raise ValueError(f"unknown activation {activation!r}: use one of {ACTIVATIONS}")
+    return Architecture(kind, hidden, activation).build(n_features, n_classes)
 
 
 def train(
