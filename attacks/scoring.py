@@ -114,8 +114,9 @@ class Judge:
     - ``identification_accuracy``: a logistic-regression classifier trained on the standardised
       photos (insensitive to brightness and contrast) names the reconstruction's person;
     - ``lineup_accuracy``: the paper's human study, pick the person among ``lineup`` (5): the
-      reconstruction is shown beside one photo of its person and of ``lineup - 1`` others, and the
-      judge picks the photo most correlated with it (``lineups`` random line-ups per reconstruction);
+      reconstruction is shown beside its person and ``lineup - 1`` others, each by the mean of their
+      standardised photos, and the judge picks the person most correlated with it (``lineups``
+      random line-ups per reconstruction, in random order, so ties are not hits);
     - ``ssim`` and ``mse``: mean structural similarity and squared error to the person's photos.
     """
 
@@ -150,12 +151,12 @@ class Judge:
     def _lineup_accuracy(self, reconstructions: np.ndarray, labels: np.ndarray) -> float:
         rng = np.random.default_rng(self.seed)
         photos = standardise(self.photos)
-        by_class = {label: np.flatnonzero(self.labels == label) for label in self.classes}
+        faces = {label: photos[self.labels == label].mean(axis=0) for label in self.classes}
         hits = []
         for reconstruction, label in zip(standardise(reconstructions), labels):
             others = self.classes[self.classes != label]
             for _ in range(self.lineups):
                 people = rng.permutation(np.r_[label, rng.choice(others, self.lineup - 1, replace=False)])
-                shown = np.array([rng.choice(by_class[person]) for person in people])
-                hits.append(people[np.argmax(photos[shown] @ reconstruction)] == label)
+                shown = np.stack([faces[person] for person in people])
+                hits.append(people[np.argmax(shown @ reconstruction)] == label)
         return float(np.mean(hits))
