@@ -464,4 +464,5 @@ def _recorded(config: BenchConfig, dp_delta: dict[str, float]) -> dict[str, Any]
     return {**asdict(config), "dp_delta": dp_delta, "defence_specs": {name: asdict(DEFENCES[name]) for name in config.defences},
             "targets": {name: targets(config, name) for name in config.datasets}, "versions": versions,
             "threat_models": THREAT_MODELS,
-            "image_shapes": {name: _dataset(name, config.sensitive)[0].image_shape for name in config.datasets}}
+            "image_shapes": {data.name: data.image_shape for data in (_dataset(name, config.sensitive)[0]
+                                                                       for name in config.datasets)}}

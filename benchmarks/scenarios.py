@@ -267,18 +267,18 @@ class InversionSetting:
 
 def inversion_setting(context: Context, shared_classes: bool = False) -> InversionSetting:
     """The inversion threat model of ``context`` (see ``THREAT_MODELS``): victims are a seeded half
-    of the classes; the attacker holds every record of the other classes, or with ``shared_classes``
+    of the classes (of those with held-out test records, which the judge needs); the attacker holds every record of the other classes, or with ``shared_classes``
     its auxiliary part of the split (all classes)."""
     def make() -> InversionSetting:
         dataset = context.dataset
-        k = dataset.n_classes
-        classes = np.sort(np.random.default_rng(context.seed).permutation(k)[: max(2, k // 2)])
+        X_test, y_test = context.part("test")
+        judged = np.unique(y_test)  # victims need held-out records for the judge
+        classes = np.sort(np.random.default_rng(context.seed).permutation(judged)[: max(2, len(judged) // 2)])
         if shared_classes:
             aux_X, aux_y = context.part("aux")
         else:
             others = ~np.isin(dataset.y, classes)
             aux_X, aux_y = dataset.X[others].astype(np.float64), dataset.y[others]
-        X_test, y_test = context.part("test")
         victims = np.isin(y_test, classes)
         judge = Judge(X_test[victims], y_test[victims], dataset.image_shape, seed=context.seed)
         return InversionSetting(classes, aux_X, aux_y, judge)
