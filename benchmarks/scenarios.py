@@ -227,9 +227,10 @@ THREAT_MODELS = {
 
 MI_FACE_PROCESS = None
 """MI-Face's Process step on the bench: clipping to the pixel box only. Measured on faces (softmax,
-seed 0, 20 victims, 1000 iterations from the other people's mean face): clipping reaches line-up 0.94
-and SSIM 0.64; Gaussian denoising (0.5 px) then unsharp masking 0.43 and 0.33 (bright blobs, no
-face); denoising alone 0.53 and 0.42 (blur). ``benchmarks/perf/mi_face.py`` repeats the measurement."""
+seed 0, 20 victims, 1000 iterations from the other people's mean face; no-model reference line-up
+0.21, SSIM 0.51): clipping reaches line-up 0.965 and SSIM 0.64; Gaussian denoising (0.5 px) then
+unsharp masking 0.40 and 0.33 (bright blobs, no face); denoising alone 0.56 and 0.43 (blur).
+``python -m benchmarks.perf.mi_face`` repeats the measurement."""
 
 
 @dataclass(frozen=True)
