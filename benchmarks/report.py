@@ -76,6 +76,10 @@ def verdicts(rows: list[Row]) -> list[Row]:
         baseline = _strongest(by_defence.get("none", []))
         if baseline is None:
             continue
+        if key[2] in REFERENCED_FAMILIES:  # judged on the advantage over the no-model reference
+            measured, metric, chance = advantage, f"advantage in {baseline['primary']} over the no-model reference", 0.0
+        else:
+            measured, metric, chance = _success, baseline["primary"], baseline["chance"]
         for defence, members in by_defence.items():
             row = _strongest(members)
             stopped = [r for r in members if r["status"] == "stopped"]
@@ -89,15 +93,15 @@ def verdicts(rows: list[Row]) -> list[Row]:
             elif not _clearly_lower(row, baseline):
                 outcome = "does not help"
             elif not _above_chance(row):
-                outcome = "brings it to chance"
+                outcome = "brings it to chance" if key[2] not in REFERENCED_FAMILIES else "brings it to the no-model reference"
             else:
-                outcome = f"reduces it from {_success(baseline):.3g} to {_success(row):.3g}"
+                outcome = f"reduces it from {measured(baseline):.3g} to {measured(row):.3g}"
             accuracy = reference["utility"]["test_accuracy"]["mean"]
             base_accuracy = baseline["utility"]["test_accuracy"]["mean"]
             findings.append({
                 "dataset": key[0], "model": key[1], "family": key[2], "defence": defence,
-                "strongest_attack": reference["attack"], "metric": baseline["primary"], "chance": baseline["chance"],
-                "undefended": _success(baseline), "defended": _success(row) if row else None, "outcome": outcome,
+                "strongest_attack": reference["attack"], "metric": metric, "chance": chance,
+                "undefended": measured(baseline), "defended": measured(row) if row else None, "outcome": outcome,
                 "accuracy_cost": base_accuracy - accuracy,
                 "label_change_rate": reference["utility"]["label_change_rate"]["mean"],
             })
