@@ -88,7 +88,9 @@ def _load(name: str) -> Dataset:
         from sklearn.datasets import load_digits
 
         bunch = load_digits()
-        return _make("digits", bunch.images / 16.0, bunch.target)
+        # scaled column by column, as every digits figure in the README was measured (a tested
+        # attack's threshold moves with a global scale); users' images are scaled as pictures
+        return replace(_make("digits", bunch.data / 16.0, bunch.target), image_shape=(8, 8))
     if name == "breast_cancer":
         from sklearn.datasets import load_breast_cancer
 
