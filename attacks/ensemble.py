@@ -25,10 +25,12 @@ from torch.func import functional_call, stack_module_state, vmap
 
 @dataclass(frozen=True)
 class Architecture:
-    """``softmax``: multinomial logistic regression; ``mlp``: one hidden ReLU layer of ``hidden`` units."""
+    """``softmax``: multinomial logistic regression; ``mlp``: one hidden layer of ``hidden`` units
+    and ``activation`` (relu, sigmoid or tanh)."""
 
     kind: str = "mlp"
     hidden: int = 64
+    activation: str = "relu"
 
     def build(self, n_features: int, n_classes: int, seed: int | None = None) -> nn.Module:
         """A fresh model, initialised from ``seed`` (without touching the global generator) if given."""
@@ -39,7 +41,8 @@ class Architecture:
         if self.kind == "softmax":
             return nn.Sequential(nn.Linear(n_features, n_classes))
         if self.kind == "mlp":
-            return nn.Sequential(nn.Linear(n_features, self.hidden), nn.ReLU(),
+            activation = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[self.activation]
+            return nn.Sequential(nn.Linear(n_features, self.hidden), activation(),
                                  nn.Linear(self.hidden, n_classes))
         raise ValueError(f"unknown architecture {self.kind!r}: use 'softmax' or 'mlp'")
 

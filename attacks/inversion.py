@@ -7,8 +7,9 @@
 - ``inverse-model``: an inversion network trained on auxiliary data that maps the model's
   (possibly truncated or rounded) output, or an intermediate representation, back to the input
   (Yang, Zhang, Chang, Liang, CCS 2019; the split-learning inversion example of OpenMined).
-- ``map-attribute``: maximum-a-posteriori inference of a hidden discrete attribute of a record
-  (Fredrikson, Lantz, Jha, Lin, Page, Ristenpart, USENIX Security 2014, sec. 4).
+- ``map-attribute`` / ``map-attribute-label-only``: maximum-a-posteriori inference of a hidden
+  discrete attribute of a record from the model's confidences or its labels (Fredrikson, Lantz,
+  Jha, Lin, Page, Ristenpart, USENIX Security 2014, sec. 4; Fredrikson et al. CCS 2015, sec. 3).
 """
 from __future__ import annotations
 
@@ -46,8 +47,11 @@ def descend(cost_and_gradient: CostAndGradient, x0: np.ndarray, *, alpha: int, b
             step: float, process: Process) -> Descent:
     """Algorithm 1 of Fredrikson et al. 2015 on a batch of rows, each stopping on its own:
     ``x_i = Process(x_{i-1} - step * grad c(x_{i-1}))``; a row stops when ``c(x_i)`` is at least the
-    max of its last ``beta`` costs (no progress over the window), when ``c(x_i) <= gamma``, or after
-    ``alpha`` iterations; the lowest-cost iterate seen is returned (``x0`` included)."""
+    max of its last ``beta`` costs ``c(x_{i-1}) .. c(x_{i-beta})`` (no progress over a whole window;
+    the test needs ``beta`` earlier costs, so a plateau, such as rounded confidences give, runs
+    ``beta`` iterations rather than stopping at the first step without progress), when
+    ``c(x_i) <= gamma``, or after ``alpha`` iterations; the lowest-cost iterate seen is returned
+    (``x0`` included)."""
     x = np.array(x0, dtype=np.float64)
     cost, gradient = cost_and_gradient(x, np.arange(len(x)))
     best_x, best_cost = x.copy(), cost.copy()
@@ -64,7 +68,7 @@ def descend(cost_and_gradient: CostAndGradient, x0: np.ndarray, *, alpha: int, b
         iterations[active] = i
         improved = active & (cost < best_cost)
         best_x[improved], best_cost[improved] = x[improved], cost[improved]
-        stalled = cost >= window.max(axis=0)
+        stalled = (i >= beta) & (cost >= window.max(axis=0))
         window[i % beta, active] = cost[active]
         active &= ~stalled & (cost > gamma)
     return Descent(best_x, best_cost, iterations)
@@ -137,7 +141,8 @@ class MIFace(Attack):
     rule (see ``descend``). ``alpha``, ``beta`` and ``step`` default to the paper's 5000, 100, 0.1;
     ``gamma`` is the cost below which a row is done. ``process`` defaults to clipping to the [0, 1]
     feature box; ``ImageFilter`` (denoise and sharpen) and ``DenoisingAutoencoder`` (learnt from
-    auxiliary data) are the paper's Process variants.
+    auxiliary data) are the paper's Process variants. ``start`` is the first iterate (one row for
+    every label, or one per label; default the all-zero input of the paper).
 
     A white-box attacker differentiates the module itself, so output defences (rounding, top-k)
     do not reach it; ``mi-face-blackbox`` is the variant that reads the API's answers."""
@@ -145,8 +150,10 @@ class MIFace(Attack):
     name = "mi-face"
 
     def __init__(self, alpha: int = 5000, beta: int = 100, gamma: float = 1e-3, step: float = 0.1,
-                 process: Process | None = None, aux_term: AuxTerm | None = None):
+                 process: Process | None = None, aux_term: AuxTerm | None = None,
+                 start: np.ndarray | None = None):
         self.alpha = alpha
+        self.start = start
         self.beta = beta
         self.gamma = gamma
         self.step = step
@@ -154,17 +161,20 @@ class MIFace(Attack):
         self.aux_term = aux_term
 
     def run(self, target: Target, n_features: int, labels: np.ndarray | None = None,
-            references: np.ndarray | None = None, evaluator: Callable | None = None) -> AttackResult:
+            references: np.ndarray | None = None, evaluator: Callable | None = None,
+            judge: scoring.Judge | None = None) -> AttackResult:
         """Invert each of ``labels`` (default: every class). ``references`` (one row per label,
-        e.g. the class means) and ``evaluator`` (an independent classifier: batch -> labels) are
-        only used to measure the reconstructions."""
+        e.g. the class means), ``evaluator`` (an independent classifier: batch -> labels) and
+        ``judge`` (``scoring.Judge``) are only used to measure the reconstructions."""
         labels = np.arange(target.n_classes) if labels is None else np.asarray(labels)
         queries_before = target.queries
         cost_and_gradient = self._cost_and_gradient(target, labels)
-        result = descend(cost_and_gradient, np.zeros((len(labels), n_features)), alpha=self.alpha,
+        start = np.zeros(n_features) if self.start is None else np.asarray(self.start, dtype=np.float64)
+        x0 = np.broadcast_to(start, (len(labels), n_features)).copy()
+        result = descend(cost_and_gradient, x0, alpha=self.alpha,
                          beta=self.beta, gamma=self.gamma, step=self.step, process=self.process)
         metrics = {"cost": float(result.cost.mean()), "iterations": float(result.iterations.mean())}
-        metrics.update(_image_measures(result.x, labels, references, evaluator))
+        metrics.update(_image_measures(result.x, labels, references, evaluator, judge))
         return AttackResult(self.name, metrics, target.queries - queries_before,
                             {"reconstructions": result.x, "labels": labels, "costs": result.cost})
 
@@ -207,14 +217,24 @@ class MIFaceBlackBox(MIFace):
     below the rounding step, so the adaptive attacker widens ``smoothing`` to at least
     ``10 ** -rounding`` (Fredrikson et al. 2015, sec. 7, proposes rounding as the countermeasure).
     Label-only answers carry no confidence to differentiate: the attack then raises
-    ``OutputUnavailable`` instead of running."""
+    ``OutputUnavailable`` instead of running.
+
+    With ``image_shape`` and ``coarse > 1`` the probe directions are drawn on a grid ``coarse``
+    times coarser and upsampled (the tiling prior of Ilyas, Engstrom, Madry, ICLR 2019): the
+    estimate then lives in a space ``coarse**2`` times smaller, which makes it far less noisy for
+    the same queries on large images."""
 
     name = "mi-face-blackbox"
 
     def __init__(self, alpha: int = 5000, beta: int = 100, gamma: float = 1e-3, step: float = 0.1,
                  process: Process | None = None, aux_term: AuxTerm | None = None, directions: int = 16,
-                 smoothing: float = 1e-2, output: OutputFormat = OutputFormat(), seed: int = 0):
-        super().__init__(alpha, beta, gamma, step, process, aux_term)
+                 smoothing: float = 1e-2, output: OutputFormat = OutputFormat(), seed: int = 0,
+                 start: np.ndarray | None = None, image_shape: tuple[int, ...] | None = None, coarse: int = 1):
+        super().__init__(alpha, beta, gamma, step, process, aux_term, start)
+        if coarse > 1 and image_shape is None:
+            raise ValueError("coarse probes need the image_shape")
+        self.image_shape = image_shape
+        self.coarse = coarse
         self.directions = directions
         self.output = output
         self.smoothing = smoothing if output.rounding is None else max(smoothing, 10.0 ** -output.rounding)
@@ -229,7 +249,7 @@ class MIFaceBlackBox(MIFace):
 
         def cost_and_gradient(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             m, d = X.shape
-            U = rng.standard_normal((m, q, d))
+            U = self._directions(rng, m, q, d)
             probes = np.concatenate([X[:, None], X[:, None] + mu * U, X[:, None] - mu * U], axis=1)
             answers = target.predict_proba(probes.reshape(-1, d)).reshape(m, 2 * q + 1, -1)
             confidence = answers[np.arange(m), :, labels[rows]]
@@ -239,6 +259,15 @@ class MIFaceBlackBox(MIFace):
             return 1 - confidence[:, 0] + aux_cost, aux_gradient - gradient
 
         return cost_and_gradient
+
+    def _directions(self, rng: np.random.Generator, m: int, q: int, d: int) -> np.ndarray:
+        """``(m, q, d)`` Gaussian probe directions, piecewise constant on ``coarse`` x ``coarse`` tiles."""
+        if self.coarse == 1:
+            return rng.standard_normal((m, q, d))
+        h, w, *channels = self.image_shape
+        c = self.coarse
+        tiles = rng.standard_normal((m, q, -(-h // c), -(-w // c), *channels))
+        return tiles.repeat(c, axis=2).repeat(c, axis=3)[:, :, :h, :w].reshape(m, q, d)
 
 
 # --- Inverse model (Yang et al. 2019) ----------------------------------------------------------------
@@ -270,7 +299,7 @@ class InverseModel(Attack):
 
     def run(self, target: Target, aux_X: np.ndarray, observed: np.ndarray,
             victims_X: np.ndarray | None = None, victims_y: np.ndarray | None = None,
-            evaluator: Callable | None = None) -> AttackResult:
+            evaluator: Callable | None = None, judge: scoring.Judge | None = None) -> AttackResult:
         """Reconstruct the inputs behind ``observed`` (the answers or representations the attacker
         saw for the victims). ``victims_X``/``victims_y``/``evaluator`` only measure the outcome;
         ``baseline_reconstruction_error`` is that of guessing the auxiliary mean for every victim."""
@@ -287,7 +316,7 @@ class InverseModel(Attack):
         with torch.no_grad():
             observed_features = self._encode(np.asarray(observed, dtype=np.float64))
             reconstructions = network(as_tensor((observed_features - centre) / scale)).double().numpy()
-        metrics = _image_measures(reconstructions, victims_y, victims_X, evaluator)
+        metrics = _image_measures(reconstructions, victims_y, victims_X, evaluator, judge)
         if victims_X is not None:
             metrics["baseline_reconstruction_error"] = scoring.reconstruction_error(
                 np.broadcast_to(aux_X.mean(axis=0), np.shape(victims_X)), victims_X)
@@ -313,29 +342,32 @@ class InverseModel(Attack):
 
 class MAPAttribute(Attack):
     """Model inversion of a hidden discrete attribute (Fredrikson, Lantz, Jha, Lin, Page, Ristenpart,
-    USENIX Security 2014, sec. 4; for any classifier with a confusion-matrix error model, Fredrikson
-    et al. CCS 2015, the black-box attack on decision trees). Given a record's other attributes and
-    its true label ``y``, query the model once per candidate value ``v`` of column ``attribute`` and
-    pick ``argmax_v prior(v) * err(y, f(record with v))``, where the prior is the attribute's
-    marginal and the error model ``err(y, y') = P(true label y | model answers y')`` comes from the
-    target's confusion matrix, both estimated on the attacker's auxiliary data (queried once). This
-    is the discrete form of the 2014 paper's error model (the true value scattered around the
-    model's prediction) and approximates ``P(v | record, y) ~ prior(v) * P(y | record with v)``;
-    normalising the confusion matrix the other way (``P(y' | y)``) is not a posterior and, on our
-    tabular set, falls back to the prior's mode for some seeds. Only predicted labels are read, so it
-    runs unchanged against label-only APIs; rounding matters only where it ties or flips a label.
+    USENIX Security 2014, sec. 4; Fredrikson, Jha, Ristenpart, CCS 2015, sec. 3 and 4). Given a
+    record's other attributes and its true label ``y``, query the model once per candidate value
+    ``v`` of column ``attribute`` and pick the maximum a posteriori value
+    ``argmax_v prior(v) * P(y | record with v)``, the prior being the attribute's marginal on the
+    attacker's auxiliary data:
 
-    The baseline guesses the prior's mode for everyone; its precision on the positive value is
-    reported as that value's prevalence (what any guess made without the model achieves on average)."""
+    - by default (confidences) ``P(y | record with v)`` is the model's own confidence in ``y``
+      (floored at ``1e-6``, so rounded or truncated zeros do not veto a value);
+    - with ``label_only`` it is the error model ``err(y, f(record with v))`` of the 2014 paper in its
+      discrete form, ``P(true label y | model answers y')`` from the target's confusion matrix on the
+      auxiliary data (queried once); only predicted labels are read, so it runs against label-only APIs.
+
+    The measures sit beside the no-model reference (``attribute_reference``): the best predictor of
+    the attribute the attacker can train on its own data from the other attributes and the label,
+    without the model; ``baseline_*`` is the prior's mode."""
 
     name = "map-attribute"
 
     def __init__(self, attribute: int, values: np.ndarray, positive: float | None = None,
-                 smoothing: float = 1.0):
+                 smoothing: float = 1.0, label_only: bool = False, seed: int = 0):
         self.attribute = attribute
         self.values = np.asarray(values, dtype=np.float64)
         self.positive = positive
         self.smoothing = smoothing
+        self.label_only = label_only
+        self.seed = seed
 
     def run(self, target: Target, records: np.ndarray, labels: np.ndarray, aux_X: np.ndarray,
             aux_y: np.ndarray, truth: np.ndarray | None = None,
@@ -343,22 +375,37 @@ class MAPAttribute(Attack):
         """Infer column ``attribute`` of ``records`` (whatever it holds there is ignored) from their
         ``labels``. ``truth`` (the hidden values) and ``members`` (a boolean mask of the target's
         training records) are only used to measure accuracy and precision, overall and per group."""
+        if not self.label_only and not target.returns_probabilities:
+            raise OutputUnavailable("confidence-based MAP needs confidences: the API answers labels only "
+                                    "(map-attribute-label-only reads labels)")
         records, labels = np.asarray(records, dtype=np.float64), np.asarray(labels)
+        aux_X, aux_y = np.asarray(aux_X, dtype=np.float64), np.asarray(aux_y)
         queries_before = target.queries
-        prior = self._count(np.abs(np.asarray(aux_X)[:, self.attribute, None] - self.values).argmin(axis=1),
-                            len(self.values))
-        confusion = self._confusion(target.predict(aux_X), aux_y, target.n_classes)
+        prior = self._count(self._codes(aux_X), len(self.values))
         candidates = np.repeat(records, len(self.values), axis=0)
         candidates[:, self.attribute] = np.tile(self.values, len(records))
-        answers = target.predict(candidates).reshape(len(records), len(self.values))
-        posterior = prior[None] * confusion[labels[:, None], answers]
+        shape = (len(records), len(self.values))
+        artefacts = {"prior": prior}
+        if self.label_only:
+            confusion = self._confusion(target.predict(aux_X), aux_y, target.n_classes)
+            likelihood = confusion[labels[:, None], target.predict(candidates).reshape(shape)]
+            artefacts["confusion"] = confusion
+        else:
+            answers = target.predict_proba(candidates).reshape(*shape, -1)
+            likelihood = np.maximum(answers[np.arange(len(records)), :, labels], 1e-6)
+        posterior = prior[None] * likelihood
         guesses = self.values[posterior.argmax(axis=1)]
         metrics = {}
         if truth is not None:
-            metrics = self._measures(guesses, np.asarray(truth, dtype=np.float64), prior, members)
+            reference = attribute_reference(aux_X, aux_y, self.attribute, self.values, target.n_classes, self.seed)
+            metrics = self._measures(guesses, reference(records, labels), np.asarray(truth, dtype=np.float64),
+                                     prior, members)
         posterior /= posterior.sum(axis=1, keepdims=True)
         return AttackResult(self.name, metrics, target.queries - queries_before,
-                            {"guesses": guesses, "posterior": posterior, "prior": prior, "confusion": confusion})
+                            {**artefacts, "guesses": guesses, "posterior": posterior})
+
+    def _codes(self, X: np.ndarray) -> np.ndarray:
+        return np.abs(X[:, self.attribute, None] - self.values).argmin(axis=1)
 
     def _count(self, codes: np.ndarray, n: int) -> np.ndarray:
         counts = np.bincount(codes, minlength=n) + self.smoothing
@@ -370,7 +417,7 @@ class MAPAttribute(Attack):
         np.add.at(counts, (np.asarray(true), np.asarray(predicted)), 1)
         return counts / counts.sum(axis=0, keepdims=True)
 
-    def _measures(self, guesses: np.ndarray, truth: np.ndarray, prior: np.ndarray,
+    def _measures(self, guesses: np.ndarray, reference: np.ndarray, truth: np.ndarray, prior: np.ndarray,
                   members: np.ndarray | None) -> dict[str, float]:
         positive = self.values[prior.argmin()] if self.positive is None else self.positive
         baseline = np.full_like(truth, self.values[prior.argmax()])
@@ -381,22 +428,64 @@ class MAPAttribute(Attack):
         metrics = {}
         for prefix, rows in groups.items():
             if rows.any():
-                measures = scoring.attribute_inference_measures(guesses[rows], truth[rows], positive)
-                metrics.update({prefix + key: value for key, value in measures.items()})
+                for name, values in (("", guesses), ("reference_", reference)):
+                    measures = scoring.attribute_inference_measures(values[rows], truth[rows], positive)
+                    metrics.update({prefix + name + key: value for key, value in measures.items()})
                 metrics[prefix + "baseline_accuracy"] = float(np.mean(baseline[rows] == truth[rows]))
                 metrics[prefix + "baseline_precision"] = float(np.mean(truth[rows] == positive))
         return metrics
 
 
+class MAPAttributeLabelOnly(MAPAttribute):
+    """``MAPAttribute`` reading predicted labels only (the 2014 paper's error model)."""
+
+    name = "map-attribute-label-only"
+
+    def __init__(self, attribute: int, values: np.ndarray, positive: float | None = None,
+                 smoothing: float = 1.0, seed: int = 0):
+        super().__init__(attribute, values, positive, smoothing, label_only=True, seed=seed)
+
+
+def attribute_reference(aux_X: np.ndarray, aux_y: np.ndarray, attribute: int, values: np.ndarray,
+                        n_classes: int, seed: int = 0) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The no-model reference of attribute inference: the best predictor of column ``attribute``
+    from the other columns and the label that the attacker can train on its own data, chosen by
+    3-fold cross-validated accuracy among the prior's mode, logistic regression and a random forest.
+    Returns ``guess(records, labels) -> values``."""
+    from sklearn.dummy import DummyClassifier
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    def inputs(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.column_stack([np.delete(X, attribute, axis=1), np.eye(n_classes)[y]])
+
+    codes = np.abs(aux_X[:, attribute, None] - values).argmin(axis=1)
+    candidates = [DummyClassifier(strategy="most_frequent"), LogisticRegression(max_iter=2000),
+                  RandomForestClassifier(100, min_samples_leaf=2, random_state=seed)]
+    folds = min(3, int(np.bincount(codes).max()))
+    if len(np.unique(codes)) < 2 or folds < 2:
+        best = candidates[0]
+    else:
+        scores = [cross_val_score(model, inputs(aux_X, aux_y), codes, cv=folds).mean() for model in candidates]
+        best = candidates[int(np.argmax(scores))]
+    best.fit(inputs(aux_X, aux_y), codes)
+    return lambda records, labels: values[best.predict(inputs(np.asarray(records, dtype=np.float64),
+                                                              np.asarray(labels)))]
+
+
 def _image_measures(reconstructions: np.ndarray, labels: np.ndarray, references: np.ndarray | None,
-                       evaluator: Callable | None) -> dict[str, float]:
-    """Reconstruction error to ``references`` and identification accuracy by ``evaluator``, where given."""
+                    evaluator: Callable | None, judge: scoring.Judge | None = None) -> dict[str, float]:
+    """Reconstruction error to ``references``, identification accuracy by ``evaluator``, and the
+    ``judge``'s measures (which replace the evaluator's identification), where given."""
     metrics = {}
     if references is not None:
         metrics["reconstruction_error"] = scoring.reconstruction_error(reconstructions, references)
     if evaluator is not None:
         metrics["identification_accuracy"] = scoring.identification_accuracy(
             evaluator, reconstructions, labels)
+    if judge is not None:
+        metrics.update(judge.measures(reconstructions, labels))
     return metrics
 
 
@@ -415,4 +504,4 @@ def _fit(network: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor, epochs
 
 
 INVERSION_ATTACKS: dict[str, type[Attack]] = {
-    attack.name: attack for attack in (MIFace, MIFaceBlackBox, InverseModel, MAPAttribute)}
+    attack.name: attack for attack in (MIFace, MIFaceBlackBox, InverseModel, MAPAttribute, MAPAttributeLabelOnly)}

@@ -127,7 +127,9 @@ class ShadowModelAttack(Attack):
         rows = outputs[np.arange(self.n_shadows)[:, None], order].reshape(-1, k)
         classes = y_pop[order].reshape(-1)
         labels = np.tile(np.arange(2 * size) < size, self.n_shadows).astype(np.int64)
-        attack_models = train_ensemble(rows, labels, classes[None] == np.arange(k)[:, None],
+        per_class = classes[None] == np.arange(k)[:, None]
+        per_class[~per_class.any(axis=1)] = True  # a class absent from the shadows' data: one model for all
+        attack_models = train_ensemble(rows, labels, per_class,
                                        2, architecture=self.attack_architecture,
                                        config=self.attack_training, seed=self.seed + 1)
         start = target.queries

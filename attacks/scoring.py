@@ -80,3 +80,83 @@ def attribute_inference_measures(guesses: np.ndarray, truth: np.ndarray, positiv
         "precision": float(hits / max(np.sum(guesses == positive), 1)),
         "recall": float(hits / max(np.sum(truth == positive), 1)),
     }
+
+
+def standardise(X: np.ndarray) -> np.ndarray:
+    """Each row shifted to mean 0 and scaled to standard deviation 1: what a judge of pictures sees
+    regardless of their brightness and contrast."""
+    X = np.asarray(X, dtype=np.float64)
+    centred = X - X.mean(axis=1, keepdims=True)
+    return centred / (centred.std(axis=1, keepdims=True) + 1e-8)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, image_shape: tuple[int, ...], sigma: float = 1.5) -> np.ndarray:
+    """Structural similarity of paired images in [0, 1] (Wang, Bovik, Sheikh, Simoncelli 2004,
+    Gaussian window of width ``sigma``, K1 = 0.01, K2 = 0.03, data range 1): one value per pair."""
+    from scipy import ndimage
+
+    shape = (-1, *image_shape[:2])
+    a = np.asarray(a, dtype=np.float64).reshape(shape)
+    b = np.asarray(b, dtype=np.float64).reshape(shape)
+    blur = lambda image: ndimage.gaussian_filter(image, sigma=(0, sigma, sigma), mode="reflect")
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    covariance = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    index = ((2 * mu_a * mu_b + c1) * (2 * covariance + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return index.reshape(len(a), -1).mean(axis=1)
+
+
+class Judge:
+    """Judges reconstructions of people (or classes) the way Fredrikson et al. (CCS 2015, sec. 5.3)
+    had people judge them, from held-out photos of the victims that no attack saw:
+
+    - ``identification_accuracy``: a logistic-regression classifier trained on the standardised
+      photos (insensitive to brightness and contrast) names the reconstruction's person;
+    - ``lineup_accuracy``: the paper's human study, pick the person among ``lineup`` (5): the
+      reconstruction is shown beside its person and ``lineup - 1`` others, each by the mean of their
+      standardised photos, and the judge picks the person most correlated with it (``lineups``
+      random line-ups per reconstruction, in random order, so ties are not hits);
+    - ``ssim`` and ``mse``: mean structural similarity and squared error to the person's photos.
+    """
+
+    def __init__(self, photos: np.ndarray, labels: np.ndarray, image_shape: tuple[int, ...] | None = None,
+                 lineup: int = 5, lineups: int = 20, seed: int = 0):
+        from sklearn.linear_model import LogisticRegression
+
+        self.photos = np.asarray(photos, dtype=np.float64)
+        self.labels = np.asarray(labels)
+        self.classes = np.unique(self.labels)
+        self.image_shape = image_shape
+        self.lineup = min(lineup, len(self.classes))
+        self.lineups = lineups
+        self.seed = seed
+        self.classifier = LogisticRegression(C=1.0, max_iter=2000).fit(standardise(self.photos), self.labels)
+
+    def identify(self, X: np.ndarray) -> np.ndarray:
+        return self.classifier.predict(standardise(X))
+
+    def measures(self, reconstructions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        reconstructions, labels = np.asarray(reconstructions, dtype=np.float64), np.asarray(labels)
+        measures = {"identification_accuracy": float(np.mean(self.identify(reconstructions) == labels)),
+                    "lineup_accuracy": self._lineup_accuracy(reconstructions, labels)}
+        own = [np.flatnonzero(self.labels == label) for label in labels]
+        pairs = np.concatenate(own)
+        repeated = np.repeat(reconstructions, [len(rows) for rows in own], axis=0)
+        measures["mse"] = reconstruction_error(repeated, self.photos[pairs])
+        if self.image_shape is not None:
+            measures["ssim"] = float(ssim(repeated, self.photos[pairs], self.image_shape).mean())
+        return measures
+
+    def _lineup_accuracy(self, reconstructions: np.ndarray, labels: np.ndarray) -> float:
+        rng = np.random.default_rng(self.seed)
+        photos = standardise(self.photos)
+        faces = {label: photos[self.labels == label].mean(axis=0) for label in self.classes}
+        hits = []
+        for reconstruction, label in zip(standardise(reconstructions), labels):
+            others = self.classes[self.classes != label]
+            for _ in range(self.lineups):
+                people = rng.permutation(np.r_[label, rng.choice(others, self.lineup - 1, replace=False)])
+                shown = np.stack([faces[person] for person in people])
+                hits.append(people[np.argmax(shown @ reconstruction)] == label)
+        return float(np.mean(hits))

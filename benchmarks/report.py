@@ -13,13 +13,16 @@
         "status": "ok" | "not-applicable" | "failed",
         "reason": str,                 # why, when status is not "ok"
         "primary": str,                # the metric that measures this attack's success
-        "chance": float,               # that metric's value for an attacker who learns nothing
+        "chance": float,               # that metric's value for an attacker who learns nothing; for
+                                       # inversion and attribute inference, the no-model reference's
+                                       # (metrics then also hold reference_* and advantage_*)
         "seeds": [int, ...],
         "metrics": {name: {"mean": float, "std": float, "values": [float, ...]}},
         "queries": {"mean": ..., "std": ..., "values": [...]},
         "flagged_at": [int | null, ...],   # per seed: query count when monitoring first flagged,
         "blocked_at": [int | null, ...],   # ... and first blocked or throttled the attacker
-        "utility": {"test_accuracy": {...}, "label_change_rate": {...}},  # of the defended answers
+        "utility": {"test_accuracy": {...}, "label_change_rate": {...},   # of the defended answers
+                    "target_train_accuracy": {...}, "target_held_out_accuracy": {...}},  # of the model
         "wall_time_s": {...},
         "curves": {name: {"x": [...], "y": [...]}}  # ROC (fpr, tpr), agreement against queries
         "images": {name: [[...], ...]}  # inversion reconstructions, one flattened image per class
@@ -73,6 +76,10 @@ def verdicts(rows: list[Row]) -> list[Row]:
         baseline = _strongest(by_defence.get("none", []))
         if baseline is None:
             continue
+        if key[2] in REFERENCED_FAMILIES:  # judged on the advantage over the no-model reference
+            measured, metric, chance = advantage, f"advantage in {baseline['primary']} over the no-model reference", 0.0
+        else:
+            measured, metric, chance = _success, baseline["primary"], baseline["chance"]
         for defence, members in by_defence.items():
             row = _strongest(members)
             stopped = [r for r in members if r["status"] == "stopped"]
@@ -86,15 +93,15 @@ def verdicts(rows: list[Row]) -> list[Row]:
             elif not _clearly_lower(row, baseline):
                 outcome = "does not help"
             elif not _above_chance(row):
-                outcome = "brings it to chance"
+                outcome = "brings it to chance" if key[2] not in REFERENCED_FAMILIES else "brings it to the no-model reference"
             else:
-                outcome = f"reduces it from {_success(baseline):.3g} to {_success(row):.3g}"
+                outcome = f"reduces it from {measured(baseline):.3g} to {measured(row):.3g}"
             accuracy = reference["utility"]["test_accuracy"]["mean"]
             base_accuracy = baseline["utility"]["test_accuracy"]["mean"]
             findings.append({
                 "dataset": key[0], "model": key[1], "family": key[2], "defence": defence,
-                "strongest_attack": reference["attack"], "metric": baseline["primary"], "chance": baseline["chance"],
-                "undefended": _success(baseline), "defended": _success(row) if row else None, "outcome": outcome,
+                "strongest_attack": reference["attack"], "metric": metric, "chance": chance,
+                "undefended": measured(baseline), "defended": measured(row) if row else None, "outcome": outcome,
                 "accuracy_cost": base_accuracy - accuracy,
                 "label_change_rate": reference["utility"]["label_change_rate"]["mean"],
             })
@@ -123,6 +130,22 @@ def _success(row: Row) -> float:
     return row["metrics"][row["primary"]]["mean"]
 
 
+REFERENCED_FAMILIES = ("inversion", "attribute")
+"""Families measured beside a no-model reference (``benchmarks.scenarios.THREAT_MODELS``)."""
+
+
+def advantage(row: Row) -> float:
+    """What a row's attack gains over what the attacker has without it: for inversion and attribute
+    inference the advantage over the no-model reference (its ``chance``), e.g. a reconstruction's
+    line-up accuracy minus that of the attacker's own mean image; for the other families the margin
+    over chance. The verdict ranks attacks, and judges defences, on it."""
+    if row["family"] in REFERENCED_FAMILIES:
+        measure = row["metrics"].get(f"advantage_{row['primary']}")
+        if measure and measure["mean"] is not None:
+            return measure["mean"]
+    return _success(row) - row["chance"]
+
+
 MINIMAL_MARGIN = 0.02
 """The smallest difference in a success measure the verdict treats as real, however small the spread."""
 
@@ -132,8 +155,9 @@ def _spread(row: Row) -> float:
 
 
 def _above_chance(row: Row) -> bool:
-    """Success exceeds chance by more than twice the seed spread and by a minimal absolute margin."""
-    return _success(row) > row["chance"] + max(2 * _spread(row), MINIMAL_MARGIN)
+    """Success exceeds chance (the no-model reference) by more than twice the seed spread and by a
+    minimal absolute margin."""
+    return advantage(row) > max(2 * _spread(row), MINIMAL_MARGIN)
 
 
 def _clearly_lower(row: Row, baseline: Row) -> bool:
@@ -146,7 +170,7 @@ def _clearly_lower(row: Row, baseline: Row) -> bool:
 def _strongest(rows: list[Row]) -> Row | None:
     """The finished attack that beat its chance level by most, or None if none finished."""
     done = [r for r in rows if r["status"] == "ok"]
-    return max(done, key=lambda r: _success(r) - r["chance"]) if done else None
+    return max(done, key=advantage) if done else None
 
 
 def _fmt(measure: dict[str, Any] | None) -> str:
@@ -162,7 +186,7 @@ def _first_event(values: list[int | None]) -> str:
 
 
 def _verdict_table(findings: list[Row]) -> list[list[str]]:
-    header = ["dataset", "model", "family", "defence", "strongest attack", "metric (chance)",
+    header = ["dataset", "model", "family", "defence", "strongest attack", "metric (chance or no-model reference)",
               "undefended", "defended", "verdict", "accuracy cost", "labels changed"]
     lines = [header]
     for f in findings:
@@ -212,15 +236,54 @@ def _dp_table(config: dict[str, Any], rows: list[Row]) -> list[list[str]]:
     return lines
 
 
+def _threat_models(config: dict[str, Any], rows: list[Row]) -> list[str]:
+    """One line per attack family in the rows: its threat model and no-model reference."""
+    stated = config.get("threat_models", {})
+    return [f"- **{family}**: {stated[family]}" for family in sorted({r["family"] for r in rows}) if family in stated]
+
+
+def _targets_table(rows: list[Row]) -> list[list[str]]:
+    """The undefended targets' accuracy on their training set and on held-out records."""
+    lines = [["dataset", "model", "train accuracy", "held-out accuracy"]]
+    for (dataset, model), group in _group([r for r in rows if r["defence"] == "none"], ("dataset", "model")).items():
+        utility = group[0]["utility"]
+        lines.append([dataset, model, _fmt(utility.get("target_train_accuracy")),
+                      _fmt(utility.get("target_held_out_accuracy"))])
+    return lines
+
+
+def _inversion_table(rows: list[Row]) -> list[list[str]]:
+    """Every inversion and attribute-inference measure beside the no-model reference's."""
+    lines = [["dataset", "model", "defence", "attack", "measure", "attack's", "no-model reference", "advantage"]]
+    for r in rows:
+        if r["family"] not in REFERENCED_FAMILIES or r["status"] != "ok":
+            continue
+        for name in sorted(n for n in r["metrics"] if f"reference_{n}" in r["metrics"]):
+            lines.append([r["dataset"], r["model"], r["defence"], r["attack"], name, _fmt(r["metrics"][name]),
+                          _fmt(r["metrics"][f"reference_{name}"]), _fmt(r["metrics"].get(f"advantage_{name}"))])
+    return lines
+
+
+def _unverdicted(rows: list[Row], findings: list[Row]) -> str:
+    """Why families have no verdict: attacks that could not run, with their reasons."""
+    judged = {(f["dataset"], f["model"], f["family"]) for f in findings}
+    reasons = sorted({f"- {r['dataset']} {r['model']} {r['family']} ({r['attack']}): {r['reason']}" for r in rows
+                      if r["status"] != "ok" and (r["dataset"], r["model"], r["family"]) not in judged})
+    return "\n".join(["Families without a verdict, and why:", *reasons]) if reasons else ""
+
+
 def _markdown(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
-    return "\n\n".join([
+    return "\n\n".join(part for part in [
         "# predguard benchmark report",
         f"Seeds: {config.get('seeds')}; datasets: {config.get('datasets')}; command: `{config.get('command', '')}`",
-        "## Verdict", _markdown_table(_verdict_table(findings)),
+        "## Threat models and no-model references", "\n".join(_threat_models(config, rows)),
+        "## Targets", _markdown_table(_targets_table(rows)),
+        "## Verdict", _markdown_table(_verdict_table(findings)), _unverdicted(rows, findings),
+        "## Inversion and attribute inference beside the no-model reference", _markdown_table(_inversion_table(rows)),
         "## DP-SGD: measured membership advantage and its theoretical bound", _markdown_table(_dp_table(config, rows)),
         "## All rows", _markdown_table(_rows_table(rows)),
         "Figures are in `report.html`; every number is the mean ± standard deviation over the listed seeds.",
-    ]) + "\n"
+    ] if part) + "\n"
 
 
 def _html(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
@@ -231,20 +294,24 @@ def _html(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
 
     figures = "".join(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
                       f"<figcaption>{html.escape(title)}</figcaption></figure>"
-                      for title, png in _figures(rows))
+                      for title, png in _figures(rows, config.get("image_shapes", {})))
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
              "font-size:13px;margin-bottom:2em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}"
              "th{background:#f0f0f0}figure{display:inline-block;margin:1em;vertical-align:top}img{max-width:640px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>predguard benchmark report</title>"
             f"<style>{style}</style></head><body><h1>predguard benchmark report</h1>"
             f"<p>Seeds: {html.escape(str(config.get('seeds')))}; command: <code>{html.escape(str(config.get('command', '')))}</code></p>"
-            f"<h2>Verdict</h2>{table(_verdict_table(findings))}"
+            f"<h2>Threat models and no-model references</h2><ul>"
+            + "".join(f"<li>{html.escape(line[2:])}</li>" for line in _threat_models(config, rows)) + "</ul>"
+            f"<h2>Targets</h2>{table(_targets_table(rows))}"
+            f"<h2>Verdict</h2>{table(_verdict_table(findings))}<p>{html.escape(_unverdicted(rows, findings))}</p>"
+            f"<h2>Inversion and attribute inference beside the no-model reference</h2>{table(_inversion_table(rows))}"
             f"<h2>DP-SGD: measured membership advantage and its theoretical bound</h2>{table(_dp_table(config, rows))}"
             f"<h2>Figures</h2>{figures}"
             f"<h2>All rows</h2>{table(_rows_table(rows))}</body></html>")
 
 
-def _figures(rows: list[Row]) -> list[tuple[str, str]]:
+def _figures(rows: list[Row], image_shapes: dict[str, Any]) -> list[tuple[str, str]]:
     """(title, base64 PNG) for each figure the rows support."""
     import matplotlib
 
@@ -263,7 +330,8 @@ def _figures(rows: list[Row]) -> list[tuple[str, str]]:
                                 _encode(_curve_figure(plt, plotted, curve, log))))
         inverted = [r for r in group if r["family"] == "inversion" and r.get("images")]
         if inverted:
-            figures.append((f"{dataset} {model}: inversion images", _encode(_image_grid(plt, inverted))))
+            figures.append((f"{dataset} {model}: inversion images", _encode(_image_grid(plt, inverted,
+                                                                                         image_shapes.get(dataset)))))
         figures.append((f"{dataset} {model}: privacy-utility trade-off", _encode(_tradeoff(plt, group))))
     return figures
 
@@ -289,7 +357,7 @@ def _curve_figure(plt, rows: list[Row], curve: str, log: bool):
     return figure
 
 
-def _image_grid(plt, rows: list[Row]):
+def _image_grid(plt, rows: list[Row], image_shape: list[int] | None = None):
     """One line per image set; a reference set (class means, true inputs) shared by several rows
     is drawn once, above the reconstructions."""
     named, seen = [], set()
@@ -305,11 +373,12 @@ def _image_grid(plt, rows: list[Row]):
     figure, axes = plt.subplots(len(named), columns, figsize=(columns * 0.8, len(named) * 0.9), squeeze=False)
     for line, (title, images) in enumerate(named):
         side = int(round(np.sqrt(images.shape[1])))
+        shape = tuple(image_shape) if image_shape else (side, side)
         for column in range(columns):
             axis = axes[line][column]
             axis.axis("off")
             if column < len(images):
-                axis.imshow(images[column].reshape(side, side), cmap="gray_r", vmin=0, vmax=1)
+                axis.imshow(images[column].reshape(shape), cmap="gray", vmin=0, vmax=1)
         axes[line][0].set_title(title, fontsize=6, loc="left")
     return figure
 

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,28 +26,35 @@ from fastapi import FastAPI
 from attacks.ensemble import TrainingConfig
 from attacks.targets import HTTPTarget, OutputUnavailable, TargetBlocked, TargetThrottled
 from benchmarks import datasets, models, report
-from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, AttackSpec, Context, Defence
+from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, THREAT_MODELS, AttackSpec, Context, Defence
 from benchmarks.serving import prediction_app
 from benchmarks.tabular import sensitive_breast_cancer
 from guard import GuardMiddleware, Policy
 from guard.dp import default_delta
 
-TARGETS = {"digits": ("softmax", "mlp"), "breast_cancer": ("mlp",)}
-HIDDEN = 64
+TARGETS = {"digits": ("softmax", "mlp"), "breast_cancer": ("mlp",), "faces": ("softmax", "mlp"),
+           "faces64": ("softmax", "mlp")}
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # the guard's default request-body limit
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark run; ``asdict`` of it is recorded in ``results.json``."""
 
-    datasets: tuple[str, ...] = tuple(TARGETS)
+    datasets: tuple[str, ...] = ("digits", "breast_cancer")  # faces on request: its MLP and black-box MI-Face are slow
     defences: tuple[str, ...] = tuple(DEFENCES)
     attacks: tuple[str, ...] = tuple(ATTACK_SPECS)
     seeds: tuple[int, ...] = (0, 1, 2)
     quick: bool = False
     live: bool = False
-    epochs: int = 60
+    epochs: int | None = None  # None: the target recipe's epochs, sized to the data (models.Recipe.sized)
     model: str | None = None  # a user model factory "module:function" (n_features, n_classes) -> nn.Module
+    hidden: int | None = None  # the target MLP's hidden units (None: the recipe's)
+    activation: str | None = None  # the target MLP's activation (None: the recipe's)
+    lr: float | None = None  # the target's learning rate (None: the recipe's)
+    min_train_accuracy: float = 0.8  # refuse a target that fits its training set worse than this
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # the guard's request-body limit; batches are sized to it
+    sensitive: str | None = None  # the sensitive column of users' data sets (attribute inference)
     command: str = ""
     training: dict[str, Any] = field(default_factory=lambda: asdict(TrainingConfig()))
 
@@ -90,7 +97,7 @@ def run(config: BenchConfig, out: Path, progress: bool = True, workers: int | No
         for key, outcome in done[group]:
             outcomes.setdefault(key, []).append(outcome)
     rows = [row(key, ATTACK_SPECS[key[3].split(" (")[0]], results) for key, results in outcomes.items()]
-    dp_delta = {name: default_delta(len(datasets.split(_dataset(name)[0], config.seeds[0]).train))
+    dp_delta = {name: default_delta(len(datasets.split(_dataset(name, config.sensitive)[0], config.seeds[0]).train))
                 for name in config.datasets}  # the delta guard.dp defaults to (for the DP bound)
     return report.write(out, _recorded(config, dp_delta), rows)
 
@@ -137,13 +144,19 @@ def run_group(config: BenchConfig, out: Path, group: Group, advance) -> list[tup
             config, name, kind, DEFENCES["none"], seed, trained)
         utility = _utility(context, undefended.model, config)
         for spec in (ATTACK_SPECS[a] for a in config.attacks):
-            if not spec.applies(context):
+            reason = spec.requires(context)
+            if reason and defence.name == config.defences[0]:
+                key = (name, kind, defence.name, spec.name)
+                results.append((key, {**_not_applicable(reason), "utility": utility, "seed": seed,
+                                      "chance": 0.0, "adaptive": False}))
+            if reason or not spec.applies(context):
                 continue
             for keys in _key_counts(spec, defence):
                 key = (name, kind, defence.name, spec.name if keys == 1 else f"{spec.name} ({keys} keys)")
                 outcome = _cached(out / "cache", config, key, seed, lambda: _attack(spec, context, config, keys))
-                outcome = {**outcome, "images": {**_reference_images(spec, context), **outcome["images"]}}
-                results.append((key, {**outcome, "utility": utility, "seed": seed, "chance": spec.chance(context),
+                chance = outcome["metrics"].get(f"reference_{spec.primary}")  # the no-model reference
+                results.append((key, {**outcome, "utility": utility, "seed": seed,
+                                      "chance": spec.chance(context) if chance is None else chance,
                                       "adaptive": spec.adaptive(context) or keys > 1}))
         advance(1)
     return results
@@ -159,11 +172,19 @@ def _key_counts(spec: AttackSpec, defence: Defence) -> tuple[int, ...]:
     return (1, SYBIL_KEYS) if defence.monitoring and not spec.white_box else (1,)
 
 
-def policy(defence: Defence, detectors: dict[str, dict[str, Any]] | None = None) -> Policy:
+def _not_applicable(reason: str) -> dict[str, Any]:
+    """The outcome of an attack the data set cannot support, with the reason the report states."""
+    return {"status": "not-applicable", "reason": reason, "metrics": {}, "queries": 0, "flagged_at": None,
+            "blocked_at": None, "wall_time_s": 0.0, "curves": {}, "images": {}}
+
+
+def policy(defence: Defence, detectors: dict[str, dict[str, Any]] | None = None,
+           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Policy:
     """The guard policy that serves ``defence`` on ``/predict``; ``detectors`` are the calibrated
     detector settings when ``defence.monitoring``."""
     route = {"probabilities": "/probabilities", "features": "/features", "output": list(defence.output)}
-    settings: dict[str, Any] = {"secret": "predguard-benchmark-secret", "routes": {"/predict": route}}
+    settings: dict[str, Any] = {"secret": "predguard-benchmark-secret", "routes": {"/predict": route},
+                                "max_body_bytes": max_body_bytes}
     if defence.monitoring:  # cross-client alarms sanction every key they matched (Sybil keys)
         settings["detectors"] = detectors
         route["sanctions"] = {"accomplices": True}
@@ -175,13 +196,22 @@ def policy(defence: Defence, detectors: dict[str, dict[str, Any]] | None = None)
     return Policy.from_dict(settings)
 
 
-def guarded_app(context: Context) -> FastAPI:
+def guarded_app(context: Context, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """A fresh prediction server for the context's model behind a fresh ``GuardMiddleware`` (no
     guard state carries over between attacks)."""
     model = context.model
     app = prediction_app(lambda X: models.predict_proba(model, X), context.dataset.n_features)
-    app.add_middleware(GuardMiddleware, policy=policy(context.defence, context.detectors))
+    app.add_middleware(GuardMiddleware, policy=policy(context.defence, context.detectors, max_body_bytes))
     return app
+
+
+JSON_BYTES_PER_FEATURE = 26
+"""The most a float64 feature takes in a JSON request body (``-0.00012345678901234567, ``)."""
+
+
+def rows_per_request(n_features: int, max_body_bytes: int, most: int = 512) -> int:
+    """How many feature rows fit one request body under the guard's limit ``max_body_bytes``."""
+    return max(1, min(most, (max_body_bytes - 64) // (JSON_BYTES_PER_FEATURE * n_features + 4)))
 
 
 def calibrated_detectors(dataset: datasets.Dataset, X_own: np.ndarray, labeller, seed: int,
@@ -210,12 +240,14 @@ def calibrated_detectors(dataset: datasets.Dataset, X_own: np.ndarray, labeller,
 
 
 @contextlib.contextmanager
-def http_target(app: FastAPI, n_classes: int, n_features: int, live: bool,
-                api_keys: list[str]) -> Iterator[HTTPTarget]:
-    """An ``HTTPTarget`` for ``app``: in-process (ASGI transport) or over loopback to uvicorn."""
+def http_target(app: FastAPI, n_classes: int, n_features: int, live: bool, api_keys: list[str],
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Iterator[HTTPTarget]:
+    """An ``HTTPTarget`` for ``app``: in-process (ASGI transport) or over loopback to uvicorn, its
+    requests sized to the guard's body limit."""
     # An attacker throttled for more than a second gives up: the bench records whether and when
     # monitoring throttled it, not how long a patient attacker would wait.
-    options = {"n_features": n_features, "api_keys": api_keys, "batch_size": 512, "max_wait": 1.0}
+    options = {"n_features": n_features, "api_keys": api_keys, "max_wait": 1.0,
+               "batch_size": rows_per_request(n_features, max_body_bytes)}
     if not live:
         with HTTPTarget("http://guarded/predict", n_classes, client=app, **options) as target:
             yield target
@@ -246,30 +278,44 @@ def _serve(app: FastAPI) -> Iterator[int]:
 def _context(config: BenchConfig, name: str, kind: str, defence: Defence, seed: int,
              trained: dict[tuple, Any]) -> Context:
     """The cell's data and models; ``trained`` memoises models shared by several cells."""
-    dataset, sensitive = _dataset(name)
+    dataset, sensitive = _dataset(name, config.sensitive)
     split = datasets.split(dataset, seed)
     training = TrainingConfig(**config.training)
     X_train, y_train = dataset.X[split.train], dataset.y[split.train]
+    recipe = target_recipe(config, name, kind, len(split.train))
     model = _memo(trained, (name, kind, seed, defence.dp_epsilon),
-                  lambda: _train_target(dataset, kind, X_train, y_train, defence, seed, config))
-    held_out = np.concatenate([split.test, split.aux])
+                  lambda: _train_target(dataset, kind, recipe, X_train, y_train, defence, seed, config))
+    held_out = split.held_out
     evaluator_model = _memo(trained, (name, "evaluator", seed), lambda: models.train_target(
-        "mlp", dataset.X[held_out], dataset.y[held_out], dataset.n_classes, seed=seed + 1000, epochs=config.epochs))
-    context = Context(dataset, split, kind, HIDDEN, training, defence, seed, config.quick, model, _labeller(model),
-                      _labeller(evaluator_model), sensitive, shared=trained)
+        "mlp", dataset.X[held_out], dataset.y[held_out], dataset.n_classes, seed=seed + 1000,
+        epochs=models.Recipe("mlp").sized(len(held_out)).epochs))
+    context = Context(dataset, split, kind, recipe.hidden, training, defence, seed, config.quick, model,
+                      _labeller(model), _labeller(evaluator_model), sensitive, activation=recipe.activation,
+                      shared=trained)
     if defence.monitoring:
         context.detectors = _memo(trained, (name, kind, seed, "detectors"), lambda: calibrated_detectors(
             dataset, X_train, context.labels_of, seed, config.quick))
     return context
 
 
-def _dataset(name: str) -> tuple[datasets.Dataset, tuple[int, np.ndarray] | None]:
+def target_recipe(config: BenchConfig, name: str, kind: str, n_train: int) -> models.Recipe:
+    """The target's architecture and training: the zoo's recipe for the data set, with the user's
+    choices (``--hidden``, ``--activation``, ``--lr``, ``--epochs``) over it; without ``--epochs``,
+    sized to the data (``models.MIN_STEPS``)."""
+    chosen = {"hidden": config.hidden, "activation": config.activation, "lr": config.lr, "epochs": config.epochs}
+    recipe = replace(models.recipe(name, kind), **{k: v for k, v in chosen.items() if v is not None})
+    return recipe if config.epochs else recipe.sized(n_train)
+
+
+def _dataset(name: str, sensitive: str | None = None) -> tuple[datasets.Dataset, tuple[int, np.ndarray] | None]:
     """The records of dataset ``name`` and its sensitive attribute (column, values), if it has one
-    (breast cancer: the coded "worst concave points" level)."""
-    if name == "breast_cancer":
+    (breast cancer: the coded "worst concave points" level; a user's file: ``sensitive``, or the one
+    its NPZ names)."""
+    if name == "breast_cancer" and sensitive is None:
         table = sensitive_breast_cancer()
         return table.dataset, (table.attribute, table.values)
-    return datasets.load(name), None
+    dataset = datasets.load(name, sensitive)
+    return dataset, None if dataset.sensitive is None else (dataset.sensitive, dataset.sensitive_values)
 
 
 def _labeller(model: torch.nn.Module):
@@ -282,16 +328,20 @@ def _memo(trained: dict[tuple, Any], key: tuple, make) -> Any:
     return trained[key]
 
 
-def _train_target(dataset: datasets.Dataset, kind: str, X: np.ndarray, y: np.ndarray, defence: Defence,
-                  seed: int, config: BenchConfig) -> torch.nn.Module:
+def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X: np.ndarray, y: np.ndarray,
+                  defence: Defence, seed: int, config: BenchConfig) -> torch.nn.Module:
+    """The target of one cell; refused (``models.Underfit``) when, trained without DP, it does not fit
+    its own training set (DP-SGD's lower fit is its privacy cost, reported as utility)."""
     torch.manual_seed(seed)
     model = (_user_model(config.model, dataset) if kind == "user"
-             else models.make_model(kind, dataset.n_features, dataset.n_classes, HIDDEN))
+             else recipe.build(dataset.n_features, dataset.n_classes))
     if defence.dp_epsilon is None:
-        return models.train(model, X, y, seed=seed, epochs=config.epochs)
+        models.train_recipe(model, recipe, X, y, seed)
+        models.require_fit(model, X, y, config.min_train_accuracy, f"the {kind} target on {dataset.name} (seed {seed})")
+        return model
     from guard.dp import train_private
 
-    private, _ = train_private(model, (X, y), target_epsilon=defence.dp_epsilon, epochs=config.epochs // 2,
+    private, _ = train_private(model, (X, y), target_epsilon=defence.dp_epsilon, epochs=max(recipe.epochs // 2, 1),
                                batch_size=128, seed=seed)
     return private.eval()
 
@@ -310,20 +360,24 @@ def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig)
     """Test accuracy of the defended answers, and how often their top label differs from the
     undefended model's (for DP, the undefended model is the same architecture trained without DP)."""
     X_test, y_test = context.part("test")
-    app = guarded_app(context)
+    app = guarded_app(context, config.max_body_bytes)
     with http_target(app, context.dataset.n_classes, context.dataset.n_features, config.live,
-                     ["benign-user"]) as target:
+                     ["benign-user"], config.max_body_bytes) as target:
         labels = target.predict(X_test)
     reference = models.predict_proba(undefended, X_test).argmax(axis=1)
+    (X_train, y_train), held_out = context.part("train"), context.split.held_out
     return {"test_accuracy": float((labels == y_test).mean()),
-            "label_change_rate": float((labels != reference).mean())}
+            "label_change_rate": float((labels != reference).mean()),
+            "target_train_accuracy": models.accuracy(context.model, X_train, y_train),
+            "target_held_out_accuracy": models.accuracy(context.model, context.dataset.X[held_out],
+                                                        context.dataset.y[held_out])}
 
 
 def _attack(spec: AttackSpec, context: Context, config: BenchConfig, keys: int) -> dict[str, Any]:
     """One attack on one fresh guarded server."""
     api_keys = [f"attacker-{i}" for i in range(keys)]
-    with http_target(guarded_app(context), context.dataset.n_classes, context.dataset.n_features, config.live,
-                     api_keys) as target:
+    with http_target(guarded_app(context, config.max_body_bytes), context.dataset.n_classes,
+                     context.dataset.n_features, config.live, api_keys, config.max_body_bytes) as target:
         return attempt(spec, context, target)
 
 
@@ -358,26 +412,19 @@ def _curves(artefacts: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
     return curves
 
 
-def _reference_images(spec: AttackSpec, context: Context) -> dict[str, list[list[float]]]:
-    """What an inversion attack's reconstructions should be compared with: the class means for
-    MI-Face, the victims' true inputs for the inverse model (the first ten of each)."""
-    if spec.family != "inversion":
-        return {}
-    X, y = context.part("train")
-    if spec.name == "inverse-model":
-        return {"true inputs": X[:10].round(3).tolist()}
-    return {"class means": [X[y == label].mean(axis=0).round(3).tolist() for label in range(10)
-                            if (y == label).any()]}
-
-
 def _images(artefacts: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """The first ten reconstructions, and the images the attack put beside them (the victims' photos,
+    the no-model reference)."""
     if "reconstructions" not in artefacts:
         return {}
-    return {"reconstructions": np.asarray(artefacts["reconstructions"])[:10].round(3).tolist()}
+    shown = {**artefacts.get("images", {}), "reconstructions": artefacts["reconstructions"]}
+    return {name: np.asarray(images)[:10].round(3).tolist() for name, images in shown.items()}
 
 
 def _cached(cache: Path, config: BenchConfig, key: tuple, seed: int, compute) -> dict[str, Any]:
     recipe = json.dumps({"key": key, "seed": seed, "quick": config.quick, "epochs": config.epochs,
+                         "target": [config.hidden, config.activation, config.lr, config.sensitive],
+                         "max_body_bytes": config.max_body_bytes,
                          "training": config.training, "live": config.live}, sort_keys=True)
     path = cache / f"{hashlib.sha256(recipe.encode()).hexdigest()[:20]}.json"
     if path.exists():
@@ -405,8 +452,9 @@ def row(key: tuple, spec: AttackSpec, results: list[dict[str, Any]]) -> report.R
         "queries": report.summarise([r["queries"] for r in results]),
         "flagged_at": [r["flagged_at"] for r in results],
         "blocked_at": [r["blocked_at"] for r in results],
-        "utility": {name: report.summarise([r["utility"][name] for r in results])
-                    for name in ("test_accuracy", "label_change_rate")},
+        "utility": {name: report.summarise([r["utility"].get(name) for r in results])
+                    for name in ("test_accuracy", "label_change_rate", "target_train_accuracy",
+                                 "target_held_out_accuracy")},
         "wall_time_s": report.summarise([r["wall_time_s"] for r in results]),
         "curves": first["curves"], "images": first["images"],
     }
@@ -419,4 +467,7 @@ def _recorded(config: BenchConfig, dp_delta: dict[str, float]) -> dict[str, Any]
     versions = {"torch": torch.__version__, "numpy": np.__version__, "opacus": opacus.__version__,
                 "scikit-learn": sklearn.__version__}
     return {**asdict(config), "dp_delta": dp_delta, "defence_specs": {name: asdict(DEFENCES[name]) for name in config.defences},
-            "targets": {name: targets(config, name) for name in config.datasets}, "versions": versions}
+            "targets": {name: targets(config, name) for name in config.datasets}, "versions": versions,
+            "threat_models": THREAT_MODELS,
+            "image_shapes": {data.name: data.image_shape for data in (_dataset(name, config.sensitive)[0]
+                                                                       for name in config.datasets)}}

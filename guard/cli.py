@@ -143,6 +143,8 @@ def train_dp(
     """Retrain a model with DP-SGD to a target epsilon; write the model, its privacy report and the
     data's preprocessing (min-max scaling, label mapping), which ``guard.dp.load(out, factory)``
     applies so the loaded model predicts on features as they are in the file."""
+    import numpy as np
+
     from benchmarks import datasets, models
     from guard import dp
     from guard.payload import import_function
@@ -182,8 +184,8 @@ def train_dp(
     except dp.DPConfigError as error:
         raise fail(error) from error
     report.classes = list(dataset.classes)
-    dp.save(trained, report, out, dp.Preprocessing(dataset.low.tolist(), dataset.high.tolist(),
-                                                   list(dataset.classes)))
+    box = [np.broadcast_to(bound, (dataset.n_features,)).tolist() for bound in (dataset.low, dataset.high)]
+    dp.save(trained, report, out, dp.Preprocessing(*box, list(dataset.classes)))
     typer.echo(f"epsilon {report.epsilon:.3f} at delta {report.delta:.2g} ({report.accountant}, "
                f"{report.steps} steps, noise multiplier {report.noise_multiplier:.3f}); test "
                f"accuracy {report.test_accuracy:.3f} private, "
@@ -299,14 +301,26 @@ def _names(values: list[str] | None, known: dict, what: str) -> tuple[str, ...] 
 def bench(
     out: str = typer.Option("guard-report", help="Folder for results.json, report.md and report.html."),
     quick: bool = typer.Option(False, "--quick", help="A small grid: digits, one seed, five defences."),
-    datasets: list[str] | None = typer.Option(None, help="digits, breast_cancer, or .csv/.npz files."),
+    datasets: list[str] | None = typer.Option(None, help="digits, breast_cancer, faces, faces64, or .csv/.npz "
+                                              "files (an NPZ X of shape (n, h, w[, c]) is kept as images)."),
+    sensitive: str | None = typer.Option(None, help="The discrete sensitive column of your data (CSV header "
+                                         "name or index) that attribute inference attacks."),
+    max_body_bytes: int = typer.Option(1 << 20, min=1024, help="The guard's request-body limit; the attacks' "
+                                       "request batches are sized to fit it."),
+    hidden: int | None = typer.Option(None, min=1, help="Hidden units of the target MLP (default: the data "
+                                      "set's recipe, e.g. 3000 on faces, else 64)."),
+    activation: str | None = typer.Option(None, help="Hidden activation of the target MLP: relu, sigmoid, tanh."),
+    lr: float | None = typer.Option(None, min=0.0, help="Learning rate of the targets (Adam)."),
+    min_train_accuracy: float = typer.Option(0.8, min=0.0, max=1.0, help="Refuse a target that fits its own "
+                                             "training set worse than this."),
     defences: list[str] | None = typer.Option(None, help="Defence configurations (comma-separated)."),
     attacks: list[str] | None = typer.Option(None, help="Attacks (comma-separated)."),
     seed: list[int] | None = typer.Option(None, help="Seeds (repeat the option for several)."),
     model: str | None = typer.Option(None, help="Your model: module:function(n_features, n_classes)."),
     live: bool = typer.Option(False, "--live", help="Serve each target with uvicorn on 127.0.0.1 and "
                               "attack over the socket (default: in-process ASGI transport)."),
-    epochs: int | None = typer.Option(None, min=1, help="Training epochs of the target models."),
+    epochs: int | None = typer.Option(None, min=1, help="Training epochs of the target models (default: "
+                                      "sized to the data)."),
     workers: int | None = typer.Option(None, min=1, help="Processes running (dataset, model, seed) groups "
                                        "side by side (default: one per CPU core)."),
     threads: int = typer.Option(1, min=1, help="Torch threads per process (the bench's small models run "
@@ -318,16 +332,23 @@ def bench(
     from pathlib import Path
 
     from benchmarks import run
+    from benchmarks.models import Underfit
     from benchmarks.scenarios import ATTACK_SPECS, DEFENCES
 
-    config = run.BenchConfig(command=" ".join(["guard", *sys.argv[1:]]), live=live, model=model, quick=quick)
+    config = run.BenchConfig(command=" ".join(["guard", *sys.argv[1:]]), live=live, model=model, quick=quick,
+                             sensitive=sensitive, max_body_bytes=max_body_bytes, hidden=hidden,
+                             activation=activation, lr=lr, min_train_accuracy=min_train_accuracy)
     if quick:
         config = replace(config, **run.QUICK)
     chosen = {"datasets": tuple(datasets) if datasets else None, "defences": _names(defences, DEFENCES, "defences"),
               "attacks": _names(attacks, ATTACK_SPECS, "attacks"), "seeds": tuple(seed) if seed else None,
               "epochs": epochs}
     config = replace(config, **{key: value for key, value in chosen.items() if value is not None})
-    paths = run.run(config, Path(out), workers=workers, threads=threads)
+    try:
+        paths = run.run(config, Path(out), workers=workers, threads=threads)
+    except (Underfit, ValueError) as error:  # an underfitting target, unusable data or options
+        typer.echo(f"guard bench: {error}", err=True)
+        raise typer.Exit(2) from error
     typer.echo(Path(paths["markdown"]).read_text().split("## All rows")[0])
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")
