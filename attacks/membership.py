@@ -14,39 +14,21 @@ output format (``OutputFormat``) and passes its own shadow/reference models' out
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import norm
+from scipy.special import log_ndtr
 
 from attacks import scoring
 from attacks.base import Attack, AttackResult
 from attacks.ensemble import Architecture, Ensemble, TrainingConfig, random_halves, train_ensemble
-from attacks.targets import OutputFormat, OutputUnavailable, Target
+from attacks.observations import Observation, Published, observe, scaled_logit
+from attacks.targets import OutputFormat, Target
 
 Data = tuple[np.ndarray, np.ndarray]
-
-
-def observe(target: Target, X: np.ndarray, output: OutputFormat) -> np.ndarray:
-    """The target's ``(n, k)`` answers: probabilities, or one-hot rows when it returns labels only."""
-    if output.label_only or not target.returns_probabilities:
-        return np.eye(target.n_classes)[target.predict(X)]
-    return target.predict_proba(X)
 
 
 def as_published(probabilities: np.ndarray, output: OutputFormat) -> np.ndarray:
     """Pass ``(..., n, k)`` model outputs through the API's public format (the adaptive attacker)."""
     shape = probabilities.shape
     return output.apply(probabilities.reshape(-1, shape[-1])).reshape(shape)
-
-
-def scaled_logit(probabilities: np.ndarray, labels: np.ndarray, output: OutputFormat) -> np.ndarray:
-    """``log p_y - log sum_{y' != y} p_y'`` (Carlini et al. 2022, sec. IV-C) for ``(..., n, k)`` outputs,
-    the sum taken term by term rather than as ``1 - p_y`` (exact when it is tiny); both terms are
-    floored at half a rounding step (or 1e-30) to stay finite."""
-    floor = 0.5 * 10.0 ** -output.rounding if output.rounding is not None else 1e-30
-    index = np.broadcast_to(labels, probabilities.shape[:-1])[..., None]
-    true = np.take_along_axis(probabilities, index, axis=-1)[..., 0]
-    others = probabilities.copy()
-    np.put_along_axis(others, index, 0.0, axis=-1)
-    return np.log(np.maximum(true, floor)) - np.log(np.maximum(others.sum(axis=-1), floor))
 
 
 def translations(X: np.ndarray, image_shape: tuple[int, int], max_shift: int) -> np.ndarray:
@@ -145,12 +127,17 @@ class LiRA(Attack):
 
     ``n_references`` models mirror the target's training on random halves of the candidates plus the
     attacker's ``population``, each candidate IN for exactly half of them. For each candidate the
-    scaled logits of its IN and OUT models are fit with Gaussians; online, the score is the log
-    likelihood ratio of the target's scaled logit; offline (``offline=True``, OUT models only), the
-    one-sided test ``Pr[Z < observed]`` under the OUT Gaussian, ranked by its z-score. With few
-    references one variance per side is pooled over all candidates (``global_variance``, sec. VI-B).
-    ``image_shape`` and ``max_shift`` add shifted queries whose scores are averaged (sec. VI-C).
-    Needs scores: raises ``OutputUnavailable`` against a label-only API.
+    statistic of its IN and OUT models is fit with Gaussians; online, the score is the log likelihood
+    ratio of the target's statistic; offline (``offline=True``, OUT models only), the one-sided test
+    ``-log Pr[Z >= observed]`` under the OUT Gaussian. With few references one variance per side is
+    pooled over all candidates (``global_variance``, sec. VI-B). ``image_shape`` and ``max_shift`` add
+    shifted queries whose scores are averaged (sec. VI-C).
+
+    ``observation`` (``attacks.observations``) is how the statistic is read off a defended API: by
+    default the scaled logit of the answer as published in the public ``output`` format (raises
+    ``OutputUnavailable`` against labels only); the adaptive observations invert or average the
+    defence, or, against labels only, measure robustness to noise. When the observation is an interval
+    (a rounded answer) its likelihood is the Gaussian mass of the interval.
     """
 
     name = "lira"
@@ -158,7 +145,7 @@ class LiRA(Attack):
     def __init__(self, n_references: int = 16, offline: bool = False, global_variance: bool | None = None,
                  architecture: Architecture = Architecture(), training: TrainingConfig = TrainingConfig(),
                  image_shape: tuple[int, int] | None = None, max_shift: int = 0,
-                 output: OutputFormat = OutputFormat(), seed: int = 0):
+                 output: OutputFormat = OutputFormat(), observation: Observation | None = None, seed: int = 0):
         self.n_references = n_references
         self.offline = offline
         self.global_variance = n_references < 64 if global_variance is None else global_variance
@@ -166,34 +153,27 @@ class LiRA(Attack):
         self.training = training
         self.image_shape = image_shape
         self.max_shift = max_shift
-        self.output = output
+        self.observation = observation if observation is not None else Published(output)
         self.seed = seed
 
     def run(self, target: Target, X: np.ndarray, y: np.ndarray, *, population: Data | None = None,
             is_member: np.ndarray | None = None, references: Ensemble | None = None) -> AttackResult:
-        if self.output.label_only or not target.returns_probabilities:
-            raise OutputUnavailable("LiRA needs scores; against labels only use the 'label-only' attack")
         if references is None:
             references = self.train_references(X, y, target.n_classes, population)
         elif references.masks.shape[1] != len(y) + (0 if population is None else len(population[1])):
             raise ValueError("the references were trained on a different pool of records")
-        views = self._views(X)
         start = target.queries
-        observed = scaled_logit(observe(target, views.reshape(-1, X.shape[1]), self.output)
-                                .reshape(len(views), len(y), -1), y, self.output)
-        queries = target.queries - start
-        reference = scaled_logit(as_published(references.predict_proba(views.reshape(-1, X.shape[1])),
-                                              self.output).reshape(len(references), len(views), len(y), -1),
-                                 y, self.output)
+        measured = self.observation.measure(target, self._views(X), y, references)
         inside = references.masks[:, None, : len(y)]
-        mean_out, std_out = self._gaussian(reference, ~inside)
+        mean_out, std_out = self._gaussian(measured.reference, ~inside)
         if self.offline:
-            scores = ((observed - mean_out) / std_out).mean(axis=0)
+            scores = -log_ndtr((mean_out - measured.low) / std_out).mean(axis=0)
         else:
-            mean_in, std_in = self._gaussian(reference, inside)
-            scores = (norm.logpdf(observed, mean_in, std_in) - norm.logpdf(observed, mean_out, std_out)).mean(axis=0)
-        return _result(self.name, scores, is_member, queries, references=references,
-                       mode="offline" if self.offline else "online")
+            mean_in, std_in = self._gaussian(measured.reference, inside)
+            scores = (_log_mass(measured.low, measured.high, mean_in, std_in)
+                      - _log_mass(measured.low, measured.high, mean_out, std_out)).mean(axis=0)
+        return _result(self.name, scores, is_member, target.queries - start, learnt=measured.learnt,
+                       references=references, mode="offline" if self.offline else "online", **measured.artefacts)
 
     def train_references(self, X: np.ndarray, y: np.ndarray, n_classes: int,
                          population: Data | None = None) -> Ensemble:
@@ -275,14 +255,31 @@ class LabelOnlyAttack(Attack):
         return np.where(correct, high.min(axis=0), 0.0)
 
 
+def _log_mass(low: np.ndarray, high: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``log Pr[low <= Z <= high]`` for ``Z ~ N(mean, std^2)``; the log density where ``low == high``
+    (a point observation). Computed in the lower tail on the side the interval lies, to stay exact
+    far from the mean."""
+    point = low == high
+    a, b = (low - mean) / std, (high - mean) / std
+    flip = a > 0  # Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
+    a, b = np.where(flip, -b, a), np.where(flip, -a, b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_b, log_a = log_ndtr(b), log_ndtr(a)
+        mass = log_b + np.log1p(-np.exp(np.minimum(log_a - log_b, -1e-300)))
+    density = -0.5 * ((low - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
+    return np.where(point, density, np.maximum(mass, -1e4))
+
+
 def _labels(target: Target, views: np.ndarray) -> np.ndarray:
     """Predicted labels of ``(views, n, d)`` inputs in one batch, as ``(views, n)``."""
     return target.predict(views.reshape(-1, views.shape[-1])).reshape(views.shape[:2])
 
 
 def _result(name: str, scores: np.ndarray, is_member: np.ndarray | None, queries: int,
-            **artefacts) -> AttackResult:
+            learnt: dict[str, float] | None = None, **artefacts) -> AttackResult:
+    """Scores and their measures; ``learnt``: what the attack found out about the defence (metrics)."""
     metrics = {} if is_member is None else scoring.membership_measures(scores, is_member)
+    metrics.update(learnt or {})
     curve = {} if is_member is None else dict(zip(("fpr", "tpr"), scoring.roc(scores, is_member)))
     return AttackResult(name, metrics, queries, {"scores": scores, **curve, **artefacts})
 

@@ -33,23 +33,43 @@ def extraction_measures(stolen: Callable, oracle: Callable, X_test: np.ndarray, 
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target_fpr: float) -> float:
-    """Highest TPR reached at a false-positive rate no greater than ``target_fpr``."""
-    allowed = fpr <= target_fpr
-    return float(tpr[allowed].max()) if allowed.any() else 0.0
+    """TPR at exactly ``target_fpr``, linearly interpolated on the ROC curve. Between two ROC points
+    the segment is what a threshold at a tied score reaches by breaking the tie at random (Fawcett
+    2006, sec. 5), so an attack with few distinct scores is never below chance (TPR = FPR) by
+    construction, as the highest TPR at FPR <= target would make it."""
+    return float(np.interp(target_fpr, fpr, tpr))
+
+
+def clopper_pearson(successes: float, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided binomial confidence interval for a rate (Clopper and Pearson 1934);
+    ``successes`` is rounded to a whole count."""
+    from scipy.stats import beta
+
+    k, n = int(round(successes)), int(trials)
+    alpha = 1.0 - confidence
+    low = 0.0 if k <= 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k >= n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
+
+
+LOW_FPRS = {"1pct": 0.01, "0.1pct": 0.001}
 
 
 def membership_measures(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float]:
-    """AUC, TPR at 1% and 0.1% FPR, best balanced accuracy and membership advantage
-    (max TPR - FPR, Yeom et al. 2018) of scores where higher means 'member'."""
+    """AUC, TPR at 1% and 0.1% FPR (ties broken at random, ``tpr_at_fpr``), best balanced accuracy,
+    membership advantage (max TPR - FPR, Yeom et al. 2018) of scores where higher means 'member', and
+    the counts of members and non-members, from which confidence intervals over candidates and seeds
+    are computed (``clopper_pearson``)."""
     is_member = np.asarray(is_member, dtype=bool)
     fpr, tpr, _ = roc_curve(is_member, scores)
     advantage = float(np.max(tpr - fpr))
     return {
         "auc": float(roc_auc_score(is_member, scores)),
-        "tpr_at_1pct_fpr": tpr_at_fpr(fpr, tpr, 0.01),
-        "tpr_at_0.1pct_fpr": tpr_at_fpr(fpr, tpr, 0.001),
+        **{f"tpr_at_{name}_fpr": tpr_at_fpr(fpr, tpr, rate) for name, rate in LOW_FPRS.items()},
         "balanced_accuracy": 0.5 + advantage / 2,
         "advantage": advantage,
+        "members": float(is_member.sum()),
+        "non_members": float((~is_member).sum()),
     }
 
 

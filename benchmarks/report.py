@@ -17,11 +17,13 @@
                                        # inversion and attribute inference, the no-model reference's
                                        # (metrics then also hold reference_* and advantage_*)
         "seeds": [int, ...],
-        "metrics": {name: {"mean": float, "std": float, "values": [float, ...]}},
+        "metrics": {name: {"mean": float, "std": float, "values": [float, ...]}},  # membership rows also
+                                       # carry "members" and "non_members" (counts per seed)
         "queries": {"mean": ..., "std": ..., "values": [...]},
         "flagged_at": [int | null, ...],   # per seed: query count when monitoring first flagged,
         "blocked_at": [int | null, ...],   # ... and first blocked or throttled the attacker
         "utility": {"test_accuracy": {...}, "label_change_rate": {...},   # of the defended answers
+                    "benign_flagged": {...},    # 1 when monitoring flagged the benign client
                     "target_train_accuracy": {...}, "target_held_out_accuracy": {...}},  # of the model
         "wall_time_s": {...},
         "curves": {name: {"x": [...], "y": [...]}}  # ROC (fpr, tpr), agreement against queries
@@ -42,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from attacks.scoring import clopper_pearson
 
 SCHEMA_VERSION = 1
 Row = dict[str, Any]
@@ -69,7 +73,9 @@ def verdicts(rows: list[Row]) -> list[Row]:
     A family whose strongest undefended attack does not clear chance by more than its spread gets no
     verdict (a defence is never credited for stopping an attack that fails anyway), and a defence
     is credited only where the strongest attack against it is lower than the undefended one by more
-    than their spread (``_clearly_lower``)."""
+    than their spread (``_clearly_lower``) and at chance (``_at_chance``: for a TPR at fixed FPR, the
+    upper end of its 95% Clopper-Pearson interval over candidates and seeds within chance's own
+    interval). For TPR rows the strongest attack is the one with the highest upper bound."""
     findings = []
     for key, group in _group(rows, ("dataset", "model", "family")).items():
         by_defence = {defence: members for (defence,), members in _group(group, ("defence",)).items()}
@@ -92,7 +98,7 @@ def verdicts(rows: list[Row]) -> list[Row]:
                 outcome = "stops every attack (degraded or blocked the attacker)"
             elif not _clearly_lower(row, baseline):
                 outcome = "does not help"
-            elif not _above_chance(row):
+            elif _at_chance(row):
                 outcome = "brings it to chance" if key[2] not in REFERENCED_FAMILIES else "brings it to the no-model reference"
             else:
                 outcome = f"reduces it from {measured(baseline):.3g} to {measured(row):.3g}"
@@ -104,8 +110,78 @@ def verdicts(rows: list[Row]) -> list[Row]:
                 "undefended": measured(baseline), "defended": measured(row) if row else None, "outcome": outcome,
                 "accuracy_cost": base_accuracy - accuracy,
                 "label_change_rate": reference["utility"]["label_change_rate"]["mean"],
+                "benign_flagged": (reference["utility"].get("benign_flagged") or {}).get("mean"),
+                "interval": interval(row) if row else None, "chance_interval": chance_interval(reference),
             })
     return findings
+
+
+CREDITED = ("brings it to chance", "brings it to the no-model reference",
+            "stops every attack (degraded or blocked the attacker)")
+
+STILL_GETS = {
+    "extraction": "the copy still agrees {value:.1%} with the target (chance {chance:.1%})",
+    "membership": "members are still found at TPR {value:.3f} at 1% FPR{bounds} (chance {chance:.3g})",
+    "inversion": "reconstructions still beat the no-model reference by {value:.3f}",
+    "attribute": "the attribute is still inferred {value:.1%} more often than without the model",
+}
+
+
+def client_loss(defence: str, config: dict[str, Any]) -> str:
+    """What legitimate clients lose under ``defence``, in words."""
+    spec = config.get("defence_specs", {}).get(defence, {})
+    if spec.get("dp_epsilon") is not None:
+        return "nothing in the answers' format; the model is retrained with DP-SGD"
+    if spec.get("monitoring"):
+        return "nothing unless flagged: false alarms calibrated to 0.1% of benign streams"
+    losses = {"round": "confidences beyond {0} decimals", "top_k": "all but the top {0} confidences",
+              "label_only": "every confidence (labels only)", "noise": "exact confidences (noise of scale {0})",
+              "reverse_sigmoid": "faithful confidences (deceptively perturbed)"}
+    parts = []
+    for stage in spec.get("output", ()):
+        kind, *arguments = stage.split(":")
+        parts.append(losses.get(kind, stage).format(*arguments))
+    return "; ".join(parts) or "nothing"
+
+
+def summary(findings: list[Row], config: dict[str, Any]) -> list[Row]:
+    """Per dataset, model and attack family: the cheapest defence (least accuracy lost, then fewest
+    labels changed) that brings the strongest attack to chance, with its whole cost, or, when none
+    does, the defence that got closest and what the attacker still gets against it."""
+    lines = []
+    for (dataset, model, family), group in _group(findings, ("dataset", "model", "family")).items():
+        judged = [f for f in group if not f["outcome"].startswith("no verdict")]
+        if not judged:
+            continue
+        credited = [f for f in judged if f["outcome"] in CREDITED]
+        if credited:
+            best = min(credited, key=lambda f: (f["accuracy_cost"], f["label_change_rate"] or 0.0))
+        else:
+            best = min(judged, key=lambda f: (f["defended"] if f["defended"] is not None else np.inf))
+        still = ("–" if best["defended"] is None or best in credited else
+                 STILL_GETS.get(family, "{value:.3f} (chance {chance:.3g})").format(
+                     value=best["defended"], chance=best["chance"], bounds=_bounds(best["interval"])))
+        lines.append({"dataset": dataset, "model": model, "family": family,
+                      "cheapest": best["defence"] if credited else "none does",
+                      "closest": best["defence"], "attack": best["strongest_attack"], "still": still,
+                      "accuracy_cost": best["accuracy_cost"], "label_change_rate": best["label_change_rate"],
+                      "benign_flagged": best.get("benign_flagged"),
+                      "client_loss": client_loss(best["defence"], config)})
+    return lines
+
+
+def _summary_table(lines: list[Row]) -> list[list[str]]:
+    table = [["dataset", "model", "family", "cheapest defence to chance", "what the attacker still gets",
+              "accuracy cost", "labels changed", "what legitimate clients lose", "benign client flagged"]]
+    for line in lines:
+        cheapest = line["cheapest"] if line["cheapest"] != "none does" else f"none does (closest: {line['closest']})"
+        flagged = line["benign_flagged"]
+        table.append([line["dataset"], line["model"], line["family"], cheapest,
+                      f"{line['still']} [{line['attack']}]" if line["still"] != "–" else "–",
+                      f"{100 * line['accuracy_cost']:.1f} pts", "–" if line["label_change_rate"] is None
+                      else f"{100 * line['label_change_rate']:.1f}%", line["client_loss"],
+                      "–" if flagged is None else f"{flagged:.0%} of seeds"])
+    return table
 
 
 def write(out: Path, config: dict[str, Any], rows: list[Row]) -> dict[str, Path]:
@@ -154,10 +230,42 @@ def _spread(row: Row) -> float:
     return row["metrics"][row["primary"]]["std"] or 0.0
 
 
+def interval(row: Row) -> tuple[float, float] | None:
+    """95% Clopper-Pearson interval of a TPR at fixed FPR, pooled over candidates and seeds (the
+    members of every seed are the trials); None for other measures."""
+    metrics = row["metrics"]
+    if not row["primary"].startswith("tpr_at") or "members" not in metrics:
+        return None
+    members = metrics["members"]["values"]
+    hits = sum(rate * count for rate, count in zip(metrics[row["primary"]]["values"], members))
+    return clopper_pearson(hits, int(sum(members)))
+
+
+def chance_interval(row: Row) -> tuple[float, float] | None:
+    """The interval a chance attack (TPR = FPR) would get over as many members; None for other measures."""
+    members = row["metrics"].get("members", {}).get("values")
+    if not row["primary"].startswith("tpr_at") or not members:
+        return None
+    return clopper_pearson(row["chance"] * sum(members), int(sum(members)))
+
+
 def _above_chance(row: Row) -> bool:
-    """Success exceeds chance (the no-model reference) by more than twice the seed spread and by a
+    """Success exceeds chance: for a TPR at fixed FPR, the lower end of its interval is above the FPR;
+    otherwise the advantage over chance (the no-model reference) exceeds twice the seed spread and a
     minimal absolute margin."""
+    bounds = interval(row)
+    if bounds is not None:
+        return bounds[0] > row["chance"]
     return advantage(row) > max(2 * _spread(row), MINIMAL_MARGIN)
+
+
+def _at_chance(row: Row) -> bool:
+    """No better than chance: for a TPR at fixed FPR, the upper end of its interval is within chance's
+    interval (so a defence is credited only when even the optimistic reading of the attack is chance)."""
+    bounds, chance = interval(row), chance_interval(row)
+    if bounds is not None and chance is not None:
+        return bounds[1] <= chance[1]
+    return not _above_chance(row)
 
 
 def _clearly_lower(row: Row, baseline: Row) -> bool:
@@ -167,10 +275,17 @@ def _clearly_lower(row: Row, baseline: Row) -> bool:
     return _success(row) < _success(baseline) - margin
 
 
+def _strength(row: Row) -> float:
+    """How far an attack beats chance: by the upper end of its interval for a TPR at fixed FPR, else
+    by its ``advantage`` (over the no-model reference for inversion and attribute inference)."""
+    bounds = interval(row)
+    return bounds[1] - row["chance"] if bounds is not None else advantage(row)
+
+
 def _strongest(rows: list[Row]) -> Row | None:
-    """The finished attack that beat its chance level by most, or None if none finished."""
+    """The finished attack that beat its chance level by most (``_strength``), or None if none finished."""
     done = [r for r in rows if r["status"] == "ok"]
-    return max(done, key=advantage) if done else None
+    return max(done, key=_strength) if done else None
 
 
 def _fmt(measure: dict[str, Any] | None) -> str:
@@ -186,17 +301,22 @@ def _first_event(values: list[int | None]) -> str:
 
 
 def _verdict_table(findings: list[Row]) -> list[list[str]]:
-    header = ["dataset", "model", "family", "defence", "strongest attack", "metric (chance or no-model reference)",
-              "undefended", "defended", "verdict", "accuracy cost", "labels changed"]
+    header = ["dataset", "model", "family", "defence", "strongest attack",
+              "metric (chance or no-model reference, 95% CI)", "undefended", "defended (95% CI)", "verdict",
+              "accuracy cost", "labels changed"]
     lines = [header]
     for f in findings:
         cost = "–" if f["accuracy_cost"] is None else f"{100 * f['accuracy_cost']:.1f} pts"
         changed = "–" if f["label_change_rate"] is None else f"{100 * f['label_change_rate']:.1f}%"
+        defended = "–" if f["defended"] is None else f"{f['defended']:.3f}" + _bounds(f["interval"])
         lines.append([f["dataset"], f["model"], f["family"], f["defence"], f["strongest_attack"],
-                      f"{f['metric']} ({f['chance']:.3g})", f"{f['undefended']:.3f}",
-                      "–" if f["defended"] is None else f"{f['defended']:.3f}",
-                      f["outcome"], cost, changed])
+                      f"{f['metric']} ({f['chance']:.3g}{_bounds(f['chance_interval'])})", f"{f['undefended']:.3f}",
+                      defended, f["outcome"], cost, changed])
     return lines
+
+
+def _bounds(bounds: tuple[float, float] | None) -> str:
+    return "" if bounds is None else f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
 def _rows_table(rows: list[Row]) -> list[list[str]]:
@@ -204,7 +324,8 @@ def _rows_table(rows: list[Row]) -> list[list[str]]:
               "blocked at", "test accuracy", "labels changed", "wall s"]
     lines = [header]
     for r in rows:
-        success = _fmt(r["metrics"].get(r["primary"])) if r["status"] == "ok" else r["reason"]
+        success = (_fmt(r["metrics"].get(r["primary"])) + _bounds(interval(r)) if r["status"] == "ok"
+                   else r["reason"])
         lines.append([r["dataset"], r["model"], r["defence"], r["attack"] + (" (adaptive)" if r["adaptive"] else ""),
                       r["status"], f"{r['primary']} {success}", _fmt(r["queries"]), _first_event(r["flagged_at"]),
                       _first_event(r["blocked_at"]), _fmt(r["utility"]["test_accuracy"]),
@@ -276,6 +397,7 @@ def _markdown(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> s
     return "\n\n".join(part for part in [
         "# predguard benchmark report",
         f"Seeds: {config.get('seeds')}; datasets: {config.get('datasets')}; command: `{config.get('command', '')}`",
+        "## Summary: which defence to turn on, and what it costs", _markdown_table(_summary_table(summary(findings, config))),
         "## Threat models and no-model references", "\n".join(_threat_models(config, rows)),
         "## Targets", _markdown_table(_targets_table(rows)),
         "## Verdict", _markdown_table(_verdict_table(findings)), _unverdicted(rows, findings),
@@ -301,6 +423,8 @@ def _html(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>predguard benchmark report</title>"
             f"<style>{style}</style></head><body><h1>predguard benchmark report</h1>"
             f"<p>Seeds: {html.escape(str(config.get('seeds')))}; command: <code>{html.escape(str(config.get('command', '')))}</code></p>"
+            f"<h2>Summary: which defence to turn on, and what it costs</h2>"
+            f"{table(_summary_table(summary(findings, config)))}"
             f"<h2>Threat models and no-model references</h2><ul>"
             + "".join(f"<li>{html.escape(line[2:])}</li>" for line in _threat_models(config, rows)) + "</ul>"
             f"<h2>Targets</h2>{table(_targets_table(rows))}"
@@ -332,7 +456,9 @@ def _figures(rows: list[Row], image_shapes: dict[str, Any]) -> list[tuple[str, s
         if inverted:
             figures.append((f"{dataset} {model}: inversion images", _encode(_image_grid(plt, inverted,
                                                                                          image_shapes.get(dataset)))))
-        figures.append((f"{dataset} {model}: privacy-utility trade-off", _encode(_tradeoff(plt, group))))
+        for family, members in _group([r for r in group if r["status"] == "ok"], ("family",)).items():
+            figures.append((f"{dataset} {model}: privacy-utility trade-off, {family[0]}",
+                            _encode(_tradeoff(plt, members))))
     return figures
 
 
@@ -384,19 +510,21 @@ def _image_grid(plt, rows: list[Row], image_shape: list[int] | None = None):
 
 
 def _tradeoff(plt, rows: list[Row]):
+    """One family: the defended answers' test accuracy against the strongest attack's success, per defence."""
     figure, axes = plt.subplots(figsize=(6, 4.5))
-    for family, group in _group([r for r in rows if r["status"] == "ok"], ("family",)).items():
-        strongest = [_strongest(members) for members in _group(group, ("defence",)).values()]
-        strongest = [row for row in strongest if row is not None]
-        xs = [r["utility"]["test_accuracy"]["mean"] for r in strongest]
-        ys = [_success(r) for r in strongest]
-        axes.scatter(xs, ys, label=family[0])
-        for row, x, y in zip(strongest, xs, ys):
-            axes.annotate(row["defence"], (x, y), fontsize=6,
-                          fontweight="bold" if row["defence"].startswith("dp-") else "normal")
-    axes.set_xlabel("test accuracy of the defended model (DP-SGD rows in bold: dp-epsN)")
-    axes.set_ylabel("strongest attack's success (its primary metric)")
-    axes.legend(fontsize=7)
+    strongest = [_strongest(members) for members in _group(rows, ("defence",)).values()]
+    strongest = [row for row in strongest if row is not None]
+    xs = [r["utility"]["test_accuracy"]["mean"] for r in strongest]
+    ys = [_success(r) for r in strongest]
+    axes.scatter(xs, ys)
+    for row, x, y in zip(strongest, xs, ys):
+        axes.annotate(row["defence"], (x, y), fontsize=6,
+                      fontweight="bold" if row["defence"].startswith("dp-") else "normal")
+    if strongest:
+        axes.axhline(strongest[0]["chance"], color="k", linestyle=":", linewidth=0.8, label="chance")
+        axes.set_ylabel(f"strongest attack's {strongest[0]['primary']}")
+        axes.legend(fontsize=7)
+    axes.set_xlabel("test accuracy of the defended answers (DP-SGD rows in bold: dp-epsN)")
     return figure
 
 

@@ -357,17 +357,19 @@ def _user_model(factory: str, dataset: datasets.Dataset) -> torch.nn.Module:
 
 
 def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig) -> dict[str, float]:
-    """Test accuracy of the defended answers, and how often their top label differs from the
-    undefended model's (for DP, the undefended model is the same architecture trained without DP)."""
+    """Test accuracy of the defended answers, how often their top label differs from the undefended
+    model's (for DP, the undefended model is the same architecture trained without DP), and whether
+    the benign client asking for them was flagged (degraded, throttled or blocked: a false alarm)."""
     X_test, y_test = context.part("test")
     app = guarded_app(context, config.max_body_bytes)
     with http_target(app, context.dataset.n_classes, context.dataset.n_features, config.live,
                      ["benign-user"], config.max_body_bytes) as target:
         labels = target.predict(X_test)
+        flagged = any(value is not None for value in target.events.values())
     reference = models.predict_proba(undefended, X_test).argmax(axis=1)
     (X_train, y_train), held_out = context.part("train"), context.split.held_out
     return {"test_accuracy": float((labels == y_test).mean()),
-            "label_change_rate": float((labels != reference).mean()),
+            "label_change_rate": float((labels != reference).mean()), "benign_flagged": float(flagged),
             "target_train_accuracy": models.accuracy(context.model, X_train, y_train),
             "target_held_out_accuracy": models.accuracy(context.model, context.dataset.X[held_out],
                                                         context.dataset.y[held_out])}
@@ -453,7 +455,7 @@ def row(key: tuple, spec: AttackSpec, results: list[dict[str, Any]]) -> report.R
         "flagged_at": [r["flagged_at"] for r in results],
         "blocked_at": [r["blocked_at"] for r in results],
         "utility": {name: report.summarise([r["utility"].get(name) for r in results])
-                    for name in ("test_accuracy", "label_change_rate", "target_train_accuracy",
+                    for name in ("test_accuracy", "label_change_rate", "benign_flagged", "target_train_accuracy",
                                  "target_held_out_accuracy")},
         "wall_time_s": report.summarise([r["wall_time_s"] for r in results]),
         "curves": first["curves"], "images": first["images"],

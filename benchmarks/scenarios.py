@@ -17,6 +17,7 @@ from attacks.extraction import Copycat, EquationSolving, JacobianAugmentation, K
 from attacks.inversion import InverseModel, MAPAttribute, MAPAttributeLabelOnly, MIFace, MIFaceBlackBox
 from attacks.membership import LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
 from attacks.scoring import Judge
+from attacks.observations import AveragedNoise, InvertedReverseSigmoid, LabelRobustness, Observation, RoundedInterval
 from attacks.targets import OutputFormat, Target, TorchTarget
 from benchmarks.datasets import Dataset, Split
 
@@ -191,12 +192,14 @@ def _references(context: Context) -> int:
     return 16 if context.quick else 32
 
 
-def _lira(offline: bool) -> Callable[[Target, Context], AttackResult]:
+def _lira(offline: bool, observation: Callable[[Context], Observation | None] = lambda c: None) -> Callable[[Target, Context], AttackResult]:
+    """LiRA with the references shared by every defence of the cell's target; ``observation`` reads
+    the defended answers (default: as published, in the public format)."""
     def run(target: Target, context: Context) -> AttackResult:
         X, y, is_member = context.candidates()
         attack = LiRA(_references(context), offline=offline, architecture=context.architecture,
                       training=context.training, image_shape=context.dataset.image_shape,
-                      output=context.defence.public_format,
+                      output=context.defence.public_format, observation=observation(context),
                       seed=context.seed)
         references = context.reuse(("lira", attack.n_references), lambda: attack.train_references(
             X, y, context.dataset.n_classes))
@@ -290,6 +293,34 @@ BLACKBOX_VICTIMS = 10
 """How many victims black-box MI-Face inverts (each costs ``(2 * directions + 1)`` queries a step)."""
 
 
+def defence_arguments(defence: Defence, kind: str) -> tuple[float, ...] | None:
+    """The public parameters of the defence's ``kind`` stage (e.g. ``reverse_sigmoid`` -> (beta, gamma)),
+    or None if it has none: what the adaptive attacker is told (Kerckhoffs), never the secret."""
+    for spec in defence.output:
+        name, *arguments = spec.split(":")
+        if name == kind:
+            return tuple(float(argument) for argument in arguments)
+    return None
+
+
+def _reveals_label_only(context: Context) -> bool:
+    output = context.defence.public_format
+    return output.label_only or output.top_k == 1
+
+
+def _label_robustness(context: Context) -> Observation:
+    return LabelRobustness(16 if context.quick else 32, sigma=0.1, seed=context.seed)
+
+
+def _averaged_noise(context: Context) -> Observation:
+    return AveragedNoise(defence_arguments(context.defence, "noise")[0], repeats=16 if context.quick else 32,
+                         seed=context.seed)
+
+
+def _inverted_reverse_sigmoid(context: Context) -> Observation:
+    return InvertedReverseSigmoid(*defence_arguments(context.defence, "reverse_sigmoid"))
+
+
 def _mi_face_run(white_box: bool) -> Callable[[Target, Context], AttackResult]:
     """MI-Face from the other people's mean face (the no-model reference, so every gain is the
     model's), Process ``MI_FACE_PROCESS``; black-box with tiled probes on images of 32 pixels or more."""
@@ -379,6 +410,9 @@ ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
                adaptive=_rounds),
     AttackSpec("copycat", "extraction", "agreement_test",
                _learning(lambda c: Copycat(labels_only=True, **_copy_options(c))), _majority_agreement),
+    AttackSpec("copycat-k-center", "extraction", "agreement_test",
+               _learning(lambda c: Copycat(labels_only=True, selection="k-center",
+                                           **{**_copy_options(c), "curve_points": None})), _majority_agreement),
     AttackSpec("knockoff-adaptive", "extraction", "agreement_test",
                _learning(lambda c: Knockoff("adaptive", labels_only=c.defence.public_format.label_only,
                                             **_copy_options(c))), _majority_agreement, adaptive=_knows_format),
@@ -397,6 +431,22 @@ ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
                lambda c: 0.01, applies=lambda c: not c.defence.public_format.label_only, adaptive=_knows_format),
     AttackSpec("lira-offline", "membership", "tpr_at_1pct_fpr", _lira(True),
                lambda c: 0.01, applies=lambda c: not c.defence.public_format.label_only, adaptive=_knows_format),
+    AttackSpec("lira-rounding-aware", "membership", "tpr_at_1pct_fpr",
+               _lira(False, lambda c: RoundedInterval(c.defence.public_format.rounding)), lambda c: 0.01,
+               applies=lambda c: _rounds(c) and not _reveals_label_only(c), adaptive=lambda c: True),
+    AttackSpec("lira-inverted-reverse-sigmoid", "membership", "tpr_at_1pct_fpr",
+               _lira(False, _inverted_reverse_sigmoid), lambda c: 0.01,
+               applies=lambda c: defence_arguments(c.defence, "reverse_sigmoid") is not None,
+               adaptive=lambda c: True),
+    AttackSpec("lira-averaged-noise", "membership", "tpr_at_1pct_fpr", _lira(False, _averaged_noise),
+               lambda c: 0.01, applies=lambda c: defence_arguments(c.defence, "noise") is not None,
+               adaptive=lambda c: True),
+    AttackSpec("label-only-calibrated", "membership", "tpr_at_1pct_fpr",
+               _lira(False, _label_robustness), lambda c: 0.01, applies=_reveals_label_only,
+               adaptive=lambda c: True),
+    AttackSpec("label-only-calibrated-offline", "membership", "tpr_at_1pct_fpr",
+               _lira(True, _label_robustness), lambda c: 0.01, applies=_reveals_label_only,
+               adaptive=lambda c: True),
     AttackSpec("label-only", "membership", "tpr_at_1pct_fpr",
                _membership(lambda c: LabelOnlyAttack("augmentation" if _is_image(c) else "noise",
                                                      image_shape=c.dataset.image_shape, seed=c.seed), False),
