@@ -1,7 +1,10 @@
 """``GuardMiddleware``: a pure ASGI middleware (in the shape of Starlette's ``GZipMiddleware``) that
 puts a ``Policy`` in front of a prediction app.
 
-A request on a guarded route (exact path match, any method) goes through ``GuardedExchange``, one
+Routes are matched on the path the app routes on (``guard.routing``: root path and mounts accounted
+for, Starlette path templates); a policy the app could serve around refuses to start. A WebSocket on
+a guarded route is closed with 1008 unless the route allows it. A request on a guarded route (any
+method) goes through ``GuardedExchange``, one
 small method per step of the request flow in DESIGN.md: read the body (at most ``max_body_bytes``:
 ``413``), parse the features (bad JSON: ``400``; missing or malformed features: ``422``; the app is
 never called), replay the body unchanged to the app, buffer its whole response, rewrite the
@@ -53,6 +56,7 @@ from guard.payload import (
 )
 from guard.policy import Policy, RoutePolicy
 from guard.ratelimit import RateLimiter, RouteLimits, limits_storage_uri
+from guard.routing import RouteTable, audit_routes
 from guard.sanctions import Level, SanctionRules, Sanctions
 from guard.store import StoreUnavailable, store_from_uri
 
@@ -91,6 +95,7 @@ class RouteGuard:
     limits: RouteLimits
     detectors: tuple[Detector, ...]
     sanctions: SanctionRules
+    websocket: bool
 
     @classmethod
     def compile(cls, path: str, route: RoutePolicy, secret: bytes,
@@ -100,7 +105,7 @@ class RouteGuard:
                    Pipeline.from_specs(route.output, secret), Pipeline.from_specs(route.degraded_output, secret),
                    tuple(route.labels) if route.labels else None, route.tolerance, path,
                    RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits),
-                   tuple(watching.values()), route.sanctions.rules())
+                   tuple(watching.values()), route.sanctions.rules(), route.allow_websocket)
 
 
 class Monitoring:
@@ -134,18 +139,41 @@ class GuardMiddleware:
         self.app = app
         self.policy = policy
         self.monitoring = Monitoring(policy, metrics)
-        self.routes = {path: RouteGuard.compile(path, route, policy.secret_bytes, self.monitoring.detectors)
-                       for path, route in policy.routes.items()}
+        self.routes = RouteTable({path: RouteGuard.compile(path, route, policy.secret_bytes,
+                                                           self.monitoring.detectors)
+                                  for path, route in policy.routes.items()})
+        self.problems = audit_routes(app, list(policy.routes))
+        for problem in self.problems:
+            logger.error("guard: %s; refusing to serve", problem)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == self.policy.metrics_path:
-            await self.serve_metrics(send)
+        kind = scope["type"]
+        if kind == "lifespan" and self.problems:
+            await self.refuse_startup(receive, send)
             return
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
-        if route is None:
+        if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        await GuardedExchange(self, route, scope, receive, send).run()
+        route = self.routes.match(scope)
+        if self.problems:
+            await refuse(scope, receive, send, GuardError(500, "guard_misconfigured", "the guard's policy can be "
+                                                 "walked around in this app; see the server log"))
+        elif kind == "http" and scope["path"] == self.policy.metrics_path:
+            await self.serve_metrics(send)
+        elif route is None or (kind == "websocket" and route.websocket):
+            await self.app(scope, receive, send)
+        elif kind == "websocket":
+            await refuse(scope, receive, send, None)
+        else:
+            await GuardedExchange(self, route, scope, receive, send).run()
+
+    async def refuse_startup(self, receive: Receive, send: Send) -> None:
+        """Answer the server's ``lifespan.startup`` with a failure naming the ways around the policy,
+        then raise it, as Starlette's router does when its startup fails."""
+        await receive()
+        message = "; ".join(self.problems)
+        await send({"type": "lifespan.startup.failed", "message": message})
+        raise RuntimeError(message)
 
     async def serve_metrics(self, send: Send) -> None:
         body, content_type = self.monitoring.metrics.exposition()
@@ -153,6 +181,21 @@ class GuardMiddleware:
                     "headers": [(b"content-type", content_type.encode()),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send, error: GuardError | None) -> None:
+    """Refuse a request before the app sees it: a WebSocket is accepted and at once closed with 1008
+    (policy violation), so the client learns why; an HTTP request gets ``error`` as JSON."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1008, "reason": "guarded route"})
+        return
+    body = dumps({"error": error.error, "detail": error.detail})
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -19,6 +19,7 @@ from guard.monitors import DETECTORS
 from guard.outputs import Pipeline
 from guard.payload import Pointer
 from guard.ratelimit import parse_limits
+from guard.routing import is_template, template_regex
 from guard.sanctions import DEFAULT_LADDER, SanctionRules
 
 if sys.version_info >= (3, 11):
@@ -91,6 +92,8 @@ class RoutePolicy(BaseModel):
     detectors: list[str] | None = Field(default=None, description="names of the policy's detectors that "
                                         "watch this route; None: all of them")
     sanctions: SanctionPolicy = Field(default_factory=SanctionPolicy)
+    allow_websocket: bool = Field(default=False, description="let WebSocket connections on this route "
+                                  "through, unguarded (default: closed with 1008)")
 
     @field_validator("rate_limits", "overall_rate_limits", "throttle_rate_limits")
     @classmethod
@@ -120,7 +123,8 @@ class RoutePolicy(BaseModel):
 
 
 class Policy(BaseModel):
-    """Server-wide settings and the guarded routes (keyed by exact request path)."""
+    """Server-wide settings and the guarded routes, keyed by the path the app's router sees (root
+    path and mounts excluded) or a Starlette path template (``/models/{name}/predict``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -161,6 +165,8 @@ class Policy(BaseModel):
         for path in routes:
             if not path.startswith("/"):
                 raise ValueError(f"route {path!r} must be a path starting with '/'")
+            if is_template(path):
+                template_regex(path)
         return routes
 
     @field_validator("detectors")
