@@ -16,8 +16,10 @@ streamed file, any exception inside the guard) the client gets a JSON ``502`` (`
 guard's own errors and for an app that raised) ``{"error": ..., "detail": ...}`` with nothing of the
 original body, and the event is logged on the ``guard`` logger.
 
-Non-2xx responses pass through untouched when they carry no probabilities (no JSON value at the
-probabilities pointer, e.g. the app's own ``422``); when they do, they are defended like a ``2xx``.
+Non-2xx responses pass through untouched when they carry no probabilities (JSON without a value at
+the probabilities pointer, e.g. the app's own ``422``, or a body without a digit); when they do, they
+are defended like a ``2xx``; when they cannot be read (NaN, truncated, nested deeper than the
+parser's limit) they fail closed like a ``2xx``.
 
 Compression: a ``gzip`` or ``deflate`` response from the app is decoded, defended and sent
 uncompressed. To compress what clients receive, add ``GZipMiddleware`` *after* ``GuardMiddleware``
@@ -32,6 +34,7 @@ import hashlib
 import hmac
 import inspect
 import logging
+import re
 import time
 import zlib
 from collections.abc import Awaitable
@@ -63,6 +66,9 @@ from guard.store import StoreUnavailable, store_from_uri
 logger = logging.getLogger("guard")
 
 T = TypeVar("T")
+
+# A body without a single digit cannot carry a probability value.
+_DIGIT = re.compile(rb"[0-9]")
 
 # Response headers that describe the app's original bytes and must not survive the rewrite.
 _STALE_HEADERS = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"etag",
@@ -395,7 +401,11 @@ class GuardedExchange:
                              f"{len(features)} feature rows")
         defended = output(found.values, features)
         document = self.route.probabilities.replace(document, found.render(defended, output.label_only))
-        await self.send_json(self.start["status"], headers, dumps(document))
+        try:
+            body = dumps(document)
+        except TypeError:  # orjson.JSONEncodeError: nested deeper than the serialiser allows
+            raise GuardError(502, "bad_response", "the app's response cannot be re-serialised") from None
+        await self.send_json(self.start["status"], headers, body)
         return found.values.argmax(axis=1)
 
     # Step 7: the detectors see the query and the model's own label; alarms raise the client's
@@ -420,13 +430,19 @@ class GuardedExchange:
                 logger.exception("guard: detector %s failed on %s", detector.name, self.scope["path"])
 
     def locate(self, body: bytes) -> tuple[object, Probabilities | None]:
-        """The parsed response and its validated probabilities. A non-2xx response without a value
-        at the pointer carries none (``None``); a 2xx one fails closed."""
+        """The parsed response and its validated probabilities. A non-2xx JSON response without a
+        value at the pointer carries none (``None``), nor does a non-2xx body that is not JSON and
+        holds no digit (a plain ``Not Found``); anything else that cannot be read fails closed."""
         success = 200 <= self.start["status"] < 300
         try:
             document = loads(body)
+        except ValueError:  # orjson.JSONDecodeError: not JSON, NaN, truncated, nested too deep
+            if success or _DIGIT.search(body):
+                raise GuardError(502, "bad_response", "the app's response is not valid JSON") from None
+            return None, None
+        try:
             value = self.route.probabilities.get(document)
-        except ValueError:  # not JSON (orjson.JSONDecodeError), or nothing at the pointer (PayloadError)
+        except PayloadError:
             if not success:
                 return None, None
             raise GuardError(502, "bad_response", "no probabilities at "
