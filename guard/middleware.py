@@ -44,7 +44,7 @@ from typing import TypeVar
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guard.identity import ClientIdentifier
+from guard.identity import ClientIdentifier, Identity, KeyCheck
 from guard.metrics import GuardMetrics
 from guard.monitors import DETECTORS, Detector, build_detector
 from guard.outputs import Pipeline
@@ -110,7 +110,8 @@ class RouteGuard:
         return cls(Pointer.parse(route.probabilities), Pointer.parse(route.features),
                    Pipeline.from_specs(route.output, secret), Pipeline.from_specs(route.degraded_output, secret),
                    tuple(route.labels) if route.labels else None, route.tolerance, path,
-                   RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits),
+                   RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits,
+                                     route.network_rate_limits),
                    tuple(watching.values()), route.sanctions.rules(), route.allow_websocket)
 
 
@@ -118,9 +119,13 @@ class Monitoring:
     """The policy's query monitoring, built once per middleware: who the client is, the shared state
     store, rate limits, sanctions, detectors and metrics."""
 
-    def __init__(self, policy: Policy, metrics: GuardMetrics | None = None) -> None:
+    def __init__(self, policy: Policy, metrics: GuardMetrics | None = None,
+                 verify_key: KeyCheck | None = None) -> None:
         secret = policy.secret_bytes
-        self.identifier = ClientIdentifier(secret, policy.identity.header, policy.identity.trusted_proxies)
+        identity = policy.identity
+        self.identifier = ClientIdentifier(secret, identity.header, identity.trusted_proxies,
+                                           identity.verifier(verify_key), identity.unknown_keys,
+                                           (identity.network_prefix_v4, identity.network_prefix_v6))
         self.store = store_from_uri(policy.store)
         self.limiter = RateLimiter(limits_storage_uri(policy.store), policy.rate_limit_strategy)
         self.sanctions = Sanctions(self.store)
@@ -139,12 +144,14 @@ def detector_settings(name: str, config: dict, secret: bytes) -> dict:
 
 
 class GuardMiddleware:
-    """Pure ASGI middleware enforcing ``policy`` on its routes; everything else passes untouched."""
+    """Pure ASGI middleware enforcing ``policy`` on its routes; everything else passes untouched.
+    ``verify_key(key) -> bool`` accepts API keys beside those the policy lists (the app's key store)."""
 
-    def __init__(self, app: ASGIApp, policy: Policy, metrics: GuardMetrics | None = None) -> None:
+    def __init__(self, app: ASGIApp, policy: Policy, metrics: GuardMetrics | None = None,
+                 verify_key: KeyCheck | None = None) -> None:
         self.app = app
         self.policy = policy
-        self.monitoring = Monitoring(policy, metrics)
+        self.monitoring = Monitoring(policy, metrics, verify_key)
         self.routes = RouteTable({path: RouteGuard.compile(path, route, policy.secret_bytes,
                                                            self.monitoring.detectors)
                                   for path, route in policy.routes.items()})
@@ -256,19 +263,29 @@ class GuardedExchange:
         the app and defend its answer (6), feed the detectors (7) after the answer is sent, and
         count it (8)."""
         started = time.perf_counter()
-        client = self.monitoring.identifier.identify(self.scope)
-        features = await self.fail_closed(self.read_request())
-        output, decision = (None, "rejected") if features is None else await self.admit(client, len(features))
-        predicted = None
-        if output is not None:
-            await self.call_app()
-            predicted = await self.fail_closed(self.respond(features, output))
-            decision = decision if predicted is not None else "failed"
+        identity = self.monitoring.identifier.identify(self.scope)
+        decision, predicted, features = await self.guard(identity)
         metrics = self.monitoring.metrics
         metrics.request(self.route.path, decision, time.perf_counter() - started - self.app_seconds)
-        await metrics.seen(client)
+        await metrics.seen(identity.client)
         if predicted is not None and len(predicted):
-            await self.observe(client, features, predicted)
+            await self.observe(identity.client, features, predicted)
+
+    async def guard(self, identity: Identity) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+        """Steps 2 to 6: the metrics' decision, the model's own labels (None when it was not
+        answered) and the query's features."""
+        if identity.rejected:
+            await self.reject(GuardError(401, "invalid_api_key", "the API key is not valid"))
+            return "unauthorized", None, None
+        features = await self.fail_closed(self.read_request())
+        if features is None:
+            return "rejected", None, None
+        output, decision = await self.admit(identity, len(features))
+        if output is None:
+            return decision, None, features
+        await self.call_app()
+        predicted = await self.fail_closed(self.respond(features, output))
+        return (decision if predicted is not None else "failed"), predicted, features
 
     async def fail_closed(self, step: Awaitable[T]) -> T | None:
         """Run a step of the guard; a refusal or any failure inside it becomes a JSON error (None)."""
@@ -333,16 +350,17 @@ class GuardedExchange:
 
     # Steps 4 and 5: the client's standing sanction, then its rate limits (a throttled client's
     # include the route's throttle limits), select the output policy or refuse the request.
-    async def admit(self, client: str, queries: int) -> tuple[Pipeline | None, str]:
+    async def admit(self, identity: Identity, queries: int) -> tuple[Pipeline | None, str]:
         """The output pipeline for this request and the metrics' decision (pipeline None: refused)."""
         monitoring = self.monitoring
         try:
-            standing = await monitoring.sanctions.standing(client)
+            standing = await monitoring.sanctions.standing(identity.client)
             if standing.level == Level.BLOCK:
                 await self.reject(GuardError(403, "blocked", "this client is blocked"))
                 return None, "blocked"
-            limit = await monitoring.limiter.hit(self.route.path, client, self.route.limits,
-                                                 standing.level == Level.THROTTLE, max(queries, 1))
+            limit = await monitoring.limiter.hit(self.route.path, identity.client, self.route.limits,
+                                                 standing.level == Level.THROTTLE, max(queries, 1),
+                                                 identity.network)
         except StoreUnavailable as error:
             logger.error("guard: state store unreachable (%s); failing closed (%s)", error, self.policy.fail_mode)
             if self.policy.fail_mode == "503":

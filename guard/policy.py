@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from guard.identity import KeyCheck, KeyVerifier, key_digest, read_key_file
 from guard.monitors import DETECTORS
 from guard.outputs import Pipeline
 from guard.payload import Pointer
@@ -59,9 +60,15 @@ class IdentityPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    header: str | None = Field(default="X-API-Key", description="API-key header; None: peer IP only")
+    header: str | None = Field(default=None, description="API-key header (e.g. X-API-Key); None: peer IP only")
+    keys: list[str] = Field(default_factory=list, description="the valid API keys as 'sha256:<hex digest>'")
+    keys_file: Path | None = Field(default=None, description="a file of valid keys, one 'sha256:<hex>' a line")
+    unknown_keys: Literal["reject", "ip"] = Field(default="reject", description="a key that is not valid: "
+                                                  "refused with 401, or ignored (the client is its IP)")
     trusted_proxies: list[str] = Field(default_factory=list, description="addresses/CIDRs whose "
                                        "X-Forwarded-For is believed")
+    network_prefix_v4: int = Field(default=32, ge=0, le=32, description="IPv4 prefix of a network's budget")
+    network_prefix_v6: int = Field(default=64, ge=0, le=128, description="IPv6 prefix of a network's budget")
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -69,6 +76,18 @@ class IdentityPolicy(BaseModel):
         for proxy in proxies:
             ipaddress.ip_network(proxy, strict=False)
         return proxies
+
+    @field_validator("keys")
+    @classmethod
+    def _digests(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            key_digest(key)
+        return keys
+
+    def verifier(self, check: KeyCheck | None = None) -> KeyVerifier:
+        """The valid keys: those listed, those in ``keys_file``, and those ``check`` accepts."""
+        listed = self.keys + (read_key_file(self.keys_file) if self.keys_file else [])
+        return KeyVerifier(listed, check)
 
 
 class RoutePolicy(BaseModel):
@@ -87,6 +106,8 @@ class RoutePolicy(BaseModel):
     rate_limits: list[str] = Field(default_factory=list, description="per-client limits, e.g. '100/minute'; "
                                    "a request costs one per feature row")
     overall_rate_limits: list[str] = Field(default_factory=list, description="limits over all clients")
+    network_rate_limits: list[str] = Field(default_factory=list, description="limits per client network "
+                                           "(identity.network_prefix_v4/_v6), shared by every key from it")
     throttle_rate_limits: list[str] = Field(default_factory=lambda: ["10/minute"],
                                             description="the extra limits of a client sanctioned 'throttle'")
     detectors: list[str] | None = Field(default=None, description="names of the policy's detectors that "
@@ -95,7 +116,7 @@ class RoutePolicy(BaseModel):
     allow_websocket: bool = Field(default=False, description="let WebSocket connections on this route "
                                   "through, unguarded (default: closed with 1008)")
 
-    @field_validator("rate_limits", "overall_rate_limits", "throttle_rate_limits")
+    @field_validator("rate_limits", "overall_rate_limits", "network_rate_limits", "throttle_rate_limits")
     @classmethod
     def _limits(cls, limits: list[str]) -> list[str]:
         parse_limits(limits)

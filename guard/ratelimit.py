@@ -36,17 +36,20 @@ def parse_limits(notation: str | Sequence[str]) -> tuple[RateLimitItem, ...]:
 
 @dataclass(frozen=True)
 class RouteLimits:
-    """A route's limits: each client's own, all clients' together (``overall``), and the much lower
-    one a client gets while its sanction is ``throttle``."""
+    """A route's limits: each client's own, all clients' together (``overall``), the much lower
+    one a client gets while its sanction is ``throttle``, and each client network's (``per_network``,
+    shared by every API key from that network)."""
 
     per_client: tuple[RateLimitItem, ...] = ()
     overall: tuple[RateLimitItem, ...] = ()
     throttled: tuple[RateLimitItem, ...] = ()
+    per_network: tuple[RateLimitItem, ...] = ()
 
     @classmethod
     def parse(cls, per_client: str | Sequence[str] = (), overall: str | Sequence[str] = (),
-              throttled: str | Sequence[str] = ()) -> RouteLimits:
-        return cls(parse_limits(per_client), parse_limits(overall), parse_limits(throttled))
+              throttled: str | Sequence[str] = (), per_network: str | Sequence[str] = ()) -> RouteLimits:
+        return cls(parse_limits(per_client), parse_limits(overall), parse_limits(throttled),
+                   parse_limits(per_network))
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,15 @@ class RateLimiter:
         self._strategy = STRATEGIES[strategy](storage_from_string(storage_uri, **options))
 
     async def hit(self, route: str, client: str, limits: RouteLimits, throttled: bool = False,
-                  cost: int = 1) -> LimitDecision | None:
+                  cost: int = 1, network: str | None = None) -> LimitDecision | None:
         """Spend ``cost`` (the request's queries) on the client's limits (plus its throttle limits
-        when ``throttled``), then on the route's overall limits, stopping at the first refusal.
+        when ``throttled``), then on its ``network``'s and the route's overall limits, stopping at
+        the first refusal.
         Returns the refusing limit's decision, else the one with the least remaining; None when
         the route has no limits."""
         checks = [(item, ("client", route, client))
                   for item in limits.per_client + (limits.throttled if throttled else ())]
+        checks += [(item, ("network", route, network)) for item in limits.per_network if network]
         checks += [(item, ("overall", route)) for item in limits.overall]
         tightest: LimitDecision | None = None
         try:

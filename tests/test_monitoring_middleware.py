@@ -9,10 +9,13 @@ import pytest
 
 from benchmarks.serving import prediction_app
 from guard import GuardMiddleware, Policy
+from guard.identity import key_entry
 
 D, K = 16, 3
 WEIGHTS = np.random.default_rng(0).normal(size=(D, K))
 SECRET = "monitoring test secret"
+KEYS = ["mallory", "alice", "sybil-0", "sybil-1", "sybil-2"]
+IDENTITY = {"header": "X-API-Key", "keys": [key_entry(key) for key in KEYS]}
 
 
 def softmax(X: np.ndarray) -> np.ndarray:
@@ -23,7 +26,8 @@ def softmax(X: np.ndarray) -> np.ndarray:
 
 def client_for(peer: str = "203.0.113.7", **settings) -> httpx.AsyncClient:
     route = {"probabilities": "/probabilities", "features": "/features", **settings.pop("route", {})}
-    policy = Policy(secret=SECRET, routes={"/predict": route}, **settings)
+    identity = {**IDENTITY, **settings.pop("identity", {})}
+    policy = Policy(secret=SECRET, routes={"/predict": route}, identity=identity, **settings)
     app = prediction_app(softmax, D)
     app.add_middleware(GuardMiddleware, policy=policy)
     transport = httpx.ASGITransport(app=app, client=(peer, 4000))
@@ -32,6 +36,11 @@ def client_for(peer: str = "203.0.113.7", **settings) -> httpx.AsyncClient:
 
 def query(seed: int) -> list[float]:
     return np.random.default_rng(seed).random(D).round(3).tolist()
+
+
+def near(features: list[float], i: int) -> list[float]:
+    """A near-duplicate of ``features`` (the first value moved by ``i`` * 1e-4): not an exact repeat."""
+    return [features[0] + i * 1e-4, *features[1:]]
 
 
 async def predict(client: httpx.AsyncClient, features: list[float], **headers: str) -> httpx.Response:
@@ -81,7 +90,7 @@ async def test_log_degrade_throttle_sequence():
     route = {"throttle_rate_limits": ["1/minute"], "rate_limits": ["100/minute"]}
     async with client_for(route=route, detectors=SIMILARITY) as client:
         repeated = query(0)
-        answers = [await predict(client, repeated, x_api_key="mallory") for _ in range(4)]
+        answers = [await predict(client, near(repeated, i), x_api_key="mallory") for i in range(4)]
         # alarms on the 2nd, 3rd, 4th query: log, then degrade (label-only), then throttle
         assert [full(a) for a in answers] == [True, True, True, False]
         assert isinstance(answers[3].json()["probabilities"], int)
@@ -100,7 +109,7 @@ async def test_cross_client_alarms_sanction_every_sybil_key_when_configured(acco
         repeated = query(0)
         # one query, sent in turn by each key: from the second on, each matches the key before it
         for i in range(4):
-            assert full(await predict(client, repeated, x_api_key=keys[i % 3]))
+            assert full(await predict(client, near(repeated, i), x_api_key=keys[i % 3]))
         probes = [await predict(client, query(10 + i), x_api_key=key) for i, key in enumerate(keys)]
         untouched = full(await predict(client, query(20), x_api_key="alice"))
     # with accomplices every key has climbed to degrade (label-only answers); without, each key
@@ -112,7 +121,7 @@ async def test_cross_client_alarms_sanction_every_sybil_key_when_configured(acco
 async def test_block_gives_403_and_metrics_count_it():
     route = {"sanctions": {"ladder": {"block": 60}}}
     async with client_for(route=route, detectors=SIMILARITY, metrics_path="/metrics") as client:
-        answers = [await predict(client, query(0), x_api_key="mallory") for _ in range(3)]
+        answers = [await predict(client, near(query(0), i), x_api_key="mallory") for i in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 403]
         metrics = (await client.get("/metrics")).text
     for line in ['guard_requests_total{decision="allowed",route="/predict"} 2.0',
@@ -162,3 +171,42 @@ def test_guard_calibrate_writes_thresholds_the_policy_loads(tmp_path):
     assert detectors["similarity"]["window"] == 20
     assert 1 < detectors["similarity"]["threshold"] <= 51  # at most top_n (50) shared hashes + 1
     assert 0 < detectors["prada"]["delta"] < 1
+
+
+async def test_a_blocked_key_cannot_escape_with_an_invented_one():
+    route = {"sanctions": {"ladder": {"block": 60}}}
+    async with client_for(route=route, detectors=SIMILARITY) as client:
+        answers = [await predict(client, near(query(0), i), x_api_key="mallory") for i in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 403]
+        escape = await predict(client, query(1), x_api_key="mallory-2")
+    assert escape.status_code == 401 and escape.json()["error"] == "invalid_api_key"
+
+
+async def test_a_client_blocked_by_its_ip_stays_blocked_with_an_unknown_key():
+    route = {"sanctions": {"ladder": {"block": 60}}}
+    async with client_for(route=route, detectors=SIMILARITY, identity={"unknown_keys": "ip"}) as client:
+        answers = [await predict(client, near(query(0), i)) for i in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 403]
+        assert (await predict(client, query(1), x_api_key="fresh-key")).status_code == 403
+        assert full(await predict(client, query(2), x_api_key="alice"))
+
+
+async def test_valid_keys_from_one_network_share_its_budget():
+    route = {"rate_limits": ["100/minute"], "network_rate_limits": ["3/minute"]}
+    async with client_for(route=route) as client:
+        codes = [(await predict(client, query(i), x_api_key=key)).status_code
+                 for i, key in enumerate(["sybil-0", "sybil-1", "sybil-2", "alice"])]
+    assert codes == [200, 200, 200, 429]
+
+
+async def test_keys_from_a_file_and_from_the_apps_own_check(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# issued keys\n{key_entry('from-file')}\n")
+    policy = Policy(secret=SECRET, identity={"header": "X-API-Key", "keys_file": str(keys)},
+                    routes={"/predict": {"probabilities": "/probabilities", "features": "/features"}})
+    app = prediction_app(softmax, D)
+    app.add_middleware(GuardMiddleware, policy=policy, verify_key=lambda key: key.startswith("app-"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guarded") as client:
+        codes = [(await predict(client, query(0), x_api_key=key)).status_code
+                 for key in ("from-file", "app-123", "other")]
+    assert codes == [200, 200, 401]

@@ -29,8 +29,10 @@ app.add_middleware(GuardMiddleware, policy=Policy(
     secret="two workers share this secret", store=os.environ["GUARD_STORE"],
     detectors={"similarity": {"threshold": 5, "window": 4, "quantization": 0.1,
                               "table": os.environ["GUARD_TABLE"]}},
+    identity={"header": "X-API-Key"},
     routes={"/predict": {"probabilities": "/probabilities", "features": "/features",
-                         "rate_limits": ["6/minute"], "sanctions": {"ladder": {"block": 60}}}}))
+                         "rate_limits": ["6/minute"], "sanctions": {"ladder": {"block": 60}}}}),
+    verify_key=lambda key: len(key) == 32)  # the test's uuid4 hex keys
 '''
 
 
