@@ -8,7 +8,10 @@ the ``top_n`` largest hashes form the query's fingerprint. One bounded hash tabl
 hash -> id of the last query that produced it; the id carries the client, so a single table serves
 both the per-client view and the cross-client view (queries spread over many API keys, a Sybil
 attack). The score of a query is the number of its hashes shared with the most similar earlier
-query, and the alarm is ``score >= threshold``. The per-query cost is one fingerprint and one
+query, and the alarm is ``score >= threshold``. An exact repeat (the same values at the model's
+float32 precision) is no evidence: it gets the identical answer and teaches nothing new, so an
+ordinary client's retries never alarm. The id of a query is its client and a keyed digest of its
+float32 values, and matches with the same digest are left out of the score. The per-query cost is one fingerprint and one
 ``swap_many`` of ``top_n`` fields, independent of how many queries came before.
 
 The hash: Blacklight uses SHA-256 of each window. What the detector needs from it is only that
@@ -87,6 +90,13 @@ class Similarity:
         # Row 0: the two additive keys a_0; rows 1..window: the multipliers of each position.
         stream = hashlib.shake_256(b"predguard similarity keys" + salt).digest(16 * (window + 1))
         self._keys = np.frombuffer(stream, "<u8").reshape(window + 1, 2)
+        self._digest_key = hashlib.shake_256(b"predguard similarity query ids" + salt).digest(32)
+
+    def query_ids(self, owner: bytes, queries: np.ndarray) -> list[bytes]:
+        """Per query: ``owner`` and a keyed digest of its values at float32 (exact repeats share it)."""
+        rows = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(len(queries), -1)) + np.float32(0)
+        return [owner + hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=_QUERY_ID_BYTES).digest()
+                for row in rows]
 
     def fingerprints(self, queries: np.ndarray) -> list[list[bytes]]:
         """Per query (a row of ``queries``), the ``top_n`` largest keyed hashes of its distinct
@@ -111,10 +121,11 @@ class Similarity:
         owner = client.encode()
         verdict = self._judge(0.0, 0.0)
         accomplices: set[bytes] = set()
-        for fingerprint in self.fingerprints(features):
-            query_id = owner + os.urandom(_QUERY_ID_BYTES)
+        for fingerprint, query_id in zip(self.fingerprints(features), self.query_ids(owner, features)):
             earlier = await self.store.swap_many(self.table, fingerprint, query_id, self.ttl)
-            shared = Counter(match for match in earlier if match is not None)
+            digest = query_id[-_QUERY_ID_BYTES:]
+            shared = Counter(match for match in earlier
+                             if match is not None and match[-_QUERY_ID_BYTES:] != digest)
             own = max(
                 (n for match, n in shared.items() if match[:-_QUERY_ID_BYTES] == owner), default=0
             )
