@@ -29,10 +29,10 @@ LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5
 class GuardMetrics:
     """``guard_requests_total{route,decision}``, ``guard_detections_total{detector}``,
     ``guard_sanctions_total{level}``, ``guard_middleware_seconds`` and ``guard_clients_tracked``
-    (distinct clients seen in the last ``client_window`` seconds, at most ``max_clients``)."""
+    (distinct clients seen in the last ``client_window`` seconds, as many as ``max_bytes`` holds)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, client_window: float = 3600.0,
-                 max_clients: int = 100_000):
+                 max_bytes: int = 16 << 20):
         self.registry = CollectorRegistry() if registry is None else registry
         self.requests = Counter("guard_requests_total", "Guarded requests by route and decision.",
                                 ["route", "decision"], registry=self.registry)
@@ -45,7 +45,7 @@ class GuardMetrics:
         self.clients = Gauge("guard_clients_tracked", "Distinct clients seen recently.",
                              multiprocess_mode="livesum", registry=self.registry)
         self._request_counts: dict[tuple[str, str], Counter] = {}  # routes x decisions: bounded
-        self._recent = MemoryStore(max_keys=max_clients)
+        self._recent = MemoryStore(max_bytes=max_bytes)
         self._client_window = client_window
 
     def request(self, route: str, decision: str, seconds: float) -> None:

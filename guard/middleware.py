@@ -61,7 +61,7 @@ from guard.policy import Policy, RoutePolicy
 from guard.ratelimit import RateLimiter, RouteLimits, limits_storage_uri
 from guard.routing import RouteTable, audit_routes
 from guard.sanctions import Level, SanctionRules, Sanctions
-from guard.store import StoreUnavailable, store_from_uri
+from guard.store import MemoryStore, StoreUnavailable, store_from_uri
 
 logger = logging.getLogger("guard")
 
@@ -116,8 +116,10 @@ class RouteGuard:
 
 
 class Monitoring:
-    """The policy's query monitoring, built once per middleware: who the client is, the shared state
-    store, rate limits, sanctions, detectors and metrics."""
+    """The policy's query monitoring, built once per middleware: who the client is, the state stores,
+    rate limits, sanctions, detectors and metrics. In process, ``policy.memory_limit`` is shared out:
+    half to detector state, a quarter to rate-limit counters, an eighth each to sanctions (kept
+    apart, never evicted before they expire) and to the metrics' recent clients."""
 
     def __init__(self, policy: Policy, metrics: GuardMetrics | None = None,
                  verify_key: KeyCheck | None = None) -> None:
@@ -126,13 +128,22 @@ class Monitoring:
         self.identifier = ClientIdentifier(secret, identity.header, identity.trusted_proxies,
                                            identity.verifier(verify_key), identity.unknown_keys,
                                            (identity.network_prefix_v4, identity.network_prefix_v6))
-        self.store = store_from_uri(policy.store)
-        self.limiter = RateLimiter(limits_storage_uri(policy.store), policy.rate_limit_strategy)
-        self.sanctions = Sanctions(self.store)
+        share = policy.memory_limit // 8
+        self.store = store_from_uri(policy.store, **memory_options(policy.store, max_bytes=4 * share))
+        sanction_store = store_from_uri(policy.store, **memory_options(policy.store, max_bytes=share, evict=False)) \
+            if isinstance(self.store, MemoryStore) else self.store
+        self.limiter = RateLimiter(limits_storage_uri(policy.store), policy.rate_limit_strategy,
+                                   max_bytes=2 * share)
+        self.sanctions = Sanctions(sanction_store)
         self.detectors = {name: build_detector(name, detector_settings(name, config, secret), self.store)
                           for name, config in policy.detectors.items()}
-        self.metrics = metrics or GuardMetrics()
+        self.metrics = metrics or GuardMetrics(max_bytes=share)
         self.fail_output = Pipeline.from_specs(["label_only"], secret)
+
+
+def memory_options(uri: str, **options: object) -> dict:
+    """``options`` for an in-process store's constructor; none for Redis (bounded by its maxmemory)."""
+    return options if uri.startswith("memory:") else {}
 
 
 def detector_settings(name: str, config: dict, secret: bytes) -> dict:

@@ -162,6 +162,8 @@ class Policy(BaseModel):
                                                  "settings (e.g. thresholds written by `guard calibrate`)")
     fail_mode: Literal["label_only", "503"] = Field(default="label_only", description="when the store is "
                                                     "unreachable: answer label-only, or refuse with 503")
+    memory_limit: int = Field(default=256 << 20, ge=1 << 20, description="bytes of in-process state "
+                              "(memory:// store): detector state, rate-limit counters, sanctions, metrics")
     metrics_path: str | None = Field(default=None, description="serve Prometheus metrics here (e.g. /metrics)")
 
     @model_validator(mode="before")

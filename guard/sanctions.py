@@ -101,7 +101,12 @@ class Sanctions:
         return f"sanction:{client}"
 
     async def standing(self, client: str) -> Standing:
-        return Standing.decode(await self._store.get(self._key(client)), self._clock())
+        """The client's standing; a client without one while the store is full of live sanctions is
+        degraded (its sanctions could not be recorded), so no old block is forgotten to make room."""
+        raw = await self._store.get(self._key(client))
+        if raw is None and getattr(self._store, "full", False):
+            return Standing(Level.DEGRADE)
+        return Standing.decode(raw, self._clock())
 
     async def escalate(self, client: str, rules: SanctionRules, detector: str) -> tuple[Level, Standing]:
         """Apply an alarm from ``detector`` atomically; returns the level in force before and the new standing."""

@@ -210,3 +210,22 @@ async def test_keys_from_a_file_and_from_the_apps_own_check(tmp_path):
         codes = [(await predict(client, query(0), x_api_key=key)).status_code
                  for key in ("from-file", "app-123", "other")]
     assert codes == [200, 200, 401]
+
+
+async def test_blocks_survive_a_flood_of_identities_and_a_full_sanction_store_degrades_new_clients():
+    from guard.middleware import Monitoring
+    from guard.sanctions import Level, SanctionRules
+
+    monitoring = Monitoring(Policy(secret=SECRET, memory_limit=1 << 20))
+    rules = SanctionRules.parse({"block": 3600})
+    await monitoring.sanctions.escalate("ip:203.0.113.7", rules, "similarity")
+    for i in range(20_000):  # detector state of 20,000 fresh clients: far beyond its share
+        await monitoring.store.set(f"prada:key:{i}:distances", b"x" * 64, ttl=3600)
+    assert (await monitoring.sanctions.standing("ip:203.0.113.7")).level == Level.BLOCK
+    sanctioned = 0
+    while not (await monitoring.sanctions.standing(f"ip:10.{sanctioned}")).level:
+        await monitoring.sanctions.escalate(f"ip:10.{sanctioned}", rules, "similarity")
+        sanctioned += 1
+    assert sanctioned > 100  # the sanction share holds hundreds of standings
+    assert (await monitoring.sanctions.standing("ip:203.0.113.7")).level == Level.BLOCK
+    assert (await monitoring.sanctions.standing("ip:198.51.100.1")).level == Level.DEGRADE
