@@ -7,6 +7,8 @@ structure). Every setting is validated when the policy is built; unknown keys ar
 from __future__ import annotations
 
 import ipaddress
+import multiprocessing
+import os
 import secrets
 import sys
 import warnings
@@ -29,6 +31,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _PROCESS_SECRET = secrets.token_hex(32)
+
+
+def several_workers() -> bool:
+    """Whether this process looks like one of several serving workers: a ``multiprocessing`` child
+    (``uvicorn --workers``, ``--reload``), a gunicorn worker, ``WEB_CONCURRENCY`` above 1, or
+    prometheus-client's multiprocess mode."""
+    return (multiprocessing.parent_process() is not None
+            or os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn")
+            or os.environ.get("WEB_CONCURRENCY", "1").strip() not in ("", "0", "1")
+            or bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
 
 
 class SanctionPolicy(BaseModel):
@@ -149,8 +161,11 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    secret: SecretStr = Field(description="server secret for keyed hashes (noise seeds); keep it stable "
-                              "across restarts and identical in every worker")
+    secret: SecretStr | None = Field(default=None, description="server secret for keyed hashes (API keys, "
+                                     "noise seeds, detector salts); stable across restarts, identical in "
+                                     "every worker; required wherever it matters (see `secret_needed`)")
+    dev_random_secret: bool = Field(default=False, description="development only: a random per-process "
+                                    "secret where one is required")
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="largest request body accepted")
     routes: dict[str, RoutePolicy] = Field(default_factory=dict)
     identity: IdentityPolicy = Field(default_factory=IdentityPolicy)
@@ -166,19 +181,10 @@ class Policy(BaseModel):
                               "(memory:// store): detector state, rate-limit counters, sanctions, metrics")
     metrics_path: str | None = Field(default=None, description="serve Prometheus metrics here (e.g. /metrics)")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_secret(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("secret") is None:
-            warnings.warn("predguard: no `secret` configured; using a random per-process secret, so noise "
-                          "differs across restarts and workers. Set `secret` in production.", stacklevel=2)
-            data = {**data, "secret": _PROCESS_SECRET}
-        return data
-
     @field_validator("secret")
     @classmethod
-    def _long_enough(cls, secret: SecretStr) -> SecretStr:
-        if len(secret.get_secret_value()) < 16:
+    def _long_enough(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value()) < 16:
             raise ValueError("secret must be at least 16 characters")
         return secret
 
@@ -208,9 +214,35 @@ class Policy(BaseModel):
                 raise ValueError(f"route {path} names detectors {sorted(missing)} absent from `detectors`")
         return self
 
+    @model_validator(mode="after")
+    def _secret_where_needed(self) -> Policy:
+        reasons = self.secret_needed()
+        if self.secret is None and reasons:
+            if not self.dev_random_secret:
+                raise ValueError(f"a `secret` is required ({'; '.join(reasons)}); for development only, "
+                                 "`dev_random_secret = true` uses a random one per process")
+            warnings.warn(f"predguard: random per-process secret although {'; '.join(reasons)}: "
+                          "development only", stacklevel=2)
+        return self
+
+    def secret_needed(self) -> list[str]:
+        """Why this deployment needs a configured secret: what a per-process one would break."""
+        reasons = []
+        if several_workers():
+            reasons.append("several worker processes would each hash keys, salt detectors and seed noise "
+                           "differently")
+        if not self.store.startswith("memory:"):
+            reasons.append("a shared store needs every worker and restart to name clients alike")
+        if self.identity.header:
+            reasons.append("API keys are stored as keyed hashes")
+        if any(spec.strip().startswith("noise") for route in self.routes.values()
+               for spec in route.output + route.degraded_output):
+            reasons.append("noise is seeded by a keyed hash and must not change across restarts")
+        return reasons
+
     @property
     def secret_bytes(self) -> bytes:
-        return self.secret.get_secret_value().encode()
+        return (self.secret.get_secret_value() if self.secret is not None else _PROCESS_SECRET).encode()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:
