@@ -199,6 +199,15 @@ async def test_noise_on_the_wire_is_repeatable_per_query(model):
     assert np.argmax(first["probabilities"]) == 0
 
 
+async def test_averaging_queries_perturbed_below_float32_gains_nothing(model):
+    app = guarded_app(model, ["noise:0.5"])
+    answers = np.array([(await post(app, "/predict", {"features": [0.1 + k * 1e-12, 0.2, 0.3]})).json()
+                        ["probabilities"] for k in range(30)])
+    single_error = np.abs(answers[0] - RAW).mean()
+    averaged_error = np.abs(answers.mean(axis=0) - RAW).mean()
+    assert single_error > 0.01 and averaged_error == pytest.approx(single_error)
+
+
 async def test_streamed_responses_are_buffered_and_rewritten(model):
     response = await post(guarded_app(model), "/stream")
     assert response.json() == {"probabilities": ROUNDED, "pad": "x" * 100}
