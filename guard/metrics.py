@@ -8,7 +8,10 @@ start (prometheus-client's multiprocess mode); each worker then writes its sampl
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import os
+from collections.abc import Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -68,3 +71,23 @@ class GuardMetrics:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class MetricsAccess:
+    """Who may read the metrics (detection and sanction counters tell an attacker when it was seen):
+    clients from ``networks``, and any client presenting ``Authorization: Bearer <token>``."""
+
+    def __init__(self, networks: Sequence[str] = ("127.0.0.0/8", "::1/128"), token: str | None = None):
+        self._networks = [ipaddress.ip_network(network, strict=False) for network in networks]
+        self._token = f"Bearer {token}".encode() if token else None
+
+    def allows(self, address: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        if self._token is not None:
+            presented = next((value for name, value in headers if name == b"authorization"), b"")
+            if hmac.compare_digest(presented, self._token):
+                return True
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self._networks)

@@ -45,7 +45,7 @@ import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.identity import ClientIdentifier, Identity, KeyCheck
-from guard.metrics import GuardMetrics
+from guard.metrics import GuardMetrics, MetricsAccess
 from guard.monitors import DETECTORS, Detector, build_detector
 from guard.outputs import Pipeline
 from guard.payload import (
@@ -59,7 +59,7 @@ from guard.payload import (
 )
 from guard.policy import Policy, RoutePolicy
 from guard.ratelimit import RateLimiter, RouteLimits, limits_storage_uri
-from guard.routing import RouteTable, audit_routes
+from guard.routing import RouteTable, audit_routes, get_route_path
 from guard.sanctions import Level, SanctionRules, Sanctions
 from guard.store import MemoryStore, StoreUnavailable, store_from_uri
 
@@ -138,6 +138,8 @@ class Monitoring:
         self.detectors = {name: build_detector(name, detector_settings(name, config, secret), self.store)
                           for name, config in policy.detectors.items()}
         self.metrics = metrics or GuardMetrics(max_bytes=share)
+        token = policy.metrics_token.get_secret_value() if policy.metrics_token else None
+        self.metrics_access = MetricsAccess(policy.metrics_networks, token)
         self.fail_output = Pipeline.from_specs(["label_only"], secret)
 
 
@@ -182,8 +184,8 @@ class GuardMiddleware:
         if self.problems:
             await refuse(scope, receive, send, GuardError(500, "guard_misconfigured", "the guard's policy can be "
                                                  "walked around in this app; see the server log"))
-        elif kind == "http" and scope["path"] == self.policy.metrics_path:
-            await self.serve_metrics(send)
+        elif kind == "http" and self.policy.metrics_path and get_route_path(scope) == self.policy.metrics_path:
+            await self.serve_metrics(scope, receive, send)
         elif route is None or (kind == "websocket" and route.websocket):
             await self.app(scope, receive, send)
         elif kind == "websocket":
@@ -199,8 +201,13 @@ class GuardMiddleware:
         await send({"type": "lifespan.startup.failed", "message": message})
         raise RuntimeError(message)
 
-    async def serve_metrics(self, send: Send) -> None:
-        body, content_type = self.monitoring.metrics.exposition()
+    async def serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The Prometheus exposition to allowed clients; others get the app's own answer there."""
+        monitoring = self.monitoring
+        if not monitoring.metrics_access.allows(monitoring.identifier.address(scope), scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        body, content_type = monitoring.metrics.exposition()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", content_type.encode()),
                                 (b"content-length", str(len(body)).encode())]})

@@ -180,6 +180,17 @@ class Policy(BaseModel):
     memory_limit: int = Field(default=256 << 20, ge=1 << 20, description="bytes of in-process state "
                               "(memory:// store): detector state, rate-limit counters, sanctions, metrics")
     metrics_path: str | None = Field(default=None, description="serve Prometheus metrics here (e.g. /metrics)")
+    metrics_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+                                        description="client networks allowed to read the metrics")
+    metrics_token: SecretStr | None = Field(default=None, description="a bearer token that may read the "
+                                            "metrics from anywhere")
+
+    @field_validator("metrics_networks")
+    @classmethod
+    def _metrics_networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            ipaddress.ip_network(network, strict=False)
+        return networks
 
     @field_validator("secret")
     @classmethod

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from guard.store.base import StateStore
+from guard.store.base import StateStore, StoreUnavailable
 
 log = logging.getLogger("guard.sanctions")
 
@@ -68,6 +68,10 @@ class SanctionRules:
         return next((level for level in self.ladder if level >= wanted), max(self.ladder))
 
 
+class MalformedStanding(StoreUnavailable):
+    """A stored standing that cannot be read: the guard follows its fail mode, as for a lost store."""
+
+
 @dataclass(frozen=True)
 class Standing:
     """A client's sanction: ``level`` in force until ``until`` (wall-clock seconds); ``reached``
@@ -83,10 +87,15 @@ class Standing:
 
     @classmethod
     def decode(cls, raw: bytes | None, now: float) -> Standing:
+        """The standing stored as ``raw``; ``MalformedStanding`` when it is not one."""
         if raw is None:
             return cls(Level.NONE)
-        level, until, reached, since = json.loads(raw)
-        return cls(Level(level) if now < until else Level.NONE, until, Level(reached), since)
+        try:
+            level, until, reached, since = json.loads(raw)
+            return cls(Level(level) if now < float(until) else Level.NONE, float(until), Level(reached),
+                       float(since))
+        except (ValueError, TypeError) as error:  # bad JSON, wrong shape, unknown level
+            raise MalformedStanding(f"malformed sanction record: {error}") from None
 
 
 class Sanctions:
@@ -114,7 +123,11 @@ class Sanctions:
 
         def raise_standing(raw: bytes | None) -> bytes:
             now = self._clock()
-            old = Standing.decode(raw, now)
+            try:
+                old = Standing.decode(raw, now)
+            except MalformedStanding:
+                log.error("client %s: malformed sanction record replaced", client)
+                old = Standing(Level.NONE)
             before.append(old.level)
             renew = old.level != Level.NONE and rules.min_interval > max(0.0, now - old.since)
             level = rules.next_level(old.reached, detector, renew)

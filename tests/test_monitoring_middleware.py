@@ -120,10 +120,11 @@ async def test_cross_client_alarms_sanction_every_sybil_key_when_configured(acco
 
 async def test_block_gives_403_and_metrics_count_it():
     route = {"sanctions": {"ladder": {"block": 60}}}
-    async with client_for(route=route, detectors=SIMILARITY, metrics_path="/metrics") as client:
+    async with client_for(route=route, detectors=SIMILARITY, metrics_path="/metrics",
+                          metrics_token="scraper-token-0123") as client:
         answers = [await predict(client, near(query(0), i), x_api_key="mallory") for i in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 403]
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.get("/metrics", headers={"Authorization": "Bearer scraper-token-0123"})).text
     for line in ['guard_requests_total{decision="allowed",route="/predict"} 2.0',
                  'guard_requests_total{decision="blocked",route="/predict"} 1.0',
                  'guard_detections_total{detector="similarity"} 1.0',
@@ -131,6 +132,36 @@ async def test_block_gives_403_and_metrics_count_it():
                  "guard_middleware_seconds_count 3.0", "guard_clients_tracked 1.0"]:
         assert line in metrics
     assert "mallory" not in metrics
+
+
+@pytest.mark.parametrize("peer, headers, served", [
+    ("203.0.113.7", {}, False), ("203.0.113.7", {"Authorization": "Bearer wrong"}, False),
+    ("203.0.113.7", {"Authorization": "Bearer scraper-token-0123"}, True),
+    ("127.0.0.1", {}, True), ("::ffff:127.0.0.1", {}, True), ("10.1.2.3", {}, True)])
+async def test_metrics_only_for_configured_networks_and_token(peer, headers, served):
+    settings = {"metrics_path": "/metrics", "metrics_token": "scraper-token-0123",
+                "metrics_networks": ["127.0.0.0/8", "10.0.0.0/8"]}
+    async with client_for(peer=peer, **settings) as client:
+        response = await client.get("/metrics", headers=headers)
+    assert (response.status_code == 200 and "guard_requests_total" in response.text) == served
+    assert served or response.status_code == 404  # the app's own answer: nothing says metrics are there
+
+
+@pytest.mark.parametrize("fail_mode", ["label_only", "503"])
+async def test_a_malformed_sanction_in_redis_fails_closed(redis_url, fail_mode):
+    import redis.asyncio as aioredis
+
+    peer = f"198.51.100.{np.random.default_rng().integers(1, 250)}"
+    server = aioredis.Redis.from_url(redis_url)
+    await server.set(f"predguard:sanction:ip:{peer}", b'{"level": "block"')
+    try:
+        async with client_for(peer=peer, store=redis_url, fail_mode=fail_mode) as client:
+            answer = await predict(client, query(0))
+    finally:
+        await server.delete(f"predguard:sanction:ip:{peer}")
+        await server.aclose()
+    assert not full(answer)
+    assert answer.status_code == (503 if fail_mode == "503" else 200)
 
 
 async def test_metrics_route_only_when_configured():
