@@ -83,6 +83,10 @@ class GuardError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
+MISCONFIGURED = GuardError(500, "guard_misconfigured",
+                           "the guard's policy can be walked around in this app; see the server log")
+
+
 class ClientDisconnected(Exception):
     """The client went away before its request body arrived."""
 
@@ -130,8 +134,9 @@ class Monitoring:
                                            (identity.network_prefix_v4, identity.network_prefix_v6))
         share = policy.memory_limit // 8
         self.store = store_from_uri(policy.store, **memory_options(policy.store, max_bytes=4 * share))
-        sanction_store = store_from_uri(policy.store, **memory_options(policy.store, max_bytes=share, evict=False)) \
-            if isinstance(self.store, MemoryStore) else self.store
+        sanction_store = self.store  # Redis: one shared store (bounded by its maxmemory)
+        if isinstance(self.store, MemoryStore):
+            sanction_store = MemoryStore(max_bytes=share, evict=False)
         self.limiter = RateLimiter(limits_storage_uri(policy.store), policy.rate_limit_strategy,
                                    max_bytes=2 * share)
         self.sanctions = Sanctions(sanction_store)
@@ -180,13 +185,14 @@ class GuardMiddleware:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        route = self.routes.match(scope)
         if self.problems:
-            await refuse(scope, receive, send, GuardError(500, "guard_misconfigured", "the guard's policy can be "
-                                                 "walked around in this app; see the server log"))
-        elif kind == "http" and self.policy.metrics_path and get_route_path(scope) == self.policy.metrics_path:
+            await refuse(scope, receive, send, MISCONFIGURED)
+            return
+        if kind == "http" and get_route_path(scope) == self.policy.metrics_path:
             await self.serve_metrics(scope, receive, send)
-        elif route is None or (kind == "websocket" and route.websocket):
+            return
+        route = self.routes.match(scope)
+        if route is None or (kind == "websocket" and route.websocket):
             await self.app(scope, receive, send)
         elif kind == "websocket":
             await refuse(scope, receive, send, None)
