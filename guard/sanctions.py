@@ -3,6 +3,9 @@ A detector's alarm raises the client's standing one step up the route's ladder (
 detector's configured floor); the highest level a client reached is remembered for ``memory``
 seconds after it lapses, so a client that alarms again resumes above it. Standings live in a
 ``StateStore`` keyed by client, so every worker sees them and they apply on every guarded route.
+In process that store is their own, apart from detector state, and never drops a live standing:
+when it is full, a client without a standing is degraded rather than an old block forgotten. A
+record that cannot be read raises ``MalformedStanding`` (a ``StoreUnavailable``: the fail mode).
 The middleware enforces them: ``log`` only logs, ``degrade`` selects the route's degraded output,
 ``throttle`` adds the route's throttle limits, ``block`` answers ``403``."""
 from __future__ import annotations
