@@ -122,7 +122,7 @@ async def test_two_workers_share_the_table_through_redis(redis_url, rng):
     query = on_bin_centres(rng, 784, 0.2)
     try:
         assert not (await workers[0].observe("a", query, np.zeros(1))).alarm
-        verdict = await workers[1].observe("b", query, np.zeros(1))
+        verdict = await workers[1].observe("b", query + 0.01, np.zeros(1))  # a near-duplicate
         assert (verdict.alarm, verdict.scope, verdict.cross_client) == (True, "cross-client", 50)
     finally:
         for store in stores:
