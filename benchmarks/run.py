@@ -31,6 +31,7 @@ from benchmarks.serving import prediction_app
 from benchmarks.tabular import sensitive_breast_cancer
 from guard import GuardMiddleware, Policy
 from guard.dp import default_delta
+from guard.identity import key_entry
 
 TARGETS = {"digits": ("softmax", "mlp"), "breast_cancer": ("mlp",), "faces": ("softmax", "mlp"),
            "faces64": ("softmax", "mlp")}
@@ -163,6 +164,9 @@ def run_group(config: BenchConfig, out: Path, group: Group, advance) -> list[tup
 
 
 SYBIL_KEYS = 20
+BENIGN_KEY = "benign-user"
+# The keys the bench's API has issued: the benign user's and the Sybil attacker's registered accounts.
+ISSUED_KEYS = (BENIGN_KEY, *(f"attacker-{i}" for i in range(SYBIL_KEYS)))
 
 
 def _key_counts(spec: AttackSpec, defence: Defence) -> tuple[int, ...]:
@@ -184,7 +188,8 @@ def policy(defence: Defence, detectors: dict[str, dict[str, Any]] | None = None,
     detector settings when ``defence.monitoring``."""
     route = {"probabilities": "/probabilities", "features": "/features", "output": list(defence.output)}
     settings: dict[str, Any] = {"secret": "predguard-benchmark-secret", "routes": {"/predict": route},
-                                "max_body_bytes": max_body_bytes}
+                                "max_body_bytes": max_body_bytes,
+                                "identity": {"header": "X-API-Key", "keys": [key_entry(k) for k in ISSUED_KEYS]}}
     if defence.monitoring:  # cross-client alarms sanction every key they matched (Sybil keys)
         settings["detectors"] = detectors
         route["sanctions"] = {"accomplices": True}
@@ -363,7 +368,7 @@ def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig)
     X_test, y_test = context.part("test")
     app = guarded_app(context, config.max_body_bytes)
     with http_target(app, context.dataset.n_classes, context.dataset.n_features, config.live,
-                     ["benign-user"], config.max_body_bytes) as target:
+                     [BENIGN_KEY], config.max_body_bytes) as target:
         labels = target.predict(X_test)
         flagged = any(value is not None for value in target.events.values())
     reference = models.predict_proba(undefended, X_test).argmax(axis=1)
@@ -377,7 +382,7 @@ def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig)
 
 def _attack(spec: AttackSpec, context: Context, config: BenchConfig, keys: int) -> dict[str, Any]:
     """One attack on one fresh guarded server."""
-    api_keys = [f"attacker-{i}" for i in range(keys)]
+    api_keys = list(ISSUED_KEYS[1:keys + 1])
     with http_target(guarded_app(context, config.max_body_bytes), context.dataset.n_classes,
                      context.dataset.n_features, config.live, api_keys, config.max_body_bytes) as target:
         return attempt(spec, context, target)

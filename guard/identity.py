@@ -1,45 +1,117 @@
-"""Who the client is: an API key from a configured header, kept only as a keyed hash
-(HMAC-SHA256 with a server secret), else the peer's IP address. ``X-Forwarded-For`` is honoured only
-when the immediate peer is a configured trusted proxy, and then the client is the right-most address
-that is not itself a trusted proxy (the scheme of MDN's *X-Forwarded-For* "trusted proxy list"
-guidance), so a client cannot choose its identity by writing the header itself."""
+"""Who the client is: a *verified* API key from a configured header, kept only as a keyed hash
+(HMAC-SHA256 with a server secret), else the peer's IP address; and the network it comes from, whose
+budget every key from it shares (so inventing or registering many keys does not multiply it).
+
+Keys are checked against SHA-256 digests of the valid keys (listed in the policy or a file) or by a
+callable the application passes (its own key store). An unknown key is refused (``401``) or, if the
+policy says so, ignored: the client is then its IP, exactly as without the header.
+
+``X-Forwarded-For`` is honoured only when the immediate peer is a configured trusted proxy, and then
+the client is the right-most address that is not itself a trusted proxy (the scheme of MDN's
+*X-Forwarded-For* "trusted proxy list" guidance), so a client cannot choose its identity by writing
+the header itself; when every hop is a trusted proxy the client is the peer, so no trusted address
+is ever named through the header. IPv4-mapped IPv6 addresses (``::ffff:10.0.0.1``) are the IPv4
+addresses they carry.
+"""
 from __future__ import annotations
 
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+KeyCheck = Callable[[str], bool]
 
 
 def parse_address(text: str) -> IPAddress | None:
-    """An IP address from a header entry (``1.2.3.4``, ``1.2.3.4:80``, ``::1``, ``[::1]:80``), or None."""
+    """An IP address from a header entry (``1.2.3.4``, ``1.2.3.4:80``, ``::1``, ``[::1]:80``), or None;
+    an IPv4-mapped IPv6 address as its IPv4 address."""
     text = text.strip().strip('"')
     if text.startswith("["):
         text = text[1:text.find("]")] if "]" in text else text[1:]
     elif text.count(":") == 1:
         text = text.split(":", 1)[0]
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def key_entry(key: str) -> str:
+    """The policy's entry for a valid API key: ``sha256:<hex digest>`` (the key itself is never stored)."""
+    return "sha256:" + hashlib.sha256(key.encode("latin-1")).hexdigest()
+
+
+def key_digest(entry: str) -> bytes:
+    """The SHA-256 digest a key-list entry names: ``sha256:<64 hex digits>``."""
+    kind, _, digest = entry.strip().partition(":")
+    if kind != "sha256" or len(digest) != 64:
+        raise ValueError(f"API key entries are 'sha256:<64 hex digits>', got {entry[:12]!r}...")
+    return bytes.fromhex(digest)
+
+
+def read_key_file(path: str | Path) -> list[str]:
+    """The entries of a key file: one ``sha256:<hex>`` per line; blank lines and ``#`` comments skipped."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line]
+
+
+class KeyVerifier:
+    """Whether an API key is valid: its SHA-256 digest is listed, or ``check(key)`` says so."""
+
+    def __init__(self, entries: Iterable[str] = (), check: KeyCheck | None = None) -> None:
+        self._digests = frozenset(key_digest(entry) for entry in entries)
+        self._check = check
+
+    def __bool__(self) -> bool:
+        return bool(self._digests) or self._check is not None
+
+    def __call__(self, key: bytes) -> bool:
+        if hashlib.sha256(key).digest() in self._digests:
+            return True
+        return self._check is not None and bool(self._check(key.decode("latin-1")))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """``client``: ``key:<hmac hex>`` or ``ip:<address>``; ``network``: ``net:<CIDR>`` of its address;
+    ``rejected``: it sent an API key that is not valid (and the policy refuses those)."""
+
+    client: str
+    network: str
+    rejected: bool = False
 
 
 class ClientIdentifier:
-    """Names the client of an ASGI HTTP ``scope`` as ``key:<hmac hex>`` or ``ip:<address>``.
+    """Names the client of an ASGI HTTP ``scope``.
 
     ``secret`` keys the HMAC; every worker and replica must share it, so they name a client alike.
-    ``trusted_proxies`` are addresses or CIDR networks of the reverse proxies in front of the app.
+    ``header``: the API-key header (None: peer IP only); ``verifier`` decides which keys are valid;
+    ``unknown_keys``: ``"reject"`` or ``"ip"``. ``trusted_proxies`` are addresses or CIDR networks of
+    the reverse proxies in front of the app. ``network_prefixes``: the (IPv4, IPv6) prefix lengths of
+    the network an address's budget is counted under.
     """
 
-    def __init__(self, secret: bytes | str, header: str | None = "X-API-Key",
-                 trusted_proxies: Sequence[str] = ()):
+    def __init__(self, secret: bytes | str, header: str | None = None, trusted_proxies: Sequence[str] = (),
+                 verifier: KeyVerifier | None = None, unknown_keys: str = "reject",
+                 network_prefixes: tuple[int, int] = (32, 64)):
         if not secret:
             raise ValueError("an identity secret is required to hash API keys")
+        verifier = verifier or KeyVerifier()
+        if header and not verifier and unknown_keys == "reject":
+            raise ValueError(f"API keys in {header!r} cannot be verified: list their digests (identity.keys, "
+                             "identity.keys_file) or pass verify_key, or set unknown_keys = 'ip'")
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self._header = header.lower().encode("latin-1") if header else None
+        self._verifier = verifier
+        self._reject = unknown_keys == "reject"
         self._trusted = [ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies]
+        self._prefixes = {4: network_prefixes[0], 6: network_prefixes[1]}
 
     def hash_key(self, key: bytes) -> str:
         """The stored form of an API key: ``key:`` + HMAC-SHA256(secret, key) in hex."""
@@ -51,10 +123,12 @@ class ClientIdentifier:
     def client_address(self, peer: str | None, forwarded_for: Iterable[bytes]) -> str:
         """The client's address: the peer itself unless it is a trusted proxy; then, walking the
         ``X-Forwarded-For`` hops right to left, the first one that is not a trusted proxy. Stops at
-        an unparsable hop (it was written by someone untrusted) and keeps the last trusted hop."""
-        current = parse_address(peer) if peer else None
-        if current is None:
+        an unparsable hop (it was written by someone untrusted); a walk that finds no untrusted hop
+        gives the peer itself."""
+        peer_address = parse_address(peer) if peer else None
+        if peer_address is None:
             return peer or "unknown"
+        current = peer_address
         hops = [hop for value in forwarded_for for hop in value.decode("latin-1").split(",")]
         for hop in reversed(hops):
             if not self.is_trusted(current):
@@ -63,17 +137,32 @@ class ClientIdentifier:
             if address is None:
                 break
             current = address
-        return str(current)
+        return str(peer_address if self.is_trusted(current) else current)
 
-    def identify(self, scope: dict) -> str:
-        """The client's identity for an ASGI HTTP ``scope``."""
-        headers = scope.get("headers") or []
-        if self._header is not None:
-            key = next((value for name, value in headers if name == self._header and value), None)
-            if key is not None:
-                return self.hash_key(key)
+    def network(self, address: str) -> str:
+        """``net:<CIDR>``: the configured prefix around ``address`` (the address itself if unparsable)."""
+        parsed = parse_address(address)
+        if parsed is None:
+            return "net:" + address
+        network = ipaddress.ip_network(f"{parsed}/{self._prefixes[parsed.version]}", strict=False)
+        return f"net:{network}"
+
+    def address(self, scope: dict) -> str:
+        """The client's IP address for an ASGI ``scope`` (through trusted proxies only)."""
         peer = scope.get("client")
-        if not self._trusted and peer:  # no proxy to believe: the peer is the client, as the server named it
-            return "ip:" + peer[0]
-        forwarded = [value for name, value in headers if name == b"x-forwarded-for"]
-        return "ip:" + self.client_address(peer[0] if peer else None, forwarded)
+        forwarded = [value for name, value in scope.get("headers") or [] if name == b"x-forwarded-for"]
+        return self.client_address(peer[0] if peer else None, forwarded if self._trusted else ())
+
+    def identify(self, scope: dict) -> Identity:
+        """The client's identity for an ASGI HTTP ``scope``."""
+        address = self.address(scope)
+        network = self.network(address)
+        if self._header is not None:
+            key = next((value for name, value in scope.get("headers") or [] if name == self._header and value),
+                       None)
+            if key is not None:
+                if self._verifier(key):
+                    return Identity(self.hash_key(key), network)
+                if self._reject:
+                    return Identity("ip:" + address, network, rejected=True)
+        return Identity("ip:" + address, network)

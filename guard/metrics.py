@@ -8,7 +8,10 @@ start (prometheus-client's multiprocess mode); each worker then writes its sampl
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import os
+from collections.abc import Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,13 +31,13 @@ LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5
 
 class GuardMetrics:
     """``guard_requests_total{route,decision}``, ``guard_detections_total{detector}``,
-    ``guard_sanctions_total{level}``, ``guard_middleware_seconds``, ``guard_clients_tracked``, and the
+    ``guard_sanctions_total{level}``, ``guard_middleware_seconds``, ``guard_clients_tracked`` (distinct
+    clients seen in the last ``client_window`` seconds, as many as ``max_bytes`` holds), and the
     monitor's ``guard_observations_dropped_total``, ``guard_observations_judged_total`` and
-    ``guard_monitor_cpu_seconds_total``
-    (distinct clients seen in the last ``client_window`` seconds, at most ``max_clients``)."""
+    ``guard_monitor_cpu_seconds_total``."""
 
     def __init__(self, registry: CollectorRegistry | None = None, client_window: float = 3600.0,
-                 max_clients: int = 100_000):
+                 max_bytes: int = 16 << 20):
         self.registry = CollectorRegistry() if registry is None else registry
         self.requests = Counter("guard_requests_total", "Guarded requests by route and decision.",
                                 ["route", "decision"], registry=self.registry)
@@ -54,7 +57,7 @@ class GuardMetrics:
         self.clients = Gauge("guard_clients_tracked", "Distinct clients seen recently.",
                              multiprocess_mode="livesum", registry=self.registry)
         self._request_counts: dict[tuple[str, str], Counter] = {}  # routes x decisions: bounded
-        self._recent = MemoryStore(max_keys=max_clients)
+        self._recent = MemoryStore(max_bytes=max_bytes)
         self._client_window = client_window
 
     def request(self, route: str, decision: str, seconds: float) -> None:
@@ -77,3 +80,23 @@ class GuardMetrics:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class MetricsAccess:
+    """Who may read the metrics (detection and sanction counters tell an attacker when it was seen):
+    clients from ``networks``, and any client presenting ``Authorization: Bearer <token>``."""
+
+    def __init__(self, networks: Sequence[str] = ("127.0.0.0/8", "::1/128"), token: str | None = None):
+        self._networks = [ipaddress.ip_network(network, strict=False) for network in networks]
+        self._token = f"Bearer {token}".encode() if token else None
+
+    def allows(self, address: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        if self._token is not None:
+            presented = next((value for name, value in headers if name == b"authorization"), b"")
+            if hmac.compare_digest(presented, self._token):
+                return True
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self._networks)

@@ -1,10 +1,13 @@
 """``GuardMiddleware``: a pure ASGI middleware (in the shape of Starlette's ``GZipMiddleware``) that
 puts a ``Policy`` in front of a prediction app.
 
-A request on a guarded route (exact path match, any method but ``OPTIONS`` and ``HEAD``, which the
-app answers as it would) goes through ``GuardedExchange``, one small method per step of the request
-flow in DESIGN.md: read the body (at most ``max_body_bytes``: ``413``), read the features where the
-route's ``FeatureSource`` says (bad JSON: ``400``; missing or malformed features: ``422``; the app is
+Routes are matched on the path the app routes on (``guard.routing``: root path and mounts accounted
+for, Starlette path templates); a policy the app could serve around refuses to start. A WebSocket on
+a guarded route is closed with 1008 unless the route allows it. A request on a guarded route (any
+method but ``OPTIONS`` and ``HEAD``, which the app answers as it would) goes through
+``GuardedExchange``, one small method per step of the request flow in DESIGN.md: read the body (at
+most ``max_body_bytes``: ``413``), read the features where the route's ``FeatureSource`` says (bad
+JSON: ``400``; missing or malformed features: ``422``; the app is
 never called), replay the body unchanged to the app, buffer its whole response, rewrite the
 probabilities with the route's output defences, re-serialise and fix ``Content-Length``.
 
@@ -14,8 +17,10 @@ streamed file, any exception inside the guard) the client gets a JSON ``502`` (`
 guard's own errors and for an app that raised) ``{"error": ..., "detail": ...}`` with nothing of the
 original body, and the event is logged on the ``guard`` logger.
 
-Non-2xx responses pass through untouched when they carry no probabilities (no JSON value at the
-probabilities pointer, e.g. the app's own ``422``); when they do, they are defended like a ``2xx``.
+Non-2xx responses pass through untouched when they carry no probabilities (JSON without a value at
+the probabilities pointer, e.g. the app's own ``422``, or a body without a digit); when they do, they
+are defended like a ``2xx``; when they cannot be read (NaN, truncated, nested deeper than the
+parser's limit) they fail closed like a ``2xx``.
 
 Compression: a ``gzip`` or ``deflate`` response from the app is decoded, defended and sent
 uncompressed. To compress what clients receive, add ``GZipMiddleware`` *after* ``GuardMiddleware``
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import time
 import zlib
 from collections.abc import Awaitable
@@ -36,8 +42,8 @@ from typing import TypeVar
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guard.identity import ClientIdentifier
-from guard.metrics import GuardMetrics
+from guard.identity import ClientIdentifier, Identity, KeyCheck
+from guard.metrics import GuardMetrics, MetricsAccess
 from guard.monitors.base import Observation
 from guard.monitors.monitor import InProcessMonitor, Queued
 from guard.monitors.stream import ObservationStream
@@ -56,8 +62,9 @@ from guard.payload import (
 )
 from guard.policy import Policy, RoutePolicy
 from guard.ratelimit import RateLimiter, RouteLimits, limits_storage_uri
+from guard.routing import RouteTable, audit_routes, get_route_path
 from guard.sanctions import Level, Sanctions
-from guard.store import StoreUnavailable, store_from_uri
+from guard.store import StoreUnavailable, memory_options, store_from_uri
 
 logger = logging.getLogger("guard")
 
@@ -65,6 +72,9 @@ T = TypeVar("T")
 
 # Methods whose answers carry no prediction (a CORS preflight, HEAD): the app answers them as it would.
 PASSING_METHODS = frozenset({"OPTIONS", "HEAD"})
+
+# A body without a single digit cannot carry a probability value.
+_DIGIT = re.compile(rb"[0-9]")
 
 # Response headers that describe the app's original bytes and must not survive the rewrite.
 _STALE_HEADERS = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"etag",
@@ -77,6 +87,10 @@ class GuardError(Exception):
     def __init__(self, status: int, error: str, detail: str):
         super().__init__(f"{status} {error}: {detail}")
         self.status, self.error, self.detail = status, error, detail
+
+
+MISCONFIGURED = GuardError(500, "guard_misconfigured",
+                           "the guard's policy can be walked around in this app; see the server log")
 
 
 class ClientDisconnected(Exception):
@@ -96,6 +110,7 @@ class RouteGuard:
     path: str
     limits: RouteLimits
     monitored: bool
+    websocket: bool
     flat: bool = False
     one_hot: bool = False
 
@@ -105,23 +120,35 @@ class RouteGuard:
         return cls(route.probabilities_at(), route.feature_source(),
                    Pipeline.from_specs(route.output, secret), Pipeline.from_specs(route.degraded_output, secret),
                    tuple(route.labels) if route.labels else None, route.tolerance, path,
-                   RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits),
+                   RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits,
+                                     route.network_rate_limits),
                    bool(watching) and route.has_features,  # detectors watch features
-                   route.probabilities_flat, route.label_only_as == "one_hot")
+                   route.allow_websocket, route.probabilities_flat, route.label_only_as == "one_hot")
 
 
 class Monitoring:
-    """The policy's query monitoring, built once per middleware: who the client is, the shared state
-    store, rate limits, sanctions, metrics and where observations go (``monitor``: the in-process
-    monitor, or the Redis Streams that ``guard monitor`` processes consume; None without detectors)."""
+    """The policy's query monitoring, built once per middleware: who the client is, the state stores,
+    rate limits, sanctions, metrics and where observations go (``monitor``: the in-process monitor,
+    or the Redis Streams that ``guard monitor`` processes consume; None without detectors). In
+    process, ``policy.memory_limit`` is shared out: half to the monitor's detector state, a quarter
+    to rate-limit counters, an eighth each to sanctions (kept apart, never evicted before they
+    expire) and to the metrics' recent clients."""
 
-    def __init__(self, policy: Policy, metrics: GuardMetrics | None = None) -> None:
+    def __init__(self, policy: Policy, metrics: GuardMetrics | None = None,
+                 verify_key: KeyCheck | None = None) -> None:
         secret = policy.secret_bytes
-        self.identifier = ClientIdentifier(secret, policy.identity.header, policy.identity.trusted_proxies)
-        self.store = store_from_uri(policy.store)
-        self.limiter = RateLimiter(limits_storage_uri(policy.store), policy.rate_limit_strategy)
-        self.sanctions = Sanctions(self.store)
-        self.metrics = metrics or GuardMetrics()
+        identity = policy.identity
+        self.identifier = ClientIdentifier(secret, identity.header, identity.trusted_proxies,
+                                           identity.verifier(verify_key), identity.unknown_keys,
+                                           (identity.network_prefix_v4, identity.network_prefix_v6))
+        share = policy.memory_limit // 8
+        self.store = store_from_uri(policy.store, **memory_options(policy.store, max_bytes=share, evict=False))
+        self.limiter = RateLimiter(limits_storage_uri(policy.store), policy.rate_limit_strategy,
+                                   max_bytes=2 * share)
+        self.sanctions = Sanctions(self.store)  # memory: a store of their own that never evicts
+        self.metrics = metrics or GuardMetrics(max_bytes=share)
+        token = policy.metrics_token.get_secret_value() if policy.metrics_token else None
+        self.metrics_access = MetricsAccess(policy.metrics_networks, token)
         self.fail_output = Pipeline.from_specs(["label_only"], secret)
         self.monitor: InProcessMonitor | ObservationStream | None = None
         if policy.detectors and policy.monitor.deployment == "streams":
@@ -142,34 +169,79 @@ class Monitoring:
 
 
 class GuardMiddleware:
-    """Pure ASGI middleware enforcing ``policy`` on its routes; everything else passes untouched."""
+    """Pure ASGI middleware enforcing ``policy`` on its routes; everything else passes untouched.
+    ``verify_key(key) -> bool`` accepts API keys beside those the policy lists (the app's key store)."""
 
-    def __init__(self, app: ASGIApp, policy: Policy, metrics: GuardMetrics | None = None) -> None:
+    def __init__(self, app: ASGIApp, policy: Policy, metrics: GuardMetrics | None = None,
+                 verify_key: KeyCheck | None = None) -> None:
         self.app = app
         self.policy = policy
-        self.monitoring = Monitoring(policy, metrics)
-        self.routes = {path: RouteGuard.compile(path, route, policy.secret_bytes, list(policy.detectors))
-                       for path, route in policy.routes.items()}
+        self.monitoring = Monitoring(policy, metrics, verify_key)
+        self.routes = RouteTable({path: RouteGuard.compile(path, route, policy.secret_bytes, list(policy.detectors))
+                                  for path, route in policy.routes.items()})
+        self.problems = audit_routes(app, list(policy.routes))
+        for problem in self.problems:
+            logger.error("guard: %s; refusing to serve", problem)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind == "lifespan" and self.problems:
+            await self.refuse_startup(receive, send)
+            return
+        if kind == "lifespan":
             await self.app(scope, self.monitoring.lifespan(receive), send)
             return
-        if scope["type"] == "http" and scope["path"] == self.policy.metrics_path:
-            await self.serve_metrics(send)
-            return
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
-        if route is None:
+        if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        await GuardedExchange(self, route, scope, receive, send).run()
+        if self.problems:
+            await refuse(scope, receive, send, MISCONFIGURED)
+            return
+        if kind == "http" and get_route_path(scope) == self.policy.metrics_path:
+            await self.serve_metrics(scope, receive, send)
+            return
+        route = self.routes.match(scope)
+        if route is None or (kind == "websocket" and route.websocket):
+            await self.app(scope, receive, send)
+        elif kind == "websocket":
+            await refuse(scope, receive, send, None)
+        else:
+            await GuardedExchange(self, route, scope, receive, send).run()
 
-    async def serve_metrics(self, send: Send) -> None:
-        body, content_type = self.monitoring.metrics.exposition()
+    async def refuse_startup(self, receive: Receive, send: Send) -> None:
+        """Answer the server's ``lifespan.startup`` with a failure naming the ways around the policy,
+        then raise it, as Starlette's router does when its startup fails."""
+        await receive()
+        message = "; ".join(self.problems)
+        await send({"type": "lifespan.startup.failed", "message": message})
+        raise RuntimeError(message)
+
+    async def serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The Prometheus exposition to allowed clients; others get the app's own answer there."""
+        monitoring = self.monitoring
+        if not monitoring.metrics_access.allows(monitoring.identifier.address(scope), scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        body, content_type = monitoring.metrics.exposition()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", content_type.encode()),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send, error: GuardError | None) -> None:
+    """Refuse a request before the app sees it: a WebSocket is accepted and at once closed with 1008
+    (policy violation), so the client learns why; an HTTP request gets ``error`` as JSON."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1008, "reason": "guarded route"})
+        return
+    body = dumps({"error": error.error, "detail": error.detail})
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -228,15 +300,25 @@ class GuardedExchange:
             await self.app(self.scope, self.receive, self.send)
             return
         started = time.perf_counter()
-        client = self.monitoring.identifier.identify(self.scope)
-        features = await self.fail_closed(self.read_request())
-        output, decision = (None, "rejected") if features is None else await self.admit(client, len(features))
-        if output is not None:
-            await self.call_app()
-            decision = await self.fail_closed(self.respond(client, features, output, decision)) or "failed"
+        identity = self.monitoring.identifier.identify(self.scope)
+        decision = await self.guard(identity)
         metrics = self.monitoring.metrics
         metrics.request(self.route.path, decision, time.perf_counter() - started - self.app_seconds)
-        await metrics.seen(client)
+        await metrics.seen(identity.client)
+
+    async def guard(self, identity: Identity) -> str:
+        """Steps 2 to 7; the metrics' decision."""
+        if identity.rejected:
+            await self.reject(GuardError(401, "invalid_api_key", "the API key is not valid"))
+            return "unauthorized"
+        features = await self.fail_closed(self.read_request())
+        if features is None:
+            return "rejected"
+        output, decision = await self.admit(identity, len(features))
+        if output is None:
+            return decision
+        await self.call_app()
+        return await self.fail_closed(self.respond(identity.client, features, output, decision)) or "failed"
 
     async def fail_closed(self, step: Awaitable[T]) -> T | None:
         """Run a step of the guard; a refusal or any failure inside it becomes a JSON error (None)."""
@@ -302,16 +384,17 @@ class GuardedExchange:
 
     # Steps 4 and 5: the client's standing sanction, then its rate limits (a throttled client's
     # include the route's throttle limits), select the output policy or refuse the request.
-    async def admit(self, client: str, queries: int) -> tuple[Pipeline | None, str]:
+    async def admit(self, identity: Identity, queries: int) -> tuple[Pipeline | None, str]:
         """The output pipeline for this request and the metrics' decision (pipeline None: refused)."""
         monitoring = self.monitoring
         try:
-            standing = await monitoring.sanctions.standing(client)
+            standing = await monitoring.sanctions.standing(identity.client)
             if standing.level == Level.BLOCK:
                 await self.reject(GuardError(403, "blocked", "this client is blocked"))
                 return None, "blocked"
-            limit = await monitoring.limiter.hit(self.route.path, client, self.route.limits,
-                                                 standing.level == Level.THROTTLE, max(queries, 1))
+            limit = await monitoring.limiter.hit(self.route.path, identity.client, self.route.limits,
+                                                 standing.level == Level.THROTTLE, max(queries, 1),
+                                                 identity.network)
         except StoreUnavailable as error:
             logger.error("guard: state store unreachable (%s); failing closed (%s)", error, self.policy.fail_mode)
             if self.policy.fail_mode == "503":
@@ -374,7 +457,11 @@ class GuardedExchange:
         defended = output(found.values, features if len(features) else None)
         rendered = found.render(defended, output.label_only, self.route.one_hot)
         document = self.route.probabilities.replace(document, rendered)
-        await self.send_json(self.start["status"], headers, dumps(document))
+        try:
+            body = dumps(document)
+        except TypeError:  # orjson.JSONEncodeError: nested deeper than the serialiser allows
+            raise GuardError(502, "bad_response", "the app's response cannot be re-serialised") from None
+        await self.send_json(self.start["status"], headers, body)
         return decision
 
     # Step 7: the observation (client, features, the model's own labels) goes to the monitor,
@@ -401,13 +488,19 @@ class GuardedExchange:
         return monitoring.fail_output, "unmonitored"
 
     def locate(self, body: bytes) -> tuple[object, Probabilities | None]:
-        """The parsed response and its validated probabilities. A non-2xx response without a value
-        at the pointer carries none (``None``); a 2xx one fails closed."""
+        """The parsed response and its validated probabilities. A non-2xx JSON response without a
+        value at the pointer carries none (``None``), nor does a non-2xx body that is not JSON and
+        holds no digit (a plain ``Not Found``); anything else that cannot be read fails closed."""
         success = 200 <= self.start["status"] < 300
         try:
             document = loads(body)
+        except ValueError:  # orjson.JSONDecodeError: not JSON, NaN, truncated, nested too deep
+            if success or _DIGIT.search(body):
+                raise GuardError(502, "bad_response", "the app's response is not valid JSON") from None
+            return None, None
+        try:
             value = self.route.probabilities.get(document)
-        except ValueError:  # not JSON (orjson.JSONDecodeError), or nothing at the pointer (PayloadError)
+        except PayloadError:
             if not success:
                 return None, None
             raise GuardError(502, "bad_response", "no probabilities at "

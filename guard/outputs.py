@@ -118,8 +118,10 @@ class LabelOnly(OutputDefence):
 
 
 def row_seeds(secret: bytes, features: np.ndarray) -> list[int]:
-    """One 256-bit seed per feature row: HMAC-SHA256(secret, the row as little-endian float64)."""
-    rows = np.ascontiguousarray(features, dtype="<f8") + 0.0  # + 0.0 maps -0.0 to 0.0
+    """One 256-bit seed per feature row: HMAC-SHA256(secret, the row as little-endian float32), the
+    precision the model computes in: queries that differ below it (``x + 1e-12``) reach the model
+    as the same input and must get the same noise, or averaging them would strip it."""
+    rows = np.ascontiguousarray(features, dtype="<f4") + np.float32(0)  # + 0 maps -0.0 to 0.0
     return [int.from_bytes(hmac.digest(secret, row.tobytes(), hashlib.sha256), "little") for row in rows]
 
 
@@ -127,8 +129,10 @@ def row_seeds(secret: bytes, features: np.ndarray) -> list[int]:
 class Noise(OutputDefence):
     """Multiply each probability by ``exp(scale * z)``, ``z`` standard normal, and renormalise;
     the top label is kept. ``z`` is drawn from a generator seeded by a keyed hash (HMAC-SHA256 with
-    the server ``secret``) of the query's features, so a repeated query gets the identical answer
-    and averaging repeats gains nothing; without the secret the noise cannot be predicted."""
+    the server ``secret``) of the query's features at float32, the model's precision, so a repeated
+    query, or one perturbed below that precision, gets the identical answer and averaging them
+    gains nothing; without the secret the noise cannot be predicted. Perturbations at or above
+    float32 resolution are distinct queries (near-duplicates, which the similarity detector sees)."""
 
     scale: float
     secret: bytes

@@ -7,6 +7,8 @@ structure). Every setting is validated when the policy is built; unknown keys ar
 from __future__ import annotations
 
 import ipaddress
+import multiprocessing
+import os
 import secrets
 import sys
 import warnings
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from guard.identity import KeyCheck, KeyVerifier, key_digest, read_key_file
 from guard.monitors import DETECTORS
 from guard.outputs import Pipeline
 from guard.payload import (
@@ -30,6 +33,7 @@ from guard.payload import (
     import_function,
 )
 from guard.ratelimit import parse_limits
+from guard.routing import is_template, template_regex
 from guard.sanctions import DEFAULT_LADDER, SanctionRules
 
 if sys.version_info >= (3, 11):
@@ -39,6 +43,16 @@ else:  # pragma: no cover
 
 _PROCESS_SECRET = secrets.token_hex(32)
 STORE_SCHEMES = ("memory", "redis", "rediss", "unix")
+
+
+def several_workers() -> bool:
+    """Whether this process looks like one of several serving workers: a ``multiprocessing`` child
+    (``uvicorn --workers``, ``--reload``), a gunicorn worker, ``WEB_CONCURRENCY`` above 1, or
+    prometheus-client's multiprocess mode."""
+    return (multiprocessing.parent_process() is not None
+            or os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn")
+            or os.environ.get("WEB_CONCURRENCY", "1").strip() not in ("", "0", "1")
+            or bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
 
 
 class SanctionPolicy(BaseModel):
@@ -70,9 +84,15 @@ class IdentityPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    header: str | None = Field(default="X-API-Key", description="API-key header; None: peer IP only")
+    header: str | None = Field(default=None, description="API-key header (e.g. X-API-Key); None: peer IP only")
+    keys: list[str] = Field(default_factory=list, description="the valid API keys as 'sha256:<hex digest>'")
+    keys_file: Path | None = Field(default=None, description="a file of valid keys, one 'sha256:<hex>' a line")
+    unknown_keys: Literal["reject", "ip"] = Field(default="reject", description="a key that is not valid: "
+                                                  "refused with 401, or ignored (the client is its IP)")
     trusted_proxies: list[str] = Field(default_factory=list, description="addresses/CIDRs whose "
                                        "X-Forwarded-For is believed")
+    network_prefix_v4: int = Field(default=32, ge=0, le=32, description="IPv4 prefix of a network's budget")
+    network_prefix_v6: int = Field(default=64, ge=0, le=128, description="IPv6 prefix of a network's budget")
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -80,6 +100,18 @@ class IdentityPolicy(BaseModel):
         for proxy in proxies:
             ipaddress.ip_network(proxy, strict=False)
         return proxies
+
+    @field_validator("keys")
+    @classmethod
+    def _digests(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            key_digest(key)
+        return keys
+
+    def verifier(self, check: KeyCheck | None = None) -> KeyVerifier:
+        """The valid keys: those listed, those in ``keys_file``, and those ``check`` accepts."""
+        listed = self.keys + (read_key_file(self.keys_file) if self.keys_file else [])
+        return KeyVerifier(listed, check)
 
 
 class MonitorPolicy(BaseModel):
@@ -180,13 +212,17 @@ class RoutePolicy(BaseModel):
     rate_limits: list[str] = Field(default_factory=list, description="per-client limits, e.g. '100/minute'; "
                                    "a request costs one per feature row")
     overall_rate_limits: list[str] = Field(default_factory=list, description="limits over all clients")
+    network_rate_limits: list[str] = Field(default_factory=list, description="limits per client network "
+                                           "(identity.network_prefix_v4/_v6), shared by every key from it")
     throttle_rate_limits: list[str] = Field(default_factory=lambda: ["10/minute"],
                                             description="the extra limits of a client sanctioned 'throttle'")
     detectors: list[str] | None = Field(default=None, description="names of the policy's detectors that "
                                         "watch this route; None: all of them")
     sanctions: SanctionPolicy = Field(default_factory=SanctionPolicy)
+    allow_websocket: bool = Field(default=False, description="let WebSocket connections on this route "
+                                  "through, unguarded (default: closed with 1008)")
 
-    @field_validator("rate_limits", "overall_rate_limits", "throttle_rate_limits")
+    @field_validator("rate_limits", "overall_rate_limits", "network_rate_limits", "throttle_rate_limits")
     @classmethod
     def _limits(cls, limits: list[str]) -> list[str]:
         parse_limits(limits)
@@ -267,12 +303,16 @@ class RoutePolicy(BaseModel):
 
 
 class Policy(BaseModel):
-    """Server-wide settings and the guarded routes (keyed by exact request path)."""
+    """Server-wide settings and the guarded routes, keyed by the path the app's router sees (root
+    path and mounts excluded) or a Starlette path template (``/models/{name}/predict``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    secret: SecretStr = Field(description="server secret for keyed hashes (noise seeds); keep it stable "
-                              "across restarts and identical in every worker")
+    secret: SecretStr | None = Field(default=None, description="server secret for keyed hashes (API keys, "
+                                     "noise seeds, detector salts); stable across restarts, identical in "
+                                     "every worker; required wherever it matters (see `secret_needed`)")
+    dev_random_secret: bool = Field(default=False, description="development only: a random per-process "
+                                    "secret where one is required")
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="largest request body accepted")
     routes: dict[str, RoutePolicy] = Field(default_factory=dict)
     identity: IdentityPolicy = Field(default_factory=IdentityPolicy)
@@ -284,22 +324,26 @@ class Policy(BaseModel):
                                                  "settings (e.g. thresholds written by `guard calibrate`)")
     fail_mode: Literal["label_only", "503"] = Field(default="label_only", description="when the store is "
                                                     "unreachable: answer label-only, or refuse with 503")
+    memory_limit: int = Field(default=256 << 20, ge=1 << 20, description="bytes of in-process state "
+                              "(memory:// store): detector state, rate-limit counters, sanctions, metrics")
     metrics_path: str | None = Field(default=None, description="serve Prometheus metrics here (e.g. /metrics)")
     monitor: MonitorPolicy = Field(default_factory=MonitorPolicy)
+    metrics_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+                                        description="client networks allowed to read the metrics")
+    metrics_token: SecretStr | None = Field(default=None, description="a bearer token that may read the "
+                                            "metrics from anywhere")
 
-    @model_validator(mode="before")
+    @field_validator("metrics_networks")
     @classmethod
-    def _default_secret(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("secret") is None:
-            warnings.warn("predguard: no `secret` configured; using a random per-process secret, so noise "
-                          "differs across restarts and workers. Set `secret` in production.", stacklevel=2)
-            data = {**data, "secret": _PROCESS_SECRET}
-        return data
+    def _metrics_networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            ipaddress.ip_network(network, strict=False)
+        return networks
 
     @field_validator("secret")
     @classmethod
-    def _long_enough(cls, secret: SecretStr) -> SecretStr:
-        if len(secret.get_secret_value()) < 16:
+    def _long_enough(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value()) < 16:
             raise ValueError("secret must be at least 16 characters")
         return secret
 
@@ -309,6 +353,8 @@ class Policy(BaseModel):
         for path in routes:
             if not path.startswith("/"):
                 raise ValueError(f"route {path!r} must be a path starting with '/'")
+            if is_template(path):
+                template_regex(path)
         return routes
 
     @field_validator("store")
@@ -348,9 +394,35 @@ class Policy(BaseModel):
             raise ValueError("monitor.deployment = 'streams' needs a Redis store")
         return self
 
+    @model_validator(mode="after")
+    def _secret_where_needed(self) -> Policy:
+        reasons = self.secret_needed()
+        if self.secret is None and reasons:
+            if not self.dev_random_secret:
+                raise ValueError(f"a `secret` is required ({'; '.join(reasons)}); for development only, "
+                                 "`dev_random_secret = true` uses a random one per process")
+            warnings.warn(f"predguard: random per-process secret although {'; '.join(reasons)}: "
+                          "development only", stacklevel=2)
+        return self
+
+    def secret_needed(self) -> list[str]:
+        """Why this deployment needs a configured secret: what a per-process one would break."""
+        reasons = []
+        if several_workers():
+            reasons.append("several worker processes would each hash keys, salt detectors and seed noise "
+                           "differently")
+        if not self.store.startswith("memory:"):
+            reasons.append("a shared store needs every worker and restart to name clients alike")
+        if self.identity.header:
+            reasons.append("API keys are stored as keyed hashes")
+        if any(spec.strip().startswith("noise") for route in self.routes.values()
+               for spec in route.output + route.degraded_output):
+            reasons.append("noise is seeded by a keyed hash and must not change across restarts")
+        return reasons
+
     @property
     def secret_bytes(self) -> bytes:
-        return self.secret.get_secret_value().encode()
+        return (self.secret.get_secret_value() if self.secret is not None else _PROCESS_SECRET).encode()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:

@@ -3,6 +3,9 @@ A detector's alarm raises the client's standing one step up the route's ladder (
 detector's configured floor); the highest level a client reached is remembered for ``memory``
 seconds after it lapses, so a client that alarms again resumes above it. Standings live in a
 ``StateStore`` keyed by client, so every worker sees them and they apply on every guarded route.
+In process that store is their own, apart from detector state, and never drops a live standing:
+when it is full, a client without a standing is degraded rather than an old block forgotten. A
+record that cannot be read raises ``MalformedStanding`` (a ``StoreUnavailable``: the fail mode).
 The middleware enforces them: ``log`` only logs, ``degrade`` selects the route's degraded output,
 ``throttle`` adds the route's throttle limits, ``block`` answers ``403``."""
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from guard.store.base import StateStore
+from guard.store.base import StateStore, StoreUnavailable
 
 log = logging.getLogger("guard.sanctions")
 
@@ -68,6 +71,10 @@ class SanctionRules:
         return next((level for level in self.ladder if level >= wanted), max(self.ladder))
 
 
+class MalformedStanding(StoreUnavailable):
+    """A stored standing that cannot be read: the guard follows its fail mode, as for a lost store."""
+
+
 @dataclass(frozen=True)
 class Standing:
     """A client's sanction: ``level`` in force until ``until`` (wall-clock seconds); ``reached``
@@ -83,10 +90,15 @@ class Standing:
 
     @classmethod
     def decode(cls, raw: bytes | None, now: float) -> Standing:
+        """The standing stored as ``raw``; ``MalformedStanding`` when it is not one."""
         if raw is None:
             return cls(Level.NONE)
-        level, until, reached, since = json.loads(raw)
-        return cls(Level(level) if now < until else Level.NONE, until, Level(reached), since)
+        try:
+            level, until, reached, since = json.loads(raw)
+            return cls(Level(level) if now < float(until) else Level.NONE, float(until), Level(reached),
+                       float(since))
+        except (ValueError, TypeError) as error:  # bad JSON, wrong shape, unknown level
+            raise MalformedStanding(f"malformed sanction record: {error}") from None
 
 
 class Sanctions:
@@ -101,7 +113,12 @@ class Sanctions:
         return f"sanction:{client}"
 
     async def standing(self, client: str) -> Standing:
-        return Standing.decode(await self._store.get(self._key(client)), self._clock())
+        """The client's standing; a client without one while the store is full of live sanctions is
+        degraded (its sanctions could not be recorded), so no old block is forgotten to make room."""
+        raw = await self._store.get(self._key(client))
+        if raw is None and getattr(self._store, "full", False):
+            return Standing(Level.DEGRADE)
+        return Standing.decode(raw, self._clock())
 
     async def escalate(self, client: str, rules: SanctionRules, detector: str) -> tuple[Level, Standing]:
         """Apply an alarm from ``detector`` atomically; returns the level in force before and the new standing."""
@@ -109,7 +126,11 @@ class Sanctions:
 
         def raise_standing(raw: bytes | None) -> bytes:
             now = self._clock()
-            old = Standing.decode(raw, now)
+            try:
+                old = Standing.decode(raw, now)
+            except MalformedStanding:
+                log.error("client %s: malformed sanction record replaced", client)
+                old = Standing(Level.NONE)
             before.append(old.level)
             renew = old.level != Level.NONE and rules.min_interval > max(0.0, now - old.since)
             level = rules.next_level(old.reached, detector, renew)

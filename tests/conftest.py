@@ -146,3 +146,9 @@ def guard_in(app) -> "GuardMiddleware":  # noqa: F821 (imported lazily)
 async def monitor_drained(app) -> None:
     """Wait until the in-process monitor of ``app``'s guard has judged every observation."""
     await guard_in(app).monitoring.monitor.drain()
+
+
+def near(features: list[float], i: int) -> list[float]:
+    """A near-duplicate of ``features`` (the first value moved by ``i`` * 1e-4): not an exact repeat,
+    which the similarity detector does not count as evidence."""
+    return [features[0] + i * 1e-4, *features[1:]]

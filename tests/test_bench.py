@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from benchmarks import models, report
 from benchmarks.audit import AuditError, audit, check_host
-from benchmarks.run import http_target, policy
+from benchmarks.run import BENIGN_KEY, http_target, policy
 from benchmarks.scenarios import DEFENCES
 from benchmarks.serving import prediction_app
 from guard import GuardMiddleware
@@ -136,7 +136,7 @@ def test_live_mode_serves_with_uvicorn_and_answers_like_the_asgi_transport(digit
     X = digits.X[digits_split.test[:50]]
     answers = {}
     for live in (False, True):
-        with http_target(endpoint, digits.n_classes, digits.n_features, live, ["key"]) as target:
+        with http_target(endpoint, digits.n_classes, digits.n_features, live, [BENIGN_KEY]) as target:
             answers[live] = target.predict_proba(X)
             assert target.url.startswith("http://127.0.0.1:") == live
     assert (answers[True] == answers[False]).all() and (answers[True] == answers[True].round(1)).all()

@@ -40,8 +40,10 @@ async def test_names_labels_and_values():
 
 
 async def test_tracked_clients_are_bounded_and_forgotten():
-    metrics = GuardMetrics(client_window=60, max_clients=10)
-    for i in range(50):
+    from guard.store.memory import entry_bytes
+
+    metrics = GuardMetrics(client_window=60, max_bytes=10 * entry_bytes("ip:10.0.0.10", b""))
+    for i in range(10, 60):
         await metrics.seen(f"ip:10.0.0.{i}")
     assert samples(metrics)[("guard_clients_tracked", ())] == 10
 

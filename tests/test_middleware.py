@@ -38,6 +38,15 @@ UNGUARDABLE = {
 }
 
 
+# Error answers (status 400) the guard cannot read: each must fail closed, not pass through.
+UNREADABLE_ERRORS = {
+    "nan_elsewhere": b'{"probabilities": [0.61234, 0.28766, 0.1], "loss": NaN}',
+    "too_deep": b'{"probabilities": [0.61234, 0.28766, 0.1], "x": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+    "truncated": b'{"probabilities": [0.61234, 0.28',
+    "text": b"failed: 0.61234 0.28766 0.1",
+}
+
+
 class Model:
     """A fixed classifier that counts how often it is called."""
 
@@ -83,6 +92,11 @@ def build_app(model: Model) -> FastAPI:
         content = {"detail": "model unavailable"} if code == 503 else {"probabilities": RAW}
         return JSONResponse(content, status_code=code)
 
+    @app.post("/error/{kind}")
+    async def error(kind: str) -> Response:
+        body = UNREADABLE_ERRORS.get(kind, b"Bad Request")
+        return Response(body, status_code=400, media_type="application/json")
+
     @app.post("/etag")
     async def etag() -> JSONResponse:
         return JSONResponse({"probabilities": RAW}, headers={"ETag": '"raw-answer-hash"'})
@@ -105,7 +119,7 @@ def build_app(model: Model) -> FastAPI:
     return app
 
 
-GUARDED = ["/predict", "/echo", "/stream", "/raw", "/status/200", "/status/422", "/status/500", "/status/503",
+GUARDED = ["/predict", "/error/{kind}", "/echo", "/stream", "/raw", "/status/200", "/status/422", "/status/500", "/status/503",
            "/etag", "/boom", "/boom-late", "/encoded/gzip", "/encoded/deflate", "/encoded/br"]
 
 
@@ -185,6 +199,15 @@ async def test_noise_on_the_wire_is_repeatable_per_query(model):
     assert np.argmax(first["probabilities"]) == 0
 
 
+async def test_averaging_queries_perturbed_below_float32_gains_nothing(model):
+    app = guarded_app(model, ["noise:0.5"])
+    answers = np.array([(await post(app, "/predict", {"features": [0.1 + k * 1e-12, 0.2, 0.3]})).json()
+                        ["probabilities"] for k in range(30)])
+    single_error = np.abs(answers[0] - RAW).mean()
+    averaged_error = np.abs(answers.mean(axis=0) - RAW).mean()
+    assert single_error > 0.01 and averaged_error == pytest.approx(single_error)
+
+
 async def test_streamed_responses_are_buffered_and_rewritten(model):
     response = await post(guarded_app(model), "/stream")
     assert response.json() == {"probabilities": ROUNDED, "pad": "x" * 100}
@@ -232,6 +255,16 @@ async def test_error_responses_without_probabilities_pass_through(model):
     for path, body in (("/status/503", FEATURES), ("/predict", {"features": [1.0, 2.0]})):
         expected, actual = await post(bare, path, body), await post(guarded, path, body)
         assert actual.status_code == expected.status_code and actual.content == expected.content
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE_ERRORS))
+async def test_unreadable_error_responses_fail_closed(model, kind, caplog):
+    assert_fails_closed(await post(guarded_app(model), f"/error/{kind}"), 502, caplog)
+
+
+async def test_plain_error_text_without_numbers_passes(model):
+    response = await post(guarded_app(model), "/error/plain")
+    assert response.status_code == 400 and response.content == b"Bad Request"
 
 
 @pytest.mark.parametrize("code", [422, 500])

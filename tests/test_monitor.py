@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks.serving import prediction_app
-from conftest import guard_in, monitor_drained
+from conftest import guard_in, monitor_drained, near
 from guard import GuardMiddleware, Policy
 from guard.metrics import GuardMetrics
 from guard.monitors import build_detector
@@ -153,8 +153,8 @@ async def test_a_flood_against_a_stalled_monitor_gets_nothing_unwatched():
         await monitor_drained(app)
         release = stall(app)
         repeated = query(1)
-        answers = await asyncio.gather(*(client.post("/predict", json={"features": repeated},
-                                                     headers={"x-api-key": "mallory"}) for _ in range(30)))
+        answers = await asyncio.gather(*(client.post("/predict", json={"features": near(repeated, i)},
+                                                     headers={"x-api-key": "mallory"}) for i in range(30)))
         assert sum(full(a) for a in answers) == 4
         assert all(a.status_code == 200 and isinstance(a.json()["probabilities"], int)
                    for a in answers if not full(a))
@@ -163,7 +163,7 @@ async def test_a_flood_against_a_stalled_monitor_gets_nothing_unwatched():
         assert 'decision="unmonitored"' in metrics
         release.set()
         await monitor_drained(app)
-        # the four queued repeats were judged: three alarms (log, degrade, throttle) for mallory
+        # the four queued near-repeats were judged: three alarms (log, degrade, throttle) for mallory
         metrics = (await client.get("/metrics")).text
         assert 'guard_detections_total{detector="similarity"} 3.0' in metrics
         assert not full(await client.post("/predict", json={"features": query(2)},
@@ -226,13 +226,13 @@ async def test_monitor_thread_starts_and_stops_with_the_lifespan():
 
 async def test_with_max_pending_one_a_sequential_client_is_sanctioned_from_the_next_query():
     """No waiting for the monitor in the test: the bound itself makes the sanction of each alarm
-    apply to the client's next query (log, degrade, throttle on the 2nd, 3rd, 4th repeat)."""
+    apply to the client's next query (log, degrade, throttle on the 2nd, 3rd, 4th near-repeat)."""
     for attempt in range(5):
         client, app = guarded({"max_pending": 1, "max_delay": 5.0}, rate_limits=["100/minute"])
         async with client:
             repeated = query(attempt)
-            answers = [await client.post("/predict", json={"features": repeated}, headers={"x-api-key": "mallory"})
-                       for _ in range(5)]
+            answers = [await client.post("/predict", json={"features": near(repeated, i)},
+                                         headers={"x-api-key": "mallory"}) for i in range(5)]
         assert [full(a) for a in answers] == [True, True, True, False, False]
 
 

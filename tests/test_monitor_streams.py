@@ -18,7 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from benchmarks.serving import prediction_app
+from conftest import near
 from guard import GuardMiddleware, Policy
+from guard.identity import key_entry
 from guard.monitors.stream import GROUP, StreamMonitor, partition_of, stream_key
 
 pytestmark = pytest.mark.redis
@@ -38,6 +40,9 @@ def softmax(X: np.ndarray) -> np.ndarray:
 def policy_text(url: str) -> str:
     return f"""secret = "streams test secret 012345"
 store = "{url}"
+[identity]
+header = "X-API-Key"
+keys = {[key_entry(key) for key in (*KEYS, "alice", "mallory")]!r}
 [monitor]
 deployment = "streams"
 partitions = {PARTITIONS}
@@ -99,8 +104,8 @@ async def test_two_monitors_two_workers_sybil_and_takeover(redis_server, tmp_pat
     await dead.create_groups()
     await dead.rebalance()
     assert dead.owned == set(range(PARTITIONS))
-    for i, key in enumerate(KEYS):
-        await workers[i % 2].post("/predict", json={"features": repeated}, headers={"x-api-key": key})
+    for i, key in enumerate(KEYS):  # near-repeats: exact repeats are no evidence
+        await workers[i % 2].post("/predict", json={"features": near(repeated, i)}, headers={"x-api-key": key})
     delivered = await dead.redis.xreadgroup(GROUP, "dead", {stream_key("predguard:", p): ">"
                                                             for p in range(PARTITIONS)}, count=100)
     assert sum(len(entries) for _, entries in delivered) == len(KEYS)
@@ -118,7 +123,7 @@ async def test_two_monitors_two_workers_sybil_and_takeover(redis_server, tmp_pat
         # the Sybil attacker goes on through both web workers; kill one monitor mid-stream
         for round_ in range(3):
             for i, key in enumerate(KEYS):
-                await workers[(i + round_) % 2].post("/predict", json={"features": repeated},
+                await workers[(i + round_) % 2].post("/predict", json={"features": near(repeated, (round_ + 1) * 100 + i)},
                                                      headers={"x-api-key": key})
                 if round_ == 1 and i == 10:
                     monitors[0].send_signal(signal.SIGKILL)

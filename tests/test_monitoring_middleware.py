@@ -9,11 +9,14 @@ import pytest
 
 from benchmarks.serving import prediction_app
 from guard import GuardMiddleware, Policy
-from conftest import guard_in, monitor_drained
+from conftest import guard_in, monitor_drained, near
+from guard.identity import key_entry
 
 D, K = 16, 3
 WEIGHTS = np.random.default_rng(0).normal(size=(D, K))
 SECRET = "monitoring test secret"
+KEYS = ["mallory", "alice", "sybil-0", "sybil-1", "sybil-2"]
+IDENTITY = {"header": "X-API-Key", "keys": [key_entry(key) for key in KEYS]}
 
 
 def softmax(X: np.ndarray) -> np.ndarray:
@@ -24,7 +27,8 @@ def softmax(X: np.ndarray) -> np.ndarray:
 
 def client_for(peer: str = "203.0.113.7", **settings) -> httpx.AsyncClient:
     route = {"probabilities": "/probabilities", "features": "/features", **settings.pop("route", {})}
-    policy = Policy(secret=SECRET, routes={"/predict": route}, **settings)
+    identity = {**IDENTITY, **settings.pop("identity", {})}
+    policy = Policy(secret=SECRET, routes={"/predict": route}, identity=identity, **settings)
     app = prediction_app(softmax, D)
     app.add_middleware(GuardMiddleware, policy=policy)
     transport = httpx.ASGITransport(app=app, client=(peer, 4000))
@@ -41,8 +45,9 @@ async def predict(client: httpx.AsyncClient, features: list[float], **headers: s
     """One query; then wait for the monitor to judge it, so that its sanction applies to the next."""
     answer = await client.post("/predict", json={"features": features},
                                headers={k.replace("_", "-"): v for k, v in headers.items()})
-    if guard_in(client.guarded_app).monitoring.monitor is not None:
-        await monitor_drained(client.guarded_app)
+    app = getattr(client, "guarded_app", None)
+    if app is not None and guard_in(app).monitoring.monitor is not None:
+        await monitor_drained(app)
     return answer
 
 
@@ -88,7 +93,7 @@ async def test_log_degrade_throttle_sequence():
     route = {"throttle_rate_limits": ["1/minute"], "rate_limits": ["100/minute"]}
     async with client_for(route=route, detectors=SIMILARITY) as client:
         repeated = query(0)
-        answers = [await predict(client, repeated, x_api_key="mallory") for _ in range(4)]
+        answers = [await predict(client, near(repeated, i), x_api_key="mallory") for i in range(4)]
         # alarms on the 2nd, 3rd, 4th query: log, then degrade (label-only), then throttle
         assert [full(a) for a in answers] == [True, True, True, False]
         assert isinstance(answers[3].json()["probabilities"], int)
@@ -107,7 +112,7 @@ async def test_cross_client_alarms_sanction_every_sybil_key_when_configured(acco
         repeated = query(0)
         # one query, sent in turn by each key: from the second on, each matches the key before it
         for i in range(4):
-            assert full(await predict(client, repeated, x_api_key=keys[i % 3]))
+            assert full(await predict(client, near(repeated, i), x_api_key=keys[i % 3]))
         probes = [await predict(client, query(10 + i), x_api_key=key) for i, key in enumerate(keys)]
         untouched = full(await predict(client, query(20), x_api_key="alice"))
     # with accomplices every key has climbed to degrade (label-only answers); without, each key
@@ -118,10 +123,11 @@ async def test_cross_client_alarms_sanction_every_sybil_key_when_configured(acco
 
 async def test_block_gives_403_and_metrics_count_it():
     route = {"sanctions": {"ladder": {"block": 60}}}
-    async with client_for(route=route, detectors=SIMILARITY, metrics_path="/metrics") as client:
-        answers = [await predict(client, query(0), x_api_key="mallory") for _ in range(3)]
+    async with client_for(route=route, detectors=SIMILARITY, metrics_path="/metrics",
+                          metrics_token="scraper-token-0123") as client:
+        answers = [await predict(client, near(query(0), i), x_api_key="mallory") for i in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 403]
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.get("/metrics", headers={"Authorization": "Bearer scraper-token-0123"})).text
     for line in ['guard_requests_total{decision="allowed",route="/predict"} 2.0',
                  'guard_requests_total{decision="blocked",route="/predict"} 1.0',
                  'guard_detections_total{detector="similarity"} 1.0',
@@ -129,6 +135,36 @@ async def test_block_gives_403_and_metrics_count_it():
                  "guard_middleware_seconds_count 3.0", "guard_clients_tracked 1.0"]:
         assert line in metrics
     assert "mallory" not in metrics
+
+
+@pytest.mark.parametrize("peer, headers, served", [
+    ("203.0.113.7", {}, False), ("203.0.113.7", {"Authorization": "Bearer wrong"}, False),
+    ("203.0.113.7", {"Authorization": "Bearer scraper-token-0123"}, True),
+    ("127.0.0.1", {}, True), ("::ffff:127.0.0.1", {}, True), ("10.1.2.3", {}, True)])
+async def test_metrics_only_for_configured_networks_and_token(peer, headers, served):
+    settings = {"metrics_path": "/metrics", "metrics_token": "scraper-token-0123",
+                "metrics_networks": ["127.0.0.0/8", "10.0.0.0/8"]}
+    async with client_for(peer=peer, **settings) as client:
+        response = await client.get("/metrics", headers=headers)
+    assert (response.status_code == 200 and "guard_requests_total" in response.text) == served
+    assert served or response.status_code == 404  # the app's own answer: nothing says metrics are there
+
+
+@pytest.mark.parametrize("fail_mode", ["label_only", "503"])
+async def test_a_malformed_sanction_in_redis_fails_closed(redis_url, fail_mode):
+    import redis.asyncio as aioredis
+
+    peer = f"198.51.100.{np.random.default_rng().integers(1, 250)}"
+    server = aioredis.Redis.from_url(redis_url)
+    await server.set(f"predguard:sanction:ip:{peer}", b'{"level": "block"')
+    try:
+        async with client_for(peer=peer, store=redis_url, fail_mode=fail_mode) as client:
+            answer = await predict(client, query(0))
+    finally:
+        await server.delete(f"predguard:sanction:ip:{peer}")
+        await server.aclose()
+    assert not full(answer)
+    assert answer.status_code == (503 if fail_mode == "503" else 200)
 
 
 async def test_metrics_route_only_when_configured():
@@ -169,3 +205,62 @@ def test_guard_calibrate_writes_thresholds_the_policy_loads(tmp_path):
     assert detectors["similarity"]["window"] == 20
     assert 1 < detectors["similarity"]["threshold"] <= 51  # at most top_n (50) shared hashes + 1
     assert 0 < detectors["prada"]["delta"] < 1
+
+
+async def test_a_blocked_key_cannot_escape_with_an_invented_one():
+    route = {"sanctions": {"ladder": {"block": 60}}}
+    async with client_for(route=route, detectors=SIMILARITY) as client:
+        answers = [await predict(client, near(query(0), i), x_api_key="mallory") for i in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 403]
+        escape = await predict(client, query(1), x_api_key="mallory-2")
+    assert escape.status_code == 401 and escape.json()["error"] == "invalid_api_key"
+
+
+async def test_a_client_blocked_by_its_ip_stays_blocked_with_an_unknown_key():
+    route = {"sanctions": {"ladder": {"block": 60}}}
+    async with client_for(route=route, detectors=SIMILARITY, identity={"unknown_keys": "ip"}) as client:
+        answers = [await predict(client, near(query(0), i)) for i in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 403]
+        assert (await predict(client, query(1), x_api_key="fresh-key")).status_code == 403
+        assert full(await predict(client, query(2), x_api_key="alice"))
+
+
+async def test_valid_keys_from_one_network_share_its_budget():
+    route = {"rate_limits": ["100/minute"], "network_rate_limits": ["3/minute"]}
+    async with client_for(route=route) as client:
+        codes = [(await predict(client, query(i), x_api_key=key)).status_code
+                 for i, key in enumerate(["sybil-0", "sybil-1", "sybil-2", "alice"])]
+    assert codes == [200, 200, 200, 429]
+
+
+async def test_keys_from_a_file_and_from_the_apps_own_check(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# issued keys\n{key_entry('from-file')}\n")
+    policy = Policy(secret=SECRET, identity={"header": "X-API-Key", "keys_file": str(keys)},
+                    routes={"/predict": {"probabilities": "/probabilities", "features": "/features"}})
+    app = prediction_app(softmax, D)
+    app.add_middleware(GuardMiddleware, policy=policy, verify_key=lambda key: key.startswith("app-"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guarded") as client:
+        codes = [(await predict(client, query(0), x_api_key=key)).status_code
+                 for key in ("from-file", "app-123", "other")]
+    assert codes == [200, 200, 401]
+
+
+async def test_blocks_survive_a_flood_of_identities_and_a_full_sanction_store_degrades_new_clients():
+    from guard.middleware import Monitoring
+    from guard.sanctions import Level, SanctionRules
+
+    monitoring = Monitoring(Policy(secret=SECRET, memory_limit=1 << 20, detectors={"similarity": {}}))
+    detector_store = monitoring.monitor.monitor.detectors["similarity"].store
+    rules = SanctionRules.parse({"block": 3600})
+    await monitoring.sanctions.escalate("ip:203.0.113.7", rules, "similarity")
+    for i in range(20_000):  # detector state of 20,000 fresh clients: far beyond its share
+        await detector_store.set(f"prada:key:{i}:distances", b"x" * 64, ttl=3600)
+    assert (await monitoring.sanctions.standing("ip:203.0.113.7")).level == Level.BLOCK
+    sanctioned = 0
+    while not (await monitoring.sanctions.standing(f"ip:10.{sanctioned}")).level:
+        await monitoring.sanctions.escalate(f"ip:10.{sanctioned}", rules, "similarity")
+        sanctioned += 1
+    assert sanctioned > 100  # the sanction share holds hundreds of standings
+    assert (await monitoring.sanctions.standing("ip:203.0.113.7")).level == Level.BLOCK
+    assert (await monitoring.sanctions.standing("ip:198.51.100.1")).level == Level.DEGRADE

@@ -59,12 +59,46 @@ def test_bad_policies_fail_at_load_time(policy, message):
         Policy.from_dict(policy)
 
 
-def test_missing_secret_warns_and_is_shared_within_the_process():
-    with pytest.warns(UserWarning, match="random per-process secret"):
-        first = Policy(routes={"/predict": ROUTE})
-    with pytest.warns(UserWarning):
-        second = Policy.from_dict({})
+def test_without_a_secret_a_random_one_serves_a_single_process_that_needs_none():
+    first, second = Policy(routes={"/predict": ROUTE}), Policy.from_dict({})
     assert first.secret_bytes == second.secret_bytes and len(first.secret_bytes) >= 32
+
+
+@pytest.mark.parametrize("settings, reason", [
+    ({"store": "redis://127.0.0.1:6379/0"}, "shared store"),
+    ({"identity": {"header": "X-API-Key"}}, "API keys"),
+    ({"routes": {"/predict": {**ROUTE, "output": ["noise:0.3"]}}}, "noise"),
+    ({"routes": {"/predict": {**ROUTE, "degraded_output": ["noise:0.3", "label_only"]}}}, "noise"),
+])
+def test_a_secret_is_required_where_it_matters(settings, reason):
+    with pytest.raises(ValidationError, match=reason):
+        Policy.from_dict(settings)
+    with pytest.warns(UserWarning, match="development only"):
+        Policy.from_dict({**settings, "dev_random_secret": True})
+    Policy.from_dict({**settings, "secret": SECRET})
+
+
+@pytest.mark.parametrize("environment", [{"WEB_CONCURRENCY": "2"}, {"SERVER_SOFTWARE": "gunicorn/22.0"}])
+def test_a_secret_is_required_with_several_workers(monkeypatch, environment):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match="several worker processes"):
+        Policy.from_dict({})
+
+
+def test_a_uvicorn_worker_process_needs_a_secret():
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert "several worker processes" in pool.apply(secret_error)
+
+
+def secret_error() -> str:
+    try:
+        Policy.from_dict({})
+    except ValidationError as error:
+        return str(error)
+    return ""
 
 
 def test_unknown_file_types_are_refused(tmp_path):

@@ -119,3 +119,12 @@ async def test_redis_store_gives_the_same_verdicts(redis_url, rng):
             )
     finally:
         await redis.close()
+
+
+async def test_wide_queries_are_capped_in_bytes_not_only_in_members(rng):
+    store = MemoryStore()
+    prada = Prada(store, max_set=256, max_set_bytes=64 * 1024)
+    wide = rng.random((40, 4096)).astype(np.float32)  # 16 KiB a query
+    await prada.observe("c", wide, np.zeros(40))
+    stored = await store.get("prada:c:class:0")
+    assert prada.set_cap(4096) == 4 and len(stored) <= 64 * 1024 + 64

@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from guard.ratelimit import (
+    BoundedMemoryStorage,
     LimitDecision,
     RateLimiter,
     RouteLimits,
@@ -21,7 +22,7 @@ def test_notation():
     assert [(item.amount, item.get_expiry()) for item in parse_limits(["10/second", "1000/hour"])] == \
         [(10, 1), (1000, 3600)]
     assert len(parse_limits("10/second; 1000/hour")) == 2
-    assert limits_storage_uri("memory://") == "async+memory://"
+    assert limits_storage_uri("memory://") == "async+bounded-memory://"
     assert limits_storage_uri("redis://h:1/2") == "async+redis://h:1/2"
     assert limits_storage_uri("async+redis://h:1/2") == "async+redis://h:1/2"
 
@@ -82,3 +83,20 @@ async def test_unreachable_redis_raises_store_unavailable():
     limiter = RateLimiter("async+redis://127.0.0.1:1/0", timeout=0.2)
     with pytest.raises(StoreUnavailable):
         await limiter.hit("/p", "alice", RouteLimits.parse(per_client="1/second"))
+
+
+async def test_memory_counters_are_bounded_and_never_swept_all_at_once():
+    limiter = RateLimiter(max_bytes=1000 * BoundedMemoryStorage.ENTRY_BYTES)
+    storage = limiter._strategy.storage
+    for i in range(5000):
+        await limiter.hit("/p", f"ip:10.0.{i // 250}.{i % 250}", RouteLimits.parse("5/minute"))
+    assert len(storage.storage) <= 1000 and len(storage.locks) <= 1000
+    assert storage.timer is None  # limits' own sweep walks every key on the event loop
+    for strategy in ("moving-window", "fixed-window"):
+        limiter = RateLimiter(strategy=strategy, max_bytes=10 * BoundedMemoryStorage.ENTRY_BYTES)
+        for i in range(100):
+            await limiter.hit("/p", "alice", RouteLimits.parse("3/minute"))
+            await limiter.hit("/p", f"ip:{i}", RouteLimits.parse("3/minute"))
+        storage = limiter._strategy.storage
+        assert len(storage.storage) + len(storage.events) <= 20
+        assert all(len(events) <= 3 for events in storage.events.values())

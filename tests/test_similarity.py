@@ -122,8 +122,32 @@ async def test_two_workers_share_the_table_through_redis(redis_url, rng):
     query = on_bin_centres(rng, 784, 0.2)
     try:
         assert not (await workers[0].observe("a", query, np.zeros(1))).alarm
-        verdict = await workers[1].observe("b", query, np.zeros(1))
+        verdict = await workers[1].observe("b", query + 0.01, np.zeros(1))  # a near-duplicate
         assert (verdict.alarm, verdict.scope, verdict.cross_client) == (True, "cross-client", 50)
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_exact_repeats_are_no_evidence_but_near_duplicates_are(rng):
+    detector = Similarity(MemoryStore(), salt="s")  # defaults: threshold 25 of top_n 50
+    query = on_bin_centres(rng, 784, 0.2)
+    # an ordinary client's retry loop, and another client sending the same public input
+    retries = [await detector.observe("alice", query, np.zeros(1)) for _ in range(6)]
+    assert not any(verdict.alarm for verdict in retries)
+    assert not (await detector.observe("bob", query, np.zeros(1))).alarm
+    # below float32 resolution it is still the same query the model computes on
+    assert not (await detector.observe("alice", query + 1e-12, np.zeros(1))).alarm
+    assert (await detector.observe("alice", query + 0.01, np.zeros(1))).alarm
+
+
+async def test_calibration_on_benign_traffic_with_retries_keeps_retries_quiet(rng):
+    from guard.monitors.calibration import calibrate, with_retries
+
+    streams = {f"c{i}": (rng.random((60, 784)).astype(np.float32), np.zeros(60, np.int64)) for i in range(4)}
+    retried = with_retries(streams, rate=0.2, repeats=5, seed=0)
+    assert all(len(features) > 60 for features, _ in retried.values())
+    threshold = (await calibrate(retried, {"similarity": {"salt": "s"}}))["similarity"]["threshold"]
+    detector = Similarity(MemoryStore(), threshold=threshold, salt="s")
+    query = rng.random((1, 784))
+    assert not any([(await detector.observe("alice", query, np.zeros(1))).alarm for _ in range(6)])

@@ -98,3 +98,29 @@ async def test_redis_store_recovers_when_the_server_returns(redis_server):
     await store.set("a", b"2", ttl=60)
     assert await store.get("a") == b"2"
     await store.close()
+
+
+async def test_memory_store_is_bounded_in_bytes_and_evicts_the_least_recent():
+    from guard.store.memory import entry_bytes
+
+    store = MemoryStore(max_bytes=100 * entry_bytes("client-000", b"x" * 10))
+    for i in range(1000):
+        await store.set(f"client-{i:03d}", b"x" * 10, ttl=60)
+    assert len(store) == 100 and store.size <= 100 * entry_bytes("client-000", b"x" * 10)
+    assert await store.get("client-999") is not None and await store.get("client-000") is None
+
+
+async def test_a_keeping_store_never_drops_a_live_key_and_refuses_new_ones_when_full():
+    from guard.store.memory import StoreFull, entry_bytes
+
+    store = MemoryStore(max_bytes=10 * entry_bytes("sanction:ip:1", b"x" * 40), evict=False)
+    for i in range(10):
+        await store.set(f"sanction:ip:{i}", b"x" * 40, ttl=60)
+    assert store.full
+    with pytest.raises(StoreFull):
+        await store.set("sanction:ip:N", b"x" * 40, ttl=60)
+    assert all([await store.get(f"sanction:ip:{i}") for i in range(10)])
+    await store.set("sanction:ip:3", b"y" * 40, ttl=0.05)  # an existing key may change
+    await asyncio.sleep(0.1)
+    await store.set("sanction:ip:N", b"x" * 40, ttl=60)  # the expired key made room
+    assert await store.get("sanction:ip:N") == b"x" * 40 and await store.get("sanction:ip:0")

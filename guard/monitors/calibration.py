@@ -45,6 +45,17 @@ def interleave(streams: Mapping[str, Stream]) -> Iterator[tuple[str, np.ndarray,
                 yield client, features[step : step + 1], predicted[step : step + 1]
 
 
+def with_retries(streams: Mapping[str, Stream], rate: float, repeats: int, seed: int = 0) -> dict[str, Stream]:
+    """The streams with retries, as real clients send them: each query, with probability ``rate``,
+    is sent ``repeats`` more times in a row. Calibrate on these when clients retry."""
+    rng = np.random.default_rng(seed)
+    retried = {}
+    for client, (features, predicted) in streams.items():
+        counts = 1 + repeats * (rng.random(len(features)) < rate)
+        retried[client] = (np.repeat(features, counts, axis=0), np.repeat(predicted, counts, axis=0))
+    return retried
+
+
 async def replay(detector: Detector, streams: Mapping[str, Stream]) -> dict[str, np.ndarray]:
     """Feed the clients' interleaved streams to ``detector`` and return each client's score after
     each of its queries."""

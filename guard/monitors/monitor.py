@@ -48,7 +48,7 @@ from guard.monitors import DETECTORS, build_detector
 from guard.monitors.base import Detector, Observation, Verdict
 from guard.policy import Policy
 from guard.sanctions import Level, SanctionRules, Sanctions, Standing
-from guard.store import StoreUnavailable, store_from_uri
+from guard.store import StoreUnavailable, memory_options, store_from_uri
 from guard.store.base import StateStore
 
 logger = logging.getLogger("guard")
@@ -176,7 +176,9 @@ class InProcessMonitor:
         settings = policy.monitor
         self.sanctions, self.batch_size, self.idle = sanctions, settings.batch_size, idle
         self.backlog = Backlog(settings.max_pending, settings.max_delay)
-        self.monitor = Monitor.from_policy(policy, store_from_uri(policy.store), self._escalate, metrics)
+        self.monitor = Monitor.from_policy(
+            policy, store_from_uri(policy.store, **memory_options(policy.store, max_bytes=policy.memory_limit // 2)),
+            self._escalate, metrics)
         self._inbox: queue.SimpleQueue[Observation | None] = queue.SimpleQueue()
         self._progress = asyncio.Event()
         self._lock = threading.Lock()

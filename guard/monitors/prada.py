@@ -13,7 +13,9 @@ extraction queries do not, and the client is flagged when ``W < delta``.
 Memory is bounded by configuration, and all state lives in the ``StateStore`` (one key per client
 and class for ``G_c``, one per client for ``D``), as float32:
 
-- ``G_c`` holds at most ``max_set`` members; at the cap it becomes a ring: a new member replaces the
+- ``G_c`` holds at most ``max_set`` members and at most ``max_set_bytes`` of them (so wide inputs do
+  not make a client's state megabytes: 256 members of 150,528 float32 pixels would be 154 MB); at
+  the cap it becomes a ring: a new member replaces the
   oldest one, so later queries are compared with the most recent ``max_set`` members (the running
   mean and std of the joining distances, and hence ``T_c``, still cover every member ever admitted).
 - ``D`` holds at most ``max_distances`` values (default 5000, the range where SciPy's
@@ -165,6 +167,7 @@ class Prada(Detector):
         min_distances: int = 100,
         max_set: int = 256,
         max_distances: int = 5000,
+        max_set_bytes: int = 1 << 18,
         outlier_sigmas: float = 3.0,
         ttl: float = 86_400.0,
         prefix: str = "prada",
@@ -177,7 +180,11 @@ class Prada(Detector):
             max_distances,
             outlier_sigmas,
         )
-        self.ttl, self.prefix = ttl, prefix
+        self.ttl, self.prefix, self.max_set_bytes = ttl, prefix, max_set_bytes
+
+    def set_cap(self, dimension: int) -> int:
+        """Members a class's set keeps for queries of ``dimension`` float32 values."""
+        return max(1, min(self.max_set, self.max_set_bytes // (4 * dimension)))
 
     async def observe_batch(self, observations: Sequence[Observation]) -> list[Verdict]:
         """Per client: one store update per class it queried (distances of all its queries in the
@@ -205,7 +212,7 @@ class Prada(Detector):
             def grow(raw: bytes | None, rows: np.ndarray = rows) -> bytes:
                 growing = _GrowingSet.decode(raw, queries.shape[1])
                 admitted = growing.admitted
-                minima[rows] = growing.observe(queries[rows], self.max_set)
+                minima[rows] = growing.observe(queries[rows], self.set_cap(queries.shape[1]))
                 return raw if raw is not None and growing.admitted == admitted else growing.encode()
 
             await self.store.update(f"{self.prefix}:{client}:class:{label}", grow, self.ttl)

@@ -8,9 +8,12 @@ the ``top_n`` largest hashes form the query's fingerprint. One bounded hash tabl
 hash -> id of the last query that produced it; the id carries the client, so a single table serves
 both the per-client view and the cross-client view (queries spread over many API keys, a Sybil
 attack). The score of a query is the number of its hashes shared with the most similar earlier
-query, and the alarm is ``score >= threshold``. The per-query cost is one fingerprint and ``top_n``
-swapped fields (a batch of queries: one ``swap_many`` for all), independent of how many queries
-came before.
+query, and the alarm is ``score >= threshold``. An exact repeat (the same values at the model's
+float32 precision) is no evidence: it gets the identical answer and teaches nothing new, so an
+ordinary client's retries never alarm. The id of a query is its client and a keyed digest of its
+float32 values, and matches with the same digest are left out of the score. The per-query cost is
+one fingerprint and ``top_n`` swapped fields (a batch of queries: one ``swap_many`` for all),
+independent of how many queries came before.
 
 The hash: Blacklight uses SHA-256 of each window. What the detector needs from it is only that
 distinct windows rarely collide and that clients cannot predict the hashes (and so cannot aim
@@ -89,6 +92,13 @@ class Similarity(Detector):
         # Row 0: the two additive keys a_0; rows 1..window: the multipliers of each position.
         stream = hashlib.shake_256(b"predguard similarity keys" + salt).digest(16 * (window + 1))
         self._keys = np.frombuffer(stream, "<u8").reshape(window + 1, 2)
+        self._digest_key = hashlib.shake_256(b"predguard similarity query ids" + salt).digest(32)
+
+    def query_ids(self, owner: bytes, queries: np.ndarray) -> list[bytes]:
+        """Per query: ``owner`` and a keyed digest of its values at float32 (exact repeats share it)."""
+        rows = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(len(queries), -1)) + np.float32(0)
+        return [owner + hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=_QUERY_ID_BYTES).digest()
+                for row in rows]
 
     def fingerprints(self, queries: np.ndarray) -> list[list[bytes]]:
         """Per query (a row of ``queries``), the ``top_n`` largest keyed hashes of its distinct
@@ -114,10 +124,9 @@ class Similarity(Detector):
         query."""
         if not observations:
             return []
-        prints = self.fingerprints(np.concatenate([np.asarray(o.features).reshape(len(o.features), -1)
-                                                   for o in observations]))
-        owners = [o.client.encode() for o in observations for _ in range(len(o.features))]
-        ids = [owner + os.urandom(_QUERY_ID_BYTES) for owner in owners]
+        queries = [np.asarray(o.features).reshape(len(o.features), -1) for o in observations]
+        prints = self.fingerprints(np.concatenate(queries))
+        ids = [query_id for o, rows in zip(observations, queries) for query_id in self.query_ids(o.client.encode(), rows)]
         earlier = await self.store.swap_many(self.table, [h for p in prints for h in p],
                                              [i for i, p in zip(ids, prints) for _ in p], self.ttl)
         verdicts, row, start = [], 0, 0
@@ -126,8 +135,9 @@ class Similarity(Detector):
             accomplices: set[bytes] = set()
             owner = observation.client.encode()
             for _ in range(len(observation.features)):
+                digest = ids[row][-_QUERY_ID_BYTES:]
                 shared = Counter(match for match in earlier[start : start + len(prints[row])]
-                                 if match is not None)
+                                 if match is not None and match[-_QUERY_ID_BYTES:] != digest)
                 start, row = start + len(prints[row]), row + 1
                 own = max(
                     (n for match, n in shared.items() if match[:-_QUERY_ID_BYTES] == owner), default=0

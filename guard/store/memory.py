@@ -1,20 +1,41 @@
-"""In-process state store (the default): an LRU map with per-key expiry, bounded in entries, so
-a flood of new client identities cannot exhaust memory."""
+"""In-process state store (the default): maps with per-key expiry, bounded in bytes, so a flood of
+new client identities cannot exhaust memory, and every operation costs the same however many clients
+are held (no sweep over all keys: expired keys are dropped when touched or evicted).
+
+Two kinds of bound: detector state is *evicting* (the least recently used key makes room); sanctions
+are *keeping* (``evict=False``): a key is never dropped before it expires, and when the store is
+full of live keys a new one is refused with ``StoreFull``, so old blocks are never forgotten."""
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections import OrderedDict
 
 from guard.store.base import Update
 
+# What one entry costs beyond its key and value: the dict slot, the (expiry, value) tuple, the float,
+# the objects' headers (measured with tracemalloc at about 250 bytes on CPython 3.11).
+ENTRY_OVERHEAD = 300
 
-class _ExpiringLRU:
-    """At most ``max_entries`` keys; the least recently used is evicted first; expired keys read as absent."""
 
-    def __init__(self, max_entries: int):
+class StoreFull(RuntimeError):
+    """A keeping store holds ``max_bytes`` of live entries and cannot take a new key."""
+
+
+def entry_bytes(key: object, value: object) -> int:
+    return ENTRY_OVERHEAD + len(key) + len(value)  # type: ignore[arg-type]
+
+
+class _ExpiringMap:
+    """Keys with an expiry, at most ``max_bytes`` (by ``entry_bytes``) in all. Evicting: the least
+    recently used key goes first. Keeping: expired keys go (earliest expiry first), live ones never."""
+
+    def __init__(self, max_bytes: int, evict: bool = True, max_entries: int | None = None):
+        self.max_bytes, self.evict, self.size = max_bytes, evict, 0
         self.max_entries = max_entries
         self._items: OrderedDict[object, tuple[float, object]] = OrderedDict()
+        self._expiries: list[tuple[float, object]] = []  # keeping maps: a heap, stale entries skipped
 
     def get(self, key: object, now: float) -> object | None:
         item = self._items.get(key)
@@ -22,39 +43,89 @@ class _ExpiringLRU:
             return None
         expires, value = item
         if expires <= now:
-            del self._items[key]
+            self.delete(key)
             return None
         self._items.move_to_end(key)
         return value
 
-    def set(self, key: object, value: object, expires: float) -> None:
+    def set(self, key: object, value: object, expires: float, now: float) -> None:
+        old = self._items.get(key)
+        grown = entry_bytes(key, value) - (entry_bytes(key, old[1]) if old else 0)
+        if not self.evict and old is None:
+            self._purge(now, grown)
         self._items[key] = (expires, value)
         self._items.move_to_end(key)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        self.size += grown
+        if self.evict:
+            while len(self._items) > 1 and self._over():
+                oldest, (_, evicted) = self._items.popitem(last=False)
+                self.size -= entry_bytes(oldest, evicted)
+        else:
+            heapq.heappush(self._expiries, (expires, key))
+            if len(self._expiries) > 2 * len(self._items) + 16:  # drop stale heap entries, amortised
+                self._expiries = [(e, k) for k, (e, _) in self._items.items()]
+                heapq.heapify(self._expiries)
+
+    def _over(self) -> bool:
+        return self.size > self.max_bytes or (self.max_entries is not None and len(self._items) > self.max_entries)
+
+    def _purge(self, now: float, needed: int) -> None:
+        """Drop expired keys, earliest first, until ``needed`` bytes fit; ``StoreFull`` if they do not."""
+        while self.size + needed > self.max_bytes and self._expiries and self._expiries[0][0] <= now:
+            expires, key = heapq.heappop(self._expiries)
+            item = self._items.get(key)
+            if item is not None and item[0] == expires:
+                self.delete(key)
+        if self.size + needed > self.max_bytes:
+            raise StoreFull(f"the store holds {self.size} bytes of live entries (ceiling {self.max_bytes})")
+
+    def full(self, now: float) -> bool:
+        """Whether a new key would be refused now (keeping maps only; evicting ones always take it)."""
+        if self.evict:
+            return False
+        try:
+            self._purge(now, ENTRY_OVERHEAD + 64)
+        except StoreFull:
+            return True
+        return False
 
     def delete(self, key: object) -> None:
-        self._items.pop(key, None)
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.size -= entry_bytes(key, item[1])
 
     def __len__(self) -> int:
         return len(self._items)
 
 
 class MemoryStore:
-    """Implements ``guard.store.base.StateStore`` in one process. ``max_keys`` bounds the plain keys;
-    ``max_table_fields`` bounds each ``swap_many`` table."""
+    """Implements ``guard.store.base.StateStore`` in one process: at most ``max_bytes`` for the plain
+    keys and for each ``swap_many`` table (which also holds at most ``max_table_fields`` fields).
+    ``evict=False`` keeps live keys (see the module docstring)."""
 
-    def __init__(self, max_keys: int = 100_000, max_table_fields: int = 1_000_000):
-        self._keys = _ExpiringLRU(max_keys)
-        self._tables: dict[str, _ExpiringLRU] = {}
+    def __init__(self, max_bytes: int = 64 << 20, max_table_fields: int = 1_000_000, evict: bool = True):
+        self._keys = _ExpiringMap(max_bytes, evict)
+        self._tables: dict[str, _ExpiringMap] = {}
+        self._max_bytes = max_bytes
         self._max_table_fields = max_table_fields
         self._lock = asyncio.Lock()
+
+    @property
+    def full(self) -> bool:
+        """Whether a new key would be refused (``StoreFull``) now."""
+        return self._keys.full(time.monotonic())
+
+    @property
+    def size(self) -> int:
+        """Bytes held, by ``entry_bytes``, keys and tables together."""
+        return self._keys.size + sum(table.size for table in self._tables.values())
 
     async def get(self, key: str) -> bytes | None:
         return self._keys.get(key, time.monotonic())
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        self._keys.set(key, value, time.monotonic() + ttl)
+        now = time.monotonic()
+        self._keys.set(key, value, now + ttl, now)
 
     async def delete(self, key: str) -> None:
         self._keys.delete(key)
@@ -63,17 +134,19 @@ class MemoryStore:
         async with self._lock:
             now = time.monotonic()
             value = update(self._keys.get(key, now))
-            self._keys.set(key, value, now + ttl)
+            self._keys.set(key, value, now + ttl, now)
             return value
 
     async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
                         ttl: float) -> list[bytes | None]:
         now = time.monotonic()
-        entries = self._tables.setdefault(table, _ExpiringLRU(self._max_table_fields))
+        entries = self._tables.get(table)
+        if entries is None:
+            entries = self._tables[table] = _ExpiringMap(self._max_bytes, max_entries=self._max_table_fields)
         previous = []
         for field, new in zip(fields, [value] * len(fields) if isinstance(value, bytes) else value):
             previous.append(entries.get(field, now))
-            entries.set(field, new, now + ttl)
+            entries.set(field, new, now + ttl, now)
         return previous
 
     def __len__(self) -> int:
