@@ -126,7 +126,8 @@ def audit(url: str, data: str, out: Path, *, features_path: str = "/features",
     endpoint = Endpoint(url, features_path, probabilities_path, fields, labels, batch_size, scale, max_wait)
     echo(f"auditing {url} with {dataset.name}: {len(dataset.X)} rows of {dataset.n_features} features, "
          f"{dataset.n_classes} classes; features sent {'scaled to [0, 1]' if scale else 'as in the file'}")
-    endpoint = detect_batching(endpoint, dataset, split, client, echo)
+    measuring = api_keys[:1]  # the endpoint's answers to the test set are read with the first key, if any
+    endpoint = detect_batching(endpoint, dataset, split, client, echo, measuring)
     servers = [("endpoint", endpoint, client)]
     if baseline is not None:
         servers.insert(0, ("none", replace(endpoint, url=baseline), baseline_client))
@@ -136,8 +137,7 @@ def audit(url: str, data: str, out: Path, *, features_path: str = "/features",
     progress = Progress(echo)
     with contextlib.ExitStack() as open_targets:
         for defence, server, server_client in servers:
-            measurement = open_targets.enter_context(server.target(dataset, server_client,
-                                                                   api_keys=("audit-measurement",)))
+            measurement = open_targets.enter_context(server.target(dataset, server_client, api_keys=measuring))
             measurements.append(measurement)
             endpoint_labels = _probe(measurement, X_test)
             label_only = not measurement.returns_probabilities
@@ -190,13 +190,13 @@ class Evaluator:
 
 
 def detect_batching(endpoint: Endpoint, dataset: datasets.Dataset, split: datasets.Split, client: Any,
-                    echo: Callable[[str], None]) -> Endpoint:
+                    echo: Callable[[str], None], api_keys: tuple[str, ...] = ()) -> Endpoint:
     """``endpoint`` with its batch size: as given, or ``DEFAULT_BATCH`` when a batch of two rows is
     answered, 1 when the endpoint refuses it (400/422: it takes single rows)."""
     if endpoint.batch_size is not None:
         return endpoint
     batched = replace(endpoint, batch_size=DEFAULT_BATCH)
-    with batched.target(dataset, client, api_keys=("audit-measurement",)) as probe:
+    with batched.target(dataset, client, api_keys=api_keys) as probe:
         try:
             probe.answer(dataset.X[split.test[:2]])
             return batched

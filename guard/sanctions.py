@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -142,8 +143,8 @@ class Sanctions:
         raw = await self._store.update(self._key(client), raise_standing, ttl=self._ttl(rules))
         new = Standing.decode(raw, self._clock())
         if new.level != before[-1]:
-            log.warning("client %s sanctioned: %s until %.0f after an alarm from %s",
-                        client, new.level.name.lower(), new.until, detector)
+            log.warning("client %s sanctioned: %s until %s after an alarm from %s", client, new.level.name.lower(),
+                        datetime.fromtimestamp(new.until, timezone.utc).isoformat(timespec="seconds"), detector)
         return before[-1], new
 
     @staticmethod

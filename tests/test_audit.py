@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from benchmarks import models, report
 from benchmarks.audit import audit
-from benchmarks.run import policy
+from benchmarks.run import ISSUED_KEYS, policy
 from benchmarks.scenarios import DEFENCES
 from benchmarks.serving import prediction_app
 from guard import GuardMiddleware, Policy
@@ -108,7 +108,7 @@ def test_audit_gives_the_verdicts_bench_gives_in_process(tmp_path, digits, digit
     guarded = prediction_app(lambda X: models.predict_proba(model, X), digits.n_features)
     guarded.add_middleware(GuardMiddleware, policy=policy(DEFENCES["label_only"]))
     paths = audit("http://guarded/predict", "digits", tmp_path / "audit", client=guarded, attacks=("copycat",),
-                  baseline="http://bare/predict", baseline_client=bare)
+                  baseline="http://bare/predict", baseline_client=bare, api_keys=ISSUED_KEYS[1:3])
     audit_rows = json.loads(paths["json"].read_text())["rows"]
     bench_verdict, audit_verdict = _verdict(bench_rows, "label_only"), _verdict(audit_rows, "endpoint")
     assert bench_verdict[0] == audit_verdict[0]

@@ -16,6 +16,10 @@ from benchmarks.serving import prediction_app
 from guard import GuardMiddleware
 from guard.cli import app
 
+# The quick bench behind ``quick_report`` takes minutes on a loaded 2-core machine (its setup counts
+# against the first test that asks for it).
+pytestmark = pytest.mark.timeout(900)
+
 ROW_KEYS = {"dataset", "model", "defence", "attack", "family", "adaptive", "status", "reason", "primary", "chance",
             "seeds", "metrics", "queries", "flagged_at", "blocked_at", "utility", "wall_time_s", "curves", "images"}
 
