@@ -14,10 +14,10 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from guard.identity import KeyCheck, KeyVerifier, key_digest, read_key_file
 from guard.monitors import DETECTORS
@@ -134,26 +134,22 @@ class MonitorPolicy(BaseModel):
                          "without renewing it; a dead monitor's partitions pass on after this")
 
 
+def _valid_pointer(text: str) -> str:
+    Pointer.parse(text)
+    return text
+
+
+PointerText = Annotated[str, AfterValidator(_valid_pointer)]
+"""A JSON pointer (RFC 6901), checked when the policy is loaded."""
+
+
 class FeatureRows(BaseModel):
     """Named fields read from each object of a list (or from one object) in the request body."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rows: str = Field(description="JSON pointer to the list of objects (or the one object)")
-    fields: list[str] = Field(min_length=1, description="JSON pointers into each object, in model order")
-
-    @field_validator("rows")
-    @classmethod
-    def _pointer(cls, text: str) -> str:
-        Pointer.parse(text)
-        return text
-
-    @field_validator("fields")
-    @classmethod
-    def _pointers(cls, texts: list[str]) -> list[str]:
-        for text in texts:
-            Pointer.parse(text)
-        return texts
+    rows: PointerText = Field(description="JSON pointer to the list of objects (or the one object)")
+    fields: list[PointerText] = Field(min_length=1, description="JSON pointers into each object, in model order")
 
 
 class AnswerRows(BaseModel):
@@ -161,14 +157,8 @@ class AnswerRows(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rows: str = Field(description="JSON pointer to the list of answer objects")
-    field: str = Field(description="JSON pointer into each object, e.g. /probabilities")
-
-    @field_validator("rows", "field")
-    @classmethod
-    def _pointer(cls, text: str) -> str:
-        Pointer.parse(text)
-        return text
+    rows: PointerText = Field(description="JSON pointer to the list of answer objects")
+    field: PointerText = Field(description="JSON pointer into each object, e.g. /probabilities")
 
     @field_validator("field")
     @classmethod

@@ -362,18 +362,29 @@ def targets(http: Rows, no_op: Rows) -> Rows:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_parser(description: str) -> argparse.ArgumentParser:
+    """The options of an interleaved load benchmark (``--quick``, ``--rounds``, ``--seconds``,
+    ``--concurrency``); ``load_settings`` reads the rounds and seconds they give."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="3 short rounds, for a smoke test")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3 quick, 9 full)")
     parser.add_argument("--seconds", type=float, help="load per configuration per round (default 2 / 5)")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent keep-alive connections")
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> tuple[int, float]:
+    """Rounds and seconds per configuration per round, with the quick or full defaults."""
+    return args.rounds or (3 if args.quick else 9), args.seconds or (2.0 if args.quick else 5.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = load_parser(__doc__.splitlines()[0])
     parser.add_argument("--redis", help="Redis URL for the streams configuration (default: a throwaway "
                         "redis-server if installed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as in the server processes
-    rounds = args.rounds or (3 if args.quick else 9)
-    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    rounds, seconds = load_settings(args)
     model, X = digits_model()
     bodies = [json.dumps({"features": x}).encode() for x in X.tolist()]
     answers = [json.dumps({"probabilities": p}, separators=(",", ":")).encode()

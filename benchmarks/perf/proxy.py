@@ -12,14 +12,13 @@ server's). On a shared machine the figures are noisy: compare only rows measured
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 
 import torch
 
 from benchmarks.perf.attacks import print_table
-from benchmarks.perf.overhead import HOST, digits_model, drive, free_port, serve
+from benchmarks.perf.overhead import HOST, digits_model, drive, free_port, load_parser, load_settings, serve
 from guard import GuardMiddleware, Policy
 from guard.proxy import UpstreamProxy
 
@@ -38,15 +37,9 @@ def serve_proxy(upstream: str, policy: Policy | None, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 short rounds, for a smoke test")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3 quick, 9 full)")
-    parser.add_argument("--seconds", type=float, help="load per configuration per round (default 2 / 5)")
-    parser.add_argument("--concurrency", type=int, default=8, help="concurrent keep-alive connections")
-    args = parser.parse_args(argv)
+    args = load_parser(__doc__.splitlines()[0]).parse_args(argv)
     torch.set_num_threads(1)
-    rounds = args.rounds or (3 if args.quick else 9)
-    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    rounds, seconds = load_settings(args)
     model, X = digits_model()
     bodies = [json.dumps({"features": x}).encode() for x in X.tolist()]
     n_features, n_classes = model[0].in_features, model[-1].out_features
