@@ -15,6 +15,7 @@ addresses they carry.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -24,6 +25,9 @@ from pathlib import Path
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 KeyCheck = Callable[[str], bool]
+
+# How many (peer, X-Forwarded-For) pairs keep their parsed address and network.
+ADDRESS_CACHE_SIZE = 4096
 
 
 def parse_address(text: str) -> IPAddress | None:
@@ -112,6 +116,9 @@ class ClientIdentifier:
         self._reject = unknown_keys == "reject"
         self._trusted = [ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies]
         self._prefixes = {4: network_prefixes[0], 6: network_prefixes[1]}
+        # Parsing addresses is most of the cost of naming a client: the (peer, X-Forwarded-For) pairs
+        # seen lately keep their (address, network), in a bounded cache (least recently used out).
+        self._located = functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)(self._locate)
 
     def hash_key(self, key: bytes) -> str:
         """The stored form of an API key: ``key:`` + HMAC-SHA256(secret, key) in hex."""
@@ -147,16 +154,24 @@ class ClientIdentifier:
         network = ipaddress.ip_network(f"{parsed}/{self._prefixes[parsed.version]}", strict=False)
         return f"net:{network}"
 
+    def _locate(self, peer: str | None, forwarded: tuple[bytes, ...]) -> tuple[str, str]:
+        address = self.client_address(peer, forwarded)
+        return address, self.network(address)
+
+    def locate(self, scope: dict) -> tuple[str, str]:
+        """The client's IP address (through trusted proxies only) and its network for an ASGI ``scope``."""
+        peer = scope.get("client")
+        forwarded = tuple(value for name, value in scope.get("headers") or [] if name == b"x-forwarded-for"
+                          ) if self._trusted else ()
+        return self._located(peer[0] if peer else None, forwarded)
+
     def address(self, scope: dict) -> str:
         """The client's IP address for an ASGI ``scope`` (through trusted proxies only)."""
-        peer = scope.get("client")
-        forwarded = [value for name, value in scope.get("headers") or [] if name == b"x-forwarded-for"]
-        return self.client_address(peer[0] if peer else None, forwarded if self._trusted else ())
+        return self.locate(scope)[0]
 
     def identify(self, scope: dict) -> Identity:
         """The client's identity for an ASGI HTTP ``scope``."""
-        address = self.address(scope)
-        network = self.network(address)
+        address, network = self.locate(scope)
         if self._header is not None:
             key = next((value for name, value in scope.get("headers") or [] if name == self._header and value),
                        None)
