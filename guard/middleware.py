@@ -61,7 +61,7 @@ from guard.payload import (
     read_probabilities,
 )
 from guard.policy import Policy, RoutePolicy
-from guard.ratelimit import RateLimiter, RouteLimits, limits_storage_uri
+from guard.ratelimit import Admission, RouteLimits
 from guard.routing import RouteTable, audit_routes, get_route_path
 from guard.sanctions import Level, Sanctions
 from guard.store import StoreUnavailable, memory_options, store_from_uri
@@ -142,10 +142,11 @@ class Monitoring:
                                            identity.verifier(verify_key), identity.unknown_keys,
                                            (identity.network_prefix_v4, identity.network_prefix_v6))
         share = policy.memory_limit // 8
-        self.store = store_from_uri(policy.store, **memory_options(policy.store, max_bytes=share, evict=False))
-        self.limiter = RateLimiter(limits_storage_uri(policy.store), policy.rate_limit_strategy,
-                                   max_bytes=2 * share)
-        self.sanctions = Sanctions(self.store)  # memory: a store of their own that never evicts
+        # Memory: sanctions in a map of their own that never evicts, rate-limit counters beside them.
+        self.store = store_from_uri(policy.store, **memory_options(policy.store, max_bytes=share, evict=False,
+                                                                   counter_bytes=2 * share))
+        self.sanctions = Sanctions(self.store)
+        self.admission = Admission(self.store, self.sanctions, policy.rate_limit_strategy)
         self.metrics = metrics or GuardMetrics(max_bytes=share)
         token = policy.metrics_token.get_secret_value() if policy.metrics_token else None
         self.metrics_access = MetricsAccess(policy.metrics_networks, token)
@@ -382,19 +383,14 @@ class GuardedExchange:
         self.replayed = True
         return {"type": "http.request", "body": self.body, "more_body": False}
 
-    # Steps 4 and 5: the client's standing sanction, then its rate limits (a throttled client's
-    # include the route's throttle limits), select the output policy or refuse the request.
+    # Steps 4 and 5, in one store round trip: the client's standing sanction and its rate limits (a
+    # throttled client's include the route's throttle limits) select the output policy or refuse.
     async def admit(self, identity: Identity, queries: int) -> tuple[Pipeline | None, str]:
         """The output pipeline for this request and the metrics' decision (pipeline None: refused)."""
         monitoring = self.monitoring
         try:
-            standing = await monitoring.sanctions.standing(identity.client)
-            if standing.level == Level.BLOCK:
-                await self.reject(GuardError(403, "blocked", "this client is blocked"))
-                return None, "blocked"
-            limit = await monitoring.limiter.hit(self.route.path, identity.client, self.route.limits,
-                                                 standing.level == Level.THROTTLE, max(queries, 1),
-                                                 identity.network)
+            standing, limit = await monitoring.admission.admit(self.route.path, identity.client, self.route.limits,
+                                                               max(queries, 1), identity.network)
         except StoreUnavailable as error:
             logger.error("guard: state store unreachable (%s); failing closed (%s)", error, self.policy.fail_mode)
             if self.policy.fail_mode == "503":
@@ -402,6 +398,9 @@ class GuardedExchange:
                                   logged=True)
                 return None, "unavailable"
             return monitoring.fail_output, "fail_closed"
+        if standing.level == Level.BLOCK:
+            await self.reject(GuardError(403, "blocked", "this client is blocked"))
+            return None, "blocked"
         if limit is not None:
             self.extra_headers = limit.headers()
             if not limit.allowed:

@@ -308,7 +308,7 @@ class Policy(BaseModel):
     identity: IdentityPolicy = Field(default_factory=IdentityPolicy)
     store: str = Field(default="memory://", description="state store URI: memory:// or redis://host:port/db; "
                        "rate limits, detector state and sanctions live there")
-    rate_limit_strategy: Literal["sliding-window-counter", "fixed-window", "moving-window"] = \
+    rate_limit_strategy: Literal["sliding-window-counter", "fixed-window"] = \
         "sliding-window-counter"
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict, description="detector name -> its "
                                                  "settings (e.g. thresholds written by `guard calibrate`)")

@@ -1,73 +1,21 @@
-"""Per-client and global rate limits per route, in the ``limits`` library's notation
-(``"100/minute"``, several at once), counted by its async strategies in a storage chosen by URI
-(``async+memory://`` in one process, ``async+redis://...`` shared by all workers). The decision
-carries what a ``429`` needs: ``Retry-After`` and the ``RateLimit-Limit``/``-Remaining``/``-Reset``
-headers of the IETF httpapi *RateLimit header fields* draft."""
+"""Per-client, per-network and global rate limits per route, in the ``limits`` library's notation
+(``"100/minute"``, several at once), counted in the guard's state store together with the client's
+sanction, in one round trip per request (``Admission``). The decision carries what a ``429`` needs:
+``Retry-After`` and the ``RateLimit-Limit``/``-Remaining``/``-Reset`` headers of the IETF httpapi
+*RateLimit header fields* draft."""
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import STRATEGIES
-from limits.errors import StorageError
-from limits.storage import storage_from_string
 
-from guard.store.base import StoreUnavailable
-from guard.store.redis import client_options
+from guard.sanctions import Level, Sanctions, Standing
+from guard.store.base import Charge, StateStore, WindowCount, WindowLimit
 
-
-class BoundedMemoryStorage(MemoryStorage):
-    """``limits``' in-process storage with a ceiling of ``max_bytes`` (at ``ENTRY_BYTES`` a key): the
-    oldest keys are dropped first, and there is no background sweep walking every key (at a million
-    identities ``limits``' own sweep made each request cost hundreds of milliseconds); expired keys
-    go when touched or dropped. Moving windows keep only the entries their limit can look at."""
-
-    STORAGE_SCHEME = ["async+bounded-memory"]
-    # A counter key (~100 characters), its count, its expiry and its lock, measured with tracemalloc.
-    ENTRY_BYTES = 700
-
-    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, max_bytes: int = 64 << 20,
-                 **options: str) -> None:
-        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
-        self.max_keys = max(1, max_bytes // self.ENTRY_BYTES)
-
-    async def _MemoryStorage__schedule_expiry(self) -> None:  # replaces the sweep over every key
-        return None
-
-    def _bound(self) -> None:
-        for table in (self.storage, self.events):
-            while len(table) > self.max_keys:
-                oldest = next(iter(table))
-                table.pop(oldest)
-                self.expirations.pop(oldest, None)
-                self.locks.pop(oldest, None)
-
-    async def incr(self, key: str, expiry: float, amount: int = 1) -> int:
-        count = await super().incr(key, expiry, amount)
-        self._bound()
-        return count
-
-    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        acquired = await super().acquire_entry(key, limit, expiry, amount)
-        del self.events.get(key, [])[limit:]
-        self._bound()
-        return acquired
-
-
-def limits_storage_uri(store_uri: str) -> str:
-    """The ``limits`` storage URI beside a guard store URI: ``memory://`` -> ``async+bounded-memory://``,
-    ``redis://...`` -> ``async+redis://...``; a URI already in ``limits`` notation is kept."""
-    scheme = urlsplit(store_uri).scheme
-    if scheme.startswith("async+"):
-        return store_uri
-    if scheme == "memory":
-        return "async+bounded-memory://"
-    return "async+" + store_uri
+STRATEGIES = ("sliding-window-counter", "fixed-window")
 
 
 def parse_limits(notation: str | Sequence[str]) -> tuple[RateLimitItem, ...]:
@@ -115,43 +63,67 @@ class LimitDecision:
         return headers
 
 
-class RateLimiter:
-    """Counts hits with a ``limits`` strategy (``sliding-window-counter`` by default: constant
-    memory per key and no burst at window edges; ``fixed-window`` or ``moving-window`` too).
-    Storage errors raise ``StoreUnavailable`` after at most ``timeout`` seconds."""
+class Admission:
+    """Reads a client's standing sanction and charges its rate limits in one store round trip
+    (``StateStore.admit``: one Lua script on Redis, one synchronous step in memory): a blocked client
+    is charged nothing; a throttled one is charged its route's throttle limits too; a query that
+    would exceed any limit is charged to none (a refused client cannot spend the overall budget).
+    Counters are sliding windows (``sliding-window-counter``, the default: constant memory per key,
+    no burst at window edges; the count weighs the previous window by its overlap) or fixed ones."""
 
-    def __init__(self, storage_uri: str = "async+bounded-memory://", strategy: str = "sliding-window-counter",
-                 key_prefix: str = "predguard", timeout: float = 0.25, max_bytes: int = 64 << 20):
-        options: dict = {"wrap_exceptions": True}
-        scheme = urlsplit(storage_uri).scheme
-        if "redis" in scheme:
-            options |= {"implementation": "redispy", "key_prefix": key_prefix, **client_options(timeout)}
-        elif scheme == "async+bounded-memory":
-            options["max_bytes"] = max_bytes
-        self._strategy = STRATEGIES[strategy](storage_from_string(storage_uri, **options))
+    def __init__(self, store: StateStore, sanctions: Sanctions, strategy: str = "sliding-window-counter",
+                 clock: Callable[[], float] = time.time):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"rate-limit strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+        self._store = store
+        self._sanctions = sanctions
+        self._sliding = strategy == "sliding-window-counter"
+        self._clock = clock
 
-    async def hit(self, route: str, client: str, limits: RouteLimits, throttled: bool = False,
-                  cost: int = 1, network: str | None = None) -> LimitDecision | None:
-        """Spend ``cost`` (the request's queries) on the client's limits (plus its throttle limits
-        when ``throttled``), then on its ``network``'s and the route's overall limits, stopping at
-        the first refusal.
-        Returns the refusing limit's decision, else the one with the least remaining; None when
-        the route has no limits."""
-        checks = [(item, ("client", route, client))
-                  for item in limits.per_client + (limits.throttled if throttled else ())]
-        checks += [(item, ("network", route, network)) for item in limits.per_network if network]
-        checks += [(item, ("overall", route)) for item in limits.overall]
-        tightest: LimitDecision | None = None
-        try:
-            for item, identifiers in checks:
-                allowed = await self._strategy.hit(item, *identifiers, cost=cost)
-                stats = await self._strategy.get_window_stats(item, *identifiers)
-                decision = LimitDecision(allowed, item.amount, stats.remaining,
-                                         max(0.0, stats.reset_time - time.time()))
-                if not allowed:
-                    return decision
-                if tightest is None or decision.remaining < tightest.remaining:
-                    tightest = decision
-        except StorageError as error:
-            raise StoreUnavailable(f"rate-limit storage unreachable: {error}") from error
-        return tightest
+    async def admit(self, route: str, client: str, limits: RouteLimits, cost: int = 1,
+                    network: str | None = None) -> tuple[Standing, LimitDecision | None]:
+        """The client's standing, and the refusing limit's decision, else the one with the least
+        remaining (None: no limit applied, or blocked). ``StoreUnavailable`` when the store is
+        unreachable or the standing unreadable."""
+        applied = [window(item, "client", route, client) for item in limits.per_client]
+        applied += [window(item, "network", route, network) for item in limits.per_network if network]
+        applied += [window(item, "overall", route) for item in limits.overall]
+        throttled = [window(item, "throttle", route, client) for item in limits.throttled]
+        admitted = await self._store.admit(Charge(
+            Sanctions.key(client), applied, throttled, cost, self._sliding, self._clock(),
+            int(Level.THROTTLE), int(Level.BLOCK)))
+        standing = await self._sanctions.read(admitted.standing)
+        if admitted.blocked:
+            return standing, None
+        decisions = [self.decide(limit, count, cost, refused=i == admitted.refused)
+                     for i, (limit, count) in enumerate(zip([*applied, *throttled], admitted.counts))]
+        if admitted.refused is not None:
+            return standing, decisions[admitted.refused]
+        return standing, min(decisions, key=lambda decision: decision.remaining, default=None)
+
+    def decide(self, limit: WindowLimit, count: WindowCount, cost: int, refused: bool) -> LimitDecision:
+        """What the client is told about ``limit``: after this query's charge, or when it is refused,
+        the seconds until it would fit."""
+        if not refused:
+            return LimitDecision(True, limit.amount, max(0, math.floor(limit.amount - count.used() - cost)),
+                                 (1.0 - count.elapsed) * limit.seconds)
+        return LimitDecision(False, limit.amount, max(0, math.floor(limit.amount - count.used())),
+                             self.wait(limit, count, cost))
+
+    def wait(self, limit: WindowLimit, count: WindowCount, cost: int) -> float:
+        """Seconds until ``cost`` more queries fit under ``limit``: a fixed window's end; in a sliding
+        window, until the previous window's weight has fallen enough, or into the next window."""
+        room = limit.amount - cost
+        if room < 0:  # a batch larger than the limit never fits
+            return 2.0 * limit.seconds
+        if not self._sliding:
+            return (1.0 - count.elapsed) * limit.seconds
+        if count.previous and count.current <= room:
+            return max(0.0, 1.0 - (room - count.current) / count.previous - count.elapsed) * limit.seconds
+        later = 1.0 - room / count.current if count.current else 0.0
+        return (1.0 - count.elapsed + max(0.0, later)) * limit.seconds
+
+
+def window(item: RateLimitItem, *scope: str) -> WindowLimit:
+    """The counter of ``item`` (e.g. 100/minute) for ``scope`` (kind, route, who)."""
+    return WindowLimit(f"rl:{':'.join(scope)}:{item.amount}/{item.get_expiry()}", item.amount, item.get_expiry())

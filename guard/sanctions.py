@@ -110,13 +110,17 @@ class Sanctions:
         self._clock = clock
 
     @staticmethod
-    def _key(client: str) -> str:
+    def key(client: str) -> str:
         return f"sanction:{client}"
 
     async def standing(self, client: str) -> Standing:
-        """The client's standing; a client without one while the store is full of live sanctions is
-        degraded (its sanctions could not be recorded), so no old block is forgotten to make room."""
-        raw = await self._store.get(self._key(client))
+        """The client's standing."""
+        return await self.read(await self._store.get(self.key(client)))
+
+    async def read(self, raw: bytes | None) -> Standing:
+        """The standing a record read from the store holds; a client without one while the store is
+        full of live sanctions is degraded (its sanctions could not be recorded), so no old block is
+        forgotten to make room."""
         if raw is None and getattr(self._store, "full", False):
             return Standing(Level.DEGRADE)
         return Standing.decode(raw, self._clock())
@@ -140,7 +144,7 @@ class Sanctions:
             until = max(now + rules.ladder[level], old.until if old.level == level else 0.0)
             return Standing(level, until, max(level, old.reached), now).encode()
 
-        raw = await self._store.update(self._key(client), raise_standing, ttl=self._ttl(rules))
+        raw = await self._store.update(self.key(client), raise_standing, ttl=self._ttl(rules))
         new = Standing.decode(raw, self._clock())
         if new.level != before[-1]:
             log.warning("client %s sanctioned: %s until %s after an alarm from %s", client, new.level.name.lower(),

@@ -1,5 +1,7 @@
-"""Rate limits: per client, overall, throttled; several limits at once; batch cost; shared
-through Redis by separate limiters (as separate workers would be); unreachable storage reported."""
+"""Admission: the standing sanction read and the rate limits charged in one store call, in memory and
+through a real Redis (two stores as two workers would hold them); per client, per network, overall and
+throttled limits; a refused or blocked query charges nothing; sliding-window arithmetic; unreachable
+storage reported; memory counters bounded."""
 from __future__ import annotations
 
 import asyncio
@@ -7,96 +9,126 @@ import uuid
 
 import pytest
 
-from guard.ratelimit import (
-    BoundedMemoryStorage,
-    LimitDecision,
-    RateLimiter,
-    RouteLimits,
-    limits_storage_uri,
-    parse_limits,
-)
-from guard.store import StoreUnavailable
+from guard.ratelimit import Admission, LimitDecision, RouteLimits, parse_limits
+from guard.sanctions import Level, Sanctions, Standing
+from guard.store import MemoryStore, StoreUnavailable, store_from_uri
+from guard.store.base import WindowCount, WindowLimit
 
 
 def test_notation():
     assert [(item.amount, item.get_expiry()) for item in parse_limits(["10/second", "1000/hour"])] == \
         [(10, 1), (1000, 3600)]
     assert len(parse_limits("10/second; 1000/hour")) == 2
-    assert limits_storage_uri("memory://") == "async+bounded-memory://"
-    assert limits_storage_uri("redis://h:1/2") == "async+redis://h:1/2"
-    assert limits_storage_uri("async+redis://h:1/2") == "async+redis://h:1/2"
 
 
-async def test_per_client_limit_refuses_with_headers():
-    limiter = RateLimiter()
+@pytest.fixture(params=["memory", "redis"])
+def stores(request):
+    """Two handles on one state store, as two workers hold it (memory: the same object)."""
+    if request.param == "memory":
+        store = MemoryStore(evict=False)
+        return [store, store]
+    url = request.getfixturevalue("redis_url")
+    prefix = f"test-admit-{uuid.uuid4().hex}:"
+    return [store_from_uri(url, prefix=prefix) for _ in range(2)]
+
+
+def admissions(stores, strategy: str = "sliding-window-counter", clock=None):
+    options = {} if clock is None else {"clock": clock}
+    return [Admission(store, Sanctions(store, **options), strategy, **options) for store in stores]
+
+
+async def test_per_client_limit_refuses_with_headers(stores):
+    admission = admissions(stores)[0]
     limits = RouteLimits.parse(per_client="3/minute")
-    decisions = [await limiter.hit("/p", "alice", limits) for _ in range(4)]
+    decisions = [(await admission.admit("/p", "alice", limits))[1] for _ in range(4)]
     assert [d.allowed for d in decisions] == [True, True, True, False]
     assert [d.remaining for d in decisions] == [2, 1, 0, 0]
     headers = dict(decisions[-1].headers())
     assert headers[b"ratelimit-limit"] == b"3" and headers[b"ratelimit-remaining"] == b"0"
-    assert 1 <= int(headers[b"retry-after"]) <= 60
+    assert 1 <= int(headers[b"retry-after"]) <= 120
     assert b"retry-after" not in dict(decisions[0].headers())
-    assert (await limiter.hit("/p", "bob", limits)).allowed
-    assert (await limiter.hit("/other", "alice", limits)).allowed
+    assert (await admission.admit("/p", "bob", limits))[1].allowed
+    assert (await admission.admit("/other", "alice", limits))[1].allowed
 
 
-async def test_overall_limit_spans_clients():
-    limiter = RateLimiter()
-    limits = RouteLimits.parse(per_client="10/minute", overall="5/minute")
-    allowed = [(await limiter.hit("/p", f"client-{i}", limits)).allowed for i in range(7)]
-    assert allowed == [True] * 5 + [False] * 2
+async def test_two_workers_share_limits_and_a_refusal_charges_nothing(stores):
+    workers = admissions(stores)
+    limits = RouteLimits.parse(per_client="2/minute", overall="5/minute")
+    # alice's third query is refused by her own limit: it must not spend the overall budget.
+    alice = [(await workers[i % 2].admit("/p", "alice", limits))[1].allowed for i in range(3)]
+    others = [(await workers[i % 2].admit("/p", client, limits))[1].allowed
+              for i, client in enumerate(["bob", "bob", "carol", "dave"])]
+    assert alice == [True, True, False] and others == [True, True, True, False]
 
 
-async def test_throttled_client_gets_the_lower_limit():
-    limiter = RateLimiter()
-    limits = RouteLimits.parse(per_client="100/minute", throttled="2/minute")
-    throttled = [(await limiter.hit("/p", "mallory", limits, throttled=True)).allowed for _ in range(3)]
-    assert throttled == [True, True, False]
-    assert (await limiter.hit("/p", "alice", limits, throttled=False)).allowed
+async def test_network_limit_spans_the_keys_of_a_network(stores):
+    admission = admissions(stores)[0]
+    limits = RouteLimits.parse(per_client="10/minute", per_network="3/minute")
+    allowed = [(await admission.admit("/p", f"key:{i}", limits, network="net:10.0.0.0/24"))[1].allowed
+               for i in range(4)]
+    assert allowed == [True, True, True, False]
+    assert (await admission.admit("/p", "key:9", limits, network="net:10.0.1.0/24"))[1].allowed
 
 
-async def test_tightest_of_several_limits_and_batch_cost():
-    limiter = RateLimiter(strategy="fixed-window")
+async def test_throttle_limits_apply_while_throttled_and_a_block_charges_nothing(stores):
+    now = [1000.0]
+    admission = admissions(stores, clock=lambda: now[0])[0]
+    limits = RouteLimits.parse(per_client="5/minute", throttled="2/minute")
+    await stores[0].set(Sanctions.key("mallory"), Standing(Level.THROTTLE, 1100.0).encode(), ttl=600)
+    throttled = [await admission.admit("/p", "mallory", limits) for _ in range(3)]
+    assert [standing.level for standing, _ in throttled] == [Level.THROTTLE] * 3
+    assert [decision.allowed for _, decision in throttled] == [True, True, False]
+    await stores[0].set(Sanctions.key("mallory"), Standing(Level.BLOCK, 1100.0).encode(), ttl=600)
+    for _ in range(5):
+        standing, decision = await admission.admit("/p", "mallory", limits)
+        assert standing.level == Level.BLOCK and decision is None
+    now[0] = 1200.0  # the block has lapsed: the blocked queries were never charged
+    standing, decision = await admission.admit("/p", "mallory", limits)
+    assert standing.level == Level.NONE and decision.allowed and decision.remaining == 5 - 2 - 1  # two throttled queries were charged
+
+
+async def test_batch_cost_and_fixed_windows(stores):
+    admission = admissions(stores, "fixed-window")[0]
     limits = RouteLimits.parse(per_client=["4/second", "100/hour"])
-    first = await limiter.hit("/p", "alice", limits, cost=3)
+    _, first = await admission.admit("/p", "alice", limits, cost=3)
     assert first == LimitDecision(True, 4, 1, first.reset_after) and first.reset_after <= 1
-    refused = await limiter.hit("/p", "alice", limits, cost=3)
+    _, refused = await admission.admit("/p", "alice", limits, cost=3)
     assert not refused.allowed and refused.limit == 4
     await asyncio.sleep(1.05)
-    assert (await limiter.hit("/p", "alice", limits, cost=3)).allowed
+    _, again = await admission.admit("/p", "alice", limits, cost=3)
+    assert again.allowed and again.limit == 4
 
 
-async def test_no_limits_no_decision():
-    assert await RateLimiter().hit("/p", "alice", RouteLimits()) is None
+async def test_malformed_standing_is_store_unavailable(stores):
+    await stores[0].set(Sanctions.key("eve"), b"not a standing", ttl=60)
+    with pytest.raises(StoreUnavailable):
+        await admissions(stores)[0].admit("/p", "eve", RouteLimits.parse(per_client="3/minute"))
 
 
-async def test_two_limiters_share_one_limit_through_redis(redis_url):
-    prefix = f"test-rl-{uuid.uuid4().hex}"
-    workers = [RateLimiter(limits_storage_uri(redis_url), key_prefix=prefix) for _ in range(2)]
-    limits = RouteLimits.parse(per_client="6/minute")
-    allowed = [(await workers[i % 2].hit("/p", "alice", limits)).allowed for i in range(10)]
-    assert allowed == [True] * 6 + [False] * 4
+def test_sliding_window_arithmetic():
+    admission = Admission(MemoryStore(), Sanctions(MemoryStore()))
+    limit = WindowLimit("k", 10, 60.0)
+    # Half-way through a window after 10 queries in the previous one: 5 still count.
+    half = WindowCount(current=0, previous=10, elapsed=0.5)
+    assert half.used() == 5.0
+    assert admission.decide(limit, half, cost=1, refused=False) == LimitDecision(True, 10, 4, 30.0)
+    # 5 now and 10 before, half-way: full; one more fits once the previous weighs 4, i.e. at 0.6.
+    full = WindowCount(current=5, previous=10, elapsed=0.5)
+    assert admission.wait(limit, full, cost=1) == pytest.approx(6.0)
+    # 10 now: only in the next window, once this one's weight has fallen to 9 (a tenth into it).
+    assert admission.wait(limit, WindowCount(10, 0, 0.5), cost=1) == pytest.approx(36.0)
+    assert admission.wait(limit, WindowCount(0, 0, 0.5), cost=11) == 120.0  # never fits
 
 
 async def test_unreachable_redis_raises_store_unavailable():
-    limiter = RateLimiter("async+redis://127.0.0.1:1/0", timeout=0.2)
+    store = store_from_uri("redis://127.0.0.1:1/0", timeout=0.2)
     with pytest.raises(StoreUnavailable):
-        await limiter.hit("/p", "alice", RouteLimits.parse(per_client="1/second"))
+        await Admission(store, Sanctions(store)).admit("/p", "alice", RouteLimits.parse(per_client="1/second"))
 
 
-async def test_memory_counters_are_bounded_and_never_swept_all_at_once():
-    limiter = RateLimiter(max_bytes=1000 * BoundedMemoryStorage.ENTRY_BYTES)
-    storage = limiter._strategy.storage
+async def test_memory_counters_are_bounded():
+    store = MemoryStore(evict=False, counter_bytes=1000 * 400)
+    admission = Admission(store, Sanctions(store))
     for i in range(5000):
-        await limiter.hit("/p", f"ip:10.0.{i // 250}.{i % 250}", RouteLimits.parse("5/minute"))
-    assert len(storage.storage) <= 1000 and len(storage.locks) <= 1000
-    assert storage.timer is None  # limits' own sweep walks every key on the event loop
-    for strategy in ("moving-window", "fixed-window"):
-        limiter = RateLimiter(strategy=strategy, max_bytes=10 * BoundedMemoryStorage.ENTRY_BYTES)
-        for i in range(100):
-            await limiter.hit("/p", "alice", RouteLimits.parse("3/minute"))
-            await limiter.hit("/p", f"ip:{i}", RouteLimits.parse("3/minute"))
-        storage = limiter._strategy.storage
-        assert len(storage.storage) + len(storage.events) <= 20
-        assert all(len(events) <= 3 for events in storage.events.values())
+        await admission.admit("/p", f"ip:10.0.{i // 250}.{i % 250}", RouteLimits.parse("5/minute"))
+    assert store._counters.size <= 1000 * 400 and 0 < len(store._counters) < 1500 and len(store) == 0

@@ -7,9 +7,77 @@ Values are opaque bytes; every key expires after its ``ttl`` seconds. Implementa
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 Update = Callable[[bytes | None], bytes]
+
+
+@dataclass(frozen=True)
+class WindowLimit:
+    """A rate limit's counter: at most ``amount`` queries per ``seconds`` under ``key``."""
+
+    key: str
+    amount: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WindowCount:
+    """A counter as ``admit`` found it: queries in the current window, in the previous one, and the
+    fraction of the current window elapsed. The sliding-window count weighs the previous window by
+    what of it still overlaps the last ``seconds``: ``previous * (1 - elapsed) + current``."""
+
+    current: int
+    previous: int
+    elapsed: float
+
+    def used(self) -> float:
+        return self.previous * (1.0 - self.elapsed) + self.current
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What ``admit`` read and did: the client's standing record (raw); ``blocked``: a block was in
+    force and nothing was charged; ``counts``: each limit applied, as found before charging (up to
+    and including the refusing one); ``refused``: the index of the first limit the query would
+    exceed (nothing charged), or None (every limit charged)."""
+
+    standing: bytes | None
+    blocked: bool
+    counts: tuple[WindowCount, ...] = ()
+    refused: int | None = None
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One admission: the standing's key; the limits to charge, and those charged only while the
+    standing is ``throttle_level``; ``cost`` queries; ``sliding`` (else fixed) windows; ``now`` (wall
+    seconds) to read the standing's expiry with. A standing record starts ``[level, until, ...]``
+    (``guard.sanctions.Standing.encode``)."""
+
+    standing_key: str
+    limits: Sequence[WindowLimit]
+    throttle_limits: Sequence[WindowLimit]
+    cost: int
+    sliding: bool
+    now: float
+    throttle_level: int
+    block_level: int
+
+    def exceeds(self, limit: WindowLimit, count: WindowCount) -> bool:
+        return count.used() + self.cost > limit.amount
+
+    def level(self, standing: bytes | None) -> int:
+        """The level a standing record puts in force now (0 when none, lapsed or unreadable: the
+        caller decodes the record itself and fails closed on a malformed one)."""
+        try:
+            level, until = json.loads(standing)[:2] if standing else (0, 0.0)
+            return int(level) if float(until) > self.now else 0
+        except (ValueError, TypeError):
+            return 0
 
 
 class StoreUnavailable(RuntimeError):
@@ -36,3 +104,8 @@ class StateStore(Protocol):
         (None if absent; a field repeated in ``fields`` sees the value its earlier occurrence set)
         and set it to ``value`` (or to ``value[i]``, one per field). The table keeps at most a
         bounded number of fields."""
+
+    async def admit(self, charge: Charge) -> Admitted:
+        """In one round trip: read the standing at ``charge.standing_key``; unless a block is in
+        force, charge ``cost`` to every limit (the throttle limits too while throttled) if none
+        would be exceeded, else to none."""

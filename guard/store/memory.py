@@ -12,7 +12,7 @@ import heapq
 import time
 from collections import OrderedDict
 
-from guard.store.base import Update
+from guard.store.base import Admitted, Charge, Update, WindowCount
 
 # What one entry costs beyond its key and value: the dict slot, the (expiry, value) tuple, the float,
 # the objects' headers (measured with tracemalloc at about 250 bytes on CPython 3.11).
@@ -24,7 +24,8 @@ class StoreFull(RuntimeError):
 
 
 def entry_bytes(key: object, value: object) -> int:
-    return ENTRY_OVERHEAD + len(key) + len(value)  # type: ignore[arg-type]
+    size = 8 if isinstance(value, int) else len(value)  # type: ignore[arg-type]
+    return ENTRY_OVERHEAD + len(key) + size  # type: ignore[arg-type]
 
 
 class _ExpiringMap:
@@ -101,10 +102,13 @@ class _ExpiringMap:
 class MemoryStore:
     """Implements ``guard.store.base.StateStore`` in one process: at most ``max_bytes`` for the plain
     keys and for each ``swap_many`` table (which also holds at most ``max_table_fields`` fields).
-    ``evict=False`` keeps live keys (see the module docstring)."""
+    ``evict=False`` keeps live keys (see the module docstring). Rate-limit counters (``admit``) are
+    kept apart, in at most ``counter_bytes``, the least recently used evicted first."""
 
-    def __init__(self, max_bytes: int = 64 << 20, max_table_fields: int = 1_000_000, evict: bool = True):
+    def __init__(self, max_bytes: int = 64 << 20, max_table_fields: int = 1_000_000, evict: bool = True,
+                 counter_bytes: int = 16 << 20):
         self._keys = _ExpiringMap(max_bytes, evict)
+        self._counters = _ExpiringMap(counter_bytes)
         self._tables: dict[str, _ExpiringMap] = {}
         self._max_bytes = max_bytes
         self._max_table_fields = max_table_fields
@@ -118,7 +122,7 @@ class MemoryStore:
     @property
     def size(self) -> int:
         """Bytes held, by ``entry_bytes``, keys and tables together."""
-        return self._keys.size + sum(table.size for table in self._tables.values())
+        return self._keys.size + self._counters.size + sum(table.size for table in self._tables.values())
 
     async def get(self, key: str) -> bytes | None:
         return self._keys.get(key, time.monotonic())
@@ -148,6 +152,31 @@ class MemoryStore:
             previous.append(entries.get(field, now))
             entries.set(field, new, now + ttl, now)
         return previous
+
+    async def admit(self, charge: Charge) -> Admitted:
+        """One admission, as one synchronous step on the event loop (nothing can interleave).
+        Counter windows are numbered on the wall clock, as in Redis (server time)."""
+        standing = self._keys.get(charge.standing_key, time.monotonic())
+        level = charge.level(standing)
+        if level >= charge.block_level:
+            return Admitted(standing, blocked=True)
+        limits = list(charge.limits)
+        if level == charge.throttle_level:
+            limits += charge.throttle_limits
+        now = time.time()
+        counts, charged = [], []
+        for limit in limits:
+            index, offset = divmod(now, limit.seconds)
+            key = f"{limit.key}:{index:.0f}"
+            previous = self._counters.get(f"{limit.key}:{index - 1:.0f}", now) if charge.sliding else None
+            count = WindowCount(self._counters.get(key, now) or 0, previous or 0, offset / limit.seconds)
+            counts.append(count)
+            if charge.exceeds(limit, count):
+                return Admitted(standing, False, tuple(counts), len(counts) - 1)
+            charged.append((key, count.current, (index + (2 if charge.sliding else 1)) * limit.seconds))
+        for key, current, expires in charged:
+            self._counters.set(key, current + charge.cost, expires, now)
+        return Admitted(standing, False, tuple(counts))
 
     def __len__(self) -> int:
         """Keys currently held (expired ones may still count until touched or evicted)."""

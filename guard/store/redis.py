@@ -13,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 from redis.retry import Retry
 
-from guard.store.base import StoreUnavailable, Update
+from guard.store.base import Admitted, Charge, StoreUnavailable, Update, WindowCount
 
 # One swap per field, in order, in a capped table kept as two generations of a hash (current and previous):
 # a field is looked up in both, written to the current one, and when the current one holds half the
@@ -50,6 +50,57 @@ end
 return previous
 """
 
+# One admission (``StateStore.admit``): read the standing; unless a block is in force, read each limit's
+# counters (current and, for sliding windows, previous window, numbered on the server's clock) and
+# charge them all only if none would be exceeded. KEYS: the standing, then one counter prefix per limit
+# (the throttle limits last). ARGV: the caller's wall time (s), cost, sliding (1/0), throttle level,
+# block level, the number of limits applied when not throttled, then amount and window (ms) per limit.
+# Returns {standing, refused (-1: blocked, 0: none, i: the i-th limit), then per limit read: current,
+# previous, elapsed fraction (a string: Lua numbers come back as integers)}.
+_ADMIT = """
+local standing = redis.call('GET', KEYS[1])
+local level = 0
+if standing then
+  local ok, record = pcall(cjson.decode, standing)
+  if ok and type(record) == 'table' and tonumber(record[1]) and tonumber(record[2])
+      and tonumber(record[2]) > tonumber(ARGV[1]) then
+    level = tonumber(record[1])
+  end
+end
+if level >= tonumber(ARGV[5]) then return {standing, -1} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cost = tonumber(ARGV[2])
+local sliding = ARGV[3] == '1'
+local n = #KEYS - 1
+if level ~= tonumber(ARGV[4]) then n = tonumber(ARGV[6]) end
+local out = {standing, 0}
+local charged = {}
+for i = 1, n do
+  local amount = tonumber(ARGV[5 + 2 * i])
+  local window = tonumber(ARGV[6 + 2 * i])
+  local index = math.floor(now / window)
+  local elapsed = (now - index * window) / window
+  local key = KEYS[i + 1] .. ':' .. index
+  local current = tonumber(redis.call('GET', key) or '0')
+  local previous = 0
+  if sliding then previous = tonumber(redis.call('GET', KEYS[i + 1] .. ':' .. (index - 1)) or '0') end
+  out[#out + 1] = current
+  out[#out + 1] = previous
+  out[#out + 1] = tostring(elapsed)
+  if previous * (1 - elapsed) + current + cost > amount then
+    out[2] = i
+    return out
+  end
+  charged[#charged + 1] = {key, sliding and 2 * window or window}
+end
+for _, counter in ipairs(charged) do
+  redis.call('INCRBY', counter[1], cost)
+  redis.call('PEXPIRE', counter[1], counter[2])
+end
+return out
+"""
+
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -70,6 +121,7 @@ class RedisStore:
         self._prefix = prefix
         self._half_cap = max(1, max_table_fields // 2)
         self._swap_many = self._client.register_script(_SWAP_MANY)
+        self._admit = self._client.register_script(_ADMIT)
 
     @asynccontextmanager
     async def _reachable(self) -> AsyncIterator[None]:
@@ -114,6 +166,22 @@ class RedisStore:
         async with self._reachable():
             return await self._swap_many(keys=[base + ":cur", base + ":prev"],
                                          args=[_ms(ttl), self._half_cap, len(values), *values, *fields])
+
+    async def admit(self, charge: Charge) -> Admitted:
+        limits = [*charge.limits, *charge.throttle_limits]
+        args = [repr(charge.now), charge.cost, int(charge.sliding), charge.throttle_level, charge.block_level,
+                len(charge.limits)]
+        for limit in limits:
+            args += [limit.amount, _ms(limit.seconds)]
+        async with self._reachable():
+            reply = await self._admit(keys=[self._prefix + charge.standing_key,
+                                            *(self._prefix + limit.key for limit in limits)], args=args)
+        standing, refused, *read = reply
+        if refused == -1:
+            return Admitted(standing, blocked=True)
+        counts = tuple(WindowCount(int(read[i]), int(read[i + 1]), float(read[i + 2]))
+                       for i in range(0, len(read), 3))
+        return Admitted(standing, False, counts, refused - 1 if refused else None)
 
     async def close(self) -> None:
         await self._client.aclose()
