@@ -24,12 +24,13 @@ and class for ``G_c``, one per client for ``D``), as float32:
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy.stats._ansari_swilk_statistics import swilk  # SciPy's own Shapiro-Wilk (AS R94), without its sort
 
 from guard.monitors.base import Detector, Observation, Verdict
 from guard.store.base import StateStore
@@ -135,23 +136,61 @@ def read_window(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, np.float32, offset=_DISTANCES_HEADER.size)
 
 
-# SciPy's Shapiro-Wilk without its axis/NaN-policy wrapper, which costs as much again as the test
-# at n = 5000 and has nothing to do here: the distances are finite and one-dimensional.
-_shapiro = getattr(stats.shapiro, "__wrapped__", stats.shapiro)
+@functools.lru_cache(maxsize=64)
+def _swilk_coefficients(n: int) -> np.ndarray:
+    """Royston's Shapiro-Wilk coefficients for samples of ``n`` (they depend on ``n`` alone)."""
+    coefficients = np.zeros(n // 2)
+    swilk(np.arange(n, dtype=np.float64), coefficients, False)
+    return coefficients
 
 
 def shapiro_w(distances: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     """Shapiro-Wilk ``W`` of the distances within ``outlier_sigmas`` standard deviations of their
     mean (Algorithm 1's ``D'``). A point mass (zero spread) is as far from normal as it gets: 0."""
-    distances = np.asarray(distances, np.float64)
-    centred = distances - distances.mean()
-    spread = np.sqrt(centred @ centred / len(distances))
+    return sorted_shapiro_w(np.sort(np.asarray(distances, np.float64)), outlier_sigmas)
+
+
+def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
+    """``shapiro_w`` of distances already sorted (float64): a function of the sorted values only, so
+    a window kept sorted as it slides gives the same ``W`` as sorting it afresh. SciPy's test
+    (Royston's AS R94, as ``scipy.stats.shapiro``) with its coefficients cached per sample size and
+    no sort of its own."""
+    mean = ordered.mean()
+    centred = ordered - mean
+    spread = np.sqrt(centred @ centred / len(ordered))
     if spread == 0:
         return 0.0
-    kept = distances[np.abs(centred) <= outlier_sigmas * spread]
-    if np.ptp(kept) == 0:
+    reach = outlier_sigmas * spread
+    kept = ordered[np.searchsorted(ordered, mean - reach, "left"):np.searchsorted(ordered, mean + reach, "right")]
+    if len(kept) < 3 or kept[-1] == kept[0]:
         return 0.0
-    return float(_shapiro(kept).statistic)
+    w, _, _ = swilk(kept - kept[len(kept) // 2], _swilk_coefficients(len(kept)).copy(), True)
+    return float(w)
+
+
+class SortedWindow:
+    """``D`` as stored (a ring of at most ``cap`` float32 distances, ``appended`` ever) together with
+    its values sorted, so that ``W`` after each of a batch's appended distances costs two memmoves
+    and the test, not a sort of the whole window per query."""
+
+    def __init__(self, raw: bytes | None, cap: int):
+        self.appended = 0 if raw is None else _DISTANCES_HEADER.unpack_from(raw)[0]
+        self.ring = np.empty(0, np.float32) if raw is None else read_window(raw).copy()
+        self.ordered = np.sort(self.ring.astype(np.float64))
+        self.cap = cap
+
+    def append(self, value: float) -> None:
+        value = np.float32(value)
+        slot = self.appended % self.cap
+        if len(self.ring) == self.cap:
+            gone = np.searchsorted(self.ordered, np.float64(self.ring[slot]))
+            self.ordered = np.delete(self.ordered, gone)
+            self.ring[slot] = value
+        else:
+            self.ring = np.append(self.ring, value)
+        at = np.searchsorted(self.ordered, np.float64(value))
+        self.ordered = np.concatenate((self.ordered[:at], [np.float64(value)], self.ordered[at:]))
+        self.appended += 1
 
 
 class Prada(Detector):
@@ -224,13 +263,17 @@ class Prada(Detector):
             return append_window(old, minima[found], self.max_distances)
 
         await self.store.update(f"{self.prefix}:{client}:distances", append, self.ttl)
-        # D after each observation: the window before the batch and the batch's distances so far.
-        counts = np.cumsum(found)[ends - 1]
-        return [self._judge(read_window(append_window(before[-1], minima[found][:count], self.max_distances)))
-                for count in counts]
+        # D after each observation: the window before the batch, slid over the batch's distances.
+        window = SortedWindow(before[-1], self.max_distances)
+        verdicts, distances = [], iter(minima[found])
+        for count in np.diff(np.cumsum(found)[ends - 1], prepend=0):
+            for _ in range(count):
+                window.append(next(distances))
+            verdicts.append(self._judge(window.ordered))
+        return verdicts
 
-    def _judge(self, distances: np.ndarray) -> Verdict:
-        if len(distances) <= self.min_distances:
+    def _judge(self, ordered: np.ndarray) -> Verdict:
+        if len(ordered) <= self.min_distances:
             return Verdict(self.name, 0.0, False)
-        w = shapiro_w(distances, self.outlier_sigmas)
+        w = sorted_shapiro_w(ordered, self.outlier_sigmas)
         return Verdict(self.name, 1.0 - w, w < self.delta)

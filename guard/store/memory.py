@@ -67,6 +67,26 @@ class _ExpiringMap:
                 self._expiries = [(e, k) for k, (e, _) in self._items.items()]
                 heapq.heapify(self._expiries)
 
+    def swap(self, keys: list, values: list, expires: float, now: float) -> list:
+        """For each key in order, its live value (None if absent or expired), then ``values[i]`` set
+        in its place until ``expires`` (evicting maps: ``set`` for many keys in one pass)."""
+        items, size, previous = self._items, self.size, []
+        for key, value in zip(keys, values):
+            old = items.get(key)
+            if old is None:
+                previous.append(None)
+                size += ENTRY_OVERHEAD + len(key) + len(value)
+            else:
+                previous.append(old[1] if old[0] > now else None)
+                size += len(value) - len(old[1])
+                items.move_to_end(key)
+            items[key] = (expires, value)
+        self.size = size
+        while len(items) > 1 and self._over():
+            oldest, (_, evicted) = items.popitem(last=False)
+            self.size -= entry_bytes(oldest, evicted)
+        return previous
+
     def _over(self) -> bool:
         return self.size > self.max_bytes or (self.max_entries is not None and len(self._items) > self.max_entries)
 
@@ -147,11 +167,7 @@ class MemoryStore:
         entries = self._tables.get(table)
         if entries is None:
             entries = self._tables[table] = _ExpiringMap(self._max_bytes, max_entries=self._max_table_fields)
-        previous = []
-        for field, new in zip(fields, [value] * len(fields) if isinstance(value, bytes) else value):
-            previous.append(entries.get(field, now))
-            entries.set(field, new, now + ttl, now)
-        return previous
+        return entries.swap(fields, [value] * len(fields) if isinstance(value, bytes) else value, now + ttl, now)
 
     async def admit(self, charge: Charge) -> Admitted:
         """One admission, as one synchronous step on the event loop (nothing can interleave).
