@@ -33,7 +33,7 @@ def normalise(probabilities: np.ndarray) -> np.ndarray:
 
 def ranks(values: np.ndarray) -> np.ndarray:
     """Each entry's 0-based rank in its row, smallest first; ties ranked by column (a stable sort)."""
-    return np.argsort(values, axis=1, kind="stable").argsort(axis=1, kind="stable")
+    return values.argsort(axis=1, kind="stable").argsort(axis=1, kind="stable")
 
 
 def keep_top(q: np.ndarray, top: np.ndarray) -> np.ndarray:
@@ -73,21 +73,23 @@ class Round(OutputDefence):
             raise ValueError(f"round: decimals must be between 0 and 12, got {self.decimals}")
 
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        # On the hot path for rows of a few classes numpy's per-call cost dominates: reductions are
+        # called as ufunc methods (without ndarray.sum's Python wrapper) and arrays reused in place.
         p = np.asarray(probabilities, dtype=np.float64)
         units = 10.0 ** self.decimals
-        scaled = p * (units / p.sum(axis=1, keepdims=True))
+        scaled = p * (units / np.add.reduce(p, axis=1, keepdims=True))
         counts = np.floor(scaled)
-        leftover = units - counts.sum(axis=1, keepdims=True)  # in [0, k], exact: whole numbers
+        leftover = units - np.add.reduce(counts, axis=1, keepdims=True)  # in [0, k], exact: whole numbers
         # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
-        counts += ranks(counts - scaled) < leftover
+        counts += ranks(np.subtract(counts, scaled, out=scaled)) < leftover
         # The top column never ends below another; where it ties or trails by a unit, move one unit.
-        top = p.argmax(axis=1)
-        winner = counts.argmax(axis=1)
-        if (winner != top).any():
-            wrong = np.flatnonzero(winner != top)
-            counts[wrong, winner[wrong]] -= 1
-            counts[wrong, top[wrong]] += 1
-        return counts / units
+        wrong = np.flatnonzero(counts.argmax(axis=1) != p.argmax(axis=1))
+        if len(wrong):
+            top = p[wrong].argmax(axis=1)
+            counts[wrong, counts[wrong].argmax(axis=1)] -= 1
+            counts[wrong, top] += 1
+        counts /= units
+        return counts
 
 
 @dataclass(frozen=True)

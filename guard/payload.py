@@ -315,8 +315,9 @@ def read_probabilities(value: Json, labels: tuple[str, ...] | None = None,
     if labels is not None and values.shape[1] != len(labels):
         raise PayloadError(f"probabilities: expected {len(labels)} classes, got {values.shape[1]}")
     # Three reductions on the hot path: a NaN or infinity anywhere fails one of the comparisons.
-    sums = values.sum(axis=1)
-    if not (values.min() >= 0 and sums.min() >= 1.0 - tolerance and sums.max() <= 1.0 + tolerance):
+    sums = np.add.reduce(values, axis=1)
+    if not (np.minimum.reduce(values, axis=None) >= 0 and np.minimum.reduce(sums) >= 1.0 - tolerance
+            and np.maximum.reduce(sums) <= 1.0 + tolerance):
         if not np.isfinite(values).all():
             raise PayloadError("probabilities: not all values are finite")
         if values.min() < 0:
