@@ -93,13 +93,16 @@ class Standing:
     def decode(cls, raw: bytes | None, now: float) -> Standing:
         """The standing stored as ``raw``; ``MalformedStanding`` when it is not one."""
         if raw is None:
-            return cls(Level.NONE)
+            return NO_STANDING
         try:
             level, until, reached, since = json.loads(raw)
             return cls(Level(level) if now < float(until) else Level.NONE, float(until), Level(reached),
                        float(since))
         except (ValueError, TypeError) as error:  # bad JSON, wrong shape, unknown level
             raise MalformedStanding(f"malformed sanction record: {error}") from None
+
+
+NO_STANDING = Standing(Level.NONE)
 
 
 class Sanctions:

@@ -51,7 +51,7 @@ class Admitted:
     refused: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built on every request: a plain slotted class is the cheapest to construct
 class Charge:
     """One admission: the standing's key; the limits to charge, and those charged only while the
     standing is ``throttle_level``; ``cost`` queries; ``sliding`` (else fixed) windows; ``now`` (wall
