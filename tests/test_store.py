@@ -43,6 +43,21 @@ async def test_concurrent_updates_lose_no_write(store):
     assert sorted(int(r) for r in results) == list(range(1, 51))
 
 
+async def test_updates_of_several_keys_are_atomic_together(store):
+    """Each update moves one unit from ``a`` to ``b`` and leaves ``c`` as read: interleaved
+    concurrent updates never lose a unit, and an unchanged value is not rewritten."""
+    await store.set("c", b"kept", ttl=0.3)
+
+    def move(old: list[bytes | None]) -> list[bytes | None]:
+        a, b, c = old
+        return [str(int(a or b"100") - 1).encode(), str(int(b or b"0") + 1).encode(), c]
+
+    await asyncio.gather(*(store.update_many(["a", "b", "c"], move, ttl=5) for _ in range(30)))
+    assert [await store.get(key) for key in "abc"] == [b"70", b"30", b"kept"]
+    await asyncio.sleep(0.4)
+    assert await store.get("c") is None  # left as it was: its own expiry, not renewed by the updates
+
+
 async def test_swap_many_returns_previous_values_and_expires(store):
     assert await store.swap_many("t", [b"x", b"y"], b"first", ttl=5) == [None, None]
     assert await store.swap_many("t", [b"y", b"z"], b"second", ttl=0.05) == [b"first", None]

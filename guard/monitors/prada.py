@@ -226,9 +226,9 @@ class Prada(Detector):
         return max(1, min(self.max_set, self.max_set_bytes // (4 * dimension)))
 
     async def observe_batch(self, observations: Sequence[Observation]) -> list[Verdict]:
-        """Per client: one store update per class it queried (distances of all its queries in the
-        batch at once) and one for its distances ``D``; then ``W`` after each observation, as if
-        they had come one at a time."""
+        """Per client: one store update of the class sets it queried (distances of all its queries in
+        the batch at once) and of its distances ``D``; then ``W`` after each observation, as if they
+        had come one at a time."""
         verdicts: list[Verdict] = [Verdict(self.name, 0.0, False)] * len(observations)
         clients: dict[str, list[int]] = {}
         for index, observation in enumerate(observations):
@@ -244,25 +244,26 @@ class Prada(Detector):
                                   for o in observations])
         labels = np.concatenate([np.asarray(o.predicted).astype(np.int64).reshape(-1) for o in observations])
         ends = np.cumsum([len(o.features) for o in observations])
+        classes = np.unique(labels)
+        dimension, cap = queries.shape[1], self.set_cap(queries.shape[1])
         minima = np.full(len(queries), np.nan)
-        for label in np.unique(labels):
-            rows = np.flatnonzero(labels == label)
-
-            def grow(raw: bytes | None, rows: np.ndarray = rows) -> bytes:
-                growing = _GrowingSet.decode(raw, queries.shape[1])
-                admitted = growing.admitted
-                minima[rows] = growing.observe(queries[rows], self.set_cap(queries.shape[1]))
-                return raw if raw is not None and growing.admitted == admitted else growing.encode()
-
-            await self.store.update(f"{self.prefix}:{client}:class:{label}", grow, self.ttl)
-        found = ~np.isnan(minima)
         before: list[bytes | None] = []
 
-        def append(old: bytes | None) -> bytes:
-            before.append(old)
-            return append_window(old, minima[found], self.max_distances)
+        def observe(old: list[bytes | None]) -> list[bytes]:
+            """Every class set the client's queries touch, then its distances, as one store update."""
+            new = []
+            for label, raw in zip(classes, old):
+                rows = np.flatnonzero(labels == label)
+                growing = _GrowingSet.decode(raw, dimension)
+                admitted = growing.admitted
+                minima[rows] = growing.observe(queries[rows], cap)
+                new.append(raw if raw is not None and growing.admitted == admitted else growing.encode())
+            before.append(old[-1])
+            return [*new, append_window(old[-1], minima[~np.isnan(minima)], self.max_distances)]
 
-        await self.store.update(f"{self.prefix}:{client}:distances", append, self.ttl)
+        keys = [f"{self.prefix}:{client}:class:{label}" for label in classes]
+        await self.store.update_many([*keys, f"{self.prefix}:{client}:distances"], observe, self.ttl)
+        found = ~np.isnan(minima)
         # D after each observation: the window before the batch, slid over the batch's distances.
         window = SortedWindow(before[-1], self.max_distances)
         verdicts, distances = [], iter(minima[found])

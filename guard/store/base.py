@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 Update = Callable[[bytes | None], bytes]
+UpdateMany = Callable[[list[bytes | None]], list[bytes]]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,10 @@ class StateStore(Protocol):
     async def update(self, key: str, update: Update, ttl: float) -> bytes:
         """Atomically replace the value at ``key`` by ``update(old)`` (old is None when absent)
         and return the new value; concurrent updates of one key never lose a write."""
+
+    async def update_many(self, keys: list[str], update: UpdateMany, ttl: float) -> list[bytes]:
+        """``update`` for several keys as one atomic step: ``update(old values)`` gives the new ones
+        (a value returned as the very object read is left as it is)."""
 
     async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
                         ttl: float) -> list[bytes | None]:

@@ -12,7 +12,7 @@ import heapq
 import time
 from collections import OrderedDict
 
-from guard.store.base import Admitted, Charge, Update, WindowCount
+from guard.store.base import Admitted, Charge, Update, UpdateMany, WindowCount
 
 # What one entry costs beyond its key and value: the dict slot, the (expiry, value) tuple, the float,
 # the objects' headers (measured with tracemalloc at about 250 bytes on CPython 3.11).
@@ -155,11 +155,17 @@ class MemoryStore:
         self._keys.delete(key)
 
     async def update(self, key: str, update: Update, ttl: float) -> bytes:
+        return (await self.update_many([key], lambda values: [update(values[0])], ttl))[0]
+
+    async def update_many(self, keys: list[str], update: UpdateMany, ttl: float) -> list[bytes]:
         async with self._lock:
             now = time.monotonic()
-            value = update(self._keys.get(key, now))
-            self._keys.set(key, value, now + ttl, now)
-            return value
+            old = [self._keys.get(key, now) for key in keys]
+            new = update(old)
+            for key, before, value in zip(keys, old, new, strict=True):
+                if value is not before:
+                    self._keys.set(key, value, now + ttl, now)
+            return new
 
     async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
                         ttl: float) -> list[bytes | None]:

@@ -13,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 from redis.retry import Retry
 
-from guard.store.base import Admitted, Charge, StoreUnavailable, Update, WindowCount
+from guard.store.base import Admitted, Charge, StoreUnavailable, Update, UpdateMany, WindowCount
 
 # One swap per field, in order, in a capped table kept as two generations of a hash (current and previous):
 # a field is looked up in both, written to the current one, and when the current one holds half the
@@ -143,17 +143,24 @@ class RedisStore:
             await self._client.delete(self._prefix + key)
 
     async def update(self, key: str, update: Update, ttl: float) -> bytes:
-        """Optimistic transaction (WATCH/MULTI/EXEC), retried until no other writer intervened."""
-        name = self._prefix + key
+        return (await self.update_many([key], lambda values: [update(values[0])], ttl))[0]
+
+    async def update_many(self, keys: list[str], update: UpdateMany, ttl: float) -> list[bytes]:
+        """Optimistic transaction (WATCH, MGET, MULTI/SET.../EXEC: three round trips however many
+        keys), retried until no other writer intervened."""
+        names = [self._prefix + key for key in keys]
         async with self._reachable(), self._client.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(name)
-                    value = update(await pipe.get(name))
+                    await pipe.watch(*names)
+                    old = await pipe.mget(names)
+                    new = update(old)
                     pipe.multi()
-                    pipe.set(name, value, px=_ms(ttl))
+                    for name, before, value in zip(names, old, new, strict=True):
+                        if value is not before:
+                            pipe.set(name, value, px=_ms(ttl))
                     await pipe.execute()
-                    return value
+                    return new
                 except WatchError:
                     continue
 
