@@ -9,7 +9,8 @@ monitor did. Two deployments run the same ``Monitor``:
 
 - ``InProcessMonitor`` (``monitor.deployment = "in-process"``): a worker thread of the web process
   with its own event loop, started on the ASGI lifespan or on the first guarded request; numpy
-  work runs there, not on the loop that serves clients. Sanctions are written on the web loop.
+  work runs there, not on the loop that serves clients. Sanctions are written on the web loop. It
+  lets a batch fill for up to a quarter of ``max_delay`` (at most 5 ms) before judging it.
 - ``guard.monitors.stream`` (``"streams"``): observations go to Redis Streams and ``guard
   monitor`` processes judge them, each owning a share of the client partitions.
 
@@ -52,6 +53,9 @@ from guard.store import StoreUnavailable, memory_options, store_from_uri
 from guard.store.base import StateStore
 
 logger = logging.getLogger("guard")
+
+# The longest the in-process monitor waits for a batch to fill (seconds).
+MAX_LINGER = 0.005
 
 Escalate = Callable[[str, SanctionRules, str], Awaitable[tuple[Level, Standing]]]
 """``Sanctions.escalate`` (client, the route's rules, detector) -> (level before, new standing)."""
@@ -176,6 +180,8 @@ class InProcessMonitor:
         settings = policy.monitor
         self.sanctions, self.batch_size, self.idle = sanctions, settings.batch_size, idle
         self.backlog = Backlog(settings.max_pending, settings.max_delay)
+        # Long enough for a few more observations to join a batch under load, short beside max_delay.
+        self.linger = min(settings.max_delay / 4, MAX_LINGER)
         self.monitor = Monitor.from_policy(
             policy, store_from_uri(policy.store, **memory_options(policy.store, max_bytes=policy.memory_limit // 2)),
             self._escalate, metrics)
@@ -247,8 +253,7 @@ class InProcessMonitor:
                         self._thread = None
                         return
                 continue
-            while len(batch) < self.batch_size and not self._inbox.empty():
-                batch.append(self._inbox.get())
+            self._fill(batch)
             observations = [observation for observation in batch if observation is not None]
             if observations:
                 try:
@@ -262,6 +267,18 @@ class InProcessMonitor:
             if len(observations) < len(batch):
                 with self._lock:
                     self._thread = None
+                return
+
+    def _fill(self, batch: list[Observation | None]) -> None:
+        """Add to ``batch`` what is queued, waiting up to ``linger`` seconds for more: a monitor that
+        judges one observation at a time spends most of its time on each batch's fixed costs. It
+        never waits when no further observation can come (``max_pending`` of them are in hand) or
+        on the stop signal."""
+        deadline = time.monotonic() + self.linger
+        while len(batch) < min(self.batch_size, self.backlog.max_pending) and batch[-1] is not None:
+            try:
+                batch.append(self._inbox.get(timeout=max(deadline - time.monotonic(), 0.0)))
+            except queue.Empty:
                 return
 
     def _judged(self, count: int) -> None:
