@@ -9,8 +9,7 @@ monitor did. Two deployments run the same ``Monitor``:
 
 - ``InProcessMonitor`` (``monitor.deployment = "in-process"``): a worker thread of the web process
   with its own event loop, started on the ASGI lifespan or on the first guarded request; numpy
-  work runs there, not on the loop that serves clients. Sanctions are written on the web loop. It
-  lets a batch fill for up to a quarter of ``max_delay`` (at most 5 ms) before judging it.
+  work runs there, not on the loop that serves clients. Sanctions are written on the web loop.
 - ``guard.monitors.stream`` (``"streams"``): observations go to Redis Streams and ``guard
   monitor`` processes judge them, each owning a share of the client partitions.
 
@@ -47,15 +46,23 @@ from enum import Enum
 from guard.metrics import GuardMetrics
 from guard.monitors import DETECTORS, build_detector
 from guard.monitors.base import Detector, Observation, Verdict
-from guard.policy import Policy
+from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Level, SanctionRules, Sanctions, Standing
 from guard.store import StoreUnavailable, memory_options, store_from_uri
 from guard.store.base import StateStore
 
 logger = logging.getLogger("guard")
 
-# The longest the in-process monitor waits for a batch to fill (seconds).
+# The longest a monitor waits for a batch to fill (seconds).
 MAX_LINGER = 0.005
+
+
+
+def linger(settings: MonitorPolicy) -> float:
+    """How long a monitor lets a batch fill: long enough for a few more observations to join it
+    under load, short beside ``max_delay``."""
+    return min(settings.max_delay / 4, MAX_LINGER)
+
 
 Escalate = Callable[[str, SanctionRules, str], Awaitable[tuple[Level, Standing]]]
 """``Sanctions.escalate`` (client, the route's rules, detector) -> (level before, new standing)."""
@@ -180,8 +187,7 @@ class InProcessMonitor:
         settings = policy.monitor
         self.sanctions, self.batch_size, self.idle = sanctions, settings.batch_size, idle
         self.backlog = Backlog(settings.max_pending, settings.max_delay)
-        # Long enough for a few more observations to join a batch under load, short beside max_delay.
-        self.linger = min(settings.max_delay / 4, MAX_LINGER)
+        self.linger = linger(settings)
         self.monitor = Monitor.from_policy(
             policy, store_from_uri(policy.store, **memory_options(policy.store, max_bytes=policy.memory_limit // 2)),
             self._escalate, metrics)

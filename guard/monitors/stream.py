@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 
 from guard.metrics import GuardMetrics
 from guard.monitors.base import Observation
-from guard.monitors.monitor import Monitor, Queued
+from guard.monitors.monitor import Monitor, Queued, linger
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Sanctions
 from guard.store.base import StoreUnavailable
@@ -126,6 +126,7 @@ class StreamMonitor:
         self.owned: set[int] = set()
         self.inherited: set[int] = set()  # owned partitions that may still hold a previous owner's entries
         self._lease_ms = int(self.settings.lease * 1000)
+        self.linger = linger(self.settings)
         self._rebalanced = -math.inf
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
@@ -167,17 +168,23 @@ class StreamMonitor:
                 entries += [(partition, entry_id, fields) for entry_id, fields in claimed]
         readable = sorted(self.owned - self.inherited)
         if not entries and readable:
-            streams = {stream_key(self.prefix, p): ">" for p in readable}
-            answer = await self.redis.xreadgroup(GROUP, self.name, streams, count=self.settings.batch_size,
-                                                 block=int(self.block * 1000))
-            by_key = {stream_key(self.prefix, p): p for p in readable}
-            entries = [(by_key[key.decode()], entry_id, fields) for key, found in answer or []
-                       for entry_id, fields in found]
+            entries = await self.read(readable, self.settings.batch_size, block=True)
+            if 0 < len(entries) < min(self.settings.batch_size, self.settings.max_pending):
+                await asyncio.sleep(self.linger)  # let the batch fill: its fixed costs are most of a small one
+                entries += await self.read(readable, self.settings.batch_size - len(entries), block=False)
         elif not entries:
             await asyncio.sleep(self.block)
         if entries:
             await self.judge(entries)
         return len(entries)
+
+    async def read(self, partitions: list[int], count: int, block: bool) -> list[tuple[int, bytes, dict]]:
+        """Up to ``count`` new entries of ``partitions`` (with ``block``, waiting up to ``self.block`` s for one)."""
+        streams = {stream_key(self.prefix, p): ">" for p in partitions}
+        answer = await self.redis.xreadgroup(GROUP, self.name, streams, count=count,
+                                             block=int(self.block * 1000) if block else None)
+        by_key = {stream_key(self.prefix, p): p for p in partitions}
+        return [(by_key[key.decode()], entry_id, fields) for key, found in answer or [] for entry_id, fields in found]
 
     async def claim(self, partition: int) -> list[tuple[bytes, dict]] | None:
         """Entries other monitors were given and never acknowledged, once idle for a lease (now
