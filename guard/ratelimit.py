@@ -102,18 +102,25 @@ class Admission:
         return standing, min(decisions, key=lambda decision: decision.remaining, default=None)
 
     def decide(self, limit: WindowLimit, count: WindowCount, cost: int, refused: bool) -> LimitDecision:
-        """What the client is told about ``limit``: after this query's charge, or when it is refused,
-        the seconds until it would fit."""
-        if not refused:
-            return LimitDecision(True, limit.amount, max(0, math.floor(limit.amount - count.used() - cost)),
-                                 (1.0 - count.elapsed) * limit.seconds)
-        return LimitDecision(False, limit.amount, max(0, math.floor(limit.amount - count.used())),
-                             self.wait(limit, count, cost))
+        """What the client is told about ``limit`` after this query: what remains, and when it is
+        refused or used the last of it, the seconds until it (or the next query) would fit."""
+        if refused:
+            return LimitDecision(False, limit.amount, max(0, math.floor(limit.amount - count.used())),
+                                 self.wait(limit, count, cost))
+        remaining = max(0, math.floor(limit.amount - count.used() - cost))
+        if remaining:  # the reset: the current window's end
+            return LimitDecision(True, limit.amount, remaining, (1.0 - count.elapsed) * limit.seconds)
+        # None left: the reset a pacing client waits for is when the next query fits (with a sliding
+        # window, this window's queries still weigh on the next one).
+        charged = WindowCount(count.current + cost, count.previous, count.elapsed)
+        return LimitDecision(True, limit.amount, 0, self.wait(limit, charged, 1))
 
     def wait(self, limit: WindowLimit, count: WindowCount, cost: int) -> float:
         """Seconds until ``cost`` more queries fit under ``limit``: a fixed window's end; in a sliding
         window, until the previous window's weight has fallen enough, or into the next window."""
         room = limit.amount - cost
+        if count.used() <= room:
+            return 0.0
         if room < 0:  # a batch larger than the limit never fits
             return 2.0 * limit.seconds
         if not self._sliding:

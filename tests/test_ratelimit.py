@@ -118,6 +118,10 @@ def test_sliding_window_arithmetic():
     # 10 now: only in the next window, once this one's weight has fallen to 9 (a tenth into it).
     assert admission.wait(limit, WindowCount(10, 0, 0.5), cost=1) == pytest.approx(36.0)
     assert admission.wait(limit, WindowCount(0, 0, 0.5), cost=11) == 120.0  # never fits
+    assert admission.wait(limit, half, cost=1) == 0.0  # fits now
+    # The last unit used: the reset is when the next query fits, not this window's end.
+    assert admission.decide(limit, WindowCount(9, 0, 0.5), cost=1, refused=False) == \
+        LimitDecision(True, 10, 0, pytest.approx(36.0))
 
 
 async def test_unreachable_redis_raises_store_unavailable():
