@@ -175,7 +175,8 @@ def train_dp(
     optimizer: str = typer.Option("adam", parser=Names("guard.dp.checks:OPTIMISERS"),
                                   help="Optimizer (sgd with momentum 0.9)."),
     lr: float = typer.Option(1e-2, help="Learning rate."),
-    accountant: str = typer.Option("prv", parser=Names("guard.dp.checks:ACCOUNTANTS"), help="Privacy accountant."),
+    accountant: str = typer.Option("prv", parser=Names("guard.dp.checks:ACCOUNTANTS"),
+                                   help="Privacy accountant."),
     grad_sample_mode: str = typer.Option(None, parser=Names("guard.dp.checks:GRAD_SAMPLE_MODES"),
                                          help="Opacus per-sample gradient mode (default: the fastest "
                                          "measured)."),
@@ -351,9 +352,11 @@ def bench(
     lr: float | None = typer.Option(None, min=0.0, help="Learning rate of the targets (Adam)."),
     min_train_accuracy: float = typer.Option(0.8, min=0.0, max=1.0, help="Refuse a target that fits its own "
                                              "training set worse than this."),
-    defences: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:DEFENCES", several=True),
+    defences: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:DEFENCES",
+                                                                 several=True),
                                               help="Defence configurations (comma-separated or repeated)."),
-    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS", several=True),
+    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS",
+                                                                several=True),
                                              help="Attacks (comma-separated or repeated)."),
     seed: list[int] | None = typer.Option(None, help="Seeds (repeat the option for several)."),
     model: str | None = typer.Option(None, help="Your model: module:function(n_features, n_classes)."),
@@ -430,7 +433,8 @@ def audit(
                                         "so the report's verdicts compare the two."),
     api_key: list[str] | None = typer.Option(None, help="API key(s) to send (several are rotated)."),
     budget: int | None = typer.Option(None, min=1, help="Most queries each attack may spend."),
-    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS", several=True),
+    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS",
+                                                                several=True),
                                              help="Attacks (comma-separated or repeated; default: the black-box "
                                              "extraction and inversion attacks)."),
     max_wait: float = typer.Option(60.0, min=0, help="Seconds an attack waits out rate limits before it stops."),

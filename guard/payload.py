@@ -192,7 +192,10 @@ class VectorAt:
         return read_features(self.pointer.get(parse_body(body)), self.width)
 
     def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
-        value = rows.ravel().tolist() if self.width is not None else rows[0].tolist() if single else rows.tolist()
+        if self.width is not None:
+            value = rows.ravel().tolist()
+        else:
+            value = rows[0].tolist() if single else rows.tolist()
         return self.pointer.put(copy.deepcopy(example) if example is not None else {}, value)
 
 

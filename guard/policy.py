@@ -451,6 +451,6 @@ class Policy(BaseModel):
         try:
             return cls.from_dict(data)
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'policy'}: {e['msg'].removeprefix('Value error, ')}"
-                                 for e in error.errors())
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'policy'}: "
+                                 f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
             raise ValueError(f"{path}: {problems}") from None
