@@ -174,7 +174,10 @@ class HTTPTarget(Target):
     ``single_rows``: each request carries one row (a vector, not a batch) and the answer is one
     entry, as for an endpoint with a typed single-record body; ``fields`` sends each row as an object
     of named fields (``{"sepal_length": 5.1, ...}``) instead of a vector; ``encode`` maps the rows
-    (e.g. back to the endpoint's own feature scale) just before they are sent.
+    (e.g. back to the endpoint's own feature scale) just before they are sent. ``write_body(rows,
+    single) -> JSON`` and ``read_answers(document, n, single) -> list`` replace the pointers
+    altogether, for request and answer shapes a pointer cannot describe (``guard audit`` builds
+    them from the guard's own description of the route).
 
     Requests are paced by the endpoint's ``RateLimit-Remaining``/``RateLimit-Reset`` headers (or
     their ``X-RateLimit-`` forms): when none remain, the next request waits for the reset.
@@ -195,7 +198,9 @@ class HTTPTarget(Target):
                  max_wait: float = 60.0, class_labels: Sequence[str] | None = None,
                  n_features: int | None = None, single_rows: bool = False,
                  fields: Sequence[str] | None = None, encode: Callable[[np.ndarray], np.ndarray] | None = None,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None,
+                 write_body: Callable[[np.ndarray, bool], Any] | None = None,
+                 read_answers: Callable[[Any, int, bool], list] | None = None):
         super().__init__(n_classes, budget)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -207,6 +212,7 @@ class HTTPTarget(Target):
         self.fields = list(fields) if fields else None
         self.encode = encode
         self.progress = progress
+        self.write_body, self.read_answers = write_body, read_answers
         self._remaining: tuple[int, float] | None = None  # (rows left, monotonic time of the reset)
         self.api_keys = list(api_keys)
         self.key_header = key_header
@@ -270,7 +276,7 @@ class HTTPTarget(Target):
         if self.api_keys:
             headers[self.key_header] = self.api_keys[self._batches % len(self.api_keys)]
         self._batches += 1
-        body = _pointer_build(self.features_path, self._rows(batch))
+        body = self._body(batch)
         waited = self._pace(len(batch))
         while True:
             response = self._client.post(self.url, json=body, headers=headers)
@@ -289,11 +295,11 @@ class HTTPTarget(Target):
         if not response.is_success:
             raise TargetError("the endpoint answered an error", response.status_code, response.text)
         try:
-            value = _pointer_get(response.json(), self.probabilities_path)
+            value = self._answers(response.json(), len(batch))
         except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise TargetError(f"no predictions at {self.probabilities_path}: {error}",
-                              response.status_code, response.text) from error
-        answers = self._parse([value] if self.single_rows else value, len(batch), response)
+            raise TargetError(f"no predictions where expected: {error}", response.status_code,
+                              response.text) from error
+        answers = self._parse(value, len(batch), response)
         if self.progress is not None:
             self.progress(answered + len(batch))
         gave_probabilities = answers.ndim == 2
@@ -303,13 +309,23 @@ class HTTPTarget(Target):
             self._gave_probabilities = gave_probabilities
         return answers
 
-    def _rows(self, batch: np.ndarray) -> Any:
-        """The JSON the request carries for ``batch``: vectors or objects of named fields, one row
-        alone when the endpoint takes single rows."""
-        rows = (self.encode(batch) if self.encode is not None else batch).tolist()
+    def _body(self, batch: np.ndarray) -> Any:
+        """The request body for ``batch``: vectors or objects of named fields at the features path
+        (one row alone when the endpoint takes single rows), or what ``write_body`` writes."""
+        batch = self.encode(batch) if self.encode is not None else batch
+        if self.write_body is not None:
+            return self.write_body(batch, self.single_rows)
+        rows = batch.tolist()
         if self.fields is not None:
             rows = [dict(zip(self.fields, row, strict=True)) for row in rows]
-        return rows[0] if self.single_rows else rows
+        return _pointer_build(self.features_path, rows[0] if self.single_rows else rows)
+
+    def _answers(self, document: Any, n: int) -> Any:
+        """The answers for a batch of ``n`` rows, one entry each."""
+        if self.read_answers is not None:
+            return self.read_answers(document, n, self.single_rows)
+        value = _pointer_get(document, self.probabilities_path)
+        return [value] if self.single_rows else value
 
     def _pace(self, rows: int) -> float:
         """Wait until the endpoint's rate-limit window resets when its last answer said fewer than

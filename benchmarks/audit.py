@@ -11,6 +11,10 @@ labels on the test part (the baseline's, when given), queried once with a separa
 measurement queries are reported apart from the attacks' own. Membership attacks need records of
 known membership and are not run. Every attack asked for gets a row: its result, or why it could not
 run.
+
+Requests are written and answers read by the guard's own description of a route (a ``RoutePolicy``:
+its features, probabilities, ``probabilities_flat`` and ``labels``), taken from the policy file
+that guards the endpoint or built from the options, so the audit sends exactly what the guard reads.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ from attacks.targets import HTTPTarget, TargetError
 from benchmarks import datasets, models, report
 from benchmarks.run import attempt, row
 from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, AttackSpec, Context
+from guard.payload import answer_rows
+from guard.policy import RoutePolicy
 
 AUDIT_ATTACKS = ("equation-solving", "copycat", "knockoff-adaptive", "jacobian", "inverse-model", "mi-face-blackbox")
 DEFAULT_BATCH = 256
@@ -52,29 +58,61 @@ class AuditError(RuntimeError):
     """The endpoint cannot be audited: not allowed, unreachable, or answering an unexpected shape."""
 
 
+def route_from_options(features_path: str | None = None, fields: tuple[str, ...] | None = None,
+                       probabilities_path: str | None = None,
+                       labels: tuple[str, ...] | None = None) -> RoutePolicy:
+    """The route an endpoint's shape options describe: rows at ``features_path`` (default
+    ``/features``), as objects of the named ``fields`` when given (``features_path`` empty: the body
+    is one such object, or a list of them), answers at ``probabilities_path`` (default ``/probabilities``)."""
+    features_path = "/features" if features_path is None else features_path
+    features: str | list[str] | dict = features_path
+    if fields:
+        pointers = ["/" + name.replace("~", "~0").replace("/", "~1") for name in fields]
+        features = pointers if features_path == "" else {"rows": features_path, "fields": pointers}
+    return RoutePolicy(probabilities="/probabilities" if probabilities_path is None else probabilities_path,
+                       features=features, labels=list(labels) if labels else None)
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """How to talk to the endpoint: where the features go and the answers are, as named fields
-    (``fields``) or a vector; ``labels`` the class names it answers with, in the dataset's class
-    order; ``batch_size`` rows per request (1: one row per request, not a batch; None: detect)."""
+    """How to talk to the endpoint: ``route`` (the guard's description of its request and answer
+    shapes, and the class names in the dataset's class order), on top of ``example`` (the rest of a
+    request body); ``batch_size`` rows per request (1: one row per request, not a batch; None:
+    detect)."""
 
     url: str
-    features_path: str = "/features"
-    probabilities_path: str = "/probabilities"
-    fields: tuple[str, ...] | None = None
-    labels: tuple[str, ...] | None = None
+    route: RoutePolicy
+    example: Any = None
     batch_size: int | None = None
     scale: bool = False
     max_wait: float = 60.0
 
+    def check(self, n_features: int) -> None:
+        """``AuditError`` unless requests of rows of ``n_features`` can be written for the route."""
+        source = self.route.feature_source()
+        if source is None:
+            raise AuditError("the route names no features: the audit cannot write its requests")
+        try:
+            source.write(np.zeros((1, n_features)), False, self.example)
+        except ValueError as error:
+            raise AuditError(f"cannot write requests for this route: {error}") from error
+
     def target(self, dataset: datasets.Dataset, client: Any, progress: Callable[[int], None] | None = None,
                **options: Any) -> HTTPTarget:
         batch = self.batch_size or DEFAULT_BATCH
-        return HTTPTarget(self.url, dataset.n_classes, features_path=self.features_path,
-                          probabilities_path=self.probabilities_path, batch_size=batch,
-                          single_rows=batch == 1, fields=self.fields, class_labels=self.labels,
-                          encode=None if self.scale else dataset.raw, n_features=dataset.n_features,
-                          client=client, max_wait=self.max_wait, progress=progress, **options)
+        source, where = self.route.feature_source(), self.route.probabilities_at()
+        flat = len(self.route.labels) if self.route.probabilities_flat else None
+
+        def write_body(rows: np.ndarray, single: bool) -> Any:
+            return source.write(rows, single, self.example)
+
+        def read_answers(document: Any, n: int, single: bool) -> list:
+            return answer_rows(where.get(document), n, single, flat)
+
+        return HTTPTarget(self.url, dataset.n_classes, batch_size=batch, single_rows=batch == 1,
+                          class_labels=self.route.labels, encode=None if self.scale else dataset.raw,
+                          n_features=dataset.n_features, client=client, max_wait=self.max_wait,
+                          progress=progress, write_body=write_body, read_answers=read_answers, **options)
 
 
 def check_host(url: str, allowed_hosts: tuple[str, ...]) -> None:
@@ -106,24 +144,37 @@ class Progress:
             self.echo(f"  {self.label}: {queries} queries so far")
 
 
-def audit(url: str, data: str, out: Path, *, features_path: str = "/features",
-          probabilities_path: str = "/probabilities", api_keys: tuple[str, ...] = (), budget: int | None = None,
+def audit(url: str, data: str, out: Path, *, route: RoutePolicy | None = None, example: Any = None,
+          features_path: str | None = None, probabilities_path: str | None = None,
+          api_keys: tuple[str, ...] = (), budget: int | None = None,
           attacks: tuple[str, ...] = AUDIT_ATTACKS, seed: int = 0, allowed_hosts: tuple[str, ...] = (),
           client: Any = None, fields: tuple[str, ...] | None = None, labels: tuple[str, ...] | None = None,
           batch_size: int | None = None, scale: bool | None = None, baseline: str | None = None,
           baseline_client: Any = None, max_wait: float = 60.0,
           echo: Callable[[str], None] = lambda line: None) -> dict[str, Path]:
     """Attack the endpoint at ``url`` (and the undefended ``baseline``, when given) with ``attacks``
-    and write the report into ``out``. ``client``/``baseline_client`` (an ASGI app or httpx client)
-    replace the network, for tests; ``echo`` receives progress lines. ``scale`` None: a bundled
-    dataset is sent scaled (as ``guard demo`` and ``guard bench`` serve it), a file as it is."""
+    and write the report into ``out``. Its shapes: ``route`` (a policy's route; ``labels`` fills in
+    class names it lacks), or the options of ``route_from_options``; ``example`` the rest of a
+    request body. ``client``/``baseline_client`` (an ASGI app or httpx client) replace the network,
+    for tests; ``echo`` receives progress lines. ``scale`` None: a bundled dataset is sent scaled
+    (as ``guard demo`` and ``guard bench`` serve it), a file as it is."""
     for address, given in ((url, client), (baseline, baseline_client)):
         if address is not None and given is None:
             check_host(address, allowed_hosts)
     dataset = datasets.load(data)
     scale = data in datasets.BUNDLED if scale is None else scale
     split = datasets.split(dataset, seed)
-    endpoint = Endpoint(url, features_path, probabilities_path, fields, labels, batch_size, scale, max_wait)
+    if route is None:
+        route = route_from_options(features_path, fields, probabilities_path, labels)
+    elif features_path is not None or probabilities_path is not None or fields:
+        raise AuditError("the policy's route describes the request and answer shapes: drop the "
+                         "features path, fields and probabilities path options")
+    elif labels:
+        if route.labels is not None:
+            raise AuditError("the policy's route names its labels: drop the labels option")
+        route = RoutePolicy.model_validate({**route.model_dump(), "labels": list(labels)})
+    endpoint = Endpoint(url, route, example, batch_size, scale, max_wait)
+    endpoint.check(dataset.n_features)
     echo(f"auditing {url} with {dataset.name}: {len(dataset.X)} rows of {dataset.n_features} features, "
          f"{dataset.n_classes} classes; features sent {'scaled to [0, 1]' if scale else 'as in the file'}")
     measuring = api_keys[:1]  # the endpoint's answers to the test set are read with the first key, if any

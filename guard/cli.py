@@ -2,13 +2,58 @@
 each command, so ``guard --help`` stays fast and the library never imports the harness."""
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import secrets
+from typing import TYPE_CHECKING, Any
 
 import typer
+from typer.core import TyperCommand
+
+if TYPE_CHECKING:
+    from guard.policy import Policy, RoutePolicy
 
 app = typer.Typer(help="predguard: harden ML prediction APIs and measure how much each defence helps.",
                   no_args_is_help=True, add_completion=False)
+
+
+class Names:
+    """A parser of names from a registry (``module:attribute``: a tuple or the keys of a dict) that
+    is imported only when a value is checked or a ``ListsChoices`` help lists them, so ``guard
+    --help`` stays fast and the choices shown are the real ones; ``several``: comma-separated."""
+
+    def __init__(self, registry: str, several: bool = False) -> None:
+        self.registry, self.several = registry, several
+        self.__name__ = "names" if several else "name"
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        module, _, attribute = self.registry.partition(":")
+        return tuple(getattr(importlib.import_module(module), attribute))
+
+    def __call__(self, value: str) -> str:
+        names = [name for name in value.split(",") if name] if self.several else [value]
+        unknown = [name for name in names if name not in self.choices]
+        if unknown or not names:
+            raise typer.BadParameter(f"{', '.join(unknown) or 'nothing'} is not a choice; choose from "
+                                     f"{', '.join(self.choices)}")
+        return ",".join(names)
+
+
+class ListsChoices(TyperCommand):
+    """A command whose ``--help`` lists the choices of its ``Names`` options."""
+
+    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+        for param in self.params:
+            names = getattr(param.type_descriptor.parameter_info, "parser", None)
+            if isinstance(names, Names) and "Choose from" not in (param.help or ""):
+                param.help = f"{param.help or ''} Choose from: {', '.join(names.choices)}.".strip()
+        super().format_help(ctx, formatter)
+
+
+def _split(values: list[str] | None) -> tuple[str, ...] | None:
+    """Comma- or repeat-separated names (checked by ``Names``) as one tuple; None when none."""
+    return tuple(name for value in values for name in value.split(",") if name) if values else None
 
 
 @app.callback()
@@ -114,9 +159,9 @@ def demo(
     uvicorn.run(server, host=host, port=port, log_config=uvicorn_log_config())
 
 
-@app.command("train-dp")
+@app.command("train-dp", cls=ListsChoices)
 def train_dp(
-    data: str = typer.Option(..., "--data", "--dataset", help="digits, breast_cancer, or a .csv (numeric, "
+    data: str = typer.Option(..., help="digits, breast_cancer, or a .csv (numeric, "
                              "header row, label last) / .npz (arrays X, y) file."),
     out: str = typer.Option(..., help="Directory for model.pt, privacy_report.json and preprocessing.json."),
     target_epsilon: float = typer.Option(..., help="Privacy budget epsilon for the whole run."),
@@ -127,11 +172,14 @@ def train_dp(
     batch_size: int = typer.Option(128, help="Expected logical (Poisson) batch size."),
     physical_batch_size: int = typer.Option(None, help="Largest batch held in memory at once."),
     max_grad_norm: float = typer.Option(1.0, help="Per-example gradient clipping norm."),
-    optimizer: str = typer.Option("adam", help="adam or sgd (momentum 0.9)."),
+    optimizer: str = typer.Option("adam", parser=Names("guard.dp.checks:OPTIMISERS"),
+                                  help="Optimizer (sgd with momentum 0.9)."),
     lr: float = typer.Option(1e-2, help="Learning rate."),
-    accountant: str = typer.Option("prv", help="prv or rdp."),
-    grad_sample_mode: str = typer.Option(None, help="hooks, functorch, ew or ghost (default: the "
-                                                    "fastest measured)."),
+    accountant: str = typer.Option("prv", parser=Names("guard.dp.checks:ACCOUNTANTS"),
+                                   help="Privacy accountant."),
+    grad_sample_mode: str = typer.Option(None, parser=Names("guard.dp.checks:GRAD_SAMPLE_MODES"),
+                                         help="Opacus per-sample gradient mode (default: the fastest "
+                                         "measured)."),
     fix: bool = typer.Option(True, help="Replace layers DP-SGD cannot train (e.g. BatchNorm)."),
     test_fraction: float = typer.Option(0.25, help="Held-out share for the accuracy comparison."),
     checkpoint_dir: str = typer.Option(None, help="Save a checkpoint here after every epoch."),
@@ -194,14 +242,14 @@ def train_dp(
                f"serve it with guard.dp.load({out!r}, factory), which takes features as they are in {data}")
 
 
-@app.command()
+@app.command(cls=ListsChoices)
 def calibrate(
     policy: str = typer.Argument(..., help="TOML or YAML policy file; its `detectors` get the thresholds."),
     data: str = typer.Option(..., help="Benign queries: digits, breast_cancer, or a .csv/.npz file."),
     clients: int = typer.Option(10, min=1, help="Benign client streams the queries are dealt into."),
     fpr: float = typer.Option(0.001, min=0.0, max=1.0, help="Target false-positive rate."),
-    detector: list[str] | None = typer.Option(None, help="Detectors to calibrate: prada, similarity "
-                                              "(default: both)."),
+    detector: list[str] | None = typer.Option(None, parser=Names("guard.monitors:DETECTORS", several=True),
+                                              help="Detectors to calibrate (default: all)."),
     holdout: float = typer.Option(0.25, min=0.0, max=0.9, help="Share of the clients held out to measure "
                                   "the false alarms the thresholds cause (0: none)."),
     force: bool = typer.Option(False, "--force", help="Write thresholds the data cannot support."),
@@ -221,7 +269,7 @@ def calibrate(
     from guard.monitors.calibration import calibrate as fit_thresholds
     from guard.policy import Policy
 
-    names = _names(detector, {"prada": None, "similarity": None}, "detectors") or ("prada", "similarity")
+    names = _split(detector) or ("prada", "similarity")
     try:
         configured = Policy.from_file(policy).detectors if Path(policy).exists() else {}
         dataset = datasets.load(data)
@@ -286,35 +334,30 @@ def monitor(
     asyncio.run(serve())
 
 
-def _names(values: list[str] | None, known: dict, what: str) -> tuple[str, ...] | None:
-    """Comma- or repeat-separated names, checked against ``known``."""
-    if not values:
-        return None
-    names = tuple(name for value in values for name in value.split(",") if name)
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise typer.BadParameter(f"unknown {what} {unknown}; choose from {sorted(known)}")
-    return names
-
-
-@app.command()
+@app.command(cls=ListsChoices)
 def bench(
     out: str = typer.Option("guard-report", help="Folder for results.json, report.md and report.html."),
     quick: bool = typer.Option(False, "--quick", help="A small grid: digits, one seed, five defences."),
-    datasets: list[str] | None = typer.Option(None, help="digits, breast_cancer, faces, faces64, or .csv/.npz "
-                                              "files (an NPZ X of shape (n, h, w[, c]) is kept as images)."),
+    data: list[str] | None = typer.Option(None, help="Data sets (comma-separated or repeated): digits, "
+                                          "breast_cancer, faces, faces64, or .csv/.npz files (an NPZ X of "
+                                          "shape (n, h, w[, c]) is kept as images)."),
     sensitive: str | None = typer.Option(None, help="The discrete sensitive column of your data (CSV header "
                                          "name or index) that attribute inference attacks."),
     max_body_bytes: int = typer.Option(1 << 20, min=1024, help="The guard's request-body limit; the attacks' "
                                        "request batches are sized to fit it."),
     hidden: int | None = typer.Option(None, min=1, help="Hidden units of the target MLP (default: the data "
                                       "set's recipe, e.g. 3000 on faces, else 64)."),
-    activation: str | None = typer.Option(None, help="Hidden activation of the target MLP: relu, sigmoid, tanh."),
+    activation: str | None = typer.Option(None, parser=Names("benchmarks.models:ACTIVATIONS"),
+                                          help="Hidden activation of the target MLP."),
     lr: float | None = typer.Option(None, min=0.0, help="Learning rate of the targets (Adam)."),
     min_train_accuracy: float = typer.Option(0.8, min=0.0, max=1.0, help="Refuse a target that fits its own "
                                              "training set worse than this."),
-    defences: list[str] | None = typer.Option(None, help="Defence configurations (comma-separated)."),
-    attacks: list[str] | None = typer.Option(None, help="Attacks (comma-separated)."),
+    defences: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:DEFENCES",
+                                                                 several=True),
+                                              help="Defence configurations (comma-separated or repeated)."),
+    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS",
+                                                                several=True),
+                                             help="Attacks (comma-separated or repeated)."),
     seed: list[int] | None = typer.Option(None, help="Seeds (repeat the option for several)."),
     model: str | None = typer.Option(None, help="Your model: module:function(n_features, n_classes)."),
     live: bool = typer.Option(False, "--live", help="Serve each target with uvicorn on 127.0.0.1 and "
@@ -333,15 +376,14 @@ def bench(
 
     from benchmarks import run
     from benchmarks.models import Underfit
-    from benchmarks.scenarios import ATTACK_SPECS, DEFENCES
 
     config = run.BenchConfig(command=" ".join(["guard", *sys.argv[1:]]), live=live, model=model, quick=quick,
                              sensitive=sensitive, max_body_bytes=max_body_bytes, hidden=hidden,
                              activation=activation, lr=lr, min_train_accuracy=min_train_accuracy)
     if quick:
         config = replace(config, **run.QUICK)
-    chosen = {"datasets": tuple(datasets) if datasets else None, "defences": _names(defences, DEFENCES, "defences"),
-              "attacks": _names(attacks, ATTACK_SPECS, "attacks"), "seeds": tuple(seed) if seed else None,
+    chosen = {"datasets": _split(data), "defences": _split(defences),
+              "attacks": _split(attacks), "seeds": tuple(seed) if seed else None,
               "epochs": epochs}
     config = replace(config, **{key: value for key, value in chosen.items() if value is not None})
     try:
@@ -358,17 +400,27 @@ def _list(value: str | None) -> tuple[str, ...] | None:
     return tuple(item.strip() for item in value.split(",") if item.strip()) if value else None
 
 
-@app.command()
+@app.command(cls=ListsChoices)
 def audit(
     url: str = typer.Option(..., help="The prediction endpoint, e.g. http://127.0.0.1:8000/predict."),
     data: str = typer.Option("digits", help="The attacker's data: digits, breast_cancer, or a .csv/.npz file "
                              "whose features the endpoint takes."),
     out: str = typer.Option("guard-audit", help="Folder for the report."),
-    features_path: str = typer.Option("/features", help="JSON pointer to the feature rows in the request "
-                                      "('' with --fields: the body is the object of fields)."),
+    policy: str | None = typer.Option(None, help="The guard's policy file: the request and answer shapes "
+                                      "are its --route's (features, probabilities, probabilities_flat, "
+                                      "labels), instead of the options below."),
+    route: str | None = typer.Option(None, help="The policy route the endpoint is on (default: the "
+                                     "policy's only route)."),
+    request_example: str | None = typer.Option(None, help="JSON of the rest of a request body the rows "
+                                               "are written into, e.g. '{\"outputs\": [{\"name\": "
+                                               "\"predict_proba\"}]}' for MLServer."),
+    features_path: str | None = typer.Option(None, help="JSON pointer to the feature rows in the request "
+                                             "(default /features; '' with --fields: the body is the "
+                                             "object of fields)."),
     fields: str | None = typer.Option(None, help="Send each row as an object of these named fields "
                                       "(comma-separated, in the data's column order)."),
-    probabilities_path: str = typer.Option("/probabilities", help="JSON pointer to the answers in the response."),
+    probabilities_path: str | None = typer.Option(None, help="JSON pointer to the answers in the response "
+                                                  "(default /probabilities)."),
     labels: str | None = typer.Option(None, help="The class names the endpoint answers with, comma-separated, "
                                       "in the order of the data's sorted labels (label-only and "
                                       "label->probability answers)."),
@@ -381,23 +433,29 @@ def audit(
                                         "so the report's verdicts compare the two."),
     api_key: list[str] | None = typer.Option(None, help="API key(s) to send (several are rotated)."),
     budget: int | None = typer.Option(None, min=1, help="Most queries each attack may spend."),
-    attacks: list[str] | None = typer.Option(None, help="Attacks (comma-separated; default: the black-box "
-                                             "extraction and inversion attacks; a wrong name lists them all)."),
+    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS",
+                                                                several=True),
+                                             help="Attacks (comma-separated or repeated; default: the black-box "
+                                             "extraction and inversion attacks)."),
     max_wait: float = typer.Option(60.0, min=0, help="Seconds an attack waits out rate limits before it stops."),
     allow_host: list[str] | None = typer.Option(None, help="A non-loopback host you own and may attack."),
     seed: int = typer.Option(0, help="Seed of the data split and the attacks."),
 ) -> None:
     """Black-box attacks against a live prediction endpoint you run, with the same report as bench."""
+    import json
     from pathlib import Path
 
     from benchmarks.audit import AUDIT_ATTACKS, AuditError
     from benchmarks.audit import audit as run_audit
-    from benchmarks.scenarios import ATTACK_SPECS
+    from guard.policy import Policy
 
     try:
-        paths = run_audit(url, data, Path(out), features_path=features_path, probabilities_path=probabilities_path,
+        shape = _policy_route(Policy.from_file(policy), route) if policy is not None else None
+        example = json.loads(request_example) if request_example is not None else None
+        paths = run_audit(url, data, Path(out), route=shape, example=example, features_path=features_path,
+                          probabilities_path=probabilities_path,
                           api_keys=tuple(api_key or ()), budget=budget,
-                          attacks=_names(attacks, ATTACK_SPECS, "attacks") or AUDIT_ATTACKS, seed=seed,
+                          attacks=_split(attacks) or AUDIT_ATTACKS, seed=seed,
                           allowed_hosts=tuple(allow_host or ()), fields=_list(fields), labels=_list(labels),
                           batch_size=batch_size, scale=scale, baseline=baseline, max_wait=max_wait,
                           echo=typer.echo)
@@ -406,6 +464,15 @@ def audit(
         raise typer.Exit(2) from error
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")
+
+
+def _policy_route(policy: Policy, path: str | None) -> RoutePolicy:
+    """The policy's route at ``path`` (its only route when ``path`` is None)."""
+    if path is None and len(policy.routes) == 1:
+        return next(iter(policy.routes.values()))
+    if path not in policy.routes:
+        raise ValueError(f"name the endpoint's route with --route: one of {sorted(policy.routes)}")
+    return policy.routes[path]
 
 
 def main() -> None:

@@ -8,10 +8,13 @@ back in the same form (label-only: the predicted labels, or one-hot rows that ke
 
 Features come from a ``FeatureSource``: a vector or batch at one pointer (``VectorAt``), named
 fields of one object or of each object in a list (``NamedFields``), query parameters (``QueryFields``)
-or a user function (``FeatureFunction``).
+or a user function (``FeatureFunction``). The same description also *writes* requests (``write``)
+and cuts answers into rows (``answer_rows``), so ``guard audit`` talks to an endpoint in exactly the
+shape the guard reads.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -72,6 +75,26 @@ class Pointer:
         last = self.tokens[-1]
         self._step(parent, last)
         parent[int(last) if isinstance(parent, list) else last] = value
+        return document
+
+    def put(self, document: Json, value: Json) -> Json:
+        """``document`` with ``value`` at the pointer, making the objects on the way that are
+        missing (an existing list element may be replaced); modified in place and returned."""
+        if not self.tokens:
+            return value
+        parent = document
+        for token in self.tokens[:-1]:
+            if isinstance(parent, dict) and token not in parent:
+                parent[token] = {}
+            parent = self._step(parent, token)
+        last = self.tokens[-1]
+        if isinstance(parent, list):
+            self._step(parent, last)
+            parent[int(last)] = value
+        elif isinstance(parent, dict):
+            parent[last] = value
+        else:
+            raise PayloadError(f"nothing at JSON pointer {self.text!r} can hold a value")
         return document
 
 
@@ -143,6 +166,11 @@ class FeatureSource(Protocol):
         """The request's feature rows as a finite ``(n, d)`` array (``NO_FEATURES`` when a body
         source gets no body); ``InvalidJSON`` or ``PayloadError`` when they are not there."""
 
+    def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
+        """A JSON request body that ``read`` reads ``rows`` from (one row not as a batch when
+        ``single``), built on a copy of ``example`` (the rest of a request, e.g. a KServe v2
+        ``outputs`` list); ``ValueError`` when this source cannot be written."""
+
 
 def parse_body(body: bytes) -> Json:
     try:
@@ -162,6 +190,13 @@ class VectorAt:
         if not body:
             return NO_FEATURES
         return read_features(self.pointer.get(parse_body(body)), self.width)
+
+    def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
+        if self.width is not None:
+            value = rows.ravel().tolist()
+        else:
+            value = rows[0].tolist() if single else rows.tolist()
+        return self.pointer.put(copy.deepcopy(example) if example is not None else {}, value)
 
 
 @dataclass(frozen=True)
@@ -185,6 +220,18 @@ class NamedFields:
             raise PayloadError("features: every named field must hold a number")
         return read_features(values)
 
+    def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
+        if rows.shape[1] != len(self.fields):
+            raise ValueError(f"{len(self.fields)} named fields for rows of {rows.shape[1]} features")
+        objects = []
+        for row in rows.tolist():
+            entry: Json = {}
+            for field, value in zip(self.fields, row, strict=True):
+                entry = field.put(entry, value)
+            objects.append(entry)
+        return self.rows.put(copy.deepcopy(example) if example is not None else {},
+                             objects[0] if single else objects)
+
 
 @dataclass(frozen=True)
 class QueryFields:
@@ -202,6 +249,9 @@ class QueryFields:
         except ValueError:
             raise PayloadError("features: every feature parameter must be a number") from None
         return read_features([row])
+
+    def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
+        raise ValueError("features in the query string: only requests with a JSON body can be written")
 
 
 UserFunction = Callable[[Json, Mapping[str, list[str]]], Any]
@@ -229,6 +279,13 @@ class FeatureFunction:
             raise PayloadError(f"features: {type(error).__name__}: {error}") from None
         return read_features(rows.tolist() if isinstance(rows, np.ndarray) else rows)
 
+    def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
+        writer = REQUEST_WRITERS.get(self.function)
+        if writer is None:
+            raise ValueError(f"features read by {getattr(self.function, '__name__', self.function)!r}, "
+                             "which has no request writer: describe them with `features` pointers")
+        return writer(rows, example)
+
 
 def kserve_v2_inputs(document: Json, query: Mapping[str, list[str]]) -> np.ndarray:
     """Features of a KServe v2 (Open Inference Protocol) request: its one input tensor, reshaped by
@@ -241,6 +298,21 @@ def kserve_v2_inputs(document: Json, query: Mapping[str, list[str]]) -> np.ndarr
         raise ValueError("ask for at most one output: only /outputs/0 is answered through the guard")
     tensor = document["inputs"][0]
     return np.asarray(tensor["data"], dtype=np.float64).reshape(tensor["shape"])
+
+
+def kserve_v2_request(rows: np.ndarray, example: Json = None) -> Json:
+    """A KServe v2 inference request that ``kserve_v2_inputs`` reads ``rows`` from: one ``FP64``
+    tensor named ``input-0`` (unless ``example``'s first input names them otherwise), with the
+    rest of ``example`` (e.g. ``{"outputs": [{"name": "predict_proba"}]}``)."""
+    body = copy.deepcopy(example) if example is not None else {}
+    named = (body.get("inputs") or [{}])[0]
+    body["inputs"] = [{"name": "input-0", "datatype": "FP64", **named, "shape": list(rows.shape),
+                       "data": rows.ravel().tolist()}]
+    return body
+
+
+REQUEST_WRITERS: dict[Callable, Callable[[np.ndarray, Json], Json]] = {kserve_v2_inputs: kserve_v2_request}
+"""The request each built-in feature function reads, written (``FeatureFunction.write``)."""
 
 
 def import_function(reference: str) -> Callable:
@@ -281,6 +353,21 @@ class Probabilities:
         if self.labels is not None:
             rows = [dict(zip(self.labels, row)) for row in rows]
         return rows[0] if self.single else rows
+
+
+def answer_rows(value: Json, n: int, single: bool, classes: int | None = None) -> list:
+    """The ``n`` answers at a route's probabilities pointer, one per request row, as the endpoint
+    wrote them (probability vectors, label->probability objects, or a label-only answer's labels):
+    ``single``: one answer for a one-row request; ``classes``: a flat row-major list of ``n *
+    classes`` numbers (``probabilities_flat``, for any ``n``), cut into rows (a label-only answer
+    holds ``n`` labels)."""
+    if single and classes is None:
+        return [value]
+    if not isinstance(value, list):
+        raise PayloadError("answers: expected a list, one entry per row")
+    if classes is not None and classes > 1 and len(value) == n * classes:
+        return [value[i * classes:(i + 1) * classes] for i in range(n)]
+    return value
 
 
 def _label_rows(value: Json, labels: tuple[str, ...] | None) -> tuple[list, bool, tuple[str, ...]]:

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from guard.identity import KeyCheck, KeyVerifier, key_digest, read_key_file
 from guard.monitors import DETECTORS
@@ -33,7 +42,7 @@ from guard.payload import (
     import_function,
 )
 from guard.ratelimit import parse_limits
-from guard.routing import is_template, template_regex
+from guard.routing import is_template, overlap, template_regex
 from guard.sanctions import DEFAULT_LADDER, SanctionRules
 
 if sys.version_info >= (3, 11):
@@ -345,6 +354,13 @@ class Policy(BaseModel):
                 raise ValueError(f"route {path!r} must be a path starting with '/'")
             if is_template(path):
                 template_regex(path)
+        paths = list(routes)
+        for i, first in enumerate(paths):
+            for second in paths[i + 1:]:
+                both = overlap(first, second)
+                if both is not None:
+                    raise ValueError(f"routes {first!r} and {second!r} both match {both!r}: give every path "
+                                     "one route (keep the template, or make the templates disjoint)")
         return routes
 
     @field_validator("store")
@@ -358,7 +374,8 @@ class Policy(BaseModel):
     @model_validator(mode="after")
     def _metrics_path(self) -> Policy:
         path = self.metrics_path
-        if path is not None and (not path.startswith("/") or path in self.routes):
+        if path is not None and (not path.startswith("/")
+                                 or any(overlap(path, route) is not None for route in self.routes)):
             raise ValueError(f"metrics_path {path!r} must be a path starting with '/' and not a guarded route")
         return self
 
@@ -420,7 +437,8 @@ class Policy(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
-        """Load a ``.toml``, ``.yaml`` or ``.yml`` policy file."""
+        """Load a ``.toml``, ``.yaml`` or ``.yml`` policy file; ``ValueError`` with a one-line
+        message naming the file and each setting that is wrong."""
         path = Path(path)
         if path.suffix == ".toml":
             data = tomllib.loads(path.read_text())
@@ -430,4 +448,9 @@ class Policy(BaseModel):
             data = yaml.safe_load(path.read_text()) or {}
         else:
             raise ValueError(f"{path}: policy files must be .toml, .yaml or .yml")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'policy'}: "
+                                 f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
+            raise ValueError(f"{path}: {problems}") from None

@@ -4,8 +4,10 @@ app behind the guard could serve a guarded endpoint another way.
 Matching happens on the *route path*: ``scope["path"]`` without ``scope["root_path"]`` (Starlette's own
 ``get_route_path``), so ``FastAPI(root_path=...)``, ``uvicorn --root-path`` and a guard added to a
 sub-app under ``app.mount(...)`` all see the path the router dispatches on. Policy routes are exact
-paths (looked up first) or Starlette path templates (``/models/{name}/predict``, compiled by
-Starlette's ``compile_path``, tried in policy order).
+paths or Starlette path templates (``/models/{name}/predict``, compiled by Starlette's
+``compile_path``). No two policy routes may match the same path (``overlap`` finds one such path):
+Starlette's router would take the first, the reader of the policy might expect the other, and an
+ambiguous policy is a misconfiguration, so ``Policy`` refuses it when it is loaded.
 
 ``audit_routes`` inspects the app's router once, before the first request, and names every way
 around the policy: a policy route that matches no route of the app (say a policy for ``/predict``
@@ -15,12 +17,13 @@ route that another, unguarded route also serves. The middleware refuses to start
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from re import Pattern
 from typing import Generic, TypeVar
 
 from starlette._utils import get_route_path
-from starlette.routing import Mount, compile_path
+from starlette.routing import PARAM_REGEX, Mount, compile_path
 from starlette.types import ASGIApp, Scope
 
 T = TypeVar("T")
@@ -37,6 +40,109 @@ def template_regex(path: str) -> Pattern[str]:
         return compile_path(path)[0]
     except AssertionError as error:  # Starlette asserts on unknown convertors
         raise ValueError(str(error)) from None
+
+
+CharTest = Callable[[str], bool]
+_ANY: CharTest = lambda c: True  # noqa: E731
+_NOT_SLASH: CharTest = lambda c: c != "/"  # noqa: E731
+_DIGIT: CharTest = lambda c: c in "0123456789"  # noqa: E731
+_HEX: CharTest = lambda c: c in "0123456789abcdefABCDEF"  # noqa: E731
+
+
+def _literal(char: str) -> CharTest:
+    return lambda c: c == char
+
+
+class _Automaton:
+    """A path template as a small NFA over single characters: ``edges[state]`` holds ``(test,
+    next)`` pairs, ``test`` None for an empty move; the last state accepts."""
+
+    def __init__(self) -> None:
+        self.edges: list[list[tuple[CharTest | None, int]]] = [[]]
+
+    def _new(self, source: int, test: CharTest | None) -> int:
+        self.edges.append([])
+        self.edges[source].append((test, len(self.edges) - 1))
+        return len(self.edges) - 1
+
+    def one(self, state: int, test: CharTest) -> int:
+        return self._new(state, test)
+
+    def many(self, state: int, test: CharTest, at_least_one: bool) -> int:
+        """``test*`` (or ``test+``) after ``state``."""
+        if at_least_one:
+            state = self._new(state, test)
+        loop = self._new(state, None)
+        self.edges[loop].append((test, loop))
+        return loop
+
+    def maybe(self, state: int, tests: list[tuple[CharTest, bool]]) -> int:
+        """An optional group of ``(test, repeated)`` pieces after ``state``."""
+        end = state
+        for test, repeated in tests:
+            end = self.many(end, test, True) if repeated else self.one(end, test)
+        return self._join(state, end)
+
+    def _join(self, skip_from: int, end: int) -> int:
+        after = self._new(end, None)
+        self.edges[skip_from].append((None, after))
+        return after
+
+    def convertor(self, state: int, name: str) -> int:
+        """Starlette's standard convertors' regexes; any other convertor may match anything."""
+        if name == "str":
+            return self.many(state, _NOT_SLASH, True)
+        if name == "int":
+            return self.many(state, _DIGIT, True)
+        if name == "float":
+            return self.maybe(self.many(state, _DIGIT, True), [(_literal("."), False), (_DIGIT, True)])
+        if name == "uuid":
+            for count in (8, 4, 4, 4, 12):
+                if count != 8:
+                    state = self.maybe(state, [(_literal("-"), False)])
+                for _ in range(count):
+                    state = self.one(state, _HEX)
+            return state
+        return self.many(state, _ANY, False)
+
+    @classmethod
+    def of(cls, template: str) -> _Automaton:
+        automaton, state, at = cls(), 0, 0
+        for parameter in PARAM_REGEX.finditer(template):
+            for char in template[at:parameter.start()]:
+                state = automaton.one(state, _literal(char))
+            state = automaton.convertor(state, (parameter.group(2) or ":str")[1:])
+            at = parameter.end()
+        for char in template[at:]:
+            state = automaton.one(state, _literal(char))
+        return automaton
+
+
+def overlap(first: str, second: str) -> str | None:
+    """A path both policy routes (exact paths or Starlette templates) match, or None when there is
+    none. A search of the two templates' product automaton over the characters they spell out plus
+    ``0``: every standard convertor's class holds ``0``, so a path both match exists iff one over
+    those characters does (a custom convertor is taken to match anything)."""
+    a, b = _Automaton.of(first), _Automaton.of(second)
+    alphabet = sorted(set(PARAM_REGEX.sub("", first + second)) | {"0"})
+    start, accept = (0, 0), (len(a.edges) - 1, len(b.edges) - 1)
+    spelled: dict[tuple[int, int], str] = {start: ""}
+    queue = deque([start])
+    while queue:
+        state = queue.popleft()
+        if state == accept:
+            return spelled[state]
+        p, q = state
+        moves = [((p2, q), "") for test, p2 in a.edges[p] if test is None]
+        moves += [((p, q2), "") for test, q2 in b.edges[q] if test is None]
+        moves += [((p2, q2), c) for test_a, p2 in a.edges[p] if test_a is not None
+                  for test_b, q2 in b.edges[q] if test_b is not None
+                  for c in alphabet if test_a(c) and test_b(c)]
+        for following, char in moves:
+            if following not in spelled:
+                spelled[following] = spelled[state] + char
+                queue.append(following)
+    return None
 
 
 class RouteTable(Generic[T]):

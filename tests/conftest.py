@@ -1,11 +1,15 @@
 """Shared fixtures: bundled data and small target models, trained once per test session."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -152,3 +156,46 @@ def near(features: list[float], i: int) -> list[float]:
     """A near-duplicate of ``features`` (the first value moved by ``i`` * 1e-4): not an exact repeat,
     which the similarity detector does not count as evidence."""
     return [features[0] + i * 1e-4, *features[1:]]
+
+
+@pytest.fixture(scope="session")
+def mlserver(tmp_path_factory) -> tuple[str, "LogisticRegression"]:  # noqa: F821 (imported lazily)
+    """MLServer (KServe v2 over HTTP, its scikit-learn runtime) serving a logistic regression fitted on
+    raw iris as model ``iris``, on a free port for the whole session: ``(url, model)``."""
+    if importlib.util.find_spec("mlserver") is None or importlib.util.find_spec("mlserver_sklearn") is None:
+        pytest.skip("mlserver and mlserver-sklearn are not installed (pip install -e '.[test]' installs them)")
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    folder = tmp_path_factory.mktemp("mlserver")
+    iris = load_iris()
+    model = LogisticRegression(max_iter=500).fit(iris.data, iris.target)
+    joblib.dump(model, folder / "model.joblib")
+    port = free_port()
+    (folder / "settings.json").write_text(json.dumps({
+        "debug": False, "parallel_workers": 0, "host": "127.0.0.1", "http_port": port,
+        "grpc_port": free_port(), "metrics_port": free_port(), "metrics_endpoint": None}))
+    (folder / "model-settings.json").write_text(json.dumps({
+        "name": "iris", "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": "./model.joblib"}}))
+    command = shutil.which("mlserver", path=str(Path(sys.executable).parent)) or shutil.which("mlserver")
+    log = folder / "mlserver.log"  # a file, not a pipe: a full pipe would stall the server
+    with log.open("wb") as output:
+        process = subprocess.Popen([command, "start", str(folder)], cwd=folder, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"mlserver exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/v2/models/iris/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "mlserver did not load the model in 90 s"
+        time.sleep(0.2)
+    yield url, model
+    process.terminate()
+    process.wait(10)

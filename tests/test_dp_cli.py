@@ -52,7 +52,7 @@ def test_train_dp_with_a_user_model_and_csv_data(tmp_path, monkeypatch):
         "                         nn.Linear(16, k))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "out"
-    arguments = ["train-dp", "--dataset", str(tmp_path / "data.csv"), "--model", "my_models:build",
+    arguments = ["train-dp", "--data", str(tmp_path / "data.csv"), "--model", "my_models:build",
                  "--target-epsilon", "4", "--epochs", "3", "--batch-size", "32", "--lr", "0.05",
                  "--accountant", "rdp", "--seed", "0", "--out", str(out)]
     refused = CliRunner().invoke(app, [*arguments, "--no-fix"])

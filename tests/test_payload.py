@@ -2,9 +2,20 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
-from guard.payload import PayloadError, Pointer, read_features, read_probabilities
+from guard.payload import (
+    FeatureFunction,
+    NamedFields,
+    PayloadError,
+    Pointer,
+    QueryFields,
+    VectorAt,
+    answer_rows,
+    read_features,
+    read_probabilities,
+)
 
 DOCUMENT = {"a/b": {"m~n": [10, {"x": 1}]}, "list": [[1, 2], [3]], "": 5}
 
@@ -129,3 +140,34 @@ def test_kserve_v2_inputs_reshape_and_refuse_second_outputs():
         kserve_v2_inputs({**request, "outputs": [{"name": "predict"}, {"name": "predict_proba"}]}, {})
     with pytest.raises(ValueError, match="exactly one input"):
         kserve_v2_inputs({"inputs": []}, {})
+
+
+@pytest.mark.parametrize("source, example", [
+    (VectorAt(Pointer.parse("/features")), None),
+    (VectorAt(Pointer.parse("/inputs/0/data"), 3), {"inputs": [{"name": "x", "data": []}]}),
+    (NamedFields(tuple(Pointer.parse(f"/{name}") for name in "abc")), None),
+    (NamedFields(tuple(Pointer.parse(f"/m/{name}") for name in "abc"), Pointer.parse("/rows")), {"id": 7}),
+    (FeatureFunction.named("guard.payload:kserve_v2_inputs"), {"outputs": [{"name": "predict_proba"}]}),
+])
+def test_what_a_source_writes_it_reads_back(source, example):
+    rows = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.5]])
+    for batch, single in ((rows, False), (rows[:1], True)):
+        body = source.write(batch, single, example)
+        assert np.array_equal(source.read(orjson.dumps(body), b""), batch)
+        assert all(body.get(key) == value for key, value in (example or {}).items() if key != "inputs")
+
+
+def test_query_features_and_unknown_functions_cannot_be_written():
+    with pytest.raises(ValueError, match="query string"):
+        QueryFields(("a",)).write(np.ones((1, 1)), True)
+    with pytest.raises(ValueError, match="no request writer"):
+        FeatureFunction(lambda document, query: [1.0]).write(np.ones((1, 1)), True)
+
+
+def test_answer_rows_cut_flat_tensors_and_keep_labels():
+    assert answer_rows([0.1, 0.9, 0.6, 0.4], 2, False, 2) == [[0.1, 0.9], [0.6, 0.4]]
+    assert answer_rows([0.1, 0.9], 1, True, 2) == [[0.1, 0.9]]  # flat: a one-row request too
+    assert answer_rows([1, 0], 2, False, 2) == [1, 0]  # label-only: one label per row
+    assert answer_rows({"cat": 1.0}, 1, True) == [{"cat": 1.0}]
+    with pytest.raises(PayloadError):
+        answer_rows({"cat": 1.0}, 1, False)

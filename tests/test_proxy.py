@@ -3,24 +3,16 @@ a small FastAPI upstream under uvicorn, and MLServer (KServe v2) serving a sciki
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import shutil
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
-import joblib
 import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
 
 from guard import GuardMiddleware, Policy
 from guard.proxy import UpstreamProxy
@@ -115,41 +107,6 @@ IRIS_ROUTE = {"probabilities": "/outputs/0/data", "probabilities_flat": True,
               "labels": ["setosa", "versicolor", "virginica"],
               "features_function": "guard.payload:kserve_v2_inputs", "output": ["round:2"]}
 PATH = "/v2/models/iris/infer"
-
-
-@pytest.fixture(scope="module")
-def mlserver(tmp_path_factory) -> tuple[str, LogisticRegression]:
-    if importlib.util.find_spec("mlserver") is None or importlib.util.find_spec("mlserver_sklearn") is None:
-        pytest.skip("mlserver and mlserver-sklearn are not installed (pip install -e '.[test]' installs them)")
-    folder = tmp_path_factory.mktemp("mlserver")
-    iris = load_iris()
-    model = LogisticRegression(max_iter=500).fit(iris.data, iris.target)
-    joblib.dump(model, folder / "model.joblib")
-    port = free_port()
-    (folder / "settings.json").write_text(json.dumps({
-        "debug": False, "parallel_workers": 0, "host": "127.0.0.1", "http_port": port,
-        "grpc_port": free_port(), "metrics_port": free_port(), "metrics_endpoint": None}))
-    (folder / "model-settings.json").write_text(json.dumps({
-        "name": "iris", "implementation": "mlserver_sklearn.SKLearnModel",
-        "parameters": {"uri": "./model.joblib"}}))
-    command = shutil.which("mlserver", path=str(Path(sys.executable).parent)) or shutil.which("mlserver")
-    process = subprocess.Popen([command, "start", str(folder)], cwd=folder, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"mlserver exited: {process.stdout.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/v2/models/iris/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "mlserver did not load the model in 90 s"
-        time.sleep(0.2)
-    yield url, model
-    process.terminate()
-    process.wait(10)
 
 
 def v2_request(rows: list[list[float]], outputs: tuple[str, ...] = ("predict_proba",)) -> dict:

@@ -1,17 +1,19 @@
 """Request shapes and schema-keeping label-only answers on servers written the way tutorials write
 them, guarded without changing their APIs: a pydantic body of named fields answering
 ``{"prediction": "setosa", "probabilities": {"setosa": 0.9, ...}}``, a GET endpoint with query
-parameters, a batch of objects, a KServe-v2-style flat tensor, and a CORS preflight."""
+parameters, a batch of objects, a KServe-v2-style flat tensor, a CORS preflight, and a multi-model
+server behind one path-template route."""
 from __future__ import annotations
 
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
+from sklearn.naive_bayes import GaussianNB
 
 from guard import GuardMiddleware, Policy
 
@@ -192,10 +194,52 @@ async def test_flat_v2_tensors_keep_their_layout(iris_model):
     assert over.status_code == 429  # two rows per request: two queries each
 
 
-async def test_multi_model_route_on_an_exact_path(iris_model):
-    """The path-templated form (``/models/{name}/predict``) is issue 12's route matching; here the
-    feature and label parts are exercised on one model's exact path."""
-    route = {**NAMED, "output": ["label_only"], "label_only_as": "one_hot"}
-    async with guarded(iris_model, {"/models/iris/predict": route}) as client:
-        answer = (await client.post("/models/iris/predict", json=SETOSA)).json()
-    assert answer == {"prediction": "setosa", "probabilities": {"setosa": 1.0, "versicolor": 0.0, "virginica": 0.0}}
+def multi_model_app(models: dict) -> FastAPI:
+    """A tutorial-style multi-model server: ``/models/{name}/predict`` serves whichever model of
+    ``models`` is named (models may be added while it runs), with a pydantic body of named fields."""
+    app = FastAPI()
+
+    @app.post("/models/{name}/predict", response_model=Prediction)
+    def predict(name: str, flower: Flower) -> Prediction:
+        if name not in models:
+            raise HTTPException(404, f"no model {name!r}")
+        p = models[name].predict_proba(np.array([[getattr(flower, field) for field in FIELDS]]))[0]
+        return Prediction(prediction=SPECIES[int(p.argmax())], probabilities=dict(zip(SPECIES, p.tolist())))
+
+    return app
+
+
+class Counting:
+    """A model that counts the rows it was asked about."""
+
+    def __init__(self, model) -> None:
+        self.model, self.rows = model, 0
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        self.rows += len(X)
+        return self.model.predict_proba(X)
+
+
+BORDERLINE = {"sepal_length": 6.0, "sepal_width": 2.9, "petal_length": 4.8, "petal_width": 1.6}
+
+
+async def test_one_template_route_guards_every_model_of_a_multi_model_server(iris_model):
+    iris = load_iris()
+    models = {"logistic": Counting(iris_model), "bayes": Counting(GaussianNB().fit(iris.data, iris.target))}
+    app = multi_model_app(models)
+    route = {**NAMED, "output": ["round:1"]}
+    app.add_middleware(GuardMiddleware, policy=Policy(secret=SECRET, routes={"/models/{name}/predict": route}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        answers = {name: (await client.post(f"/models/{name}/predict", json=BORDERLINE)).json() for name in models}
+        models["later"] = Counting(LogisticRegression(C=0.05, max_iter=500).fit(iris.data, iris.target))
+        later = (await client.post("/models/later/predict", json=BORDERLINE)).json()
+        bad = await client.post("/models/bayes/predict", json={**SETOSA, "petal_width": "wide"})
+        missing = await client.post("/models/bayes/predict", json={"sepal_length": 5.1})
+    for name, answer in {**answers, "later": later}.items():
+        Prediction.model_validate(answer)
+        raw = models[name].model.predict_proba(np.array([list(BORDERLINE.values())]))[0]
+        assert answer["probabilities"] == dict(zip(SPECIES, np.round(raw, 1).tolist())), name
+        assert not np.allclose(raw, np.round(raw, 1)), name  # the rounding is visible
+    assert bad.status_code == missing.status_code == 422
+    assert bad.json()["error"] == missing.json()["error"] == "invalid_features"
+    assert models["bayes"].rows == 1  # the bad bodies never reached the model

@@ -8,6 +8,7 @@ import sys
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from conftest import free_port, wait_until_serving
 from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
@@ -15,6 +16,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from benchmarks.serving import prediction_app
 from guard import GuardMiddleware, Policy
+from guard.routing import overlap, template_regex
 
 SECRET = "routing test secret"
 RAW = [0.61234, 0.28766, 0.1]
@@ -180,3 +182,44 @@ def test_uvicorn_refuses_to_start_a_policy_that_misses_a_mount(tmp_path):
     server = subprocess.run([sys.executable, "-m", "uvicorn", "misrouted_app:app", "--app-dir", str(tmp_path),
                              "--port", str(free_port()), "--lifespan", "on"], capture_output=True, timeout=60)
     assert server.returncode != 0 and b"matches no route" in server.stderr
+
+
+@pytest.mark.parametrize("first, second", [
+    ("/models/{name}/predict", "/models/iris/predict"),
+    ("/models/{name}/predict", "/models/{model}/predict"),
+    ("/files/{rest:path}", "/files/{name}/meta"),
+    ("/{a}/predict", "/models/{b}"),
+    ("/items/{n:int}", "/items/{f:float}"),
+    ("/runs/{run:uuid}", "/runs/{name}"),
+])
+def test_routes_that_can_match_the_same_path_are_refused_at_load(first, second):
+    both = overlap(first, second)
+    assert both is not None
+    assert template_regex(first).match(both) and template_regex(second).match(both)
+    with pytest.raises(ValidationError, match="both match"):
+        policy(first, second)
+
+
+@pytest.mark.parametrize("first, second", [
+    ("/models/{name}/predict", "/models/{name}/explain"),
+    ("/items/{n:int}", "/items/latest"),
+    ("/items/{n:int}", "/items/1.5"),
+    ("/{a}", "/{a}/{b}"),
+    ("/runs/{run:uuid}", "/runs/0000"),
+])
+def test_disjoint_routes_load(first, second):
+    assert overlap(first, second) is None
+    assert set(policy(first, second).routes) == {first, second}
+
+
+def test_an_ambiguous_policy_file_gets_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from guard.cli import app
+
+    path = tmp_path / "guard.toml"
+    path.write_text('secret = "routing test secret"\n[routes."/models/{name}/predict"]\nprobabilities = "/p"\n'
+                    '[routes."/models/iris/predict"]\nprobabilities = "/p"\n')
+    result = CliRunner().invoke(app, ["proxy", "--upstream", "http://127.0.0.1:9", "--policy", str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "'/models/iris/predict'" in result.output

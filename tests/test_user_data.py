@@ -95,7 +95,7 @@ def _bench(out, *options):
 
 
 def test_a_users_npz_of_images_runs_end_to_end(tmp_path, image_npz):
-    result, results = _bench(tmp_path, "--datasets", str(image_npz), "--defences", "none,round:2",
+    result, results = _bench(tmp_path, "--data", str(image_npz), "--defences", "none,round:2",
                              "--attacks", "inverse-model,mi-face,shadow,map-attribute",
                              "--max-body-bytes", "65536", "--epochs", "120")
     assert result.exit_code == 0, result.output
@@ -118,7 +118,7 @@ def test_a_csv_with_a_named_sensitive_column_runs_end_to_end(tmp_path):
     path = tmp_path / "patients.csv"
     np.savetxt(path, np.column_stack([table.dataset.X, table.dataset.y]), delimiter=",",
                header=",".join(names), comments="", fmt="%.6g")
-    result, results = _bench(tmp_path / "out", "--datasets", str(path), "--sensitive", "concave_level",
+    result, results = _bench(tmp_path / "out", "--data", str(path), "--sensitive", "concave_level",
                              "--defences", "none,label_only", "--attacks", "map-attribute,map-attribute-label-only")
     assert result.exit_code == 0, result.output
     rows = {(r["defence"], r["attack"]): r for r in results["rows"]}
@@ -131,6 +131,6 @@ def test_a_csv_with_a_named_sensitive_column_runs_end_to_end(tmp_path):
 
 
 def test_an_underfitting_target_is_refused_with_its_accuracy(tmp_path, image_npz):
-    result, _ = _bench(tmp_path, "--datasets", str(image_npz), "--defences", "none", "--attacks", "copycat",
+    result, _ = _bench(tmp_path, "--data", str(image_npz), "--defences", "none", "--attacks", "copycat",
                        "--epochs", "1", "--lr", "1e-6")
     assert result.exit_code == 2 and "underfits" in result.output and "accuracy on its own training set" in result.output

@@ -190,8 +190,9 @@ class StreamMonitor:
         """Entries other monitors were given and never acknowledged, once idle for a lease (now
         ours); an empty list while some are not idle enough yet; None when there are none."""
         key = stream_key(self.prefix, partition)
-        _, claimed, _ = await self.redis.xautoclaim(key, GROUP, self.name, self._lease_ms, "0-0",
-                                                    count=self.settings.batch_size)
+        # The claimed entries come second: Redis 7 appends the deleted IDs, Redis 6.2 does not.
+        claimed = (await self.redis.xautoclaim(key, GROUP, self.name, self._lease_ms, "0-0",
+                                               count=self.settings.batch_size))[1]
         if claimed:
             return claimed
         return [] if (await self.redis.xpending(key, GROUP))["pending"] else None
