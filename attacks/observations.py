@@ -262,7 +262,7 @@ def _solve_normaliser(q: np.ndarray, piece: np.ndarray, pieces: list[tuple[np.nd
 
 
 def estimate_reverse_sigmoid(answers: np.ndarray, references: np.ndarray, margin: float = 0.01,
-                             tolerance: float = 0.01, steps: int = 10) -> tuple[float, float]:
+                             tolerance: float = 0.005, steps: int = 10) -> tuple[float, float]:
     """``(beta, gamma)`` of the reverse sigmoid from its ``(n, k)`` ``answers`` and the reference
     models' ``(models, n, k)`` probabilities on the same inputs.
 
