@@ -129,9 +129,13 @@ class LiRA(Attack):
     attacker's ``population``, each candidate IN for exactly half of them. For each candidate the
     statistic of its IN and OUT models is fit with Gaussians; online, the score is the log likelihood
     ratio of the target's statistic; offline (``offline=True``, OUT models only), the one-sided test
-    ``-log Pr[Z >= observed]`` under the OUT Gaussian. With few references one variance per side is
-    pooled over all candidates (``global_variance``, sec. VI-B). ``image_shape`` and ``max_shift`` add
-    shifted queries whose scores are averaged (sec. VI-C).
+    ``-log Pr[Z >= observed]`` under the OUT Gaussian. One variance per side is pooled over all
+    candidates (``global_variance``, the fixed variance of sec. VI-B) unless told otherwise: on the
+    digits game it beats per-candidate variances at 1% FPR from 16 up to 256 references (mean TPR over
+    6 targets 0.057 vs 0.025 with 16, 0.073 vs 0.063 with 64, 0.080 vs 0.072 with 256), each
+    candidate's IN and OUT spread being too noisy to estimate from a few dozen models.
+    ``image_shape`` and ``max_shift`` add shifted queries whose scores are averaged (sec. VI-C; on
+    8x8 digits a one-pixel shift is a different image, and averaging lowers the TPR).
 
     ``observation`` (``attacks.observations``) is how the statistic is read off a defended API: by
     default the scaled logit of the answer as published in the public ``output`` format (raises
@@ -142,13 +146,13 @@ class LiRA(Attack):
 
     name = "lira"
 
-    def __init__(self, n_references: int = 16, offline: bool = False, global_variance: bool | None = None,
+    def __init__(self, n_references: int = 16, offline: bool = False, global_variance: bool = True,
                  architecture: Architecture = Architecture(), training: TrainingConfig = TrainingConfig(),
                  image_shape: tuple[int, int] | None = None, max_shift: int = 0,
                  output: OutputFormat = OutputFormat(), observation: Observation | None = None, seed: int = 0):
         self.n_references = n_references
         self.offline = offline
-        self.global_variance = n_references < 64 if global_variance is None else global_variance
+        self.global_variance = global_variance
         self.architecture = architecture
         self.training = training
         self.image_shape = image_shape

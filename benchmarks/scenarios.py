@@ -318,7 +318,9 @@ def _averaged_noise(context: Context) -> Observation:
 
 
 def _inverted_reverse_sigmoid(context: Context) -> Observation:
-    return InvertedReverseSigmoid(*defence_arguments(context.defence, "reverse_sigmoid"))
+    """The attacker knows the defence is a reverse sigmoid, not its beta and gamma: it estimates them
+    from its answers (``attacks.observations.estimate_reverse_sigmoid``)."""
+    return InvertedReverseSigmoid(seed=context.seed)
 
 
 def _mi_face_run(white_box: bool) -> Callable[[Target, Context], AttackResult]:

@@ -11,7 +11,7 @@ import pytest
 from attacks import scoring
 from attacks.membership import LabelOnlyAttack, LiRA
 from attacks.observations import (AveragedNoise, InvertedReverseSigmoid, LabelRobustness, RoundedInterval,
-                                  invert_reverse_sigmoid, reverse_sigmoid)
+                                  estimate_reverse_sigmoid, invert_reverse_sigmoid, reverse_sigmoid)
 from attacks.targets import CallableTarget, OutputFormat
 from benchmarks import models
 from guard.outputs import Pipeline
@@ -63,6 +63,25 @@ def test_inverting_the_reverse_sigmoid_gives_back_lira(digits, membership_game, 
                     references)
     assert _tpr(inverted) >= 0.8 * undefended > 2 * _tpr(plain)
     assert inverted.metrics["inverted"] > 0.99
+
+
+def test_inverting_with_estimated_parameters_gives_back_lira(digits, membership_game, references, undefended):
+    """Kerckhoffs: the attacker knows the defence is a reverse sigmoid, not its beta and gamma."""
+    model, member = membership_game
+    target = _defended(model, ["reverse_sigmoid:0.7:0.4"])
+    estimated = _run(LiRA(REFERENCES, observation=InvertedReverseSigmoid()), target, digits, member, references)
+    assert estimated.metrics["beta"] == pytest.approx(0.7, rel=0.02)
+    assert estimated.metrics["gamma"] == pytest.approx(0.4, rel=0.05)
+    assert _tpr(estimated) >= 0.8 * undefended
+    assert estimated.queries == len(digits.y)
+
+
+@pytest.mark.parametrize("beta, gamma", [(0.73, 0.37), (0.33, 0.23)])
+def test_reverse_sigmoid_parameters_are_estimated_from_300_answers(digits, digits_mlp, references, beta, gamma):
+    p = models.predict_proba(digits_mlp, digits.X[:300])
+    answers = Pipeline.from_specs([f"reverse_sigmoid:{beta}:{gamma}"])(p)
+    estimated = estimate_reverse_sigmoid(answers, references.predict_proba(digits.X[:300]))
+    assert estimated == pytest.approx((beta, gamma), rel=0.05)
 
 
 def test_reverse_sigmoid_inversion_recovers_the_confidences_exactly(digits, digits_mlp):
