@@ -41,7 +41,7 @@ from guard.payload import (
     VectorAt,
     import_function,
 )
-from guard.ratelimit import parse_limits
+from guard.ratelimit import Strategy, parse_limits
 from guard.routing import is_template, overlap, template_regex
 from guard.sanctions import DEFAULT_LADDER, SanctionRules
 
@@ -317,8 +317,7 @@ class Policy(BaseModel):
     identity: IdentityPolicy = Field(default_factory=IdentityPolicy)
     store: str = Field(default="memory://", description="state store URI: memory:// or redis://host:port/db; "
                        "rate limits, detector state and sanctions live there")
-    rate_limit_strategy: Literal["sliding-window-counter", "fixed-window"] = \
-        "sliding-window-counter"
+    rate_limit_strategy: Strategy = "sliding-window-counter"
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict, description="detector name -> its "
                                                  "settings (e.g. thresholds written by `guard calibrate`)")
     fail_mode: Literal["label_only", "503"] = Field(default="label_only", description="when the store is "

@@ -9,13 +9,15 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from limits import RateLimitItem, parse_many
 
 from guard.sanctions import Level, Sanctions, Standing
 from guard.store.base import Charge, StateStore, WindowCount, WindowLimit
 
-STRATEGIES = ("sliding-window-counter", "fixed-window")
+Strategy = Literal["sliding-window-counter", "fixed-window"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 def parse_limits(notation: str | Sequence[str]) -> tuple[RateLimitItem, ...]:

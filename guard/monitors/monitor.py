@@ -57,7 +57,6 @@ logger = logging.getLogger("guard")
 MAX_LINGER = 0.005
 
 
-
 def linger(settings: MonitorPolicy) -> float:
     """How long a monitor lets a batch fill: long enough for a few more observations to join it
     under load, short beside ``max_delay``."""
