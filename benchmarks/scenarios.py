@@ -19,6 +19,7 @@ from attacks.membership import LabelOnlyAttack, LiRA, ShadowModelAttack, Thresho
 from attacks.scoring import Judge
 from attacks.observations import AveragedNoise, InvertedReverseSigmoid, LabelRobustness, Observation, RoundedInterval
 from attacks.targets import OutputFormat, Target, TorchTarget
+from attacks.undoing import UndoneTarget, averaging, inverting_reverse_sigmoid
 from benchmarks.datasets import Dataset, Split
 
 
@@ -347,9 +348,11 @@ def _mi_face_run(white_box: bool) -> Callable[[Target, Context], AttackResult]:
     return run
 
 
-def _inverse_model(shared_classes: bool) -> Callable[[Target, Context], AttackResult]:
+def _inverse_model(shared_classes: bool, undo: Callable[[Target, Context], UndoneTarget] | None = None
+                   ) -> Callable[[Target, Context], AttackResult]:
     """The inverse model trained on the attacker's auxiliary records, applied to the answers for the
-    victims' training records (the first 200)."""
+    victims' training records (the first 200); with ``undo``, every answer is read with the defence
+    undone first (the adaptive attacker), and what the undoing learnt is reported."""
     def run(target: Target, context: Context) -> AttackResult:
         setting = inversion_setting(context, shared_classes)
         X, y = context.part("train")
@@ -357,12 +360,24 @@ def _inverse_model(shared_classes: bool) -> Callable[[Target, Context], AttackRe
         victims_X, victims_y = X[victims][:200], y[victims][:200]
         attack = InverseModel(epochs=60 if context.quick else 150, output=context.defence.public_format,
                               seed=context.seed)
-        observed = _answers(target, victims_X, context.defence.public_format)
-        result = attack.run(target, setting.aux_X, observed, victims_X, victims_y)
+        seen = target if undo is None else undo(target, context)
+        observed = _answers(seen, victims_X, context.defence.public_format)
+        result = attack.run(seen, setting.aux_X, observed, victims_X, victims_y)
         result.metrics.update(setting.measures(result.artefacts["reconstructions"], victims_y))
+        result.metrics.update(getattr(seen, "learnt", {}))
         result.artefacts["images"] = {"victims' inputs": victims_X, "no-model reference": setting.reference(victims_y)}
         return result
     return run
+
+
+def _inverted_answers(target: Target, context: Context) -> UndoneTarget:
+    """Reverse-sigmoid answers inverted with beta and gamma estimated from the answers (no reference
+    model: the inversion attacker's data hold none of the victims' classes)."""
+    return inverting_reverse_sigmoid(target, seed=context.seed)
+
+
+def _averaged_answers(target: Target, context: Context) -> UndoneTarget:
+    return averaging(target, repeats=16 if context.quick else 32)
 
 
 def _answers(target: Target, X: np.ndarray, output: OutputFormat) -> np.ndarray:
@@ -464,6 +479,13 @@ ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
                applies=_is_image, requires=_needs_images, adaptive=_knows_format),
     AttackSpec("inverse-model-shared-classes", "inversion", "lineup_accuracy", _inverse_model(True),
                lambda c: 0.2, applies=_is_image, requires=_needs_images, adaptive=_knows_format),
+    AttackSpec("inverse-model-inverted-reverse-sigmoid", "inversion", "lineup_accuracy",
+               _inverse_model(False, _inverted_answers), lambda c: 0.2,
+               applies=lambda c: _is_image(c) and defence_arguments(c.defence, "reverse_sigmoid") is not None,
+               requires=_needs_images, adaptive=lambda c: True),
+    AttackSpec("inverse-model-averaged-noise", "inversion", "lineup_accuracy", _inverse_model(False, _averaged_answers),
+               lambda c: 0.2, applies=lambda c: _is_image(c) and defence_arguments(c.defence, "noise") is not None,
+               requires=_needs_images, adaptive=lambda c: True),
     AttackSpec("map-attribute", "attribute", "accuracy", _map_attribute(False), _prior_accuracy,
                applies=lambda c: c.sensitive is not None and not c.defence.public_format.label_only,
                requires=_needs_sensitive, adaptive=_knows_format),

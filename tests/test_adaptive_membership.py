@@ -10,8 +10,8 @@ import pytest
 
 from attacks import scoring
 from attacks.membership import LabelOnlyAttack, LiRA
-from attacks.observations import (AveragedNoise, InvertedReverseSigmoid, LabelRobustness, RoundedInterval,
-                                  estimate_reverse_sigmoid, invert_reverse_sigmoid, reverse_sigmoid)
+from attacks.observations import AveragedNoise, InvertedReverseSigmoid, LabelRobustness, RoundedInterval
+from attacks.reverse_sigmoid import estimate_reverse_sigmoid, invert_reverse_sigmoid, reverse_sigmoid
 from attacks.targets import CallableTarget, OutputFormat
 from benchmarks import models
 from guard.outputs import Pipeline

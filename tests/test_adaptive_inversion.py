@@ -1,0 +1,77 @@
+"""Inversion against defended answers, by an attacker who knows the defence (Kerckhoffs): the inverse
+model reads the reverse sigmoid's answers inverted with parameters it estimated from them, and noisy
+answers averaged over inputs the model cannot tell apart. The threat model is the bench's: the
+attacker's own records are of other classes than the victims'."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.svm import SVC
+
+from attacks.inversion import InverseModel
+from attacks.reverse_sigmoid import estimate_reverse_sigmoid
+from attacks.targets import CallableTarget, Target
+from attacks.undoing import averaging, inverting_reverse_sigmoid
+from benchmarks import models
+from guard.outputs import Pipeline
+
+VICTIMS = np.arange(5)  # the classes inverted; the attacker holds records of the others only
+
+
+@pytest.fixture(scope="module")
+def inversion_game(digits, digits_split):
+    """(victims' training records and labels, the attacker's records of the other classes, the judge:
+    an SVM trained on held-out records)."""
+    X, y = digits.X[digits_split.train], digits.y[digits_split.train]
+    victims = np.isin(y, VICTIMS)
+    others = ~np.isin(digits.y, VICTIMS)
+    judge = SVC().fit(digits.X[digits_split.test], digits.y[digits_split.test]).predict
+    return X[victims][:200], y[victims][:200], digits.X[others], judge
+
+
+def _defended(model, specs: list[str]) -> CallableTarget:
+    pipeline = Pipeline.from_specs(specs, secret=b"test-secret")
+    return CallableTarget(lambda X: pipeline(models.predict_proba(model, X), X), 10)
+
+
+def _identified(target: Target, game) -> float:
+    victims_X, victims_y, aux_X, judge = game
+    observed = target.predict_proba(victims_X)
+    result = InverseModel(epochs=60).run(target, aux_X, observed, victims_X, victims_y, judge)
+    return result.metrics["identification_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def undefended(digits_mlp, inversion_game) -> float:
+    return _identified(_defended(digits_mlp, []), inversion_game)
+
+
+def test_inverting_the_reverse_sigmoid_gives_the_inverse_model_back(digits_mlp, inversion_game, undefended):
+    target = _defended(digits_mlp, ["reverse_sigmoid:0.7:0.4"])
+    plain = _identified(target, inversion_game)
+    inverted = inverting_reverse_sigmoid(_defended(digits_mlp, ["reverse_sigmoid:0.7:0.4"]))
+    recovered = _identified(inverted, inversion_game)
+    assert recovered >= 0.65 * undefended and recovered > plain + 0.3, (recovered, plain, undefended)
+    assert inverted.learnt["beta"] == pytest.approx(0.7, rel=0.01)
+    assert inverted.learnt["gamma"] == pytest.approx(0.4, rel=0.03)
+    assert inverted.learnt["inverted"] > 0.97
+    assert inverted.queries == inverted.target.queries == len(inversion_game[0]) + len(inversion_game[2])
+
+
+@pytest.mark.parametrize("beta, gamma", [(0.7, 0.4), (0.73, 0.37)])
+def test_reverse_sigmoid_parameters_are_estimated_from_the_answers_alone(digits, digits_mlp, beta, gamma):
+    answers = Pipeline.from_specs([f"reverse_sigmoid:{beta}:{gamma}"])(models.predict_proba(digits_mlp, digits.X[:300]))
+    estimated_beta, estimated_gamma = estimate_reverse_sigmoid(answers)
+    assert estimated_beta == pytest.approx(beta, rel=0.01)
+    assert estimated_gamma == pytest.approx(gamma, rel=0.03)
+
+
+def test_averaging_undoes_noise_for_the_inverse_model(digits, digits_mlp, inversion_game, undefended):
+    exact = models.predict_proba(digits_mlp, digits.X[:50])
+    one = _defended(digits_mlp, ["noise:0.5"]).predict_proba(digits.X[:50])
+    averaged = averaging(_defended(digits_mlp, ["noise:0.5"]), repeats=16)
+    mean = averaged.predict_proba(digits.X[:50])
+    error = lambda p: np.abs(np.log(p) - np.log(exact)).mean()
+    assert error(mean) < 0.3 * error(one)
+    assert averaged.learnt["repeats"] == 16 and averaged.learnt["step"] > 0
+    assert _identified(averaging(_defended(digits_mlp, ["noise:0.5"]), repeats=16), inversion_game) >= 0.9 * undefended
