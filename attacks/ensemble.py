@@ -80,6 +80,16 @@ class Ensemble:
         with torch.no_grad():
             return vmap(forward, in_dims=(0, None))(self.params, inputs)
 
+    def labels_each(self, X: np.ndarray, chunk: int = 16384) -> np.ndarray:
+        """``(models, ...)`` predicted labels of ``(models, ..., d)`` inputs, model ``i`` on its own
+        inputs ``X[i]`` (e.g. each model's own step in a search), ``chunk`` rows per model at a time."""
+        flat = np.asarray(X).reshape(len(self), -1, X.shape[-1])
+        forward = vmap(_forward(self.architecture.build(self.n_features, self.n_classes).to("meta")))
+        with torch.no_grad():
+            labels = [forward(self.params, torch.as_tensor(flat[:, start:start + chunk], dtype=torch.float32))
+                      .argmax(dim=-1).numpy() for start in range(0, flat.shape[1], chunk)]
+        return np.concatenate(labels, axis=1).reshape(X.shape[:-1])
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """``(models, n, k)`` softmax probabilities as float64."""
         return torch.softmax(self.logits(X).double(), dim=-1).numpy()

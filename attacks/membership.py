@@ -13,13 +13,16 @@ output format (``OutputFormat``) and passes its own shadow/reference models' out
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from scipy.special import log_ndtr
 
 from attacks import scoring
 from attacks.base import Attack, AttackResult
 from attacks.ensemble import Architecture, Ensemble, TrainingConfig, random_halves, train_ensemble
-from attacks.observations import Observation, Published, observe, scaled_logit
+from attacks.observations import (Observation, Published, boundary_distances, labels, observe, scaled_logit,
+                                  unit_directions)
 from attacks.targets import OutputFormat, Target
 
 Data = tuple[np.ndarray, np.ndarray]
@@ -241,22 +244,14 @@ class LabelOnlyAttack(Attack):
         else:
             views = (translations(X, self.image_shape, self.max_shift) if self.method == "augmentation"
                      else X + self.sigma * rng.standard_normal((self.n_noise, *X.shape)))
-            scores = (_labels(target, views) == y).mean(axis=0)
+            scores = (labels(target, views) == y).mean(axis=0)
         return _result(self.name, scores, is_member, target.queries - start, method=self.method)
 
     def _boundary_distance(self, target: Target, X: np.ndarray, y: np.ndarray,
                            rng: np.random.Generator) -> np.ndarray:
-        directions = rng.standard_normal((self.n_directions, *X.shape))
-        directions /= np.linalg.norm(directions, axis=2, keepdims=True)
-        low = np.zeros(directions.shape[:2])
-        high = np.full(directions.shape[:2], self.max_distance)
-        for _ in range(self.search_steps):
-            middle = (low + high) / 2
-            flipped = _labels(target, X + middle[..., None] * directions) != y
-            high = np.where(flipped, middle, high)
-            low = np.where(flipped, low, middle)
-        correct = target.predict(X) == y
-        return np.where(correct, high.min(axis=0), 0.0)
+        directions = unit_directions(rng, self.n_directions, X.shape)
+        distances = boundary_distances(partial(labels, target), X, y, directions, self.max_distance, self.search_steps)
+        return distances.min(axis=0)
 
 
 def _log_mass(low: np.ndarray, high: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -272,11 +267,6 @@ def _log_mass(low: np.ndarray, high: np.ndarray, mean: np.ndarray, std: np.ndarr
         mass = log_b + np.log1p(-np.exp(np.minimum(log_a - log_b, -1e-300)))
     density = -0.5 * ((low - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
     return np.where(point, density, np.maximum(mass, -1e4))
-
-
-def _labels(target: Target, views: np.ndarray) -> np.ndarray:
-    """Predicted labels of ``(views, n, d)`` inputs in one batch, as ``(views, n)``."""
-    return target.predict(views.reshape(-1, views.shape[-1])).reshape(views.shape[:2])
 
 
 def _result(name: str, scores: np.ndarray, is_member: np.ndarray | None, queries: int,

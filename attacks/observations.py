@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -219,3 +220,53 @@ class LabelRobustness(Observation):
 
     def _statistic(self, correct: np.ndarray) -> np.ndarray:
         return logit((correct + 0.5) / (self.n_noise + 1))
+
+
+@dataclass(frozen=True)
+class BoundaryDistance(Observation):
+    """Labels only (Choquette-Choo et al., ICML 2021, sec. 4, the boundary-distance attack, with random
+    directions in place of HopSkipJump; calibrated per example as in LiRA): for each view, the mean
+    over ``n_directions`` random unit directions of the smallest L2 step that changes the label
+    (``boundary_distances``; 0 where the view is already misclassified); each reference model runs
+    its own search along the very same directions."""
+
+    n_directions: int = 8
+    max_distance: float = 8.0
+    search_steps: int = 10
+    seed: int = 0
+
+    def measure(self, target: Target, views: np.ndarray, y: np.ndarray, references: Ensemble) -> Measurement:
+        directions = unit_directions(np.random.default_rng(self.seed), self.n_directions, views.shape)
+        search = dict(max_distance=self.max_distance, steps=self.search_steps)
+        observed = boundary_distances(partial(labels, target), views, y, directions, **search).mean(axis=0)
+        reference = boundary_distances(references.labels_each, views, y, directions, **search,
+                                       models=len(references)).mean(axis=1)
+        return Measurement(observed, observed, reference)
+
+
+def labels(target: Target, points: np.ndarray) -> np.ndarray:
+    """The target's labels of ``(..., d)`` points, asked in one batch, as ``(...)``."""
+    return target.predict(points.reshape(-1, points.shape[-1])).reshape(points.shape[:-1])
+
+
+def unit_directions(rng: np.random.Generator, count: int, shape: tuple[int, ...]) -> np.ndarray:
+    """``(count, *shape)`` random directions, unit vectors along the last axis."""
+    directions = rng.standard_normal((count, *shape))
+    return directions / np.linalg.norm(directions, axis=-1, keepdims=True)
+
+
+def boundary_distances(labels_of, X: np.ndarray, y: np.ndarray, directions: np.ndarray, max_distance: float,
+                       steps: int, models: int | None = None) -> np.ndarray:
+    """The smallest step along each of ``directions`` (``(directions, *X.shape)`` unit vectors) at
+    which the label of ``X`` stops being ``y``, by ``steps`` halvings of ``[0, max_distance]``; 0 where
+    ``X`` itself is not labelled ``y``. ``labels_of`` maps ``(..., d)`` points to ``(...)`` labels; with
+    ``models``, it takes ``(models, ..., d)`` points, model ``i`` labelling its own (one search per
+    model), and the result is ``(models, directions, ...)`` instead of ``(directions, ...)``."""
+    batch = () if models is None else (models,)
+    low, high = np.zeros(batch + directions.shape[:-1]), np.full(batch + directions.shape[:-1], max_distance)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        flipped = labels_of(X + middle[..., None] * directions) != y
+        high, low = np.where(flipped, middle, high), np.where(flipped, low, middle)
+    correct = labels_of(np.broadcast_to(X, batch + X.shape)) == y
+    return np.where(np.expand_dims(correct, len(batch)), high, 0.0)
