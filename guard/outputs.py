@@ -15,6 +15,7 @@ string; ``Pipeline`` applies several in order.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from abc import ABC, abstractmethod
@@ -29,6 +30,20 @@ def normalise(probabilities: np.ndarray) -> np.ndarray:
     """Each row divided by its sum (rows are non-negative with a positive sum)."""
     p = np.asarray(probabilities, dtype=np.float64)
     return p / p.sum(axis=1, keepdims=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _ones_column(k: int) -> np.ndarray:
+    column = np.ones((k, 1))
+    column.flags.writeable = False
+    return column
+
+
+def row_sums(values: np.ndarray) -> np.ndarray:
+    """Each row's sum as an ``(n, 1)`` column, by a matrix product with ones: for rows of a few
+    classes a numpy reduction costs several times more. Exact for whole numbers (below 2**53);
+    for others within a dot product's rounding, not always the bits of ``values.sum(axis=1)``."""
+    return np.dot(values, _ones_column(values.shape[1]))
 
 
 def ranks(values: np.ndarray) -> np.ndarray:
@@ -74,14 +89,15 @@ class Round(OutputDefence):
 
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         # On the hot path for rows of a few classes numpy's per-call cost dominates (a reduction
-        # costs as much as sorting ten numbers): two reductions, reductions called as ufunc methods
-        # (without ndarray.sum's Python wrapper), arrays reused in place, and the top-label check
-        # as one comparison of plain lists (an int per row), the mask and its indices only when it fails.
+        # costs as much as sorting ten numbers): one reduction (called as a ufunc method, without
+        # ndarray.sum's Python wrapper), the whole counts summed by a dot product (exact), arrays
+        # reused in place, and the top-label check as one comparison of plain lists (an int per
+        # row), the mask and its indices only when it fails.
         p = np.asarray(probabilities, dtype=np.float64)
         units = 10.0 ** self.decimals
         scaled = p * (units / np.add.reduce(p, axis=1, keepdims=True))
         counts = np.floor(scaled)
-        leftover = units - np.add.reduce(counts, axis=1, keepdims=True)  # in [0, k], exact: whole numbers
+        leftover = units - row_sums(counts)  # in [0, k], exact: whole numbers
         # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
         counts += ranks(np.subtract(counts, scaled, out=scaled)) < leftover
         # The top column never ends below another; where it ties or trails by a unit, move one unit.

@@ -17,6 +17,7 @@ from guard.sanctions import Level, Sanctions, Standing
 from guard.store.base import Charge, StateStore, WindowCount, WindowLimit
 
 Strategy = Literal["sliding-window-counter", "fixed-window"]
+THROTTLE, BLOCK = int(Level.THROTTLE), int(Level.BLOCK)  # the store's view of the ladder
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
@@ -134,16 +135,15 @@ class Admission:
         applied += counters.overall
         throttled = [counter.limit(client) for counter in counters.throttled]
         admitted = await self._store.admit(Charge(
-            Sanctions.key(client), applied, throttled, cost, self._sliding, self._clock(),
-            int(Level.THROTTLE), int(Level.BLOCK)))
+            Sanctions.key(client), applied, throttled, cost, self._sliding, self._clock(), THROTTLE, BLOCK))
         standing = await self._sanctions.read(admitted.standing)
-        if admitted.blocked:
+        if admitted.blocked or not admitted.counts:
             return standing, None
-        decisions = [self.decide(limit, count, cost, refused=i == admitted.refused)
-                     for i, (limit, count) in enumerate(zip([*applied, *throttled], admitted.counts))]
+        charged = [*applied, *throttled]
         if admitted.refused is not None:
-            return standing, decisions[admitted.refused]
-        return standing, min(decisions, key=lambda decision: decision.remaining, default=None)
+            return standing, self.decide(charged[admitted.refused], admitted.counts[admitted.refused], cost, True)
+        return standing, min((self.decide(limit, count, cost, False) for limit, count in zip(charged, admitted.counts)),
+                             key=lambda decision: decision.remaining)
 
     def decide(self, limit: WindowLimit, count: WindowCount, cost: int, refused: bool) -> LimitDecision:
         """What the client is told about ``limit`` after this query: what remains, and when it is

@@ -102,7 +102,7 @@ class _ExpiringMap:
 
     def full(self, now: float) -> bool:
         """Whether a new key would be refused now (keeping maps only; evicting ones always take it)."""
-        if self.evict:
+        if self.evict or self.size + ENTRY_OVERHEAD + 64 <= self.max_bytes:  # room without a purge
             return False
         try:
             self._purge(now, ENTRY_OVERHEAD + 64)
@@ -186,18 +186,19 @@ class MemoryStore:
         if level == charge.throttle_level:
             limits += charge.throttle_limits
         now = time.time()
-        counts, charged = [], []
+        counters, counts, charged = self._counters, [], []
         for limit in limits:
             index, offset = divmod(now, limit.seconds)
-            key = f"{limit.key}:{index:.0f}"
-            previous = self._counters.get(f"{limit.key}:{index - 1:.0f}", now) if charge.sliding else None
-            count = WindowCount(self._counters.get(key, now) or 0, previous or 0, offset / limit.seconds)
+            index = int(index)  # whole windows since the epoch (an int formats faster than a float)
+            key = f"{limit.key}:{index}"
+            previous = counters.get(f"{limit.key}:{index - 1}", now) if charge.sliding else None
+            count = WindowCount(counters.get(key, now) or 0, previous or 0, offset / limit.seconds)
             counts.append(count)
             if charge.exceeds(limit, count):
                 return Admitted(standing, False, tuple(counts), len(counts) - 1)
             charged.append((key, count.current, (index + (2 if charge.sliding else 1)) * limit.seconds))
         for key, current, expires in charged:
-            self._counters.set(key, current + charge.cost, expires, now)
+            counters.set(key, current + charge.cost, expires, now)
         return Admitted(standing, False, tuple(counts))
 
     def __len__(self) -> int:
