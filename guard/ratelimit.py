@@ -136,7 +136,7 @@ class Admission:
         throttled = [counter.limit(client) for counter in counters.throttled]
         admitted = await self._store.admit(Charge(
             Sanctions.key(client), applied, throttled, cost, self._sliding, self._clock(), THROTTLE, BLOCK))
-        standing = await self._sanctions.read(admitted.standing)
+        standing = self._sanctions.read(admitted.standing)
         if admitted.blocked or not admitted.counts:
             return standing, None
         charged = [*applied, *throttled]
