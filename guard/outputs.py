@@ -15,7 +15,6 @@ string; ``Pipeline`` applies several in order.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 from abc import ABC, abstractmethod
@@ -30,20 +29,6 @@ def normalise(probabilities: np.ndarray) -> np.ndarray:
     """Each row divided by its sum (rows are non-negative with a positive sum)."""
     p = np.asarray(probabilities, dtype=np.float64)
     return p / p.sum(axis=1, keepdims=True)
-
-
-@functools.lru_cache(maxsize=256)
-def _ones_column(k: int) -> np.ndarray:
-    column = np.ones((k, 1))
-    column.flags.writeable = False
-    return column
-
-
-def row_sums(values: np.ndarray) -> np.ndarray:
-    """Each row's sum as an ``(n, 1)`` column, by a matrix product with ones: for rows of a few
-    classes a numpy reduction costs several times more. Exact for whole numbers (below 2**53);
-    for others within a dot product's rounding, not always the bits of ``values.sum(axis=1)``."""
-    return np.dot(values, _ones_column(values.shape[1]))
 
 
 def ranks(values: np.ndarray) -> np.ndarray:
@@ -88,16 +73,17 @@ class Round(OutputDefence):
             raise ValueError(f"round: decimals must be between 0 and 12, got {self.decimals}")
 
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        # On the hot path for rows of a few classes numpy's per-call cost dominates (a reduction
-        # costs as much as sorting ten numbers): one reduction (called as a ufunc method, without
-        # ndarray.sum's Python wrapper), the whole counts summed by a dot product (exact), arrays
-        # reused in place, and the top-label check as one comparison of plain lists (an int per
-        # row), the mask and its indices only when it fails.
+        # On the hot path for rows of a few classes numpy's per-call cost dominates: reductions
+        # are called as ufunc methods (without ndarray.sum's Python wrapper), arrays reused in
+        # place, and the top-label check is one comparison of plain lists (an int per row), the
+        # mask and its indices only when it fails. (A dot product with ones would sum faster than a
+        # reduction, but it releases the interpreter lock, which an in-process monitor's thread
+        # then holds for up to the switch interval: small reductions keep it.)
         p = np.asarray(probabilities, dtype=np.float64)
         units = 10.0 ** self.decimals
         scaled = p * (units / np.add.reduce(p, axis=1, keepdims=True))
         counts = np.floor(scaled)
-        leftover = units - row_sums(counts)  # in [0, k], exact: whole numbers
+        leftover = units - np.add.reduce(counts, axis=1, keepdims=True)  # in [0, k], exact: whole numbers
         # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
         counts += ranks(np.subtract(counts, scaled, out=scaled)) < leftover
         # The top column never ends below another; where it ties or trails by a unit, move one unit.
