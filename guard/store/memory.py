@@ -24,7 +24,8 @@ class StoreFull(RuntimeError):
 
 
 def entry_bytes(key: object, value: object) -> int:
-    size = 8 if isinstance(value, int) else len(value)  # type: ignore[arg-type]
+    """What an entry costs: ``ENTRY_OVERHEAD``, its key, and its value (bytes; an int; a tuple of ints)."""
+    size = 8 if isinstance(value, int) else 40 * len(value) if isinstance(value, tuple) else len(value)  # type: ignore[arg-type]
     return ENTRY_OVERHEAD + len(key) + size  # type: ignore[arg-type]
 
 
@@ -189,16 +190,21 @@ class MemoryStore:
         counters, counts, charged = self._counters, [], []
         for limit in limits:
             index, offset = divmod(now, limit.seconds)
-            index = int(index)  # whole windows since the epoch (an int formats faster than a float)
-            key = f"{limit.key}:{index}"
-            previous = counters.get(f"{limit.key}:{index - 1}", now) if charge.sliding else None
-            count = WindowCount(counters.get(key, now) or 0, previous or 0, offset / limit.seconds)
+            # One entry per counter, read and written once: (its window's number since the epoch,
+            # the queries in that window, those in the window before it).
+            window = counters.get(limit.key, now)
+            if window is not None and window[0] == index:
+                current, previous = window[1], window[2]
+            else:
+                current, previous = 0, window[1] if window is not None and window[0] == index - 1 else 0
+            count = WindowCount(current, previous if charge.sliding else 0, offset / limit.seconds)
             counts.append(count)
             if charge.exceeds(limit, count):
                 return Admitted(standing, False, tuple(counts), len(counts) - 1)
-            charged.append((key, count.current, (index + (2 if charge.sliding else 1)) * limit.seconds))
-        for key, current, expires in charged:
-            counters.set(key, current + charge.cost, expires, now)
+            charged.append((limit.key, (index, current + charge.cost, previous),
+                            (index + (2 if charge.sliding else 1)) * limit.seconds))
+        for key, window, expires in charged:
+            counters.set(key, window, expires, now)
         return Admitted(standing, False, tuple(counts))
 
     def __len__(self) -> int:
