@@ -274,8 +274,8 @@ def decode(body: bytes, encoding: bytes | None) -> bytes:
 class GuardedExchange:
     """One request on a guarded route, one method per step of DESIGN.md's request flow."""
 
-    __slots__ = ("app", "policy", "monitoring", "escalations", "extra_headers", "app_seconds", "route", "scope",
-                 "receive", "send", "body", "replayed", "start", "chunks", "complete", "unsupported")
+    __slots__ = ("app", "policy", "monitoring", "escalations", "extra_headers", "app_seconds", "route",
+                 "scope", "receive", "send", "body", "replayed", "start", "chunks", "complete", "unsupported")
 
     def __init__(self, guard: GuardMiddleware, route: RouteGuard, scope: Scope, receive: Receive,
                  send: Send) -> None:

@@ -139,11 +139,11 @@ class Admission:
         standing = self._sanctions.read(admitted.standing)
         if admitted.blocked or not admitted.counts:
             return standing, None
-        charged = [*applied, *throttled]
-        if admitted.refused is not None:
-            return standing, self.decide(charged[admitted.refused], admitted.counts[admitted.refused], cost, True)
-        return standing, min((self.decide(limit, count, cost, False) for limit, count in zip(charged, admitted.counts)),
-                             key=lambda decision: decision.remaining)
+        charged, counts, refused = [*applied, *throttled], admitted.counts, admitted.refused
+        if refused is not None:
+            return standing, self.decide(charged[refused], counts[refused], cost, True)
+        decisions = (self.decide(limit, count, cost, False) for limit, count in zip(charged, counts))
+        return standing, min(decisions, key=lambda decision: decision.remaining)
 
     def decide(self, limit: WindowLimit, count: WindowCount, cost: int, refused: bool) -> LimitDecision:
         """What the client is told about ``limit`` after this query: what remains, and when it is

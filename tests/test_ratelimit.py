@@ -148,7 +148,8 @@ async def test_memory_sliding_windows_weigh_the_previous_window_and_forget_older
     store = MemoryStore(evict=False)
     admission = Admission(store, Sanctions(store))
     limits = RouteLimits.parse(per_client="10/minute")
-    assert [(await admission.admit("/p", "alice", limits))[1].remaining for _ in range(6)] == [9, 8, 7, 6, 5, 4]
+    remaining = [(await admission.admit("/p", "alice", limits))[1].remaining for _ in range(6)]
+    assert remaining == [9, 8, 7, 6, 5, 4]
     now[0] = 6090.0  # half-way through the next window: the six weigh three
     assert (await admission.admit("/p", "alice", limits))[1].remaining == 10 - 3 - 1
     now[0] = 6150.0  # half-way through the one after: the one query of the last window weighs a half

@@ -25,7 +25,10 @@ class StoreFull(RuntimeError):
 
 def entry_bytes(key: object, value: object) -> int:
     """What an entry costs: ``ENTRY_OVERHEAD``, its key, and its value (bytes; an int; a tuple of ints)."""
-    size = 8 if isinstance(value, int) else 40 * len(value) if isinstance(value, tuple) else len(value)  # type: ignore[arg-type]
+    if isinstance(value, tuple):
+        size = 40 * len(value)
+    else:
+        size = 8 if isinstance(value, int) else len(value)  # type: ignore[arg-type]
     return ENTRY_OVERHEAD + len(key) + size  # type: ignore[arg-type]
 
 
