@@ -154,12 +154,14 @@ class ClientIdentifier:
         network = ipaddress.ip_network(f"{parsed}/{self._prefixes[parsed.version]}", strict=False)
         return f"net:{network}"
 
-    def _locate(self, peer: str | None, forwarded: tuple[bytes, ...]) -> tuple[str, str]:
+    def _locate(self, peer: str | None, forwarded: tuple[bytes, ...]) -> tuple[str, str, Identity]:
         address = self.client_address(peer, forwarded)
-        return address, self.network(address)
+        network = self.network(address)
+        return address, network, Identity("ip:" + address, network)
 
-    def locate(self, scope: dict) -> tuple[str, str]:
-        """The client's IP address (through trusted proxies only) and its network for an ASGI ``scope``."""
+    def locate(self, scope: dict) -> tuple[str, str, Identity]:
+        """The client's IP address (through trusted proxies only), its network, and its identity
+        without an API key, for an ASGI ``scope``."""
         peer = scope.get("client")
         forwarded = tuple(value for name, value in scope.get("headers") or [] if name == b"x-forwarded-for"
                           ) if self._trusted else ()
@@ -171,7 +173,7 @@ class ClientIdentifier:
 
     def identify(self, scope: dict) -> Identity:
         """The client's identity for an ASGI HTTP ``scope``."""
-        address, network = self.locate(scope)
+        address, network, by_address = self.locate(scope)
         if self._header is not None:
             key = next((value for name, value in scope.get("headers") or [] if name == self._header and value),
                        None)
@@ -179,5 +181,5 @@ class ClientIdentifier:
                 if self._verifier(key):
                     return Identity(self.hash_key(key), network)
                 if self._reject:
-                    return Identity("ip:" + address, network, rejected=True)
-        return Identity("ip:" + address, network)
+                    return Identity(by_address.client, network, rejected=True)
+        return by_address

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from prometheus_client import (
@@ -23,7 +25,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from guard.store.memory import MemoryStore
+from guard.store.memory import entry_bytes
 
 # The guard adds tens of microseconds to a few milliseconds; the default buckets start at 5 ms.
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
@@ -57,8 +59,8 @@ class GuardMetrics:
         self.clients = Gauge("guard_clients_tracked", "Distinct clients seen recently.",
                              multiprocess_mode="livesum", registry=self.registry)
         self._request_counts: dict[tuple[str, str], Counter] = {}  # routes x decisions: bounded
-        self._recent = MemoryStore(max_bytes=max_bytes)
-        self._client_window = client_window
+        self._recent = RecentClients(client_window, max_bytes)
+        self._tracked = 0
 
     def request(self, route: str, decision: str, seconds: float) -> None:
         """Count one guarded request and the time the guard spent on it."""
@@ -70,8 +72,10 @@ class GuardMetrics:
 
     async def seen(self, client: str) -> None:
         """Note that ``client`` made a request (the identity itself is never exported)."""
-        await self._recent.set(client, b"", ttl=self._client_window)
-        self.clients.set(len(self._recent))
+        tracked = self._recent.see(client, time.monotonic())
+        if tracked != self._tracked:
+            self._tracked = tracked
+            self.clients.set(tracked)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition (body, content type): all workers' in multiprocess mode."""
@@ -80,6 +84,29 @@ class GuardMetrics:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class RecentClients:
+    """The distinct clients seen in the last ``window`` seconds, at most ``max_bytes`` of them (by
+    ``entry_bytes``, as a store would count them): their last sightings, oldest first, so the
+    expired and, over the bound, the least recent leave from the front (a constant cost per call)."""
+
+    def __init__(self, window: float, max_bytes: int) -> None:
+        self.window, self.max_bytes, self.size = window, max_bytes, 0
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def see(self, client: str, now: float) -> int:
+        """Note ``client`` at ``now``; how many clients are tracked."""
+        last = self._last
+        if client in last:
+            last.move_to_end(client)
+        else:
+            self.size += entry_bytes(client, b"")
+        last[client] = now
+        horizon = now - self.window
+        while len(last) > 1 and (self.size > self.max_bytes or next(iter(last.values())) <= horizon):
+            self.size -= entry_bytes(last.popitem(last=False)[0], b"")
+        return len(last)
 
 
 class MetricsAccess:

@@ -274,6 +274,9 @@ def decode(body: bytes, encoding: bytes | None) -> bytes:
 class GuardedExchange:
     """One request on a guarded route, one method per step of DESIGN.md's request flow."""
 
+    __slots__ = ("app", "policy", "monitoring", "escalations", "extra_headers", "app_seconds", "route",
+                 "scope", "receive", "send", "body", "replayed", "start", "chunks", "complete", "unsupported")
+
     def __init__(self, guard: GuardMiddleware, route: RouteGuard, scope: Scope, receive: Receive,
                  send: Send) -> None:
         self.app = guard.app
@@ -515,6 +518,7 @@ class GuardedExchange:
         if rewritten:
             headers = [(k, v) for k, v in headers if k.lower() not in _STALE_HEADERS]
             headers.append((b"content-length", str(len(body)).encode()))
-        headers = headers + self.extra_headers
+        if self.extra_headers:
+            headers = headers + self.extra_headers
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})

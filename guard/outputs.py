@@ -73,8 +73,12 @@ class Round(OutputDefence):
             raise ValueError(f"round: decimals must be between 0 and 12, got {self.decimals}")
 
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        # On the hot path for rows of a few classes numpy's per-call cost dominates: reductions are
-        # called as ufunc methods (without ndarray.sum's Python wrapper) and arrays reused in place.
+        # On the hot path for rows of a few classes numpy's per-call cost dominates: reductions
+        # are called as ufunc methods (without ndarray.sum's Python wrapper), arrays reused in
+        # place, and the top-label check is one comparison of plain lists (an int per row), the
+        # mask and its indices only when it fails. (A dot product with ones would sum faster than a
+        # reduction, but it releases the interpreter lock, which an in-process monitor's thread
+        # then holds for up to the switch interval: small reductions keep it.)
         p = np.asarray(probabilities, dtype=np.float64)
         units = 10.0 ** self.decimals
         scaled = p * (units / np.add.reduce(p, axis=1, keepdims=True))
@@ -83,11 +87,11 @@ class Round(OutputDefence):
         # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
         counts += ranks(np.subtract(counts, scaled, out=scaled)) < leftover
         # The top column never ends below another; where it ties or trails by a unit, move one unit.
-        wrong = np.flatnonzero(counts.argmax(axis=1) != p.argmax(axis=1))
-        if len(wrong):
-            top = p[wrong].argmax(axis=1)
-            counts[wrong, counts[wrong].argmax(axis=1)] -= 1
-            counts[wrong, top] += 1
+        top, winner = p.argmax(axis=1), counts.argmax(axis=1)
+        if winner.tolist() != top.tolist():
+            wrong = np.flatnonzero(winner != top)
+            counts[wrong, winner[wrong]] -= 1
+            counts[wrong, top[wrong]] += 1
         counts /= units
         return counts
 

@@ -138,15 +138,22 @@ def numeric_matrix(value: Json, what: str) -> tuple[np.ndarray, bool]:
     return (array.reshape(1, -1), True) if array.ndim == 1 else (array, False)
 
 
-def read_features(value: Json, width: int | None = None) -> np.ndarray:
-    """The request's feature vectors (one vector or a batch) as a finite ``(n, d)`` array; with
-    ``width``, a flat row-major list of ``n * width`` numbers is read as ``n`` rows."""
+def json_features(value: Json, width: int | None = None) -> np.ndarray:
+    """The feature vectors (one vector or a batch) in parsed JSON as an ``(n, d)`` array; with
+    ``width``, a flat row-major list of ``n * width`` numbers is read as ``n`` rows. Finite without
+    a check: the JSON parser refuses NaN, infinities and numbers beyond float64."""
     features = numeric_matrix(value, "features")[0]
     if width is not None:
         if features.size % width:
             raise PayloadError(f"features: {features.size} values are not rows of {width}")
         features = features.reshape(-1, width)
-    if not np.isfinite(features).all():
+    return features
+
+
+def read_features(value: Json, width: int | None = None) -> np.ndarray:
+    """``json_features`` of values from anywhere (a query string, a user's function), checked finite."""
+    features = json_features(value, width)
+    if not np.logical_and.reduce(np.isfinite(features), axis=None):  # ndarray.all without its wrapper
         raise PayloadError("features: not all values are finite")
     return features
 
@@ -189,7 +196,7 @@ class VectorAt:
     def read(self, body: bytes, query_string: bytes) -> np.ndarray:
         if not body:
             return NO_FEATURES
-        return read_features(self.pointer.get(parse_body(body)), self.width)
+        return json_features(self.pointer.get(parse_body(body)), self.width)
 
     def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
         if self.width is not None:
@@ -218,7 +225,7 @@ class NamedFields:
             raise PayloadError(f"features: {error}") from None
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for row in values for v in row):
             raise PayloadError("features: every named field must hold a number")
-        return read_features(values)
+        return json_features(values)
 
     def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
         if rows.shape[1] != len(self.fields):
@@ -401,10 +408,12 @@ def read_probabilities(value: Json, labels: tuple[str, ...] | None = None,
         values, single = numeric_matrix(value, "probabilities")
     if labels is not None and values.shape[1] != len(labels):
         raise PayloadError(f"probabilities: expected {len(labels)} classes, got {values.shape[1]}")
-    # Three reductions on the hot path: a NaN or infinity anywhere fails one of the comparisons.
-    sums = np.add.reduce(values, axis=1)
-    if not (np.minimum.reduce(values, axis=None) >= 0 and np.minimum.reduce(sums) >= 1.0 - tolerance
-            and np.maximum.reduce(sums) <= 1.0 + tolerance):
+    # Two reductions on the hot path (numpy's per-call cost dominates small rows; the row sums are
+    # then compared as a list): a NaN anywhere fails the first comparison (the minimum propagates
+    # it, and ``and`` stops there), an infinity fails the first or the last.
+    sums = np.add.reduce(values, axis=1).tolist()
+    if not (np.minimum.reduce(values, axis=None) >= 0 and min(sums) >= 1.0 - tolerance
+            and max(sums) <= 1.0 + tolerance):
         if not np.isfinite(values).all():
             raise PayloadError("probabilities: not all values are finite")
         if values.min() < 0:

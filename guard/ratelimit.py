@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from limits import RateLimitItem, parse_many
@@ -17,6 +17,7 @@ from guard.sanctions import Level, Sanctions, Standing
 from guard.store.base import Charge, StateStore, WindowCount, WindowLimit
 
 Strategy = Literal["sliding-window-counter", "fixed-window"]
+THROTTLE, BLOCK = int(Level.THROTTLE), int(Level.BLOCK)  # the store's view of the ladder
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
@@ -36,6 +37,7 @@ class RouteLimits:
     overall: tuple[RateLimitItem, ...] = ()
     throttled: tuple[RateLimitItem, ...] = ()
     per_network: tuple[RateLimitItem, ...] = ()
+    _counters: dict[str, RouteCounters] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def parse(cls, per_client: str | Sequence[str] = (), overall: str | Sequence[str] = (),
@@ -43,8 +45,47 @@ class RouteLimits:
         return cls(parse_limits(per_client), parse_limits(overall), parse_limits(throttled),
                    parse_limits(per_network))
 
+    def counters(self, route: str) -> RouteCounters:
+        """The counters of these limits on ``route``, named once per route (not on every request)."""
+        found = self._counters.get(route)
+        if found is None:
+            found = self._counters[route] = RouteCounters(
+                tuple(Counter.of(item, "client", route) for item in self.per_client),
+                tuple(Counter.of(item, "network", route) for item in self.per_network),
+                tuple(window(item, "overall", route) for item in self.overall),
+                tuple(Counter.of(item, "throttle", route) for item in self.throttled))
+        return found
+
 
 @dataclass(frozen=True)
+class Counter:
+    """A limit counted per client or per network on one route: its key around the one counted."""
+
+    prefix: str
+    suffix: str
+    amount: int
+    seconds: int
+
+    @classmethod
+    def of(cls, item: RateLimitItem, kind: str, route: str) -> Counter:
+        prefix, suffix = window(item, kind, route, "\0").key.split("\0")  # no NUL in a route or a kind
+        return cls(prefix, suffix, item.amount, item.get_expiry())
+
+    def limit(self, who: str) -> WindowLimit:
+        return WindowLimit(self.prefix + who + self.suffix, self.amount, self.seconds)
+
+
+@dataclass(frozen=True)
+class RouteCounters:
+    """A route's limits with their counters named: per client, per network, overall, throttled."""
+
+    per_client: tuple[Counter, ...]
+    per_network: tuple[Counter, ...]
+    overall: tuple[WindowLimit, ...]
+    throttled: tuple[Counter, ...]
+
+
+@dataclass(slots=True)  # built on every request (see ``store.base.Charge``)
 class LimitDecision:
     """The outcome of one hit against the tightest limit: whether it was allowed, that limit's
     size, what remains of it and the seconds until it resets."""
@@ -87,21 +128,22 @@ class Admission:
         """The client's standing, and the refusing limit's decision, else the one with the least
         remaining (None: no limit applied, or blocked). ``StoreUnavailable`` when the store is
         unreachable or the standing unreadable."""
-        applied = [window(item, "client", route, client) for item in limits.per_client]
-        applied += [window(item, "network", route, network) for item in limits.per_network if network]
-        applied += [window(item, "overall", route) for item in limits.overall]
-        throttled = [window(item, "throttle", route, client) for item in limits.throttled]
+        counters = limits.counters(route)
+        applied = [counter.limit(client) for counter in counters.per_client]
+        if network:
+            applied += [counter.limit(network) for counter in counters.per_network]
+        applied += counters.overall
+        throttled = [counter.limit(client) for counter in counters.throttled]
         admitted = await self._store.admit(Charge(
-            Sanctions.key(client), applied, throttled, cost, self._sliding, self._clock(),
-            int(Level.THROTTLE), int(Level.BLOCK)))
-        standing = await self._sanctions.read(admitted.standing)
-        if admitted.blocked:
+            Sanctions.key(client), applied, throttled, cost, self._sliding, self._clock(), THROTTLE, BLOCK))
+        standing = self._sanctions.read(admitted.standing)
+        if admitted.blocked or not admitted.counts:
             return standing, None
-        decisions = [self.decide(limit, count, cost, refused=i == admitted.refused)
-                     for i, (limit, count) in enumerate(zip([*applied, *throttled], admitted.counts))]
-        if admitted.refused is not None:
-            return standing, decisions[admitted.refused]
-        return standing, min(decisions, key=lambda decision: decision.remaining, default=None)
+        charged, counts, refused = [*applied, *throttled], admitted.counts, admitted.refused
+        if refused is not None:
+            return standing, self.decide(charged[refused], counts[refused], cost, True)
+        decisions = (self.decide(limit, count, cost, False) for limit, count in zip(charged, counts))
+        return standing, min(decisions, key=lambda decision: decision.remaining)
 
     def decide(self, limit: WindowLimit, count: WindowCount, cost: int, refused: bool) -> LimitDecision:
         """What the client is told about ``limit`` after this query: what remains, and when it is

@@ -118,9 +118,9 @@ class Sanctions:
 
     async def standing(self, client: str) -> Standing:
         """The client's standing."""
-        return await self.read(await self._store.get(self.key(client)))
+        return self.read(await self._store.get(self.key(client)))
 
-    async def read(self, raw: bytes | None) -> Standing:
+    def read(self, raw: bytes | None) -> Standing:
         """The standing a record read from the store holds; a client without one while the store is
         full of live sanctions is degraded (its sanctions could not be recorded), so no old block is
         forgotten to make room."""

@@ -48,6 +48,16 @@ async def test_tracked_clients_are_bounded_and_forgotten():
     assert samples(metrics)[("guard_clients_tracked", ())] == 10
 
 
+def test_recent_clients_leave_after_the_window_and_a_return_renews_them():
+    from guard.metrics import RecentClients
+
+    recent = RecentClients(window=60, max_bytes=1 << 20)
+    assert [recent.see(client, t) for client, t in [("a", 0), ("b", 10), ("a", 30)]] == [1, 2, 2]
+    assert recent.see("c", 65) == 3  # b seen at 10 is 55 s old; a was renewed at 30
+    assert recent.see("c", 71) == 2  # b has left
+    assert recent.see("c", 200) == 1  # only c, just seen
+
+
 def test_each_guard_has_its_own_registry_unless_given_one():
     first, second = GuardMetrics(), GuardMetrics()
     first.request("/p", "allowed", 0.001)

@@ -309,6 +309,11 @@ async def test_an_exception_inside_the_guard_fails_closed(model, caplog, monkeyp
     (b'{"features": [0.1, "x", 0.3]}', 422, "invalid_features"),
     (b'{"features": [[0.1, 0.2], [0.3]]}', 422, "invalid_features"),
     (b'{"features": []}', 422, "invalid_features"),
+    # No finiteness check of JSON features: the parser itself refuses what is not a finite float64.
+    (b'{"features": [0.1, NaN, 0.3]}', 400, "invalid_json"),
+    (b'{"features": [0.1, Infinity, 0.3]}', 400, "invalid_json"),
+    (b'{"features": [0.1, 1e999, 0.3]}', 400, "invalid_json"),
+    (b'{"features": [0.1, -' + b"9" * 400 + b', 0.3]}', 400, "invalid_json"),
 ])
 async def test_malformed_requests_never_reach_the_model(model, content, status, error):
     response = await post(guarded_app(model), "/predict", content=content,

@@ -69,6 +69,10 @@ def test_round_repairs_sums_and_breaks_ties_towards_the_top_label():
     p[0, 3] = 1 - p[0, :3].sum() - p[0, 4:].sum()
     q = Round(1)(p)
     assert q.argmax() == 3 and q[0, 3] == pytest.approx(0.2) and q.sum() == pytest.approx(1.0)
+    # In a batch, only the rows whose top label needs the repair get it: each row as if alone.
+    batch = np.vstack([np.full((1, 10), 0.1), p, [[0.05] * 9 + [0.55]], p[:, ::-1]])
+    np.testing.assert_array_equal(Round(1)(batch), np.vstack([Round(1)(row[None]) for row in batch]))
+    assert (Round(1)(batch).argmax(axis=1) == batch.argmax(axis=1)).all()
 
 
 @settings(max_examples=100, deadline=None)

@@ -136,3 +136,26 @@ async def test_memory_counters_are_bounded():
     for i in range(5000):
         await admission.admit("/p", f"ip:10.0.{i // 250}.{i % 250}", RouteLimits.parse("5/minute"))
     assert store._counters.size <= 1000 * 400 and 0 < len(store._counters) < 1500 and len(store) == 0
+
+
+async def test_memory_sliding_windows_weigh_the_previous_window_and_forget_older_ones(monkeypatch):
+    """The memory store keeps one entry per counter (its window, that window's queries and the
+    window's before): the previous window weighs by its overlap, one further back not at all."""
+    import guard.store.memory as memory
+
+    now = [6000.0]  # the start of a one-minute window
+    monkeypatch.setattr(memory.time, "time", lambda: now[0])
+    store = MemoryStore(evict=False)
+    admission = Admission(store, Sanctions(store))
+    limits = RouteLimits.parse(per_client="10/minute")
+    remaining = [(await admission.admit("/p", "alice", limits))[1].remaining for _ in range(6)]
+    assert remaining == [9, 8, 7, 6, 5, 4]
+    now[0] = 6090.0  # half-way through the next window: the six weigh three
+    assert (await admission.admit("/p", "alice", limits))[1].remaining == 10 - 3 - 1
+    now[0] = 6150.0  # half-way through the one after: the one query of the last window weighs a half
+    assert (await admission.admit("/p", "alice", limits))[1].remaining == 8
+    now[0] = 6300.0  # two windows later: nothing counts any more
+    assert (await admission.admit("/p", "alice", limits))[1].remaining == 9
+    for _ in range(9):
+        await admission.admit("/p", "alice", limits)
+    assert not (await admission.admit("/p", "alice", limits))[1].allowed  # 10 in this window: refused

@@ -16,7 +16,7 @@ Update = Callable[[bytes | None], bytes]
 UpdateMany = Callable[[list[bytes | None]], list[bytes]]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built on every request (see ``Charge``)
 class WindowLimit:
     """A rate limit's counter: at most ``amount`` queries per ``seconds`` under ``key``."""
 
@@ -25,7 +25,7 @@ class WindowLimit:
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built on every request (see ``Charge``)
 class WindowCount:
     """A counter as ``admit`` found it: queries in the current window, in the previous one, and the
     fraction of the current window elapsed. The sliding-window count weighs the previous window by
@@ -39,7 +39,7 @@ class WindowCount:
         return self.previous * (1.0 - self.elapsed) + self.current
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built on every request (see ``Charge``)
 class Admitted:
     """What ``admit`` read and did: the client's standing record (raw); ``blocked``: a block was in
     force and nothing was charged; ``counts``: each limit applied, as found before charging (up to

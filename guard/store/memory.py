@@ -24,7 +24,11 @@ class StoreFull(RuntimeError):
 
 
 def entry_bytes(key: object, value: object) -> int:
-    size = 8 if isinstance(value, int) else len(value)  # type: ignore[arg-type]
+    """What an entry costs: ``ENTRY_OVERHEAD``, its key, and its value (bytes; an int; a tuple of ints)."""
+    if isinstance(value, tuple):
+        size = 40 * len(value)
+    else:
+        size = 8 if isinstance(value, int) else len(value)  # type: ignore[arg-type]
     return ENTRY_OVERHEAD + len(key) + size  # type: ignore[arg-type]
 
 
@@ -102,7 +106,7 @@ class _ExpiringMap:
 
     def full(self, now: float) -> bool:
         """Whether a new key would be refused now (keeping maps only; evicting ones always take it)."""
-        if self.evict:
+        if self.evict or self.size + ENTRY_OVERHEAD + 64 <= self.max_bytes:  # room without a purge
             return False
         try:
             self._purge(now, ENTRY_OVERHEAD + 64)
@@ -186,18 +190,24 @@ class MemoryStore:
         if level == charge.throttle_level:
             limits += charge.throttle_limits
         now = time.time()
-        counts, charged = [], []
+        counters, counts, charged = self._counters, [], []
         for limit in limits:
             index, offset = divmod(now, limit.seconds)
-            key = f"{limit.key}:{index:.0f}"
-            previous = self._counters.get(f"{limit.key}:{index - 1:.0f}", now) if charge.sliding else None
-            count = WindowCount(self._counters.get(key, now) or 0, previous or 0, offset / limit.seconds)
+            # One entry per counter, read and written once: (its window's number since the epoch,
+            # the queries in that window, those in the window before it).
+            window = counters.get(limit.key, now)
+            if window is not None and window[0] == index:
+                current, previous = window[1], window[2]
+            else:
+                current, previous = 0, window[1] if window is not None and window[0] == index - 1 else 0
+            count = WindowCount(current, previous if charge.sliding else 0, offset / limit.seconds)
             counts.append(count)
             if charge.exceeds(limit, count):
                 return Admitted(standing, False, tuple(counts), len(counts) - 1)
-            charged.append((key, count.current, (index + (2 if charge.sliding else 1)) * limit.seconds))
-        for key, current, expires in charged:
-            self._counters.set(key, current + charge.cost, expires, now)
+            charged.append((limit.key, (index, current + charge.cost, previous),
+                            (index + (2 if charge.sliding else 1)) * limit.seconds))
+        for key, window, expires in charged:
+            counters.set(key, window, expires, now)
         return Admitted(standing, False, tuple(counts))
 
     def __len__(self) -> int:
