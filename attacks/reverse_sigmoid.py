@@ -145,9 +145,11 @@ def _solve_normaliser(q: np.ndarray, piece: np.ndarray, pieces: list[tuple[np.nd
 
 
 def estimate_reverse_sigmoid(answers: np.ndarray, references: np.ndarray | None = None,
-                             tolerance: float = 0.005, steps: int = 10) -> tuple[float, float]:
-    """``(beta, gamma)`` of the reverse sigmoid from its ``(n, k)`` ``answers`` and, if the attacker
-    has reference models, their ``(models, n, k)`` probabilities on the same inputs.
+                             confident: tuple[np.ndarray, ...] = (), tolerance: float | None = None,
+                             steps: int = 10) -> tuple[float, float]:
+    """``(beta, gamma)`` of the reverse sigmoid from its ``(n, k)`` ``answers`` and either the
+    reference models' ``(models, n, k)`` probabilities on the same inputs, or ``confident``: answers
+    to inputs the attacker made the model near certain of (e.g. its records scaled up).
 
     A row's answer fits confidences under almost any ``(beta, gamma)`` (k - 1 unknowns and the
     normaliser for k - 1 numbers), so matching the references' outputs alone leaves gamma 5-10% off
@@ -155,21 +157,29 @@ def estimate_reverse_sigmoid(answers: np.ndarray, references: np.ndarray | None 
     What pins gamma down is where rows stop having any preimage: with beta at or a little above the
     true one, every row inverts up to the true gamma and some fail beyond it (rows that invert at no
     gamma, such as those whose top the API swapped back, aside). So: beta (and a first gamma) from
-    the references (``_matching_start``, within 1%, raised by 1%) or, without references, from the
-    answers' envelope (``_envelope_beta``, raised by 0.5%), then the largest gamma at which all but
-    ``tolerance`` of the rows still invert, by bisection in ``steps`` halvings (the start's gamma kept
-    if no gamma in reach fails). On the digits MLP, 300 rows give: with references, beta within 1% and
-    gamma within 0.3-3.5% for five settings from (0.33, 0.23) to (1.05, 0.83), in 6-15 s; from the
-    envelope, at (0.7, 0.4), beta +0.4% and gamma +0.03% in 4-6 s; it needs rows confident enough for
-    ``beta p^gamma`` to vanish: on the digits softmax target (seed 1) beta comes out 3% high and
-    gamma 4% low (0.721, 0.385), at (0.33, 0.23) on the MLP 2% and 5% low, and beta > 1 lets the API's
-    top swap cap the ratios ((1.05, 0.83): 7% low)."""
+    the references (``_matching_start``, within 1%, raised by 1%), or from the envelope of the
+    confident answers (``_envelope_beta``, exact up to rounding: raised by 0.1%), or, with neither,
+    from the envelope of the answers themselves (raised by 0.5%); then the largest gamma at which
+    all but ``tolerance`` of the rows still invert, by bisection in ``steps`` halvings (the start's
+    gamma kept if no gamma in reach fails). ``tolerance``: 0.5% with references (as measured below),
+    else 2%: at the true beta a few rows (up to 1.3% on the digits targets) stop inverting below the
+    true gamma, and a quarter of them within 5% above it. Measured on the digits targets at (0.7, 0.4), 300 rows:
+    with references (MLP), beta within 1% and gamma within 0.3-3.5% for five settings from
+    (0.33, 0.23) to (1.05, 0.83), in 6-15 s; from records scaled by 4 and 16, beta 0.7000 on the
+    softmax and MLP targets (seeds 0-2) and gamma within 0.5% from 300 auxiliary records (6.5% high
+    from 200 training members of the MLP, whose rows are almost all confident); from the answers
+    alone, beta 0.4% off on the MLP but 3-5% on the softmax target, whose rows are rarely confident
+    enough for ``beta p^gamma`` to vanish."""
     answers = np.asarray(answers, dtype=np.float64)
+    if tolerance is None:
+        tolerance = 0.005 if references is not None else 0.02
     if references is not None:
         beta, gamma = _matching_start(answers, references)
         beta *= 1.01
+    elif confident:
+        beta, gamma = max(_envelope_beta(np.asarray(batch, dtype=np.float64), 0.5) for batch in confident) * 1.001, 0.25
     else:
-        beta, gamma = _envelope_beta(answers) * 1.005, 0.25
+        beta, gamma = _envelope_beta(answers, 0.99) * 1.005, 0.25
     lowest = 0.5 * gamma
     never = np.isnan(invert_reverse_sigmoid(answers, beta, lowest)[:, 0])  # e.g. rows whose top was swapped back
 
@@ -180,12 +190,13 @@ def estimate_reverse_sigmoid(answers: np.ndarray, references: np.ndarray | None 
     return beta, gamma if bracket is None else bracket[0]
 
 
-def _envelope_beta(answers: np.ndarray, quantile: float = 0.99) -> float:
-    """beta from the answers alone: on the first piece ``f`` rises towards ``beta/2`` as ``p -> 0``
-    and on the top piece ``f > 1 - beta/2``, so a row's smallest answer over its top stays below
+def _envelope_beta(answers: np.ndarray, quantile: float) -> float:
+    """beta from answers alone: on the first piece ``f`` rises towards ``beta/2`` as ``p -> 0`` and on
+    the top piece ``f > 1 - beta/2``, so a row's smallest answer over its top stays below
     ``r* = (beta/2) / (1 - beta/2)`` and confident rows come within a fraction of a percent of it;
-    ``beta = 2r / (1 + r)`` at the ``quantile`` of the rows' ratios (a few rows lie above ``r*``,
-    e.g. those whose top the API swapped back)."""
+    ``beta = 2r / (1 + r)`` at the ``quantile`` of the rows' ratios (the median when nearly every row
+    is confident; a high quantile otherwise, below the few rows above ``r*``, e.g. those whose top
+    the API swapped back)."""
     top = answers.max(axis=1, keepdims=True)
     ratio = np.quantile(np.where(answers == top, np.inf, answers / top).min(axis=1), quantile)
     return float(2 * ratio / (1 + ratio))

@@ -50,11 +50,13 @@ class UndoneTarget(Target):
 
 
 def inverting_reverse_sigmoid(target: Target, beta: float | None = None, gamma: float | None = None,
-                              estimation_rows: int = 300, retries: int = 5, seed: int = 0) -> UndoneTarget:
+                              estimation_rows: int = 300, scales: tuple[float, ...] = (4.0, 16.0),
+                              retries: int = 5, seed: int = 0) -> UndoneTarget:
     """Answers of a reverse-sigmoid API inverted row by row (``invert_reverse_sigmoid``) with ``beta``
-    and ``gamma``, or, when they are None, with values estimated from a seeded sample of up to
-    ``estimation_rows`` rows of the first batch of answers (``estimate_reverse_sigmoid``, no extra
-    query). A row with no preimage (gamma a little off, or a top the API swapped back) is inverted
+    and ``gamma``, or, when they are None, with values estimated (``estimate_reverse_sigmoid``) from a
+    seeded sample of up to ``estimation_rows`` rows of the first batch of answers, and the answers to
+    those rows scaled by each of ``scales`` (inputs the model is near certain of, which show beta
+    plainly: ``len(scales)`` times as many extra queries). A row with no preimage (gamma a little off, or a top the API swapped back) is inverted
     at gamma lowered by 1%, up to ``retries`` times, else kept as published; ``learnt["inverted"]`` is
     the fraction inverted at the estimate itself."""
     rows = {"all": 0, "inverted": 0}
@@ -63,7 +65,11 @@ def inverting_reverse_sigmoid(target: Target, beta: float | None = None, gamma: 
         q = target.predict_proba(X)
         if "beta" not in undone.learnt:
             sample = np.random.default_rng(seed).permutation(len(q))[:estimation_rows]
-            found = (beta, gamma) if beta is not None and gamma is not None else estimate_reverse_sigmoid(q[sample])
+            if beta is not None and gamma is not None:
+                found = beta, gamma
+            else:
+                confident = tuple(target.predict_proba(scale * X[sample]) for scale in scales)
+                found = estimate_reverse_sigmoid(q[sample], confident=confident)
             undone.learnt.update(beta=found[0], gamma=found[1])
         beta_found, gamma_found = undone.learnt["beta"], undone.learnt["gamma"]
         p = invert_reverse_sigmoid(q, beta_found, gamma_found)

@@ -10,7 +10,8 @@ import pytest
 
 from attacks import scoring
 from attacks.membership import LabelOnlyAttack, LiRA
-from attacks.observations import AveragedNoise, InvertedReverseSigmoid, LabelRobustness, RoundedInterval
+from attacks.observations import (AveragedNoise, BoundaryDistance, InvertedReverseSigmoid, LabelRobustness,
+                                  RoundedInterval)
 from attacks.reverse_sigmoid import estimate_reverse_sigmoid, invert_reverse_sigmoid, reverse_sigmoid
 from attacks.targets import CallableTarget, OutputFormat
 from benchmarks import models
@@ -53,6 +54,16 @@ def test_calibrated_label_only_attack_beats_label_only_answers(digits, membershi
     uncalibrated = LabelOnlyAttack("noise", n_noise=16).run(target, digits.X, digits.y, is_member=member)
     assert _tpr(calibrated) >= 0.6 * undefended > 2 * _tpr(uncalibrated)
     assert calibrated.queries == 16 * len(digits.y)
+
+
+def test_calibrated_boundary_distance_beats_the_uncalibrated_one(digits, membership_game, references):
+    """Each reference model searches the boundary along the same random directions as the target."""
+    model, member = membership_game
+    target = _defended(model, ["label_only"], label_only=True)
+    calibrated = _run(LiRA(REFERENCES, observation=BoundaryDistance()), target, digits, member, references)
+    uncalibrated = LabelOnlyAttack("boundary").run(target, digits.X, digits.y, is_member=member)
+    assert _tpr(calibrated) > 2 * max(_tpr(uncalibrated), 0.01)
+    assert calibrated.queries == (8 * 10 + 1) * len(digits.y)
 
 
 def test_inverting_the_reverse_sigmoid_gives_back_lira(digits, membership_game, references, undefended):

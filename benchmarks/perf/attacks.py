@@ -294,7 +294,8 @@ def adaptive(quick: bool) -> Rows:
     import numpy as np
 
     from attacks.membership import LabelOnlyAttack, LiRA
-    from attacks.observations import AveragedNoise, InvertedReverseSigmoid, LabelRobustness, RoundedInterval
+    from attacks.observations import (AveragedNoise, BoundaryDistance, InvertedReverseSigmoid, LabelRobustness,
+                                      RoundedInterval)
     from attacks.scoring import clopper_pearson
     from attacks.targets import CallableTarget, OutputFormat
     from benchmarks import datasets, models
@@ -342,6 +343,9 @@ def adaptive(quick: bool) -> Rows:
     measure("label_only", "label-only noise, calibrated online", ["label_only"], lira(LabelRobustness(n_noise)))
     measure("label_only", "label-only noise, calibrated offline", ["label_only"],
             lira(LabelRobustness(n_noise), offline=True))
+    measure("label_only", "label-only boundary distance (uncalibrated)", ["label_only"],
+            lambda target, member: LabelOnlyAttack("boundary").run(target, X, y, is_member=member))
+    measure("label_only", "label-only boundary distance, calibrated online", ["label_only"], lira(BoundaryDistance()))
     measure("top_k:1", "label-only noise, calibrated online", ["top_k:1"], lira(LabelRobustness(n_noise)))
     rs = ["reverse_sigmoid:0.7:0.4"]
     measure("reverse_sigmoid:0.7:0.4", "lira (as published)", rs, lira())
