@@ -56,9 +56,9 @@ def inverting_reverse_sigmoid(target: Target, beta: float | None = None, gamma: 
     and ``gamma``, or, when they are None, with values estimated (``estimate_reverse_sigmoid``) from a
     seeded sample of up to ``estimation_rows`` rows of the first batch of answers, and the answers to
     those rows scaled by each of ``scales`` (inputs the model is near certain of, which show beta
-    plainly: ``len(scales)`` times as many extra queries). A row with no preimage (gamma a little off, or a top the API swapped back) is inverted
-    at gamma lowered by 1%, up to ``retries`` times, else kept as published; ``learnt["inverted"]`` is
-    the fraction inverted at the estimate itself."""
+    plainly: ``len(scales)`` times as many extra queries). A row with no preimage (gamma a little
+    off, or a top the API swapped back) is inverted at gamma lowered by 1%, up to ``retries`` times,
+    else kept as published; ``learnt["inverted"]`` is the fraction inverted at the estimate itself."""
     rows = {"all": 0, "inverted": 0}
 
     def answer(X: np.ndarray) -> np.ndarray:
