@@ -19,26 +19,37 @@ from guard.store.base import Admitted, Charge, StoreUnavailable, Update, UpdateM
 # a field is looked up in both, written to the current one, and when the current one holds half the
 # cap it replaces the previous one, so the table never holds more than ``cap`` fields and recently
 # written fields survive. Each value carries its own expiry (ms, Redis server time) before a ':';
-# a generation's key lives as long as its longest-lived field. ARGV: ttl, half the cap, the number of
-# values (1: one for every field), the values, the fields.
+# a generation's key lives as long as its longest-lived field. ARGV: ttl, half the cap, the values (one,
+# or one per field) and the fields, each list packed (``pack``: every item after its 4-byte length: one
+# argument, not thousands, for the client to send). Returns the previous values packed alike, a
+# length of 0xFFFFFFFF standing for none.
 _SWAP_MANY = """
+local function unpack_items(packed)
+  local items, at = {}, 1
+  while at <= #packed do
+    local length = struct.unpack('>I4', packed, at)
+    items[#items + 1] = string.sub(packed, at + 4, at + 3 + length)
+    at = at + 4 + length
+  end
+  return items
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 local half = tonumber(ARGV[2])
-local values = tonumber(ARGV[3])
-local fields = 3 + values
+local values = unpack_items(ARGV[3])
+local fields = unpack_items(ARGV[4])
 local previous = {}
-for i = fields + 1, #ARGV do
-  local stamped = (now + ttl) .. ':' .. ARGV[values == 1 and 4 or i - values]
-  local old = redis.call('HGET', KEYS[1], ARGV[i]) or redis.call('HGET', KEYS[2], ARGV[i])
+for i, field in ipairs(fields) do
+  local stamped = (now + ttl) .. ':' .. values[#values == 1 and 1 or i]
+  local old = redis.call('HGET', KEYS[1], field) or redis.call('HGET', KEYS[2], field)
   local value = false
   if old then
     local sep = string.find(old, ':', 1, true)
     if tonumber(string.sub(old, 1, sep - 1)) > now then value = string.sub(old, sep + 1) end
   end
-  previous[#previous + 1] = value
-  redis.call('HSET', KEYS[1], ARGV[i], stamped)
+  previous[#previous + 1] = value and (struct.pack('>I4', #value) .. value) or '\\255\\255\\255\\255'
+  redis.call('HSET', KEYS[1], field, stamped)
   if redis.call('HLEN', KEYS[1]) >= half then
     redis.call('UNLINK', KEYS[2])
     redis.call('RENAME', KEYS[1], KEYS[2])
@@ -47,7 +58,7 @@ end
 for _, key in ipairs(KEYS) do
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
 end
-return previous
+return table.concat(previous)
 """
 
 # One admission (``StateStore.admit``): read the standing; unless a block is in force, read each limit's
@@ -168,11 +179,11 @@ class RedisStore:
                         ttl: float) -> list[bytes | None]:
         if not fields:
             return []
-        values = [value] if isinstance(value, bytes) else list(value)
         base = f"{self._prefix}{{{table}}}"
         async with self._reachable():
-            return await self._swap_many(keys=[base + ":cur", base + ":prev"],
-                                         args=[_ms(ttl), self._half_cap, len(values), *values, *fields])
+            previous = await self._swap_many(keys=[base + ":cur", base + ":prev"], args=[
+                _ms(ttl), self._half_cap, pack([value] if isinstance(value, bytes) else value), pack(fields)])
+        return unpack(previous)
 
     async def admit(self, charge: Charge) -> Admitted:
         limits = [*charge.limits, *charge.throttle_limits]
@@ -192,6 +203,29 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+_NONE = 0xFFFFFFFF
+
+
+def pack(items: list[bytes]) -> bytes:
+    """``items`` as one string: each after its length (4 bytes, big-endian)."""
+    return b"".join([len(item).to_bytes(4, "big") + item for item in items])
+
+
+def unpack(packed: bytes) -> list[bytes | None]:
+    """The items of a packed string, a length of ``0xFFFFFFFF`` standing for None."""
+    items: list[bytes | None] = []
+    at, end = 0, len(packed)
+    while at < end:
+        length = int.from_bytes(packed[at:at + 4], "big")
+        at += 4
+        if length == _NONE:
+            items.append(None)
+        else:
+            items.append(packed[at:at + length])
+            at += length
+    return items
 
 
 def _ms(seconds: float) -> int:
