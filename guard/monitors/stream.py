@@ -233,14 +233,15 @@ class StreamMonitor:
                 entries += [(partition, entry_id, fields) for entry_id, fields in claimed]
         readable = sorted(self.owned - self.inherited)
         if not entries and readable:
-            entries = await self.read(readable, self.settings.batch_size, block=True)
-            if 0 < len(entries) < min(self.settings.batch_size, self.settings.max_pending):
-                await asyncio.sleep(self.linger)  # let the batch fill: its fixed costs are most of a small one
-                entries += await self.read(readable, self.settings.batch_size - len(entries), block=False)
+            entries = await self.read(readable, self.settings.batch_size, block=True)  # at once if any wait
         elif not entries:
             await asyncio.sleep(self.block)
         if entries:
             await self.judge(entries)
+            if len(entries) < min(self.settings.batch_size, self.settings.max_pending):
+                # Let the next batch fill: its fixed costs (a round trip per detector and per read
+                # and acknowledgement) are most of a small one's. One read per batch under load.
+                await asyncio.sleep(self.linger)
         return len(entries)
 
     async def read(self, partitions: list[int], count: int, block: bool) -> list[tuple[int, bytes, dict]]:

@@ -10,7 +10,6 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 from redis.retry import Retry
 
 from guard.store.base import Admitted, Charge, StoreUnavailable, Update, UpdateMany, WindowCount
@@ -112,6 +111,26 @@ end
 return out
 """
 
+# Compare-and-set of several keys (``update_many``): unless some key's value is no longer the one read
+# (or a key read absent now exists), set the new values. KEYS: the keys. ARGV: ttl (ms), then per key two
+# flags ('p' present when read, else 'a'; 'w' write its new value, else 'k' keep) and then per key its
+# value as read and its new value ('' where unused). Returns 1 if it set them, 0 if they changed.
+_COMPARE_AND_SET = """
+local flags = ARGV[2]
+for i, key in ipairs(KEYS) do
+  local current = redis.call('GET', key)
+  if string.sub(flags, 2 * i - 1, 2 * i - 1) == 'p' then
+    if current ~= ARGV[1 + 2 * i] then return 0 end
+  elseif current then
+    return 0
+  end
+end
+for i, key in ipairs(KEYS) do
+  if string.sub(flags, 2 * i, 2 * i) == 'w' then redis.call('SET', key, ARGV[2 + 2 * i], 'PX', ARGV[1]) end
+end
+return 1
+"""
+
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -133,6 +152,7 @@ class RedisStore:
         self._half_cap = max(1, max_table_fields // 2)
         self._swap_many = self._client.register_script(_SWAP_MANY)
         self._admit = self._client.register_script(_ADMIT)
+        self._compare_and_set = self._client.register_script(_COMPARE_AND_SET)
 
     @asynccontextmanager
     async def _reachable(self) -> AsyncIterator[None]:
@@ -157,23 +177,20 @@ class RedisStore:
         return (await self.update_many([key], lambda values: [update(values[0])], ttl))[0]
 
     async def update_many(self, keys: list[str], update: UpdateMany, ttl: float) -> list[bytes]:
-        """Optimistic transaction (WATCH, MGET, MULTI/SET.../EXEC: three round trips however many
-        keys), retried until no other writer intervened."""
+        """Optimistic: read the values (MGET), compute the new ones, and set them with a script that
+        first checks that none changed meanwhile (two round trips however many keys); retried until
+        no other writer intervened."""
         names = [self._prefix + key for key in keys]
-        async with self._reachable(), self._client.pipeline(transaction=True) as pipe:
+        async with self._reachable():
             while True:
-                try:
-                    await pipe.watch(*names)
-                    old = await pipe.mget(names)
-                    new = update(old)
-                    pipe.multi()
-                    for name, before, value in zip(names, old, new, strict=True):
-                        if value is not before:
-                            pipe.set(name, value, px=_ms(ttl))
-                    await pipe.execute()
+                old = await self._client.mget(names)
+                new = update(old)
+                flags, values = [], []
+                for before, value in zip(old, new, strict=True):
+                    flags += ["a" if before is None else "p", "k" if value is before else "w"]
+                    values += [b"" if before is None else before, b"" if value is before else value]
+                if await self._compare_and_set(keys=names, args=[_ms(ttl), "".join(flags), *values]):
                     return new
-                except WatchError:
-                    continue
 
     async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
                         ttl: float) -> list[bytes | None]:
