@@ -68,8 +68,17 @@ end
 return table.concat(taken)
 """
 
-# KEYS: a lease. ARGV: the monitor's name, the lease (ms). Renews the lease if the monitor holds it.
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+# KEYS: leases. ARGV: the monitor's name, the lease (ms). Renews those the monitor holds; one character
+# per lease: '1' renewed, '0' lost.
+_RENEW = """
+local held = {}
+for i, key in ipairs(KEYS) do
+  local mine = redis.call('GET', key) == ARGV[1]
+  if mine then redis.call('PEXPIRE', key, ARGV[2]) end
+  held[i] = mine and '1' or '0'
+end
+return table.concat(held)
+"""
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
@@ -134,7 +143,8 @@ class ObservationStream:
         """Append ``observation``; refused (nothing appended) when its partition's backlog is full or
         its oldest entry has waited ``max_delay``. ``StoreUnavailable`` when Redis cannot be reached."""
         fate: asyncio.Future[Queued] = asyncio.get_running_loop().create_future()
-        self._waiting.append((partition_of(observation.client, self.settings.partitions), encode(observation), fate))
+        partition = partition_of(observation.client, self.settings.partitions)
+        self._waiting.append((partition, encode(observation), fate))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send())
         return await fate
@@ -221,7 +231,8 @@ class StreamMonitor:
         """One round: renew and rebalance the leases (every quarter lease), take the next batch (a
         previous owner's pending entries first), judge it, acknowledge and delete it. Returns the
         observations judged."""
-        if time.monotonic() - self._rebalanced >= self.settings.lease / 4:
+        started = time.monotonic()
+        if started - self._rebalanced >= self.settings.lease / 4:
             await self.rebalance()
             self._rebalanced = time.monotonic()
         entries: list[tuple[int, bytes, dict[bytes, bytes]]] = []
@@ -239,9 +250,10 @@ class StreamMonitor:
         if entries:
             await self.judge(entries)
             if len(entries) < min(self.settings.batch_size, self.settings.max_pending):
-                # Let the next batch fill: its fixed costs (a round trip per detector and per read
-                # and acknowledgement) are most of a small one's. One read per batch under load.
-                await asyncio.sleep(self.linger)
+                # Let the next batch fill: its fixed costs (round trips to read, to each detector's
+                # state and to acknowledge) are most of a small one's. A round that took the linger
+                # already has the next batch waiting: it reads at once.
+                await asyncio.sleep(max(0.0, started + self.linger - time.monotonic()))
         return len(entries)
 
     async def read(self, partitions: list[int], count: int, block: bool) -> list[tuple[int, bytes, dict]]:
@@ -293,8 +305,11 @@ class StreamMonitor:
             pipe.zcard(self._alive)
             alive = (await pipe.execute())[-1]
         share = math.ceil(self.settings.partitions / max(alive, 1))
-        for partition in sorted(self.owned):
-            if not await self._renew(keys=[self._lease(partition)], args=[self.name, self._lease_ms]):
+        owned = sorted(self.owned)
+        renewed = (await self._renew(keys=[self._lease(p) for p in owned], args=[self.name, self._lease_ms])
+                   if owned else b"")
+        for partition, held in zip(owned, renewed):
+            if held != ord("1"):
                 self.owned.discard(partition)
                 self.inherited.discard(partition)
         for partition in sorted(self.owned, reverse=True)[: max(len(self.owned) - share, 0)]:
