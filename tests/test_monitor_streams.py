@@ -24,8 +24,8 @@ from guard import GuardMiddleware, Policy
 from guard.identity import key_entry
 from guard.monitors.base import Observation
 from guard.monitors.monitor import Queued
-from guard.monitors.stream import (GROUP, OFFER_BATCH, ObservationStream, StreamMonitor, decode, encode, partition_of,
-                                   stream_key)
+from guard.monitors.stream import (GROUP, OFFER_BATCH, ObservationStream, StreamMonitor, decode, encode,
+                                   partition_of, stream_key)
 from guard.store import StoreUnavailable
 
 pytestmark = pytest.mark.redis
