@@ -231,8 +231,7 @@ class StreamMonitor:
         """One round: renew and rebalance the leases (every quarter lease), take the next batch (a
         previous owner's pending entries first), judge it, acknowledge and delete it. Returns the
         observations judged."""
-        started = time.monotonic()
-        if started - self._rebalanced >= self.settings.lease / 4:
+        if time.monotonic() - self._rebalanced >= self.settings.lease / 4:
             await self.rebalance()
             self._rebalanced = time.monotonic()
         entries: list[tuple[int, bytes, dict[bytes, bytes]]] = []
@@ -251,9 +250,8 @@ class StreamMonitor:
             await self.judge(entries)
             if len(entries) < min(self.settings.batch_size, self.settings.max_pending):
                 # Let the next batch fill: its fixed costs (round trips to read, to each detector's
-                # state and to acknowledge) are most of a small one's. A round that took the linger
-                # already has the next batch waiting: it reads at once.
-                await asyncio.sleep(max(0.0, started + self.linger - time.monotonic()))
+                # state and to acknowledge) are most of a small one's. One read per batch.
+                await asyncio.sleep(self.linger)
         return len(entries)
 
     async def read(self, partitions: list[int], count: int, block: bool) -> list[tuple[int, bytes, dict]]:
