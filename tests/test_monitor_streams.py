@@ -228,10 +228,9 @@ def test_an_observation_is_one_packed_entry_value_and_comes_back_whole():
     assert np.array_equal(decoded.predicted, [2, 0, 7])
 
 
-async def test_offers_made_together_each_reach_a_monitor_exactly_once_in_order(redis_server):
+async def test_offers_made_together_each_reach_a_monitor_exactly_once(redis_server):
     """More concurrent offers than one script call takes, from many clients: each accepted, each
-    appended once to its client's partition, a client's in the order offered; a monitor judges
-    every one of them once."""
+    appended once to its client's partition; a monitor judges every one of them once."""
     policy = stream_policy(redis_server.url, max_pending=1000, max_delay=30)
     stream = ObservationStream(redis_server.url, policy.monitor)
     clients = [f"client-{i}" for i in range(23)]
@@ -246,9 +245,8 @@ async def test_offers_made_together_each_reach_a_monitor_exactly_once_in_order(r
             entries = await redis.xrange(stream_key("predguard:", p))
             seen = [decode(fields) for _, fields in entries]
             assert all(partition_of(o.client, PARTITIONS) == p for o in seen)
-            for client in {o.client for o in seen}:
-                assert [o.features[0, 0] for o in seen if o.client == client] == \
-                    [o.features[0, 0] for o in offered if o.client == client]
+            assert sorted(o.features[0, 0] for o in seen) == \
+                sorted(o.features[0, 0] for o in offered if partition_of(o.client, PARTITIONS) == p)
         judged: list[Observation] = []
 
         async def record(batch):

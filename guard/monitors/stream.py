@@ -9,8 +9,9 @@ observations to Redis Streams and ``guard monitor`` processes judge them (``Stre
   partition's backlog (entries are deleted once judged, so a stream's length is its backlog):
   ``max_pending`` entries, or an oldest entry older than ``max_delay`` (its ID is its time), is a
   fault and nothing is appended; the middleware then answers in the fail mode. The observations
-  offered while one call is on its way go together in the next, each checked in turn. A stream is never
-  trimmed (``MAXLEN`` would drop unjudged observations silently): the backlog bound refuses instead.
+  offered in one turn of a worker's event loop go together in one call, each checked in turn. A
+  stream is never trimmed (``MAXLEN`` would drop unjudged observations silently): the backlog
+  bound refuses instead.
 - Ownership: monitors announce themselves in a sorted set (score: expiry) and each holds a lease
   (``SET NX PX``) on at most ``ceil(partitions / live monitors)`` partitions, renewed every round.
   A monitor that dies loses its leases after ``monitor.lease`` seconds; whoever takes a partition
@@ -118,9 +119,10 @@ def decode(fields: dict[bytes, bytes]) -> Observation:
 class ObservationStream:
     """The web worker's side: appends each observation to its client's partition, within the bound.
 
-    The observations offered while an append is on its way go together in the next one (one script
-    call, at most ``OFFER_BATCH`` observations), so a busy worker pays one round trip for many
-    requests rather than one each; every request still waits for its own observation's fate."""
+    The observations offered in one turn of the event loop go together, in one script call (at
+    most ``OFFER_BATCH`` observations each), so a busy worker pays one round trip for several
+    requests rather than one each, and no request waits for another's append; every request
+    still waits for its own observation's fate."""
 
     escalations = 0  # sanctions are written by the monitor processes, unseen here
 
@@ -129,42 +131,46 @@ class ObservationStream:
         self._client = aioredis.Redis.from_url(url, **client_options(timeout))
         self._offer = self._client.register_script(_OFFER)
         self._waiting: list[tuple[int, bytes, asyncio.Future[Queued]]] = []
-        self._sender: asyncio.Task | None = None
+        self._sending: set[asyncio.Task] = set()
 
     def start(self) -> None:
         """Nothing to start: the monitors are processes of their own."""
 
     async def stop(self) -> None:
-        if self._sender is not None:
-            await asyncio.gather(self._sender, return_exceptions=True)
+        await asyncio.gather(*self._sending, return_exceptions=True)
         await self._client.aclose()
 
     async def offer(self, observation: Observation) -> Queued:
         """Append ``observation``; refused (nothing appended) when its partition's backlog is full or
         its oldest entry has waited ``max_delay``. ``StoreUnavailable`` when Redis cannot be reached."""
-        fate: asyncio.Future[Queued] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fate: asyncio.Future[Queued] = loop.create_future()
         partition = partition_of(observation.client, self.settings.partitions)
         self._waiting.append((partition, encode(observation), fate))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send())
+        if len(self._waiting) == 1:  # the turn's first: send them all once the turn's handlers have run
+            loop.call_soon(self._send_waiting)
         return await fate
 
-    async def _send(self) -> None:
-        """Append what waits, in batches, until nothing does; settle every observation's fate."""
-        while self._waiting:
-            batch, self._waiting = self._waiting[:OFFER_BATCH], self._waiting[OFFER_BATCH:]
-            try:
-                taken = await self._append(batch)
-            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
-                _settle(batch, exception=StoreUnavailable(f"redis unreachable: {error}"))
-            except asyncio.CancelledError:  # the event loop is closing: no request is left hanging
-                _settle(batch + self._waiting, exception=StoreUnavailable("the observation stream was shut down"))
-                self._waiting = []
-                raise
-            except Exception as error:  # a script error: the requests of the batch see it
-                _settle(batch, exception=error)
-            else:
-                _settle(batch, [Queued.ACCEPTED if flag == ord("1") else Queued.REFUSED for flag in taken])
+    def _send_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for start in range(0, len(waiting), OFFER_BATCH):
+            task = asyncio.create_task(self._send(waiting[start:start + OFFER_BATCH]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[int, bytes, asyncio.Future[Queued]]]) -> None:
+        """Append ``batch`` and settle every observation's fate."""
+        try:
+            taken = await self._append(batch)
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
+            _settle(batch, exception=StoreUnavailable(f"redis unreachable: {error}"))
+        except asyncio.CancelledError:  # the event loop is closing: no request is left hanging
+            _settle(batch, exception=StoreUnavailable("the observation stream was shut down"))
+            raise
+        except Exception as error:  # a script error: the requests of the batch see it
+            _settle(batch, exception=error)
+        else:
+            _settle(batch, [Queued.ACCEPTED if flag == ord("1") else Queued.REFUSED for flag in taken])
 
     async def _append(self, batch: list[tuple[int, bytes, asyncio.Future[Queued]]]) -> bytes:
         partitions = sorted({partition for partition, _, _ in batch})
