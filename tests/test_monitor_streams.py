@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,11 @@ from benchmarks.serving import prediction_app
 from conftest import near
 from guard import GuardMiddleware, Policy
 from guard.identity import key_entry
-from guard.monitors.stream import GROUP, StreamMonitor, partition_of, stream_key
+from guard.monitors.base import Observation
+from guard.monitors.monitor import Queued
+from guard.monitors.stream import (GROUP, OFFER_BATCH, ObservationStream, StreamMonitor, decode, encode,
+                                   partition_of, stream_key)
+from guard.store import StoreUnavailable
 
 pytestmark = pytest.mark.redis
 
@@ -205,3 +210,79 @@ def test_monitor_command_refuses_an_in_process_policy(tmp_path):
     result = CliRunner().invoke(app, ["monitor", "--policy", str(path)])
     assert result.exit_code != 0 and "streams" in result.output
 
+
+
+def stream_policy(url: str, **monitor) -> Policy:
+    return Policy.from_dict({"secret": "streams test secret 012345", "store": url, "metrics_path": "/metrics",
+                             "monitor": {"deployment": "streams", "partitions": PARTITIONS, **monitor},
+                             "detectors": {"similarity": {}},
+                             "routes": {"/predict": {"probabilities": "/probabilities", "features": "/features"}}})
+
+
+def test_an_observation_is_one_packed_entry_value_and_comes_back_whole():
+    rows = np.random.default_rng(2).normal(size=(3, 5))
+    observation = Observation("ip:2001:db8::1 é", rows, np.array([2, 0, 7]), "/predict/ü")
+    decoded = decode({b"o": encode(observation)})
+    assert (decoded.client, decoded.route) == (observation.client, observation.route)
+    assert decoded.features.dtype == np.float64 and np.array_equal(decoded.features, rows)
+    assert np.array_equal(decoded.predicted, [2, 0, 7])
+
+
+async def test_offers_made_together_each_reach_a_monitor_exactly_once(redis_server):
+    """More concurrent offers than one script call takes, from many clients: each accepted, each
+    appended once to its client's partition; a monitor judges every one of them once."""
+    policy = stream_policy(redis_server.url, max_pending=1000, max_delay=30)
+    stream = ObservationStream(redis_server.url, policy.monitor)
+    clients = [f"client-{i}" for i in range(23)]
+    offered = [Observation(clients[i % len(clients)], np.full((1, D), float(i)), np.array([i % K]), "/predict")
+               for i in range(OFFER_BATCH + 150)]
+    consumer = StreamMonitor(policy, name="only")
+    try:
+        await consumer.create_groups()
+        assert set(await asyncio.gather(*(stream.offer(o) for o in offered))) == {Queued.ACCEPTED}
+        redis = consumer.redis
+        for p in range(PARTITIONS):
+            entries = await redis.xrange(stream_key("predguard:", p))
+            seen = [decode(fields) for _, fields in entries]
+            assert all(partition_of(o.client, PARTITIONS) == p for o in seen)
+            assert sorted(o.features[0, 0] for o in seen) == \
+                sorted(o.features[0, 0] for o in offered if partition_of(o.client, PARTITIONS) == p)
+        judged: list[Observation] = []
+
+        async def record(batch):
+            judged.extend(batch)
+        consumer.monitor.process = record
+        while len(judged) < len(offered):
+            assert await consumer.step() > 0
+        assert sorted(o.features[0, 0] for o in judged) == [float(i) for i in range(len(offered))]
+        assert await backlog(redis) == 0
+    finally:
+        await stream.stop()
+        await consumer.redis.aclose()
+        await consumer.store.close()
+
+
+async def test_concurrent_requests_past_a_full_partition_fail_closed_and_are_counted(redis_server):
+    """Offers that go to Redis together are each checked against the bound: of eight concurrent
+    requests of one client, with room for three, three get the full answer and five the fail mode,
+    counted as dropped."""
+    async with web_worker(stream_policy(redis_server.url, max_pending=3, max_delay=30)) as worker:
+        answers = await asyncio.gather(*(worker.post("/predict", json={"features": np.full(D, i / 10).tolist()})
+                                         for i in range(8)))
+        assert sorted(full(a) for a in answers) == [False] * 5 + [True] * 3
+        assert all(a.status_code == 200 for a in answers)
+        assert "guard_observations_dropped_total 5.0" in (await worker.get("/metrics")).text
+
+
+async def test_offers_made_together_to_an_unreachable_redis_each_raise_store_unavailable():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    policy = stream_policy(f"redis://127.0.0.1:{port}/0")
+    stream = ObservationStream(policy.store, policy.monitor)
+    try:
+        outcomes = await asyncio.gather(*(stream.offer(Observation(f"c{i}", np.zeros((1, D)), np.zeros(1, int)))
+                                          for i in range(5)), return_exceptions=True)
+        assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes)
+    finally:
+        await stream.stop()

@@ -66,6 +66,16 @@ async def test_swap_many_returns_previous_values_and_expires(store):
     assert await store.swap_many("t", [b"x", b"y", b"z"], b"third", ttl=5) == [b"first", None, None]
 
 
+async def test_swap_many_takes_one_value_per_field_and_any_bytes(store):
+    """Values and fields of any bytes (empty, the separator ':', every byte value), one value per
+    field, a field repeated within a call seeing its earlier occurrence's value."""
+    odd = [b"", b":", bytes(range(256)), b"\xff\xff\xff\xff", b"a:b"]
+    fields = [b"f" + bytes([i]) for i in range(len(odd))] + [b"\xff" * 4, b""]
+    assert await store.swap_many("bytes", fields, [*odd, b"x", b"y"], ttl=5) == [None] * len(fields)
+    again = await store.swap_many("bytes", [*fields, fields[0]], [b"n"] * (len(fields) + 1), ttl=5)
+    assert again == [*odd, b"x", b"y", b"n"]
+
+
 async def test_swap_table_stays_bounded_and_keeps_recent_fields(store):
     fields = [str(i).encode() for i in range(1_000)]
     await store.swap_many("big", fields, b"v", ttl=60)

@@ -118,27 +118,33 @@ class Monitor:
             self.metrics.monitor_cpu.inc(time.thread_time() - started)
 
     async def _process(self, batch: Sequence[Observation]) -> None:
+        judged = await asyncio.gather(*(self._observe(name, detector, batch)
+                                        for name, detector in self.detectors.items()))
         alarms: dict[int, list[tuple[str, Verdict]]] = {}
-        for name, detector in self.detectors.items():
-            watched = [i for i, o in enumerate(batch) if o.route in self.routes
-                       and name in self.routes[o.route].detectors]
-            if not watched:
-                continue
-            try:
-                verdicts = await detector.observe_batch([batch[i] for i in watched])
-            except StoreUnavailable as error:
-                logger.error("guard: state store unreachable; %s did not see %d observations (%s)",
-                             name, len(watched), error)
-                continue
-            except Exception:
-                logger.exception("guard: detector %s failed on a batch of %d observations", name, len(watched))
-                continue
-            for i, verdict in zip(watched, verdicts):
+        for name, verdicts in zip(self.detectors, judged):
+            for i, verdict in verdicts:
                 if verdict.alarm:
                     alarms.setdefault(i, []).append((name, verdict))
         for i in sorted(alarms):
             for name, verdict in alarms[i]:
                 await self.sanction(batch[i], name, verdict)
+
+    async def _observe(self, name: str, detector: Detector,
+                       batch: Sequence[Observation]) -> list[tuple[int, Verdict]]:
+        """One detector's verdicts on the observations of the routes it watches (by index in the
+        batch; none when it failed). The detectors run concurrently: their store round trips overlap."""
+        watched = [i for i, o in enumerate(batch)
+                   if o.route in self.routes and name in self.routes[o.route].detectors]
+        if not watched:
+            return []
+        try:
+            return list(zip(watched, await detector.observe_batch([batch[i] for i in watched])))
+        except StoreUnavailable as error:
+            logger.error("guard: state store unreachable; %s did not see %d observations (%s)",
+                         name, len(watched), error)
+        except Exception:
+            logger.exception("guard: detector %s failed on a batch of %d observations", name, len(watched))
+        return []
 
     async def sanction(self, observation: Observation, detector: str, verdict: Verdict) -> None:
         """Count the alarm and climb the ladder of its client (and, when the route's rules say so,

@@ -6,10 +6,12 @@ observations to Redis Streams and ``guard monitor`` processes judge them (``Stre
   one consumer at a time sees a client's queries, in order, and per-client detector state stays
   consistent.
 - Bound: ``ObservationStream.offer`` appends with one atomic script that first checks the
-  partition's backlog (entries are deleted once judged, so the stream's length is its backlog):
+  partition's backlog (entries are deleted once judged, so a stream's length is its backlog):
   ``max_pending`` entries, or an oldest entry older than ``max_delay`` (its ID is its time), is a
-  fault and nothing is appended; the middleware then answers in the fail mode. A stream is never
-  trimmed (``MAXLEN`` would drop unjudged observations silently): the backlog bound refuses instead.
+  fault and nothing is appended; the middleware then answers in the fail mode. The observations
+  offered in one turn of a worker's event loop go together in one call, each checked in turn. A
+  stream is never trimmed (``MAXLEN`` would drop unjudged observations silently): the backlog
+  bound refuses instead.
 - Ownership: monitors announce themselves in a sorted set (score: expiry) and each holds a lease
   (``SET NX PX``) on at most ``ceil(partitions / live monitors)`` partitions, renewed every round.
   A monitor that dies loses its leases after ``monitor.lease`` seconds; whoever takes a partition
@@ -25,6 +27,7 @@ import math
 import os
 import secrets
 import socket
+import struct
 import time
 
 import numpy as np
@@ -41,23 +44,42 @@ from guard.store.redis import RedisStore, client_options
 logger = logging.getLogger("guard")
 
 GROUP = "monitors"
+OFFER_BATCH = 256  # observations appended by one script call, at most
 
-# KEYS: the partition's stream. ARGV: max_pending, max_delay (ms), then the entry's field/value pairs.
+# KEYS: the partitions' streams. ARGV: max_pending, max_delay (ms), then per observation the index of its
+# stream in KEYS and the observation (``encode``). Each, in turn, is appended unless its stream's backlog
+# is full or its oldest entry has waited beyond max_delay. Returns one character per observation: '1'
+# appended, '0' refused.
 _OFFER = """
-local backlog = redis.call('XLEN', KEYS[1])
-if backlog >= tonumber(ARGV[1]) then return 0 end
-if backlog > 0 then
-  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if now - tonumber(string.match(oldest, '^(%d+)')) > tonumber(ARGV[2]) then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local most, delay = tonumber(ARGV[1]), tonumber(ARGV[2])
+local taken = {}
+for i = 3, #ARGV, 2 do
+  local key = KEYS[tonumber(ARGV[i])]
+  local backlog = redis.call('XLEN', key)
+  local room = backlog < most
+  if room and backlog > 0 then
+    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1][1]
+    room = now - tonumber(string.match(oldest, '^(%d+)')) <= delay
+  end
+  if room then redis.call('XADD', key, '*', 'o', ARGV[i + 1]) end
+  taken[#taken + 1] = room and '1' or '0'
 end
-redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
-return 1
+return table.concat(taken)
 """
 
-# KEYS: a lease. ARGV: the monitor's name, the lease (ms). Renews the lease if the monitor holds it.
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+# KEYS: leases. ARGV: the monitor's name, the lease (ms). Renews those the monitor holds; one character
+# per lease: '1' renewed, '0' lost.
+_RENEW = """
+local held = {}
+for i, key in ipairs(KEYS) do
+  local mine = redis.call('GET', key) == ARGV[1]
+  if mine then redis.call('PEXPIRE', key, ARGV[2]) end
+  held[i] = mine and '1' or '0'
+end
+return table.concat(held)
+"""
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
@@ -70,22 +92,37 @@ def stream_key(prefix: str, partition: int) -> str:
     return f"{prefix}observations:{partition}"
 
 
-def encode(observation: Observation) -> list[bytes]:
-    """An observation as a stream entry's field/value pairs."""
+# An entry's one field: rows, columns, then the lengths of the client's and the route's names.
+_HEADER = struct.Struct("<IIII")
+
+
+def encode(observation: Observation) -> bytes:
+    """An observation as a stream entry's one value: the header, the client's and route's names
+    (UTF-8), the model's labels (int64) and the feature rows (float64, as the middleware read them)."""
     features = np.ascontiguousarray(observation.features, "<f8")
-    return [b"client", observation.client.encode(), b"route", observation.route.encode(),
-            b"rows", str(len(features)).encode(), b"features", features.tobytes(),
-            b"predicted", np.ascontiguousarray(observation.predicted, "<i8").tobytes()]
+    client, route = observation.client.encode(), observation.route.encode()
+    return b"".join((_HEADER.pack(*features.shape, len(client), len(route)), client, route,
+                     np.ascontiguousarray(observation.predicted, "<i8").tobytes(), features.tobytes()))
 
 
 def decode(fields: dict[bytes, bytes]) -> Observation:
-    rows = int(fields[b"rows"])
-    return Observation(fields[b"client"].decode(), np.frombuffer(fields[b"features"], "<f8").reshape(rows, -1),
-                       np.frombuffer(fields[b"predicted"], "<i8"), fields[b"route"].decode())
+    """The observation an entry holds (``encode``)."""
+    packed = fields[b"o"]
+    rows, columns, client_length, route_length = _HEADER.unpack_from(packed)
+    at = _HEADER.size + client_length + route_length
+    predicted = np.frombuffer(packed, "<i8", rows, at)
+    features = np.frombuffer(packed, "<f8", rows * columns, at + 8 * rows).reshape(rows, columns)
+    return Observation(packed[_HEADER.size:_HEADER.size + client_length].decode(), features, predicted,
+                       packed[_HEADER.size + client_length:at].decode())
 
 
 class ObservationStream:
-    """The web worker's side: appends each observation to its client's partition, within the bound."""
+    """The web worker's side: appends each observation to its client's partition, within the bound.
+
+    The observations offered in one turn of the event loop go together, in one script call (at
+    most ``OFFER_BATCH`` observations each), so a busy worker pays one round trip for several
+    requests rather than one each, and no request waits for another's append; every request
+    still waits for its own observation's fate."""
 
     escalations = 0  # sanctions are written by the monitor processes, unseen here
 
@@ -93,23 +130,67 @@ class ObservationStream:
         self.settings, self.prefix = settings, prefix
         self._client = aioredis.Redis.from_url(url, **client_options(timeout))
         self._offer = self._client.register_script(_OFFER)
+        self._waiting: list[tuple[int, bytes, asyncio.Future[Queued]]] = []
+        self._sending: set[asyncio.Task] = set()
 
     def start(self) -> None:
         """Nothing to start: the monitors are processes of their own."""
 
     async def stop(self) -> None:
+        await asyncio.gather(*self._sending, return_exceptions=True)
         await self._client.aclose()
 
     async def offer(self, observation: Observation) -> Queued:
         """Append ``observation``; refused (nothing appended) when its partition's backlog is full or
         its oldest entry has waited ``max_delay``. ``StoreUnavailable`` when Redis cannot be reached."""
-        key = stream_key(self.prefix, partition_of(observation.client, self.settings.partitions))
+        loop = asyncio.get_running_loop()
+        fate: asyncio.Future[Queued] = loop.create_future()
+        partition = partition_of(observation.client, self.settings.partitions)
+        self._waiting.append((partition, encode(observation), fate))
+        if len(self._waiting) == 1:  # the turn's first: send them all once the turn's handlers have run
+            loop.call_soon(self._send_waiting)
+        return await fate
+
+    def _send_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for start in range(0, len(waiting), OFFER_BATCH):
+            task = asyncio.create_task(self._send(waiting[start:start + OFFER_BATCH]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[int, bytes, asyncio.Future[Queued]]]) -> None:
+        """Append ``batch`` and settle every observation's fate."""
         try:
-            appended = await self._offer(keys=[key], args=[self.settings.max_pending,
-                                                           int(self.settings.max_delay * 1000), *encode(observation)])
-            return Queued.ACCEPTED if appended else Queued.REFUSED
+            taken = await self._append(batch)
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
-            raise StoreUnavailable(f"redis unreachable: {error}") from error
+            _settle(batch, exception=StoreUnavailable(f"redis unreachable: {error}"))
+        except asyncio.CancelledError:  # the event loop is closing: no request is left hanging
+            _settle(batch, exception=StoreUnavailable("the observation stream was shut down"))
+            raise
+        except Exception as error:  # a script error: the requests of the batch see it
+            _settle(batch, exception=error)
+        else:
+            _settle(batch, [Queued.ACCEPTED if flag == ord("1") else Queued.REFUSED for flag in taken])
+
+    async def _append(self, batch: list[tuple[int, bytes, asyncio.Future[Queued]]]) -> bytes:
+        partitions = sorted({partition for partition, _, _ in batch})
+        index = {partition: str(i + 1) for i, partition in enumerate(partitions)}
+        args: list[int | str | bytes] = [self.settings.max_pending, int(self.settings.max_delay * 1000)]
+        for partition, packed, _ in batch:
+            args += [index[partition], packed]
+        return await self._offer(keys=[stream_key(self.prefix, p) for p in partitions], args=args)
+
+
+def _settle(batch: list[tuple[int, bytes, asyncio.Future[Queued]]], fates: list[Queued] | None = None,
+            exception: BaseException | None = None) -> None:
+    """Give each waiting request its observation's fate (or ``exception``); one that was cancelled
+    meanwhile has gone and needs none."""
+    for i, (_, _, fate) in enumerate(batch):
+        if not fate.done():
+            if exception is not None:
+                fate.set_exception(exception)
+            else:
+                fate.set_result(fates[i])
 
 
 class StreamMonitor:
@@ -168,14 +249,15 @@ class StreamMonitor:
                 entries += [(partition, entry_id, fields) for entry_id, fields in claimed]
         readable = sorted(self.owned - self.inherited)
         if not entries and readable:
-            entries = await self.read(readable, self.settings.batch_size, block=True)
-            if 0 < len(entries) < min(self.settings.batch_size, self.settings.max_pending):
-                await asyncio.sleep(self.linger)  # let the batch fill: its fixed costs are most of a small one
-                entries += await self.read(readable, self.settings.batch_size - len(entries), block=False)
+            entries = await self.read(readable, self.settings.batch_size, block=True)  # at once if any wait
         elif not entries:
             await asyncio.sleep(self.block)
         if entries:
             await self.judge(entries)
+            if len(entries) < min(self.settings.batch_size, self.settings.max_pending):
+                # Let the next batch fill: its fixed costs (round trips to read, to each detector's
+                # state and to acknowledge) are most of a small one's. One read per batch.
+                await asyncio.sleep(self.linger)
         return len(entries)
 
     async def read(self, partitions: list[int], count: int, block: bool) -> list[tuple[int, bytes, dict]]:
@@ -227,8 +309,11 @@ class StreamMonitor:
             pipe.zcard(self._alive)
             alive = (await pipe.execute())[-1]
         share = math.ceil(self.settings.partitions / max(alive, 1))
-        for partition in sorted(self.owned):
-            if not await self._renew(keys=[self._lease(partition)], args=[self.name, self._lease_ms]):
+        owned = sorted(self.owned)
+        renewed = (await self._renew(keys=[self._lease(p) for p in owned], args=[self.name, self._lease_ms])
+                   if owned else b"")
+        for partition, held in zip(owned, renewed):
+            if held != ord("1"):
                 self.owned.discard(partition)
                 self.inherited.discard(partition)
         for partition in sorted(self.owned, reverse=True)[: max(len(self.owned) - share, 0)]:

@@ -10,7 +10,6 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 from redis.retry import Retry
 
 from guard.store.base import Admitted, Charge, StoreUnavailable, Update, UpdateMany, WindowCount
@@ -19,26 +18,37 @@ from guard.store.base import Admitted, Charge, StoreUnavailable, Update, UpdateM
 # a field is looked up in both, written to the current one, and when the current one holds half the
 # cap it replaces the previous one, so the table never holds more than ``cap`` fields and recently
 # written fields survive. Each value carries its own expiry (ms, Redis server time) before a ':';
-# a generation's key lives as long as its longest-lived field. ARGV: ttl, half the cap, the number of
-# values (1: one for every field), the values, the fields.
+# a generation's key lives as long as its longest-lived field. ARGV: ttl, half the cap, the values (one,
+# or one per field) and the fields, each list packed (``pack``: every item after its 4-byte length: one
+# argument, not thousands, for the client to send). Returns the previous values packed alike, a
+# length of 0xFFFFFFFF standing for none.
 _SWAP_MANY = """
+local function unpack_items(packed)
+  local items, at = {}, 1
+  while at <= #packed do
+    local length = struct.unpack('>I4', packed, at)
+    items[#items + 1] = string.sub(packed, at + 4, at + 3 + length)
+    at = at + 4 + length
+  end
+  return items
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 local half = tonumber(ARGV[2])
-local values = tonumber(ARGV[3])
-local fields = 3 + values
+local values = unpack_items(ARGV[3])
+local fields = unpack_items(ARGV[4])
 local previous = {}
-for i = fields + 1, #ARGV do
-  local stamped = (now + ttl) .. ':' .. ARGV[values == 1 and 4 or i - values]
-  local old = redis.call('HGET', KEYS[1], ARGV[i]) or redis.call('HGET', KEYS[2], ARGV[i])
+for i, field in ipairs(fields) do
+  local stamped = (now + ttl) .. ':' .. values[#values == 1 and 1 or i]
+  local old = redis.call('HGET', KEYS[1], field) or redis.call('HGET', KEYS[2], field)
   local value = false
   if old then
     local sep = string.find(old, ':', 1, true)
     if tonumber(string.sub(old, 1, sep - 1)) > now then value = string.sub(old, sep + 1) end
   end
-  previous[#previous + 1] = value
-  redis.call('HSET', KEYS[1], ARGV[i], stamped)
+  previous[#previous + 1] = value and (struct.pack('>I4', #value) .. value) or '\\255\\255\\255\\255'
+  redis.call('HSET', KEYS[1], field, stamped)
   if redis.call('HLEN', KEYS[1]) >= half then
     redis.call('UNLINK', KEYS[2])
     redis.call('RENAME', KEYS[1], KEYS[2])
@@ -47,7 +57,7 @@ end
 for _, key in ipairs(KEYS) do
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
 end
-return previous
+return table.concat(previous)
 """
 
 # One admission (``StateStore.admit``): read the standing; unless a block is in force, read each limit's
@@ -101,6 +111,26 @@ end
 return out
 """
 
+# Compare-and-set of several keys (``update_many``): unless some key's value is no longer the one read
+# (or a key read absent now exists), set the new values. KEYS: the keys. ARGV: ttl (ms), then per key two
+# flags ('p' present when read, else 'a'; 'w' write its new value, else 'k' keep) and then per key its
+# value as read and its new value ('' where unused). Returns 1 if it set them, 0 if they changed.
+_COMPARE_AND_SET = """
+local flags = ARGV[2]
+for i, key in ipairs(KEYS) do
+  local current = redis.call('GET', key)
+  if string.sub(flags, 2 * i - 1, 2 * i - 1) == 'p' then
+    if current ~= ARGV[1 + 2 * i] then return 0 end
+  elseif current then
+    return 0
+  end
+end
+for i, key in ipairs(KEYS) do
+  if string.sub(flags, 2 * i, 2 * i) == 'w' then redis.call('SET', key, ARGV[2 + 2 * i], 'PX', ARGV[1]) end
+end
+return 1
+"""
+
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -122,6 +152,7 @@ class RedisStore:
         self._half_cap = max(1, max_table_fields // 2)
         self._swap_many = self._client.register_script(_SWAP_MANY)
         self._admit = self._client.register_script(_ADMIT)
+        self._compare_and_set = self._client.register_script(_COMPARE_AND_SET)
 
     @asynccontextmanager
     async def _reachable(self) -> AsyncIterator[None]:
@@ -146,33 +177,30 @@ class RedisStore:
         return (await self.update_many([key], lambda values: [update(values[0])], ttl))[0]
 
     async def update_many(self, keys: list[str], update: UpdateMany, ttl: float) -> list[bytes]:
-        """Optimistic transaction (WATCH, MGET, MULTI/SET.../EXEC: three round trips however many
-        keys), retried until no other writer intervened."""
+        """Optimistic: read the values (MGET), compute the new ones, and set them with a script that
+        first checks that none changed meanwhile (two round trips however many keys); retried until
+        no other writer intervened."""
         names = [self._prefix + key for key in keys]
-        async with self._reachable(), self._client.pipeline(transaction=True) as pipe:
+        async with self._reachable():
             while True:
-                try:
-                    await pipe.watch(*names)
-                    old = await pipe.mget(names)
-                    new = update(old)
-                    pipe.multi()
-                    for name, before, value in zip(names, old, new, strict=True):
-                        if value is not before:
-                            pipe.set(name, value, px=_ms(ttl))
-                    await pipe.execute()
+                old = await self._client.mget(names)
+                new = update(old)
+                flags, values = [], []
+                for before, value in zip(old, new, strict=True):
+                    flags += ["a" if before is None else "p", "k" if value is before else "w"]
+                    values += [b"" if before is None else before, b"" if value is before else value]
+                if await self._compare_and_set(keys=names, args=[_ms(ttl), "".join(flags), *values]):
                     return new
-                except WatchError:
-                    continue
 
     async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
                         ttl: float) -> list[bytes | None]:
         if not fields:
             return []
-        values = [value] if isinstance(value, bytes) else list(value)
         base = f"{self._prefix}{{{table}}}"
         async with self._reachable():
-            return await self._swap_many(keys=[base + ":cur", base + ":prev"],
-                                         args=[_ms(ttl), self._half_cap, len(values), *values, *fields])
+            previous = await self._swap_many(keys=[base + ":cur", base + ":prev"], args=[
+                _ms(ttl), self._half_cap, pack([value] if isinstance(value, bytes) else value), pack(fields)])
+        return unpack(previous)
 
     async def admit(self, charge: Charge) -> Admitted:
         limits = [*charge.limits, *charge.throttle_limits]
@@ -192,6 +220,29 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+_NONE = 0xFFFFFFFF
+
+
+def pack(items: list[bytes]) -> bytes:
+    """``items`` as one string: each after its length (4 bytes, big-endian)."""
+    return b"".join([len(item).to_bytes(4, "big") + item for item in items])
+
+
+def unpack(packed: bytes) -> list[bytes | None]:
+    """The items of a packed string, a length of ``0xFFFFFFFF`` standing for None."""
+    items: list[bytes | None] = []
+    at, end = 0, len(packed)
+    while at < end:
+        length = int.from_bytes(packed[at:at + 4], "big")
+        at += 4
+        if length == _NONE:
+            items.append(None)
+        else:
+            items.append(packed[at:at + length])
+            at += length
+    return items
 
 
 def _ms(seconds: float) -> int:
