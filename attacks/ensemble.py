@@ -86,7 +86,8 @@ class Ensemble:
         flat = np.asarray(X).reshape(len(self), -1, X.shape[-1])
         forward = vmap(_forward(self.architecture.build(self.n_features, self.n_classes).to("meta")))
         with torch.no_grad():
-            labels = [forward(self.params, torch.as_tensor(flat[:, start:start + chunk], dtype=torch.float32))
+            labels = [forward(self.params, torch.from_numpy(np.ascontiguousarray(flat[:, start:start + chunk],
+                                                                                 dtype=np.float32)))
                       .argmax(dim=-1).numpy() for start in range(0, flat.shape[1], chunk)]
         return np.concatenate(labels, axis=1).reshape(X.shape[:-1])
 
