@@ -268,5 +268,5 @@ def boundary_distances(labels_of, X: np.ndarray, y: np.ndarray, directions: np.n
         middle = (low + high) / 2
         flipped = labels_of(X + middle[..., None] * directions) != y
         high, low = np.where(flipped, middle, high), np.where(flipped, low, middle)
-    correct = labels_of(np.broadcast_to(X, batch + X.shape)) == y
+    correct = labels_of(np.broadcast_to(X, batch + X.shape) if batch else X) == y
     return np.where(np.expand_dims(correct, len(batch)), high, 0.0)
