@@ -320,7 +320,7 @@ def _averaged_noise(context: Context) -> Observation:
 
 def _inverted_reverse_sigmoid(context: Context) -> Observation:
     """The attacker knows the defence is a reverse sigmoid, not its beta and gamma: it estimates them
-    from its answers (``attacks.observations.estimate_reverse_sigmoid``)."""
+    from its answers (``attacks.reverse_sigmoid.estimate_reverse_sigmoid``)."""
     return InvertedReverseSigmoid(seed=context.seed)
 
 
