@@ -364,7 +364,8 @@ def _inverse_model(shared_classes: bool, undo: Callable[[Target, Context], Undon
         observed = _answers(seen, victims_X, context.defence.public_format)
         result = attack.run(seen, setting.aux_X, observed, victims_X, victims_y)
         result.metrics.update(setting.measures(result.artefacts["reconstructions"], victims_y))
-        result.metrics.update(getattr(seen, "learnt", {}))
+        if undo is not None:
+            result.metrics.update(seen.learnt)
         result.artefacts["images"] = {"victims' inputs": victims_X, "no-model reference": setting.reference(victims_y)}
         return result
     return run
