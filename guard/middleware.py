@@ -455,7 +455,7 @@ class GuardedExchange:
             raise GuardError(502, "bad_response", f"{len(found.values)} probability rows for "
                              f"{len(features)} feature rows")
         if self.route.monitored and len(features):
-            output, decision = await self.observe(client, features, found.values.argmax(axis=1), output, decision)
+            output, decision = await self.observe(client, features, found.predicted(), output, decision)
         defended = output(found.values, features if len(features) else None)
         rendered = found.render(defended, output.label_only, self.route.one_hot)
         document = self.route.probabilities.replace(document, rendered)
@@ -469,7 +469,7 @@ class GuardedExchange:
     # Step 7: the observation (client, features, the model's own labels) goes to the monitor,
     # which judges it off the request path (guard.monitors.monitor). When it cannot be queued (the
     # queue is full, the monitor stalled or the stream unreachable) the answer fails closed.
-    async def observe(self, client: str, features: np.ndarray, predicted: np.ndarray, output: Pipeline,
+    async def observe(self, client: str, features: np.ndarray, predicted: list[int], output: Pipeline,
                       decision: str) -> tuple[Pipeline, str]:
         """The output and decision once the monitor has the observation: chosen again by the
         client's standing when the monitor wrote a sanction since this request began (its sanction

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,27 +74,29 @@ class Round(OutputDefence):
             raise ValueError(f"round: decimals must be between 0 and 12, got {self.decimals}")
 
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        # On the hot path for rows of a few classes numpy's per-call cost dominates: reductions
-        # are called as ufunc methods (without ndarray.sum's Python wrapper), arrays reused in
-        # place, and the top-label check is one comparison of plain lists (an int per row), the
-        # mask and its indices only when it fails. (A dot product with ones would sum faster than a
-        # reduction, but it releases the interpreter lock, which an in-process monitor's thread
-        # then holds for up to the switch interval: small reductions keep it.)
+        # Row by row in plain Python: answers hold a few rows of a few classes, where each numpy
+        # call costs several microseconds on the request path (about 60 us for the vectorised
+        # version of this method against 3 us; a 1000 x 10 batch costs about 6 ms, 10x numpy's).
         p = np.asarray(probabilities, dtype=np.float64)
         units = 10.0 ** self.decimals
-        scaled = p * (units / np.add.reduce(p, axis=1, keepdims=True))
-        counts = np.floor(scaled)
-        leftover = units - np.add.reduce(counts, axis=1, keepdims=True)  # in [0, k], exact: whole numbers
-        # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
-        counts += ranks(np.subtract(counts, scaled, out=scaled)) < leftover
-        # The top column never ends below another; where it ties or trails by a unit, move one unit.
-        top, winner = p.argmax(axis=1), counts.argmax(axis=1)
-        if winner.tolist() != top.tolist():
-            wrong = np.flatnonzero(winner != top)
-            counts[wrong, winner[wrong]] -= 1
-            counts[wrong, top[wrong]] += 1
-        counts /= units
-        return counts
+        return np.array([round_row(row, units) for row in p.tolist()]).reshape(p.shape)
+
+
+def round_row(row: list[float], units: float) -> list[float]:
+    """``Round``'s apportionment of one row (non-negative, positive sum) in ``units`` per unit mass."""
+    scale = units / sum(row)
+    scaled = [value * scale for value in row]
+    counts = [math.floor(value) for value in scaled]
+    leftover = int(units) - sum(counts)  # in [0, k], exact: whole numbers
+    # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
+    for column in sorted(range(len(row)), key=lambda j: counts[j] - scaled[j])[:leftover]:
+        counts[column] += 1
+    # The top column never ends below another; where it ties or trails by a unit, move one unit.
+    top, winner = row.index(max(row)), counts.index(max(counts))
+    if winner != top:
+        counts[winner] -= 1
+        counts[top] += 1
+    return [count / units for count in counts]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -337,12 +338,18 @@ def import_function(reference: str) -> Callable:
 class Probabilities:
     """Probability vectors found in a response: ``values`` ``(n, k)``; ``single`` when the body held
     one vector rather than a batch; ``labels`` the object keys when it held label→probability
-    objects (``None`` for plain vectors); ``flat`` when it held one row-major list of ``n * k``."""
+    objects (``None`` for plain vectors); ``flat`` when it held one row-major list of ``n * k``;
+    ``rows``: ``values`` as lists of floats."""
 
     values: np.ndarray
     single: bool
     labels: tuple[str, ...] | None
-    flat: bool = False
+    flat: bool
+    rows: list[list[float]]
+
+    def predicted(self) -> list[int]:
+        """Each row's label (its first largest entry)."""
+        return [row.index(max(row)) for row in self.rows]
 
     def render(self, defended: np.ndarray, label_only: bool, one_hot: bool = False) -> Json:
         """JSON for ``defended`` in the form the probabilities came in. Label-only: the predicted
@@ -408,15 +415,16 @@ def read_probabilities(value: Json, labels: tuple[str, ...] | None = None,
         values, single = numeric_matrix(value, "probabilities")
     if labels is not None and values.shape[1] != len(labels):
         raise PayloadError(f"probabilities: expected {len(labels)} classes, got {values.shape[1]}")
-    # Two reductions on the hot path (numpy's per-call cost dominates small rows; the row sums are
-    # then compared as a list): a NaN anywhere fails the first comparison (the minimum propagates
-    # it, and ``and`` stops there), an infinity fails the first or the last.
-    sums = np.add.reduce(values, axis=1).tolist()
-    if not (np.minimum.reduce(values, axis=None) >= 0 and min(sums) >= 1.0 - tolerance
+    # Checked in plain Python: answers hold a few short rows, where each numpy call costs several
+    # microseconds on the request path. Any NaN or infinity makes the total of the sums non-finite;
+    # with that excluded, ``min`` and ``max`` are exact.
+    rows = values.tolist()
+    sums = [sum(row) for row in rows]
+    if not (math.isfinite(sum(sums)) and min(map(min, rows)) >= 0 and min(sums) >= 1.0 - tolerance
             and max(sums) <= 1.0 + tolerance):
         if not np.isfinite(values).all():
             raise PayloadError("probabilities: not all values are finite")
         if values.min() < 0:
             raise PayloadError("probabilities: negative values")
         raise PayloadError(f"probabilities: rows do not sum to 1 (tolerance {tolerance})")
-    return Probabilities(values, single, keys, flat)
+    return Probabilities(values, single, keys, flat, rows)

@@ -12,11 +12,12 @@ import numpy as np
 @dataclass(frozen=True)
 class Observation:
     """One answered request as the monitor sees it: who sent it (``client``), its feature rows
-    ``(n, d)``, the model's own labels for them ``(n,)`` and the guarded ``route`` it came on."""
+    ``(n, d)``, the model's own labels for them (``n`` ints: an array or a list) and the guarded
+    ``route`` it came on."""
 
     client: str
     features: np.ndarray
-    predicted: np.ndarray
+    predicted: np.ndarray | list[int]
     route: str = ""
 
 
