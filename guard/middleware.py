@@ -451,12 +451,12 @@ class GuardedExchange:
         if found is None:
             await self.send_json(self.start["status"], headers, raw, rewritten=False)
             return decision
-        if len(features) and len(found.values) != len(features):
-            raise GuardError(502, "bad_response", f"{len(found.values)} probability rows for "
+        if len(features) and len(found.rows) != len(features):
+            raise GuardError(502, "bad_response", f"{len(found.rows)} probability rows for "
                              f"{len(features)} feature rows")
         if self.route.monitored and len(features):
             output, decision = await self.observe(client, features, found.predicted(), output, decision)
-        defended = output(found.values, features if len(features) else None)
+        defended = output(found.rows, features if len(features) else None)
         rendered = found.render(defended, output.label_only, self.route.one_hot)
         document = self.route.probabilities.replace(document, rendered)
         try:

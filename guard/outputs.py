@@ -1,4 +1,5 @@
-"""Output defences: pure, vectorised transforms of an ``(n, k)`` array of class probabilities.
+"""Output defences: pure transforms of an ``(n, k)`` array of class probabilities (or the same as
+``n`` lists of ``k`` floats, as the middleware reads them from an answer).
 
 Every defence is called as ``defence(probabilities, features)`` (``features``: the ``(n, d)``
 query rows, used only by ``Noise``), returns a new ``(n, k)`` probability distribution per row and
@@ -56,7 +57,8 @@ class OutputDefence(ABC):
     """A transform of class probabilities that keeps each row's top label."""
 
     @abstractmethod
-    def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, probabilities: np.ndarray | list[list[float]],
+                 features: np.ndarray | None = None) -> np.ndarray:
         """The defended ``(n, k)`` distributions of ``probabilities`` (``(n, k)``)."""
 
 
@@ -73,13 +75,15 @@ class Round(OutputDefence):
         if not 0 <= self.decimals <= 12:
             raise ValueError(f"round: decimals must be between 0 and 12, got {self.decimals}")
 
-    def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, probabilities: np.ndarray | list[list[float]],
+                 features: np.ndarray | None = None) -> np.ndarray:
         # Row by row in plain Python: answers hold a few rows of a few classes, where each numpy
         # call costs several microseconds on the request path (about 60 us for the vectorised
         # version of this method against 3 us; a 1000 x 10 batch costs about 6 ms, 10x numpy's).
-        p = np.asarray(probabilities, dtype=np.float64)
+        rows = probabilities.tolist() if isinstance(probabilities, np.ndarray) else probabilities
         units = 10.0 ** self.decimals
-        return np.array([round_row(row, units) for row in p.tolist()]).reshape(p.shape)
+        rounded = np.array([round_row(row, units) for row in rows], dtype=np.float64)
+        return rounded if rows else np.empty(np.shape(probabilities))
 
 
 def round_row(row: list[float], units: float) -> list[float]:

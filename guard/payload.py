@@ -15,6 +15,7 @@ shape the guard reads.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 from collections.abc import Callable, Mapping
@@ -126,24 +127,39 @@ class EachRow:
         return document
 
 
-def numeric_matrix(value: Json, what: str) -> tuple[np.ndarray, bool]:
-    """A JSON vector or list of equal-length vectors of numbers as ``(n, d)`` float64, and whether it
-    was a single vector."""
-    try:
-        array = np.array(value)
-    except ValueError:  # ragged nesting
-        raise PayloadError(f"{what}: rows of different lengths") from None
-    if array.dtype.kind not in "iuf" or array.ndim not in (1, 2) or array.size == 0:
+_FLOATS = {float}
+
+
+def number_rows(value: Json, what: str) -> tuple[list[list[float]], bool]:
+    """A JSON vector or list of equal-length vectors of numbers as rows of floats, and whether it
+    was a single vector. Plain Python, no numpy: requests and answers hold a few short rows, where
+    each numpy call costs several microseconds on the request path."""
+    single = isinstance(value, list) and bool(value) and not isinstance(value[0], list)
+    rows = [value] if single else value
+    if not isinstance(rows, list) or not rows or not all(isinstance(row, list) for row in rows) or not rows[0]:
         raise PayloadError(f"{what}: expected a non-empty list of numbers or a list of such lists")
-    array = array.astype(np.float64, copy=False)
-    return (array.reshape(1, -1), True) if array.ndim == 1 else (array, False)
+    width = len(rows[0])
+    if any(len(row) != width for row in rows):
+        raise PayloadError(f"{what}: rows of different lengths")
+    if not all(set(map(type, row)) == _FLOATS for row in rows):  # ints, or something else
+        try:
+            rows = [[_number(v) for v in row] for row in rows]
+        except (TypeError, OverflowError):
+            raise PayloadError(f"{what}: expected a non-empty list of numbers or a list of such lists") from None
+    return rows, single
+
+
+def _number(value: Json) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)
 
 
 def json_features(value: Json, width: int | None = None) -> np.ndarray:
     """The feature vectors (one vector or a batch) in parsed JSON as an ``(n, d)`` array; with
     ``width``, a flat row-major list of ``n * width`` numbers is read as ``n`` rows. Finite without
     a check: the JSON parser refuses NaN, infinities and numbers beyond float64."""
-    features = numeric_matrix(value, "features")[0]
+    features = np.array(number_rows(value, "features")[0])
     if width is not None:
         if features.size % width:
             raise PayloadError(f"features: {features.size} values are not rows of {width}")
@@ -336,22 +352,25 @@ def import_function(reference: str) -> Callable:
 
 @dataclass(frozen=True)
 class Probabilities:
-    """Probability vectors found in a response: ``values`` ``(n, k)``; ``single`` when the body held
-    one vector rather than a batch; ``labels`` the object keys when it held label→probability
-    objects (``None`` for plain vectors); ``flat`` when it held one row-major list of ``n * k``;
-    ``rows``: ``values`` as lists of floats."""
+    """Probability vectors found in a response: ``rows`` (``n`` lists of ``k`` floats; ``values``:
+    the same as an ``(n, k)`` array); ``single`` when the body held one vector rather than a batch;
+    ``labels`` the object keys when it held label→probability objects (``None`` for plain vectors);
+    ``flat`` when it held one row-major list of ``n * k``."""
 
-    values: np.ndarray
+    rows: list[list[float]]
     single: bool
     labels: tuple[str, ...] | None
-    flat: bool
-    rows: list[list[float]]
+    flat: bool = False
+
+    @functools.cached_property
+    def values(self) -> np.ndarray:
+        return np.array(self.rows)
 
     def predicted(self) -> list[int]:
         """Each row's label (its first largest entry)."""
         return [row.index(max(row)) for row in self.rows]
 
-    def render(self, defended: np.ndarray, label_only: bool, one_hot: bool = False) -> Json:
+    def render(self, defended: np.ndarray | list[list[float]], label_only: bool, one_hot: bool = False) -> Json:
         """JSON for ``defended`` in the form the probabilities came in. Label-only: the predicted
         class instead of each vector: its index, or its label for label→probability objects; with
         ``one_hot``, a vector (or object) of the same schema with 1.0 for the predicted class."""
@@ -361,9 +380,9 @@ class Probabilities:
             top = defended.argmax(axis=1).tolist()
             rows = top if self.labels is None else [self.labels[i] for i in top]
             return rows[0] if self.single else rows
+        rows = defended.tolist() if isinstance(defended, np.ndarray) else defended
         if self.flat:
-            return defended.ravel().tolist()
-        rows = defended.tolist()
+            return [value for row in rows for value in row]
         if self.labels is not None:
             rows = [dict(zip(self.labels, row)) for row in rows]
         return rows[0] if self.single else rows
@@ -404,27 +423,27 @@ def read_probabilities(value: Json, labels: tuple[str, ...] | None = None,
     row-major list of ``n * len(labels)`` numbers."""
     keys = None
     if flat:
-        values, single = numeric_matrix(value, "probabilities")
-        if not single or labels is None or values.size % len(labels):
+        rows, single = number_rows(value, "probabilities")
+        if not single or labels is None or len(rows[0]) % len(labels):
             raise PayloadError("probabilities: expected a flat list of rows of the labels' length")
-        values, single = values.reshape(-1, len(labels)), False
+        k, values = len(labels), rows[0]
+        rows, single = [values[i:i + k] for i in range(0, len(values), k)], False
     elif isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
         value, single, keys = _label_rows(value, labels)
-        values = numeric_matrix(value, "probabilities")[0]
+        rows = number_rows(value, "probabilities")[0]
     else:
-        values, single = numeric_matrix(value, "probabilities")
-    if labels is not None and values.shape[1] != len(labels):
-        raise PayloadError(f"probabilities: expected {len(labels)} classes, got {values.shape[1]}")
-    # Checked in plain Python: answers hold a few short rows, where each numpy call costs several
-    # microseconds on the request path. Any NaN or infinity makes the total of the sums non-finite;
-    # with that excluded, ``min`` and ``max`` are exact.
-    rows = values.tolist()
+        rows, single = number_rows(value, "probabilities")
+    if labels is not None and len(rows[0]) != len(labels):
+        raise PayloadError(f"probabilities: expected {len(labels)} classes, got {len(rows[0])}")
+    # Any NaN or infinity makes the total of the sums non-finite; with that excluded, ``min`` and
+    # ``max`` are exact.
     sums = [sum(row) for row in rows]
     if not (math.isfinite(sum(sums)) and min(map(min, rows)) >= 0 and min(sums) >= 1.0 - tolerance
             and max(sums) <= 1.0 + tolerance):
+        values = np.array(rows)
         if not np.isfinite(values).all():
             raise PayloadError("probabilities: not all values are finite")
         if values.min() < 0:
             raise PayloadError("probabilities: negative values")
         raise PayloadError(f"probabilities: rows do not sum to 1 (tolerance {tolerance})")
-    return Probabilities(values, single, keys, flat, rows)
+    return Probabilities(rows, single, keys, flat)
