@@ -142,8 +142,9 @@ class Admission:
         charged, counts, refused = [*applied, *throttled], admitted.counts, admitted.refused
         if refused is not None:
             return standing, self.decide(charged[refused], counts[refused], cost, True)
-        decisions = (self.decide(limit, count, cost, False) for limit, count in zip(charged, counts))
-        return standing, min(decisions, key=lambda decision: decision.remaining)
+        tightest = min(range(len(counts)),  # the least remaining after this query (ties: the first)
+                       key=lambda i: max(0, math.floor(charged[i].amount - counts[i].used() - cost)))
+        return standing, self.decide(charged[tightest], counts[tightest], cost, False)
 
     def decide(self, limit: WindowLimit, count: WindowCount, cost: int, refused: bool) -> LimitDecision:
         """What the client is told about ``limit`` after this query: what remains, and when it is
