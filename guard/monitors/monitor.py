@@ -50,6 +50,7 @@ from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Level, SanctionRules, Sanctions, Standing
 from guard.store import StoreUnavailable, memory_options, store_from_uri
 from guard.store.base import StateStore
+from guard.store.memory import MemoryStore
 
 logger = logging.getLogger("guard")
 
@@ -95,16 +96,18 @@ class Monitor:
     """Judges batches of observations with ``detectors`` and escalates sanctions through ``escalate``."""
 
     def __init__(self, detectors: Mapping[str, Detector], routes: Mapping[str, Watch], escalate: Escalate,
-                 metrics: GuardMetrics) -> None:
+                 metrics: GuardMetrics, overlap: bool = True) -> None:
         self.detectors, self.routes, self.escalate, self.metrics = detectors, routes, escalate, metrics
+        self.overlap = overlap
 
     @classmethod
     def from_policy(cls, policy: Policy, store: StateStore, escalate: Escalate, metrics: GuardMetrics) -> Monitor:
-        """The policy's detectors, keeping their state in ``store``."""
+        """The policy's detectors, keeping their state in ``store`` (their round trips overlap when
+        it is not in memory)."""
         secret = policy.secret_bytes
         detectors = {name: build_detector(name, detector_settings(name, config, secret), store)
                      for name, config in policy.detectors.items()}
-        return cls(detectors, watches(policy), escalate, metrics)
+        return cls(detectors, watches(policy), escalate, metrics, overlap=not isinstance(store, MemoryStore))
 
     async def process(self, batch: Sequence[Observation]) -> None:
         """Every detector judges the observations of the routes it watches; then the alarms raise
@@ -118,8 +121,10 @@ class Monitor:
             self.metrics.monitor_cpu.inc(time.thread_time() - started)
 
     async def _process(self, batch: Sequence[Observation]) -> None:
-        judged = await asyncio.gather(*(self._observe(name, detector, batch)
-                                        for name, detector in self.detectors.items()))
+        judging = [self._observe(name, detector, batch) for name, detector in self.detectors.items()]
+        # Concurrently when the store has round trips to overlap; in memory nothing ever waits, and
+        # tasks would only add their cost, several times a detector's on a batch of one or two.
+        judged = await asyncio.gather(*judging) if self.overlap else [await judge for judge in judging]
         alarms: dict[int, list[tuple[str, Verdict]]] = {}
         for name, verdicts in zip(self.detectors, judged):
             for i, verdict in verdicts:
@@ -132,7 +137,7 @@ class Monitor:
     async def _observe(self, name: str, detector: Detector,
                        batch: Sequence[Observation]) -> list[tuple[int, Verdict]]:
         """One detector's verdicts on the observations of the routes it watches (by index in the
-        batch; none when it failed). The detectors run concurrently: their store round trips overlap."""
+        batch; none when it failed)."""
         watched = [i for i, o in enumerate(batch)
                    if o.route in self.routes and name in self.routes[o.route].detectors]
         if not watched:
