@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 from guard.monitors import Prada, build_detector
-from guard.monitors.prada import _SET_HEADER, _GrowingSet, append_window, read_window, shapiro_w
+from guard.monitors.prada import (_SET_HEADER, SortedWindow, _GrowingSet, append_window, read_window,
+                                  shapiro_w)
 from guard.store.memory import MemoryStore
 
 
@@ -46,6 +47,18 @@ def test_distance_window_keeps_the_most_recent_values():
     )
 
 
+def test_sorted_window_slides_as_the_stored_ring_sorted_afresh(rng):
+    """Appended one at a time, in place, the window is the stored ring (``append_window``) sorted:
+    while it grows, once it is full, and with repeated values."""
+    values = np.round(rng.random(60), 1).astype(np.float32)  # many ties
+    raw = append_window(None, values[:5], cap=12)
+    window = SortedWindow(raw, 12, room=55)
+    for value in values[5:]:
+        window.append(value)
+        raw = append_window(raw, np.array([value]), cap=12)
+        np.testing.assert_array_equal(window.ordered, np.sort(read_window(raw).astype(np.float64)))
+
+
 def test_shapiro_statistic_separates_normal_from_synthetic_distances(rng):
     normal = rng.normal(3.0, 0.5, 400)
     within = normal[np.abs(normal - normal.mean()) <= 3 * normal.std()]
@@ -76,6 +89,20 @@ async def test_batches_and_single_queries_reach_the_same_state(rng):
     assert batch_verdict == single_verdict
     for key in ["prada:c:class:0", "prada:c:class:2", "prada:c:distances"]:
         assert await batched.store.get(key) == await single.store.get(key)
+
+
+@pytest.mark.parametrize("cap", [1, 3, 16])
+def test_a_batch_admitting_more_than_the_ring_holds_matches_single_queries(cap, rng):
+    """Admissions within one batch replace the oldest members, the batch's own included: the
+    batch's distances and the set it leaves are those of its queries one at a time."""
+    queries = rng.normal(0, 1, (40, 3)).astype(np.float32) * np.linspace(1, 20, 40, dtype=np.float32)[:, None]
+    batched, single = _GrowingSet(np.empty((0, 3), np.float32)), _GrowingSet(np.empty((0, 3), np.float32))
+    batched.observe(queries[:7], cap)
+    single.observe(queries[:7], cap)
+    minima = batched.observe(queries[7:], cap)
+    one_by_one = np.concatenate([single.observe(query[None], cap) for query in queries[7:]])
+    np.testing.assert_array_equal(minima, one_by_one)
+    assert batched.encode() == single.encode() and batched.admitted > 7 + cap
 
 
 async def test_state_is_per_client_and_bounded(rng):
