@@ -10,8 +10,7 @@ import pytest
 from scipy import stats
 
 from guard.monitors import Prada, build_detector
-from guard.monitors.prada import (_SET_HEADER, SortedWindow, _GrowingSet, append_window, read_window,
-                                  shapiro_w)
+from guard.monitors.prada import _SET_HEADER, SortedWindow, _GrowingSet, read_window, shapiro_w
 from guard.store.memory import MemoryStore
 
 
@@ -37,26 +36,33 @@ def test_classes_have_separate_growing_sets():
     )
 
 
+def slide(raw: bytes | None, values: np.ndarray, cap: int) -> bytes:
+    """The stored window ``raw`` with ``values`` appended."""
+    window = SortedWindow(raw, cap, room=len(values))
+    for value in values:
+        window.append(value)
+    return window.encode()
+
+
 def test_distance_window_keeps_the_most_recent_values():
     raw = None
     for chunk in np.split(np.arange(25, dtype=np.float32), [3, 10, 11]):
-        raw = append_window(raw, chunk, cap=8)
+        raw = slide(raw, chunk, cap=8)
     assert sorted(read_window(raw)) == list(range(17, 25))
-    assert sorted(read_window(append_window(None, np.arange(20, dtype=np.float32), cap=8))) == list(
-        range(12, 20)
-    )
+    assert sorted(read_window(slide(None, np.arange(20, dtype=np.float32), cap=8))) == list(range(12, 20))
+    with pytest.raises(ValueError, match="more than max_distances"):
+        SortedWindow(raw, 7)
 
 
-def test_sorted_window_slides_as_the_stored_ring_sorted_afresh(rng):
-    """Appended one at a time, in place, the window is the stored ring (``append_window``) sorted:
-    while it grows, once it is full, and with repeated values."""
+def test_sorted_window_slides_as_its_ring_sorted_afresh(rng):
+    """Appended one at a time, in place, the window is its ring sorted: while it grows, once it is
+    full, and with repeated values."""
     values = np.round(rng.random(60), 1).astype(np.float32)  # many ties
-    raw = append_window(None, values[:5], cap=12)
-    window = SortedWindow(raw, 12, room=55)
+    window = SortedWindow(slide(None, values[:5], cap=12), 12, room=55)
     for value in values[5:]:
         window.append(value)
-        raw = append_window(raw, np.array([value]), cap=12)
-        np.testing.assert_array_equal(window.ordered, np.sort(read_window(raw).astype(np.float64)))
+        np.testing.assert_array_equal(window.ordered, np.sort(read_window(window.encode()).astype(np.float64)))
+    assert sorted(read_window(window.encode())) == sorted(values[-12:])
 
 
 def test_shapiro_statistic_separates_normal_from_synthetic_distances(rng):

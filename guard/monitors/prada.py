@@ -145,23 +145,6 @@ def squared_distances(queries: np.ndarray, candidates: np.ndarray, budget: int =
     return out
 
 
-def append_window(raw: bytes | None, values: np.ndarray, cap: int) -> bytes:
-    """Append ``values`` to a float32 ring of at most ``cap`` entries (order inside is
-    irrelevant)."""
-    appended = 0 if raw is None else _DISTANCES_HEADER.unpack_from(raw)[0]
-    old = (
-        np.empty(0, np.float32)
-        if raw is None
-        else np.frombuffer(raw, np.float32, offset=_DISTANCES_HEADER.size)
-    )
-    skipped = max(len(values) - cap, 0)
-    values = np.asarray(values, np.float32)[skipped:]
-    ring = np.empty(min(appended + skipped + len(values), cap), np.float32)
-    ring[: len(old)] = old
-    ring[(appended + skipped + np.arange(len(values))) % cap] = values
-    return _DISTANCES_HEADER.pack(appended + skipped + len(values)) + ring.tobytes()
-
-
 def read_window(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, np.float32, offset=_DISTANCES_HEADER.size)
 
@@ -206,12 +189,18 @@ class SortedWindow:
     def __init__(self, raw: bytes | None, cap: int, room: int = 0):
         self.appended = 0 if raw is None else _DISTANCES_HEADER.unpack_from(raw)[0]
         ring = np.empty(0, np.float32) if raw is None else read_window(raw)
+        if len(ring) > cap:
+            raise ValueError(f"PRADA state holds {len(ring)} distances, more than max_distances ({cap})")
         self.size, self.cap = len(ring), cap
-        self.ring = np.empty(self.size if self.size == cap else self.size + room, np.float32)
+        self.ring = np.empty(min(self.size + room, cap), np.float32)
         self.ring[:self.size] = ring
         self._sorted = np.empty(self.size + room)
         self._sorted[:self.size] = ring
         self._sorted[:self.size].sort()
+
+    def encode(self) -> bytes:
+        """The window as stored: the count of distances ever appended, then the ring."""
+        return _DISTANCES_HEADER.pack(self.appended) + self.ring[:self.size].tobytes()
 
     @property
     def ordered(self) -> np.ndarray:
@@ -295,10 +284,11 @@ class Prada(Detector):
         classes = sorted(rows_of)
         dimension, cap = queries.shape[1], self.set_cap(queries.shape[1])
         minima = np.full(len(queries), np.nan)
-        before: list[bytes | None] = []
+        verdicts: list[Verdict] = []
 
         def observe(old: list[bytes | None]) -> list[bytes]:
-            """Every class set the client's queries touch, then its distances, as one store update."""
+            """Every class set the client's queries touch, then its distances, as one store update;
+            ``W`` after each observation on the way."""
             new = []
             for label, raw in zip(classes, old):
                 rows = rows_of[label]
@@ -306,25 +296,24 @@ class Prada(Detector):
                 admitted = growing.admitted
                 minima[rows] = growing.observe(queries[rows], cap)
                 new.append(raw if raw is not None and growing.admitted == admitted else growing.encode())
-            before.append(old[-1])
-            return [*new, append_window(old[-1], minima[~np.isnan(minima)], self.max_distances)]
+            found = (~np.isnan(minima)).tolist()
+            distances = iter(minima[~np.isnan(minima)].tolist())
+            # D after each observation: the window before the batch, slid over the batch's distances.
+            window = SortedWindow(old[-1], self.max_distances, room=sum(found))
+            verdicts.clear()
+            start = 0
+            for observation in observations:
+                end = start + len(observation.features)
+                count = sum(found[start:end])
+                for _ in range(count):
+                    window.append(next(distances))
+                # W changes only with D
+                verdicts.append(self._judge(window.ordered) if count or not verdicts else verdicts[-1])
+                start = end
+            return [*new, window.encode()]
 
         keys = [f"{self.prefix}:{client}:class:{label}" for label in classes]
         await self.store.update_many([*keys, f"{self.prefix}:{client}:distances"], observe, self.ttl)
-        found = (~np.isnan(minima)).tolist()
-        distances = iter(minima[~np.isnan(minima)].tolist())
-        # D after each observation: the window before the batch, slid over the batch's distances.
-        window = SortedWindow(before[-1], self.max_distances, room=sum(found))
-        verdicts: list[Verdict] = []
-        start = 0
-        for observation in observations:
-            end = start + len(observation.features)
-            count = sum(found[start:end])
-            for _ in range(count):
-                window.append(next(distances))
-            # W changes only with D
-            verdicts.append(self._judge(window.ordered) if count or not verdicts else verdicts[-1])
-            start = end
         return verdicts
 
     def _judge(self, ordered: np.ndarray) -> Verdict:
