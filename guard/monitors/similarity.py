@@ -90,13 +90,13 @@ class Similarity(Detector):
         self._keys = np.frombuffer(stream, "<u8").reshape(window + 1, 2)
         self._digest_key = hashlib.shake_256(b"predguard similarity query ids" + salt).digest(32)
 
-    def query_ids(self, owner: bytes, queries: np.ndarray) -> list[bytes]:
-        """Per query: ``owner`` and a keyed digest of its values at float32 (exact repeats share it)."""
+    def digests(self, queries: np.ndarray) -> list[bytes]:
+        """Per query (a row of ``queries``), a keyed digest of its values at float32 (exact repeats
+        share it); a query's id is its client's name and this digest."""
         rows = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(len(queries), -1)) + np.float32(0)
         packed, width = memoryview(rows.tobytes()), rows.shape[1] * rows.itemsize
-        return [owner + hashlib.blake2b(packed[at:at + width], key=self._digest_key,
-                                        digest_size=_QUERY_ID_BYTES).digest()
-                for at in range(0, len(packed), width)]
+        return [hashlib.blake2b(packed[row * width:(row + 1) * width], key=self._digest_key,
+                                digest_size=_QUERY_ID_BYTES).digest() for row in range(len(rows))]
 
     def fingerprints(self, queries: np.ndarray) -> list[list[bytes]]:
         """Per query (a row of ``queries``), the ``top_n`` largest keyed hashes of its distinct
@@ -125,8 +125,10 @@ class Similarity(Detector):
         if not observations:
             return []
         queries = [np.asarray(o.features).reshape(len(o.features), -1) for o in observations]
-        prints = self._fingerprints_of(queries)
-        ids = [query_id for o, rows in zip(observations, queries) for query_id in self.query_ids(o.client.encode(), rows)]
+        prints, digests = self._signatures(queries)
+        ids = [owner + digest for owner, digest in zip(
+            chain.from_iterable(repeat(o.client.encode(), len(rows)) for o, rows in zip(observations, queries)),
+            digests)]
         earlier = await self.store.swap_many(self.table, list(chain.from_iterable(prints)),
                                              list(chain.from_iterable(map(repeat, ids, map(len, prints)))),
                                              self.ttl)
@@ -136,7 +138,7 @@ class Similarity(Detector):
             best_own, best_others, best = 0, 0, 0
             accomplices: set[bytes] = set()
             for _ in range(len(observation.features)):
-                digest, end = ids[row][-_QUERY_ID_BYTES:], start + len(prints[row])
+                digest, end = digests[row], start + len(prints[row])
                 own, others = 0, {}
                 for match, n in Counter(earlier[start:end]).items():
                     if match is None or match[-_QUERY_ID_BYTES:] == digest:
@@ -156,19 +158,20 @@ class Similarity(Detector):
             verdicts.append(verdict)
         return verdicts
 
-    def _fingerprints_of(self, queries: list[np.ndarray]) -> list[list[bytes]]:
-        """``fingerprints`` of every row of ``queries`` in order, one computation per row width."""
+    def _signatures(self, queries: list[np.ndarray]) -> tuple[list[list[bytes]], list[bytes]]:
+        """``fingerprints`` and ``digests`` of every row of ``queries`` in order, computed once per
+        row width."""
         widths: dict[int, list[int]] = {}
         for i, rows in enumerate(queries):
             widths.setdefault(rows.shape[1], []).append(i)
-        if len(widths) == 1:
-            return self.fingerprints(np.concatenate(queries))
-        prints: list[list[list[bytes]]] = [[] for _ in queries]
+        found: list[list[tuple[list[bytes], bytes]]] = [[] for _ in queries]
         for indices in widths.values():
-            found = iter(self.fingerprints(np.concatenate([queries[i] for i in indices])))
+            rows = np.concatenate([queries[i] for i in indices])
+            signed = zip(self.fingerprints(rows), self.digests(rows))
             for i in indices:
-                prints[i] = [next(found) for _ in range(len(queries[i]))]
-        return list(chain.from_iterable(prints))
+                found[i] = [next(signed) for _ in range(len(queries[i]))]
+        signed = list(chain.from_iterable(found))
+        return [fingerprint for fingerprint, _ in signed], [digest for _, digest in signed]
 
     def _judge(self, per_client: float, cross_client: float) -> SimilarityVerdict:
         score = max(per_client, cross_client)
