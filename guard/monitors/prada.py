@@ -71,7 +71,7 @@ class _GrowingSet:
         )
         return header + self.members.tobytes()
 
-    def observe(self, queries: np.ndarray, cap: int) -> np.ndarray:
+    def observe(self, queries: np.ndarray, cap: int) -> list[float]:
         """Algorithm 1's inner step for a class's queries in order: their ``d_min`` (NaN for the
         query that founds an empty set, which adds nothing to ``D``). The distances of every query
         to the members before the batch and to the batch's earlier queries come from vectorised
@@ -103,7 +103,7 @@ class _GrowingSet:
         replacing = sorted(replaced.values())
         to_batch = np.sqrt(squared_distances(queries, queries)).tolist() if n > 1 else [[]]
         held: dict[int, int] = {}  # slot -> the batch's query admitted to it, while it is there
-        admissions, minima = 0, np.full(n, np.nan)
+        admissions, minima = 0, [math.nan] * n
         for i in range(n):
             if known or held:
                 gone = bisect.bisect_left(replacing, admissions)
@@ -283,7 +283,7 @@ class Prada(Detector):
             rows_of.setdefault(label, []).append(row)
         classes = sorted(rows_of)
         dimension, cap = queries.shape[1], self.set_cap(queries.shape[1])
-        minima = np.full(len(queries), np.nan)
+        minima = [math.nan] * len(queries)
         verdicts: list[Verdict] = []
 
         def observe(old: list[bytes | None]) -> list[bytes]:
@@ -294,10 +294,11 @@ class Prada(Detector):
                 rows = rows_of[label]
                 growing = _GrowingSet.decode(raw, dimension)
                 admitted = growing.admitted
-                minima[rows] = growing.observe(queries[rows], cap)
+                for row, distance in zip(rows, growing.observe(queries[rows], cap)):
+                    minima[row] = distance
                 new.append(raw if raw is not None and growing.admitted == admitted else growing.encode())
-            found = (~np.isnan(minima)).tolist()
-            distances = iter(minima[~np.isnan(minima)].tolist())
+            found = [not math.isnan(distance) for distance in minima]
+            distances = iter([distance for distance in minima if not math.isnan(distance)])
             # D after each observation: the window before the batch, slid over the batch's distances.
             window = SortedWindow(old[-1], self.max_distances, room=sum(found))
             verdicts.clear()
