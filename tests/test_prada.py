@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from guard.monitors import Prada, build_detector
-from guard.monitors.prada import _SET_HEADER, _GrowingSet, append_window, read_window, shapiro_w
+from guard.monitors.prada import _SET_HEADER, SortedWindow, _GrowingSet, read_window, shapiro_w
 from guard.store.memory import MemoryStore
 
 
@@ -36,14 +36,33 @@ def test_classes_have_separate_growing_sets():
     )
 
 
+def slide(raw: bytes | None, values: np.ndarray, cap: int) -> bytes:
+    """The stored window ``raw`` with ``values`` appended."""
+    window = SortedWindow(raw, cap, room=len(values))
+    for value in values:
+        window.append(value)
+    return window.encode()
+
+
 def test_distance_window_keeps_the_most_recent_values():
     raw = None
     for chunk in np.split(np.arange(25, dtype=np.float32), [3, 10, 11]):
-        raw = append_window(raw, chunk, cap=8)
+        raw = slide(raw, chunk, cap=8)
     assert sorted(read_window(raw)) == list(range(17, 25))
-    assert sorted(read_window(append_window(None, np.arange(20, dtype=np.float32), cap=8))) == list(
-        range(12, 20)
-    )
+    assert sorted(read_window(slide(None, np.arange(20, dtype=np.float32), cap=8))) == list(range(12, 20))
+    with pytest.raises(ValueError, match="more than max_distances"):
+        SortedWindow(raw, 7)
+
+
+def test_sorted_window_slides_as_its_ring_sorted_afresh(rng):
+    """Appended one at a time, in place, the window is its ring sorted: while it grows, once it is
+    full, and with repeated values."""
+    values = np.round(rng.random(60), 1).astype(np.float32)  # many ties
+    window = SortedWindow(slide(None, values[:5], cap=12), 12, room=55)
+    for value in values[5:]:
+        window.append(value)
+        np.testing.assert_array_equal(window.ordered, np.sort(read_window(window.encode()).astype(np.float64)))
+    assert sorted(read_window(window.encode())) == sorted(values[-12:])
 
 
 def test_shapiro_statistic_separates_normal_from_synthetic_distances(rng):
@@ -76,6 +95,20 @@ async def test_batches_and_single_queries_reach_the_same_state(rng):
     assert batch_verdict == single_verdict
     for key in ["prada:c:class:0", "prada:c:class:2", "prada:c:distances"]:
         assert await batched.store.get(key) == await single.store.get(key)
+
+
+@pytest.mark.parametrize("cap", [1, 3, 16])
+def test_a_batch_admitting_more_than_the_ring_holds_matches_single_queries(cap, rng):
+    """Admissions within one batch replace the oldest members, the batch's own included: the
+    batch's distances and the set it leaves are those of its queries one at a time."""
+    queries = rng.normal(0, 1, (40, 3)).astype(np.float32) * np.linspace(1, 20, 40, dtype=np.float32)[:, None]
+    batched, single = _GrowingSet(np.empty((0, 3), np.float32)), _GrowingSet(np.empty((0, 3), np.float32))
+    batched.observe(queries[:7], cap)
+    single.observe(queries[:7], cap)
+    minima = batched.observe(queries[7:], cap)
+    one_by_one = np.concatenate([single.observe(query[None], cap) for query in queries[7:]])
+    np.testing.assert_array_equal(minima, one_by_one)
+    assert batched.encode() == single.encode() and batched.admitted > 7 + cap
 
 
 async def test_state_is_per_client_and_bounded(rng):

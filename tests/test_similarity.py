@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from guard.monitors import Similarity, SimilarityVerdict, build_detector
+from guard.monitors import Observation, Similarity, SimilarityVerdict, build_detector
 from guard.store.memory import MemoryStore
 
 
@@ -93,6 +93,18 @@ async def test_batch_verdict_is_its_most_similar_query(rng):
     batch = np.vstack([rng.random((2, 784)), query, query + 0.01])
     verdict = await detector.observe("c", batch, np.zeros(4))
     assert verdict.alarm and verdict.score == 50
+
+
+async def test_a_batch_of_queries_of_two_widths_is_judged_as_one_at_a_time(rng):
+    """Two routes with inputs of different widths share a monitor's batch."""
+    narrow, wide = on_bin_centres(rng, 40, 0.2), on_bin_centres(rng, 60, 0.2)
+    batch = [Observation(client, query + rng.uniform(-0.05, 0.05, query.shape), np.zeros(1))
+             for client, query in [("a", narrow), ("b", wide), ("a", narrow), ("b", wide), ("c", narrow)]]
+    settings = {"threshold": 10, "window": 5, "top_n": 20, "salt": "s"}
+    together, alone = Similarity(MemoryStore(), **settings), Similarity(MemoryStore(), **settings)
+    expected = [await alone.observe(o.client, o.features, o.predicted) for o in batch]
+    assert await together.observe_batch(batch) == expected
+    assert [v.scope for v in expected] == [None, None, "per-client", "per-client", "cross-client"]
 
 
 async def test_work_per_query_does_not_grow_with_history(rng):

@@ -24,7 +24,9 @@ and class for ``G_c``, one per client for ``D``), as float32:
 
 from __future__ import annotations
 
+import bisect
 import functools
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,37 +71,65 @@ class _GrowingSet:
         )
         return header + self.members.tobytes()
 
-    def observe(self, queries: np.ndarray, cap: int) -> np.ndarray:
+    def observe(self, queries: np.ndarray, cap: int) -> list[float]:
         """Algorithm 1's inner step for a class's queries in order: their ``d_min`` (NaN for the
         query that founds an empty set, which adds nothing to ``D``). The distances of every query
-        to the members before the batch and to the batch's earlier queries come from one
-        vectorised computation; the members each query is compared with are tracked as indices
-        into them, so admitting a query costs no copy."""
+        to the members before the batch and to the batch's earlier queries come from vectorised
+        computations. Which members a query is compared with depends only on how many of the
+        batch's queries were admitted before it, and the slots the next admissions take are known
+        in advance (appended while the ring holds fewer than ``cap``, else the one at ``admitted %
+        cap``): so the nearest member still in the ring is a suffix minimum over the members
+        ordered by when they are replaced, and the loop over the queries is arithmetic on Python
+        floats. Queries are finite (the middleware refuses others)."""
         n, known = len(queries), len(self.members)
-        candidates = np.concatenate([self.members, queries])
-        squared = squared_distances(queries, candidates)
-        ring = list(range(known))  # slot -> row of ``candidates`` it holds
-        minima = np.full(n, np.nan)
+        slots, length = [], known
+        for admitted in range(self.admitted, self.admitted + n):
+            slots.append(length if length < cap else admitted % cap)
+            length += length < cap
+        replaced: dict[int, int] = {}  # a member's slot -> the batch's admission (0, 1, ...) replacing it
+        for admission, slot in enumerate(slots):
+            if slot < known:
+                replaced.setdefault(slot, admission)
+        # float32 roots: the least root is the root of the least squared distance (roots are monotonic)
+        to_members = np.sqrt(squared_distances(queries, self.members))
+        if min(replaced.values(), default=n) < n - 1:  # some query comes after a member is replaced
+            replacement = np.full(known, n)
+            replacement[list(replaced)] = list(replaced.values())
+            by_replacement = to_members[:, np.argsort(replacement, kind="stable")]
+            # nearest[i][r]: query i's nearest member once the first r of them to be replaced are gone
+            nearest = np.minimum.accumulate(by_replacement[:, ::-1], axis=1)[:, ::-1].tolist()
+        else:
+            nearest = to_members.min(axis=1, initial=np.inf)[:, None].tolist()
+        replacing = sorted(replaced.values())
+        to_batch = np.sqrt(squared_distances(queries, queries)).tolist() if n > 1 else [[]]
+        held: dict[int, int] = {}  # slot -> the batch's query admitted to it, while it is there
+        admissions, minima = 0, [math.nan] * n
         for i in range(n):
-            if not ring:
-                distance = 0.0
-            else:
-                minima[i] = np.sqrt(np.min(squared[i, ring]))
-                if not minima[i] > self.threshold:
+            if known or held:
+                gone = bisect.bisect_left(replacing, admissions)
+                distance = nearest[i][gone] if gone < len(nearest[i]) else math.inf
+                row = to_batch[i]
+                for j in held.values():
+                    if row[j] < distance:
+                        distance = row[j]
+                minima[i] = distance
+                if not distance > self.threshold:
                     continue
-                distance = float(minima[i])
-            if len(ring) < cap:
-                ring.append(known + i)
             else:
-                ring[self.admitted % cap] = known + i
+                distance = 0.0
+            held[slots[admissions]] = i
+            admissions += 1
             self.admitted += 1
             self.total += distance
             self.total_squares += distance * distance
             mean = self.total / self.admitted
-            std = np.sqrt(max(self.total_squares / self.admitted - mean * mean, 0.0))
+            std = math.sqrt(max(self.total_squares / self.admitted - mean * mean, 0.0))
             self.threshold = max(self.threshold, mean - std)
-        if ring != list(range(known)):
-            self.members = candidates[ring]
+        if held:
+            members = np.empty((max(known, max(held) + 1), queries.shape[1]), np.float32)
+            members[:known] = self.members
+            members[list(held)] = queries[list(held.values())]
+            self.members = members
         return minima
 
 
@@ -110,26 +140,9 @@ def squared_distances(queries: np.ndarray, candidates: np.ndarray, budget: int =
     out = np.empty((len(queries), len(candidates)), np.float32)
     step = max(1, budget // max(1, candidates.size))
     for start in range(0, len(queries), step):
-        chunk = queries[start : start + step]
-        out[start : start + step] = np.sum((candidates[None] - chunk[:, None]) ** 2, axis=2)
+        differences = candidates[None] - queries[start : start + step, None]
+        out[start : start + step] = np.square(differences, out=differences).sum(axis=2)
     return out
-
-
-def append_window(raw: bytes | None, values: np.ndarray, cap: int) -> bytes:
-    """Append ``values`` to a float32 ring of at most ``cap`` entries (order inside is
-    irrelevant)."""
-    appended = 0 if raw is None else _DISTANCES_HEADER.unpack_from(raw)[0]
-    old = (
-        np.empty(0, np.float32)
-        if raw is None
-        else np.frombuffer(raw, np.float32, offset=_DISTANCES_HEADER.size)
-    )
-    skipped = max(len(values) - cap, 0)
-    values = np.asarray(values, np.float32)[skipped:]
-    ring = np.empty(min(appended + skipped + len(values), cap), np.float32)
-    ring[: len(old)] = old
-    ring[(appended + skipped + np.arange(len(values))) % cap] = values
-    return _DISTANCES_HEADER.pack(appended + skipped + len(values)) + ring.tobytes()
 
 
 def read_window(raw: bytes) -> np.ndarray:
@@ -155,13 +168,13 @@ def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     a window kept sorted as it slides gives the same ``W`` as sorting it afresh. SciPy's test
     (Royston's AS R94, as ``scipy.stats.shapiro``) with its coefficients cached per sample size and
     no sort of its own."""
-    mean = ordered.mean()
+    mean = ordered.sum() / len(ordered)  # ``ordered.mean()``, without its wrapper
     centred = ordered - mean
-    spread = np.sqrt(centred @ centred / len(ordered))
+    spread = math.sqrt(centred @ centred / len(ordered))
     if spread == 0:
         return 0.0
     reach = outlier_sigmas * spread
-    kept = ordered[np.searchsorted(ordered, mean - reach, "left"):np.searchsorted(ordered, mean + reach, "right")]
+    kept = ordered[ordered.searchsorted(mean - reach, "left"):ordered.searchsorted(mean + reach, "right")]
     if len(kept) < 3 or kept[-1] == kept[0]:
         return 0.0
     w, _, _ = swilk(kept - kept[len(kept) // 2], _swilk_coefficients(len(kept)).copy(), True)
@@ -170,26 +183,48 @@ def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
 
 class SortedWindow:
     """``D`` as stored (a ring of at most ``cap`` float32 distances, ``appended`` ever) together with
-    its values sorted, so that ``W`` after each of a batch's appended distances costs two memmoves
-    and the test, not a sort of the whole window per query."""
+    its values sorted, with room for ``room`` more, so that ``W`` after each of a batch's appended
+    distances costs a memmove in place and the test, not a sort of the whole window per query."""
 
-    def __init__(self, raw: bytes | None, cap: int):
+    def __init__(self, raw: bytes | None, cap: int, room: int = 0):
         self.appended = 0 if raw is None else _DISTANCES_HEADER.unpack_from(raw)[0]
-        self.ring = np.empty(0, np.float32) if raw is None else read_window(raw).copy()
-        self.ordered = np.sort(self.ring.astype(np.float64))
-        self.cap = cap
+        ring = np.empty(0, np.float32) if raw is None else read_window(raw)
+        if len(ring) > cap:
+            raise ValueError(f"PRADA state holds {len(ring)} distances, more than max_distances ({cap})")
+        self.size, self.cap = len(ring), cap
+        self.ring = np.empty(min(self.size + room, cap), np.float32)
+        self.ring[:self.size] = ring
+        self._sorted = np.empty(self.size + room)
+        self._sorted[:self.size] = ring
+        self._sorted[:self.size].sort()
+
+    def encode(self) -> bytes:
+        """The window as stored: the count of distances ever appended, then the ring."""
+        return _DISTANCES_HEADER.pack(self.appended) + self.ring[:self.size].tobytes()
+
+    @property
+    def ordered(self) -> np.ndarray:
+        """The window's values, sorted (float64)."""
+        return self._sorted[:self.size]
 
     def append(self, value: float) -> None:
-        value = np.float32(value)
-        slot = self.appended % self.cap
-        if len(self.ring) == self.cap:
-            gone = np.searchsorted(self.ordered, np.float64(self.ring[slot]))
-            self.ordered = np.delete(self.ordered, gone)
+        value = float(np.float32(value))
+        ordered, size = self._sorted, self.size
+        at = ordered[:size].searchsorted(value)
+        if size == self.cap:  # the ring's oldest value makes way
+            slot = self.appended % self.cap
+            gone = ordered[:size].searchsorted(float(self.ring[slot]))
             self.ring[slot] = value
+            if gone < at:
+                ordered[gone:at - 1] = ordered[gone + 1:at]
+                at -= 1
+            else:
+                ordered[at + 1:gone + 1] = ordered[at:gone]
         else:
-            self.ring = np.append(self.ring, value)
-        at = np.searchsorted(self.ordered, np.float64(value))
-        self.ordered = np.concatenate((self.ordered[:at], [np.float64(value)], self.ordered[at:]))
+            self.ring[size] = value
+            ordered[at + 1:size + 1] = ordered[at:size]
+            self.size += 1
+        ordered[at] = value
         self.appended += 1
 
 
@@ -243,34 +278,43 @@ class Prada(Detector):
         queries = np.concatenate([np.asarray(o.features, np.float32).reshape(len(o.features), -1)
                                   for o in observations])
         labels = np.concatenate([np.asarray(o.predicted).astype(np.int64).reshape(-1) for o in observations])
-        ends = np.cumsum([len(o.features) for o in observations])
-        classes = np.unique(labels)
+        rows_of: dict[int, list[int]] = {}
+        for row, label in enumerate(labels.tolist()):
+            rows_of.setdefault(label, []).append(row)
+        classes = sorted(rows_of)
         dimension, cap = queries.shape[1], self.set_cap(queries.shape[1])
-        minima = np.full(len(queries), np.nan)
-        before: list[bytes | None] = []
+        minima = [math.nan] * len(queries)
+        verdicts: list[Verdict] = []
 
         def observe(old: list[bytes | None]) -> list[bytes]:
-            """Every class set the client's queries touch, then its distances, as one store update."""
+            """Every class set the client's queries touch, then its distances, as one store update;
+            ``W`` after each observation on the way."""
             new = []
             for label, raw in zip(classes, old):
-                rows = np.flatnonzero(labels == label)
+                rows = rows_of[label]
                 growing = _GrowingSet.decode(raw, dimension)
                 admitted = growing.admitted
-                minima[rows] = growing.observe(queries[rows], cap)
+                for row, distance in zip(rows, growing.observe(queries[rows], cap)):
+                    minima[row] = distance
                 new.append(raw if raw is not None and growing.admitted == admitted else growing.encode())
-            before.append(old[-1])
-            return [*new, append_window(old[-1], minima[~np.isnan(minima)], self.max_distances)]
+            found = [not math.isnan(distance) for distance in minima]
+            distances = iter([distance for distance in minima if not math.isnan(distance)])
+            # D after each observation: the window before the batch, slid over the batch's distances.
+            window = SortedWindow(old[-1], self.max_distances, room=sum(found))
+            verdicts.clear()
+            start = 0
+            for observation in observations:
+                end = start + len(observation.features)
+                count = sum(found[start:end])
+                for _ in range(count):
+                    window.append(next(distances))
+                # W changes only with D
+                verdicts.append(self._judge(window.ordered) if count or not verdicts else verdicts[-1])
+                start = end
+            return [*new, window.encode()]
 
         keys = [f"{self.prefix}:{client}:class:{label}" for label in classes]
         await self.store.update_many([*keys, f"{self.prefix}:{client}:distances"], observe, self.ttl)
-        found = ~np.isnan(minima)
-        # D after each observation: the window before the batch, slid over the batch's distances.
-        window = SortedWindow(before[-1], self.max_distances)
-        verdicts, distances = [], iter(minima[found])
-        for count in np.diff(np.cumsum(found)[ends - 1], prepend=0):
-            for _ in range(count):
-                window.append(next(distances))
-            verdicts.append(self._judge(window.ordered))
         return verdicts
 
     def _judge(self, ordered: np.ndarray) -> Verdict:

@@ -31,22 +31,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from itertools import chain, repeat
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from guard.monitors.base import Detector, Observation, Verdict
 from guard.store.base import StateStore
 
 _QUERY_ID_BYTES = 8
-_HASH_BYTES = 8
 _HIGH_HALF = np.uint64(0xFFFFFFFF00000000)
-
-
-def _split(packed: bytes) -> list[bytes]:
-    return [packed[i : i + _HASH_BYTES] for i in range(0, len(packed), _HASH_BYTES)]
+_LOW_HALF = np.uint64(0xFFFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -94,63 +90,88 @@ class Similarity(Detector):
         self._keys = np.frombuffer(stream, "<u8").reshape(window + 1, 2)
         self._digest_key = hashlib.shake_256(b"predguard similarity query ids" + salt).digest(32)
 
-    def query_ids(self, owner: bytes, queries: np.ndarray) -> list[bytes]:
-        """Per query: ``owner`` and a keyed digest of its values at float32 (exact repeats share it)."""
+    def digests(self, queries: np.ndarray) -> list[bytes]:
+        """Per query (a row of ``queries``), a keyed digest of its values at float32 (exact repeats
+        share it); a query's id is its client's name and this digest."""
         rows = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(len(queries), -1)) + np.float32(0)
-        return [owner + hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=_QUERY_ID_BYTES).digest()
-                for row in rows]
+        packed, width = memoryview(rows.tobytes()), rows.shape[1] * rows.itemsize
+        return [hashlib.blake2b(packed[row * width:(row + 1) * width], key=self._digest_key,
+                                digest_size=_QUERY_ID_BYTES).digest() for row in range(len(rows))]
 
     def fingerprints(self, queries: np.ndarray) -> list[list[bytes]]:
         """Per query (a row of ``queries``), the ``top_n`` largest keyed hashes of its distinct
         windows, as 8 big-endian bytes each, largest first."""
         rows = np.asarray(queries, np.float64).reshape(len(queries), -1)
-        levels = np.floor(rows / self.quantization).astype(np.int64).astype(np.uint64) & 0xFFFFFFFF
+        levels = np.floor(rows / self.quantization).astype(np.int64).view(np.uint64) & _LOW_HALF
         (n, length), (row_step, step) = levels.shape, levels.strides
         width = min(self.window, length)
-        shape = (n, (length - width) // self.stride + 1, width)
-        windows = as_strided(levels, shape, (row_step, step * self.stride, step), writeable=False)
+        windows = np.ndarray((n, (length - width) // self.stride + 1, width), levels.dtype, levels,
+                             strides=(row_step, step * self.stride, step))  # a view: as_strided, cheaper
         sums = windows @ self._keys[1 : width + 1] + self._keys[0]
-        hashes = np.sort((sums[..., 0] & _HIGH_HALF) | (sums[..., 1] >> np.uint64(32)), axis=1)
-        # Per row, the last of each run of equal hashes is a distinct one; largest first.
-        distinct = np.append(hashes[:, 1:] != hashes[:, :-1], np.ones((n, 1), bool), axis=1)
-        return [
-            _split(row[keep][::-1][: self.top_n].astype(">u8").tobytes())
-            for row, keep in zip(hashes, distinct)
-        ]
+        # Per row, largest first: the first of each run of equal hashes is a distinct one.
+        hashes = np.sort((sums[..., 0] & _HIGH_HALF) | (sums[..., 1] >> np.uint64(32)), axis=1)[:, ::-1]
+        distinct = np.empty(hashes.shape, bool)
+        distinct[:, 0] = True
+        np.not_equal(hashes[:, 1:], hashes[:, :-1], out=distinct[:, 1:])
+        kept = distinct & (np.cumsum(distinct, axis=1) <= self.top_n)
+        fields = hashes[kept].astype(">u8").view("V8").tolist()  # bytes, row after row
+        ends = np.cumsum(kept.sum(axis=1)).tolist()
+        return [fields[start:end] for start, end in zip([0, *ends], ends)]
 
     async def observe_batch(self, observations: Sequence[Observation]) -> list[Verdict]:
-        """Judge each query in order (one fingerprinting of every query of the batch and one
-        ``swap_many`` of all their hashes); an observation's verdict is that of its most similar
-        query."""
+        """Judge each query in order (one fingerprinting of the batch's queries of each width and
+        one ``swap_many`` of all their hashes); an observation's verdict is that of its most
+        similar query."""
         if not observations:
             return []
         queries = [np.asarray(o.features).reshape(len(o.features), -1) for o in observations]
-        prints = self.fingerprints(np.concatenate(queries))
-        ids = [query_id for o, rows in zip(observations, queries) for query_id in self.query_ids(o.client.encode(), rows)]
-        earlier = await self.store.swap_many(self.table, [h for p in prints for h in p],
-                                             [i for i, p in zip(ids, prints) for _ in p], self.ttl)
+        prints, digests = self._signatures(queries)
+        ids = [owner + digest for owner, digest in zip(
+            chain.from_iterable(repeat(o.client.encode(), len(rows)) for o, rows in zip(observations, queries)),
+            digests)]
+        earlier = await self.store.swap_many(self.table, list(chain.from_iterable(prints)),
+                                             list(chain.from_iterable(map(repeat, ids, map(len, prints)))),
+                                             self.ttl)
         verdicts, row, start = [], 0, 0
         for observation in observations:
-            verdict = self._judge(0.0, 0.0)
-            accomplices: set[bytes] = set()
             owner = observation.client.encode()
+            best_own, best_others, best = 0, 0, 0
+            accomplices: set[bytes] = set()
             for _ in range(len(observation.features)):
-                digest = ids[row][-_QUERY_ID_BYTES:]
-                shared = Counter(match for match in earlier[start : start + len(prints[row])]
-                                 if match is not None and match[-_QUERY_ID_BYTES:] != digest)
-                start, row = start + len(prints[row]), row + 1
-                own = max(
-                    (n for match, n in shared.items() if match[:-_QUERY_ID_BYTES] == owner), default=0
-                )
-                others = {match[:-_QUERY_ID_BYTES]: n for match, n in shared.items()
-                          if match[:-_QUERY_ID_BYTES] != owner}
+                digest, end = digests[row], start + len(prints[row])
+                own, others = 0, {}
+                for match, n in Counter(earlier[start:end]).items():
+                    if match is None or match[-_QUERY_ID_BYTES:] == digest:
+                        continue
+                    if match[:-_QUERY_ID_BYTES] == owner:
+                        own = max(own, n)
+                    else:
+                        others[match[:-_QUERY_ID_BYTES]] = n
                 accomplices.update(other for other, n in others.items() if n >= self.threshold)
-                judged = self._judge(float(own), float(max(others.values(), default=0)))
-                verdict = judged if judged.score > verdict.score else verdict
+                most = max(others.values(), default=0)
+                if max(own, most) > best:
+                    best_own, best_others, best = own, most, max(own, most)
+                start, row = end, row + 1
+            verdict = self._judge(float(best_own), float(best_others))
             if verdict.scope == "cross-client":
                 verdict = replace(verdict, accomplices=tuple(sorted(other.decode() for other in accomplices)))
             verdicts.append(verdict)
         return verdicts
+
+    def _signatures(self, queries: list[np.ndarray]) -> tuple[list[list[bytes]], list[bytes]]:
+        """``fingerprints`` and ``digests`` of every row of ``queries`` in order, computed once per
+        row width."""
+        widths: dict[int, list[int]] = {}
+        for i, rows in enumerate(queries):
+            widths.setdefault(rows.shape[1], []).append(i)
+        found: list[list[tuple[list[bytes], bytes]]] = [[] for _ in queries]
+        for indices in widths.values():
+            rows = np.concatenate([queries[i] for i in indices])
+            signed = zip(self.fingerprints(rows), self.digests(rows))
+            for i in indices:
+                found[i] = [next(signed) for _ in range(len(queries[i]))]
+        signed = list(chain.from_iterable(found))
+        return [fingerprint for fingerprint, _ in signed], [digest for _, digest in signed]
 
     def _judge(self, per_client: float, cross_client: float) -> SimilarityVerdict:
         score = max(per_client, cross_client)

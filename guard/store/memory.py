@@ -75,15 +75,16 @@ class _ExpiringMap:
         """For each key in order, its live value (None if absent or expired), then ``values[i]`` set
         in its place until ``expires`` (evicting maps: ``set`` for many keys in one pass)."""
         items, size, previous = self._items, self.size, []
+        get, move_to_end, remember = items.get, items.move_to_end, previous.append
         for key, value in zip(keys, values):
-            old = items.get(key)
+            old = get(key)
             if old is None:
-                previous.append(None)
+                remember(None)
                 size += ENTRY_OVERHEAD + len(key) + len(value)
             else:
-                previous.append(old[1] if old[0] > now else None)
+                remember(old[1] if old[0] > now else None)
                 size += len(value) - len(old[1])
-                items.move_to_end(key)
+                move_to_end(key)
             items[key] = (expires, value)
         self.size = size
         while len(items) > 1 and self._over():
