@@ -78,6 +78,28 @@ async def test_near_duplicate_alarms_per_client_then_cross_client(rng):
     )
 
 
+class ReplayingStore(MemoryStore):
+    """A store whose table swap answers with given earlier query ids, whatever the fields."""
+
+    def __init__(self, earlier):
+        super().__init__()
+        self.earlier = earlier
+
+    async def swap_many(self, table, fields, value, ttl):
+        return (self.earlier + [None] * len(fields))[:len(fields)]
+
+
+async def test_the_cross_client_score_is_that_of_the_other_clients_most_similar_query(rng):
+    """Bob's first query shares 30 hashes with this one, his second 2 (its windows overwrote a few
+    of the first's): the cross-client score is 30, whichever of them the table names last."""
+    first, second = b"bob" + b"1" * 8, b"bob" + b"2" * 8
+    for earlier in ([first] * 30 + [second] * 2, [second] * 2 + [first] * 30, [first, second] * 2 + [first] * 28):
+        detector = Similarity(ReplayingStore(earlier), threshold=25, salt="s")
+        verdict = await detector.observe("alice", rng.random((1, 784)), np.zeros(1))
+        assert (verdict.alarm, verdict.scope, verdict.cross_client, verdict.accomplices) == (
+            True, "cross-client", 30, ("bob",))
+
+
 async def test_unrelated_queries_share_few_hashes(rng):
     detector = build_detector("similarity", {"threshold": 25, "salt": "s"}, MemoryStore())
     scores = [

@@ -146,7 +146,7 @@ class Similarity(Detector):
                     if match[:-_QUERY_ID_BYTES] == owner:
                         own = max(own, n)
                     else:
-                        others[match[:-_QUERY_ID_BYTES]] = n
+                        others[match[:-_QUERY_ID_BYTES]] = max(others.get(match[:-_QUERY_ID_BYTES], 0), n)
                 accomplices.update(other for other, n in others.items() if n >= self.threshold)
                 most = max(others.values(), default=0)
                 if max(own, most) > best:
