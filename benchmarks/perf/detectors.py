@@ -336,6 +336,7 @@ async def _caught_at(target: torch.nn.Module, settings: dict[str, dict[str, Any]
     guard = app.middleware_stack
     while not isinstance(guard, GuardMiddleware):
         guard = guard.app
+    await guard.monitoring.monitor.stop()  # as the server's shutdown would: judge what is queued, here
     dropped = guard.monitoring.metrics.registry.get_sample_value("guard_observations_dropped_total")
     return next((i + 1 for i in range(len(features)) if not answers[i]), None), int(dropped)
 
