@@ -19,8 +19,9 @@ the monitor could not take (sent in the fail mode). On a shared machine the figu
 compare only configurations measured in the same run.
 Two more tables give the guard's added CPU time per request on the request path (the calling
 thread's) and the monitor's per observation, measured in process (which machine load hardly
-disturbs): around an app that answers at once, and around the FastAPI prediction app itself. A
-last table puts the issue's targets beside this run's figures.
+disturbs): around an app that answers at once, and around the FastAPI prediction app itself. One
+more gives the in-process monitor's CPU per observation by the size of the batches it judges (one
+client, and eight in turn). A last table puts the issue's targets beside this run's figures.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from torch import nn
 from benchmarks import datasets, models, serving
 from benchmarks.perf.attacks import Rows, print_table
 from guard import GuardMiddleware, Policy
+from guard.monitors.base import Observation
 
 HOST = "127.0.0.1"
 
@@ -308,6 +310,42 @@ def guard_cpu_cost(configs: list[tuple[str, Policy | None]], make_app: Callable[
             for name, (cost, monitor) in medians.items()]
 
 
+def monitor_cost_by_batch(policy: Policy, X: np.ndarray, labels: np.ndarray, rounds: int,
+                          sizes: tuple[int, ...] = (1, 4, 32), observations: int = 512) -> Rows:
+    """The in-process monitor's CPU time per observation (its ``Monitor.process``, both detectors)
+    judging batches of each of ``sizes``, from one client (as in the HTTP runs) and from eight in
+    turn, one row per query, after a warm-up; medians over ``rounds``. Under light load a batch
+    holds the few observations that arrive within the monitor's linger."""
+    monitor = GuardMiddleware(canned_app([]), policy).monitoring.monitor.monitor
+    cells = [(size, clients) for clients in (1, 8) for size in sizes]
+
+    def stream(clients: int) -> list[Observation]:
+        return [Observation(f"client {i % clients}", X[i % len(X)][None, :], [int(labels[i % len(X)])], "/predict")
+                for i in range(observations * (len(sizes) * rounds + 1))]
+
+    streams = {clients: stream(clients) for clients in (1, 8)}
+    taken = dict.fromkeys(streams, 0)
+
+    async def per_observation(size: int, clients: int) -> float:
+        start, taken[clients] = taken[clients], taken[clients] + observations
+        began = time.thread_time()
+        for at in range(start, start + observations, size):
+            await monitor.process(streams[clients][at:at + size])
+        return (time.thread_time() - began) / observations * 1e6
+
+    async def run() -> dict[tuple[int, int], list[float]]:
+        for clients in streams:  # warm-up: every client's state exists
+            await per_observation(sizes[-1], clients)
+        costs: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
+        for r in range(rounds):
+            for cell in cells if r % 2 == 0 else cells[::-1]:
+                costs[cell].append(await per_observation(*cell))
+        return costs
+
+    return [{"batch size": size, "clients": clients, "monitor CPU us/obs": statistics.median(costs)}
+            for (size, clients), costs in asyncio.run(run()).items()]
+
+
 def cpu_seconds(pid: int) -> float:
     """The CPU time (user + system, all threads) process ``pid`` has used so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -404,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         tables.append(guard_cpu_cost(in_process, make_app, bodies, rounds, calls))
         print_table(f"the guard's own CPU time per request, in process, around {inner} ({rounds} rounds x "
                     f"{calls} calls; medians)", tables[-1])
+    print_table(f"the in-process monitor's CPU time per observation by batch size ({rounds} rounds; medians)",
+                monitor_cost_by_batch(dict(configs)[ALL_ON], X, models.predict_proba(model, X).argmax(axis=1), rounds))
     print_table("the issue's targets (this run)", targets(http, tables[0]))
 
 
