@@ -78,8 +78,7 @@ class Round(OutputDefence):
     def __call__(self, probabilities: np.ndarray | list[list[float]],
                  features: np.ndarray | None = None) -> np.ndarray:
         # Row by row in plain Python: answers hold a few rows of a few classes, where each numpy
-        # call costs several microseconds on the request path (about 60 us for the vectorised
-        # version of this method against 3 us; a 1000 x 10 batch costs about 6 ms, 10x numpy's).
+        # call costs several microseconds on the request path; large batches pay for it (README).
         rows = probabilities.tolist() if isinstance(probabilities, np.ndarray) else probabilities
         units = 10.0 ** self.decimals
         rounded = np.array([round_row(row, units) for row in rows], dtype=np.float64)

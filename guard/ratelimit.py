@@ -143,7 +143,7 @@ class Admission:
         if refused is not None:
             return standing, self.decide(charged[refused], counts[refused], cost, True)
         tightest = min(range(len(counts)),  # the least remaining after this query (ties: the first)
-                       key=lambda i: max(0, math.floor(charged[i].amount - counts[i].used() - cost)))
+                       key=lambda i: remaining(charged[i], counts[i], cost))
         return standing, self.decide(charged[tightest], counts[tightest], cost, False)
 
     def decide(self, limit: WindowLimit, count: WindowCount, cost: int, refused: bool) -> LimitDecision:
@@ -152,9 +152,9 @@ class Admission:
         if refused:
             return LimitDecision(False, limit.amount, max(0, math.floor(limit.amount - count.used())),
                                  self.wait(limit, count, cost))
-        remaining = max(0, math.floor(limit.amount - count.used() - cost))
-        if remaining:  # the reset: the current window's end
-            return LimitDecision(True, limit.amount, remaining, (1.0 - count.elapsed) * limit.seconds)
+        left = remaining(limit, count, cost)
+        if left:  # the reset: the current window's end
+            return LimitDecision(True, limit.amount, left, (1.0 - count.elapsed) * limit.seconds)
         # None left: the reset a pacing client waits for is when the next query fits (with a sliding
         # window, this window's queries still weigh on the next one).
         charged = WindowCount(count.current + cost, count.previous, count.elapsed)
@@ -174,6 +174,11 @@ class Admission:
             return max(0.0, 1.0 - (room - count.current) / count.previous - count.elapsed) * limit.seconds
         later = 1.0 - room / count.current if count.current else 0.0
         return (1.0 - count.elapsed + max(0.0, later)) * limit.seconds
+
+
+def remaining(limit: WindowLimit, count: WindowCount, cost: int) -> int:
+    """Whole queries left under ``limit`` once ``cost`` more are charged to ``count``."""
+    return max(0, math.floor(limit.amount - count.used() - cost))
 
 
 def window(item: RateLimitItem, *scope: str) -> WindowLimit:

@@ -31,8 +31,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from itertools import chain, repeat
 from collections.abc import Sequence
+from itertools import chain, repeat
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -143,10 +143,11 @@ class Similarity(Detector):
                 for match, n in Counter(earlier[start:end]).items():
                     if match is None or match[-_QUERY_ID_BYTES:] == digest:
                         continue
-                    if match[:-_QUERY_ID_BYTES] == owner:
+                    client = match[:-_QUERY_ID_BYTES]
+                    if client == owner:
                         own = max(own, n)
                     else:
-                        others[match[:-_QUERY_ID_BYTES]] = max(others.get(match[:-_QUERY_ID_BYTES], 0), n)
+                        others[client] = max(others.get(client, 0), n)
                 accomplices.update(other for other, n in others.items() if n >= self.threshold)
                 most = max(others.values(), default=0)
                 if max(own, most) > best:
