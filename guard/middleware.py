@@ -39,7 +39,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.identity import ClientIdentifier, Identity, KeyCheck
@@ -51,6 +50,7 @@ from guard.outputs import Pipeline
 from guard.payload import (
     NO_FEATURES,
     EachRow,
+    FeatureRows,
     FeatureSource,
     InvalidJSON,
     PayloadError,
@@ -64,7 +64,7 @@ from guard.policy import Policy, RoutePolicy
 from guard.ratelimit import Admission, RouteLimits
 from guard.routing import RouteTable, audit_routes, get_route_path
 from guard.sanctions import Level, Sanctions
-from guard.store import StoreUnavailable, memory_options, store_from_uri
+from guard.store import StoreUnavailable, is_shared, memory_options, store_from_uri
 
 logger = logging.getLogger("guard")
 
@@ -113,17 +113,22 @@ class RouteGuard:
     websocket: bool
     flat: bool = False
     one_hot: bool = False
+    admitted: bool = True  # False: no limits, no sanctions: nothing to read or charge in the store
 
     @classmethod
-    def compile(cls, path: str, route: RoutePolicy, secret: bytes, detectors: list[str]) -> RouteGuard:
+    def compile(cls, path: str, route: RoutePolicy, secret: bytes, detectors: list[str],
+                sanctioned: bool) -> RouteGuard:
+        """``sanctioned``: sanctions may be in force (the policy has detectors, or the store is
+        shared with other processes, which may write them)."""
         watching = detectors if route.detectors is None else route.detectors
+        limits = RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits,
+                                   route.network_rate_limits)
+        admitted = sanctioned or bool(limits.per_client or limits.overall or limits.per_network)
         return cls(route.probabilities_at(), route.feature_source(),
                    Pipeline.from_specs(route.output, secret), Pipeline.from_specs(route.degraded_output, secret),
-                   tuple(route.labels) if route.labels else None, route.tolerance, path,
-                   RouteLimits.parse(route.rate_limits, route.overall_rate_limits, route.throttle_rate_limits,
-                                     route.network_rate_limits),
+                   tuple(route.labels) if route.labels else None, route.tolerance, path, limits,
                    bool(watching) and route.has_features,  # detectors watch features
-                   route.allow_websocket, route.probabilities_flat, route.label_only_as == "one_hot")
+                   route.allow_websocket, route.probabilities_flat, route.label_only_as == "one_hot", admitted)
 
 
 class Monitoring:
@@ -178,7 +183,9 @@ class GuardMiddleware:
         self.app = app
         self.policy = policy
         self.monitoring = Monitoring(policy, metrics, verify_key)
-        self.routes = RouteTable({path: RouteGuard.compile(path, route, policy.secret_bytes, list(policy.detectors))
+        sanctioned = bool(policy.detectors) or is_shared(policy.store)
+        self.routes = RouteTable({path: RouteGuard.compile(path, route, policy.secret_bytes, list(policy.detectors),
+                                                           sanctioned)
                                   for path, route in policy.routes.items()})
         self.problems = audit_routes(app, list(policy.routes))
         for problem in self.problems:
@@ -348,7 +355,7 @@ class GuardedExchange:
 
     # Step 3: the request body, read once and bounded, and the features in it (``NO_FEATURES``
     # when the route names none or a body source gets no body).
-    async def read_request(self) -> np.ndarray:
+    async def read_request(self) -> FeatureRows:
         self.body = await self.read_body()
         if self.route.features is None:
             return NO_FEATURES
@@ -390,6 +397,8 @@ class GuardedExchange:
     # throttled client's include the route's throttle limits) select the output policy or refuse.
     async def admit(self, identity: Identity, queries: int) -> tuple[Pipeline | None, str]:
         """The output pipeline for this request and the metrics' decision (pipeline None: refused)."""
+        if not self.route.admitted:
+            return self.route.output, "allowed"
         monitoring = self.monitoring
         try:
             standing, limit = await monitoring.admission.admit(self.route.path, identity.client, self.route.limits,
@@ -439,7 +448,7 @@ class GuardedExchange:
         else:
             self.unsupported = kind
 
-    async def respond(self, client: str, features: np.ndarray, output: Pipeline, decision: str) -> str:
+    async def respond(self, client: str, features: FeatureRows, output: Pipeline, decision: str) -> str:
         """Send the defended answer (in the fail mode when the monitor cannot take its observation);
         return the metrics' decision."""
         if self.start is None or not self.complete or self.unsupported:
@@ -469,7 +478,7 @@ class GuardedExchange:
     # Step 7: the observation (client, features, the model's own labels) goes to the monitor,
     # which judges it off the request path (guard.monitors.monitor). When it cannot be queued (the
     # queue is full, the monitor stalled or the stream unreachable) the answer fails closed.
-    async def observe(self, client: str, features: np.ndarray, predicted: list[int], output: Pipeline,
+    async def observe(self, client: str, features: FeatureRows, predicted: list[int], output: Pipeline,
                       decision: str) -> tuple[Pipeline, str]:
         """The output and decision once the monitor has the observation: chosen again by the
         client's standing when the monitor wrote a sanction since this request began (its sanction

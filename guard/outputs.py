@@ -2,8 +2,9 @@
 ``n`` lists of ``k`` floats, as the middleware reads them from an answer).
 
 Every defence is called as ``defence(probabilities, features)`` (``features``: the ``(n, d)``
-query rows, used only by ``Noise``), returns a new ``(n, k)`` probability distribution per row and
-keeps each row's top label (the first argmax of its input). ``parse`` builds one from a spec
+query rows, used only by ``Noise``), returns a new probability distribution per row, as an ``(n,
+k)`` array (``Round``, given lists, returns lists) and keeps each row's top label (the first
+argmax of its input). ``parse`` builds one from a spec
 string; ``Pipeline`` applies several in order.
 
 | spec | defence |
@@ -76,24 +77,27 @@ class Round(OutputDefence):
             raise ValueError(f"round: decimals must be between 0 and 12, got {self.decimals}")
 
     def __call__(self, probabilities: np.ndarray | list[list[float]],
-                 features: np.ndarray | None = None) -> np.ndarray:
+                 features: np.ndarray | None = None) -> np.ndarray | list[list[float]]:
         # Row by row in plain Python: answers hold a few rows of a few classes, where each numpy
         # call costs several microseconds on the request path; large batches pay for it (README).
-        rows = probabilities.tolist() if isinstance(probabilities, np.ndarray) else probabilities
+        # Lists stay lists (the middleware renders them as they are); an array gives an array.
         units = 10.0 ** self.decimals
-        rounded = np.array([round_row(row, units) for row in rows], dtype=np.float64)
-        return rounded if rows else np.empty(np.shape(probabilities))
+        if not isinstance(probabilities, np.ndarray):
+            return [round_row(row, units) for row in probabilities]
+        rounded = [round_row(row, units) for row in probabilities.tolist()]
+        return np.array(rounded, dtype=np.float64) if rounded else np.empty(probabilities.shape)
 
 
 def round_row(row: list[float], units: float) -> list[float]:
     """``Round``'s apportionment of one row (non-negative, positive sum) in ``units`` per unit mass."""
     scale = units / sum(row)
     scaled = [value * scale for value in row]
-    counts = [math.floor(value) for value in scaled]
+    counts = [int(value) for value in scaled]  # the floor: the values are non-negative
     leftover = int(units) - sum(counts)  # in [0, k], exact: whole numbers
-    # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
-    for column in sorted(range(len(row)), key=lambda j: counts[j] - scaled[j])[:leftover]:
-        counts[column] += 1
+    if leftover:  # the ``leftover`` columns of largest remainder get one unit more (ties: the earlier column)
+        remainders = [count - value for count, value in zip(counts, scaled)]
+        for column in sorted(range(len(row)), key=remainders.__getitem__)[:leftover]:
+            counts[column] += 1
     # The top column never ends below another; where it ties or trails by a unit, move one unit.
     top, winner = row.index(max(row)), counts.index(max(counts))
     if winner != top:

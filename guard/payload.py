@@ -155,40 +155,48 @@ def _number(value: Json) -> float:
     return float(value)
 
 
-def json_features(value: Json, width: int | None = None) -> np.ndarray:
-    """The feature vectors (one vector or a batch) in parsed JSON as an ``(n, d)`` array; with
-    ``width``, a flat row-major list of ``n * width`` numbers is read as ``n`` rows. Finite without
-    a check: the JSON parser refuses NaN, infinities and numbers beyond float64."""
-    features = np.array(number_rows(value, "features")[0])
+FeatureRows = list[list[float]]
+"""A request's feature rows: ``n`` lists of ``d`` floats (``np.asarray`` makes the ``(n, d)`` array).
+Lists, not an array, on the request path: a few short rows, where each numpy call costs
+microseconds; the monitor converts a whole batch."""
+
+
+def json_features(value: Json, width: int | None = None) -> FeatureRows:
+    """The feature vectors (one vector or a batch) in parsed JSON as rows; with ``width``, a flat
+    row-major list of ``n * width`` numbers is read as ``n`` rows. Finite without a check: the
+    JSON parser refuses NaN, infinities and numbers beyond float64."""
+    rows = number_rows(value, "features")[0]
     if width is not None:
-        if features.size % width:
-            raise PayloadError(f"features: {features.size} values are not rows of {width}")
-        features = features.reshape(-1, width)
-    return features
+        values = rows[0] if len(rows) == 1 else [v for row in rows for v in row]
+        if len(values) % width:
+            raise PayloadError(f"features: {len(values)} values are not rows of {width}")
+        rows = [values[i:i + width] for i in range(0, len(values), width)]
+    return rows
 
 
-def read_features(value: Json, width: int | None = None) -> np.ndarray:
+def read_features(value: Json, width: int | None = None) -> FeatureRows:
     """``json_features`` of values from anywhere (a query string, a user's function), checked finite."""
-    features = json_features(value, width)
-    if not np.logical_and.reduce(np.isfinite(features), axis=None):  # ndarray.all without its wrapper
+    rows = json_features(value, width)
+    if not all(math.isfinite(v) for row in rows for v in row):
         raise PayloadError("features: not all values are finite")
-    return features
+    return rows
 
 
 class InvalidJSON(PayloadError):
     """The request body is not JSON."""
 
 
-NO_FEATURES = np.empty((0, 0))
-"""What a source reads from a request without a body (a GET or DELETE on a JSON route): no rows."""
+NO_FEATURES: FeatureRows = []
+"""What a source reads from a request without a body (a GET or DELETE on a JSON route): no rows
+(shared: never modified)."""
 
 
 class FeatureSource(Protocol):
     """Where a route's feature rows are in a request."""
 
-    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
-        """The request's feature rows as a finite ``(n, d)`` array (``NO_FEATURES`` when a body
-        source gets no body); ``InvalidJSON`` or ``PayloadError`` when they are not there."""
+    def read(self, body: bytes, query_string: bytes) -> FeatureRows:
+        """The request's finite feature rows, ``n`` of ``d`` (``NO_FEATURES`` when a body source
+        gets no body); ``InvalidJSON`` or ``PayloadError`` when they are not there."""
 
     def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
         """A JSON request body that ``read`` reads ``rows`` from (one row not as a batch when
@@ -210,7 +218,7 @@ class VectorAt:
     pointer: Pointer
     width: int | None = None
 
-    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
+    def read(self, body: bytes, query_string: bytes) -> FeatureRows:
         if not body:
             return NO_FEATURES
         return json_features(self.pointer.get(parse_body(body)), self.width)
@@ -231,7 +239,7 @@ class NamedFields:
     fields: tuple[Pointer, ...]
     rows: Pointer = Pointer("", ())
 
-    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
+    def read(self, body: bytes, query_string: bytes) -> FeatureRows:
         if not body:
             return NO_FEATURES
         found = self.rows.get(parse_body(body))
@@ -263,7 +271,7 @@ class QueryFields:
 
     names: tuple[str, ...]
 
-    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
+    def read(self, body: bytes, query_string: bytes) -> FeatureRows:
         query = parse_qs(query_string.decode("latin-1"), keep_blank_values=True)
         missing = [name for name in self.names if name not in query]
         if missing:
@@ -295,7 +303,7 @@ class FeatureFunction:
         """From a callable or a ``"module:function"`` reference."""
         return cls(reference if callable(reference) else import_function(reference))
 
-    def read(self, body: bytes, query_string: bytes) -> np.ndarray:
+    def read(self, body: bytes, query_string: bytes) -> FeatureRows:
         document = parse_body(body) if body else None
         try:
             rows = self.function(document, parse_qs(query_string.decode("latin-1")))

@@ -12,11 +12,11 @@ import numpy as np
 @dataclass(frozen=True)
 class Observation:
     """One answered request as the monitor sees it: who sent it (``client``), its feature rows
-    ``(n, d)``, the model's own labels for them (``n`` ints: an array or a list) and the guarded
-    ``route`` it came on."""
+    (``n`` of ``d``: an ``(n, d)`` array, or lists as the request path reads them), the model's
+    own labels for them (``n`` ints: an array or a list) and the guarded ``route`` it came on."""
 
     client: str
-    features: np.ndarray
+    features: np.ndarray | list[list[float]]
     predicted: np.ndarray | list[int]
     route: str = ""
 

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 from guard.store.base import StateStore, StoreUnavailable
 from guard.store.memory import MemoryStore
 
-__all__ = ["MemoryStore", "StateStore", "StoreUnavailable", "memory_options", "store_from_uri"]
+__all__ = ["MemoryStore", "StateStore", "StoreUnavailable", "is_shared", "memory_options", "store_from_uri"]
 
 
 def store_from_uri(uri: str = "memory://", **options) -> StateStore:
@@ -24,6 +24,11 @@ def store_from_uri(uri: str = "memory://", **options) -> StateStore:
     raise ValueError(f"unknown state store URI {uri!r}: use memory:// or redis://host:port/db")
 
 
+def is_shared(uri: str) -> bool:
+    """Whether other processes may read and write the store a URI names (Redis), or only this one."""
+    return urlsplit(uri).scheme != "memory"
+
+
 def memory_options(uri: str, **options) -> dict:
     """``options`` for an in-process store's constructor; none for Redis (bounded by its maxmemory)."""
-    return options if urlsplit(uri).scheme == "memory" else {}
+    return {} if is_shared(uri) else options
