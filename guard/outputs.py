@@ -17,6 +17,7 @@ string; ``Pipeline`` applies several in order.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -92,12 +93,11 @@ def round_row(row: list[float], units: float) -> list[float]:
     """``Round``'s apportionment of one row (non-negative, positive sum) in ``units`` per unit mass."""
     scale = units / sum(row)
     scaled = [value * scale for value in row]
-    counts = [int(value) for value in scaled]  # the floor: the values are non-negative
+    counts = [math.floor(value) for value in scaled]
     leftover = int(units) - sum(counts)  # in [0, k], exact: whole numbers
-    if leftover:  # the ``leftover`` columns of largest remainder get one unit more (ties: the earlier column)
-        remainders = [count - value for count, value in zip(counts, scaled)]
-        for column in sorted(range(len(row)), key=remainders.__getitem__)[:leftover]:
-            counts[column] += 1
+    # The ``leftover`` columns of largest remainder get one unit more (ties: the earlier column).
+    for column in sorted(range(len(row)), key=lambda j: counts[j] - scaled[j])[:leftover]:
+        counts[column] += 1
     # The top column never ends below another; where it ties or trails by a unit, move one unit.
     top, winner = row.index(max(row)), counts.index(max(counts))
     if winner != top:
@@ -207,7 +207,7 @@ class Pipeline:
     def from_specs(cls, specs: list[str], secret: bytes | None = None) -> Pipeline:
         return cls(tuple(parse(spec, secret) for spec in specs))
 
-    @property
+    @functools.cached_property  # read on every request; an ABC's isinstance costs a microsecond
     def label_only(self) -> bool:
         return bool(self.stages) and isinstance(self.stages[-1], LabelOnly)
 

@@ -71,6 +71,10 @@ class _ExpiringMap:
                 self._expiries = [(e, k) for k, (e, _) in self._items.items()]
                 heapq.heapify(self._expiries)
 
+    def replace(self, key: object, value: object, expires: float) -> None:
+        """Give a key just read (``get``) a new value of the same ``entry_bytes``, in place."""
+        self._items[key] = (expires, value)
+
     def swap(self, keys: list, values: list, expires: float, now: float) -> list:
         """For each key in order, its live value (None if absent or expired), then ``values[i]`` set
         in its place until ``expires`` (evicting maps: ``set`` for many keys in one pass)."""
@@ -206,9 +210,12 @@ class MemoryStore:
             if charge.exceeds(limit, count):
                 return Admitted(standing, False, tuple(counts), len(counts) - 1)
             charged.append((limit.key, (index, current + charge.cost, previous),
-                            (index + (2 if charge.sliding else 1)) * limit.seconds))
-        for key, window, expires in charged:
-            counters.set(key, window, expires, now)
+                            (index + (2 if charge.sliding else 1)) * limit.seconds, window is not None))
+        for key, window, expires, held in charged:
+            if held:  # read just now (and made the most recent): the same size, so only its value changes
+                counters.replace(key, window, expires)
+            else:
+                counters.set(key, window, expires, now)
         return Admitted(standing, False, tuple(counts))
 
     def __len__(self) -> int:
