@@ -135,6 +135,8 @@ def number_rows(value: Json, what: str) -> tuple[list[list[float]], bool]:
     was a single vector. Plain Python, no numpy: requests and answers hold a few short rows, where
     each numpy call costs several microseconds on the request path."""
     single = isinstance(value, list) and bool(value) and not isinstance(value[0], list)
+    if single and set(map(type, value)) == _FLOATS:  # the common case, checked without generators
+        return [value], True
     rows = [value] if single else value
     if not isinstance(rows, list) or not rows or not all(isinstance(row, list) for row in rows) or not rows[0]:
         raise PayloadError(f"{what}: expected a non-empty list of numbers or a list of such lists")
