@@ -37,7 +37,7 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -47,34 +47,11 @@ from torch import nn
 
 from benchmarks import datasets, models, serving
 from benchmarks.perf.attacks import Rows, print_table
+from benchmarks.perf.configs import (ALL_ON, HOST, ROUND2, STREAMS, call_in_turn, canned_app, configurations,
+                                     guarded_requests)
 from guard import GuardMiddleware, Policy
 from guard.monitors.base import Observation
 
-HOST = "127.0.0.1"
-
-
-ROUND2 = "guard round:2"
-ALL_ON = "all on, in process"
-STREAMS = "all on, streams + 1 monitor"
-
-
-def configurations(redis_url: str | None = None) -> list[tuple[str, Policy | None]]:
-    """What is compared, baseline first: add a configuration by adding a (name, policy) pair. With
-    ``redis_url``, also the scale-out deployment: Redis store, observations on Redis Streams."""
-    round2 = {"probabilities": "/probabilities", "features": "/features", "output": ["round:2"]}
-    # Monitoring on: generous limits that count every query but never refuse one; both detectors
-    # observe every query, with thresholds that no query can cross (so the cost of observing is
-    # measured, not the cheaper refusals after an alarm); metrics on.
-    monitored = {**round2, "rate_limits": ["1000000/minute"], "overall_rate_limits": ["10000000/minute"]}
-    everything = {"secret": "overhead benchmark secret", "routes": {"/predict": monitored},
-                  "detectors": {"prada": {"delta": 0.0}, "similarity": {"threshold": 1e9}},
-                  "metrics_path": "/metrics"}
-    configs = [("bare", None),
-               (ROUND2, Policy(secret="overhead benchmark secret", routes={"/predict": round2})),
-               (ALL_ON, Policy(**everything))]
-    if redis_url is not None:
-        configs.append((STREAMS, Policy(**everything, store=redis_url, monitor={"deployment": "streams"})))
-    return configs
 
 
 def free_port() -> int:
@@ -232,19 +209,6 @@ def drive(servers: list[tuple[str, int, int, int | None]], bodies: list[bytes], 
     return summarise(results)
 
 
-def canned_app(exchanges: list[tuple[bytes, bytes]]) -> Callable:
-    """An ASGI app that answers each request body of ``exchanges`` (request body, answer) with its
-    answer at once: what is left of a prediction server without its own work."""
-    answers = dict(exchanges)
-
-    async def app(scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
-        answer = answers[(await receive())["body"]]
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]})
-        await send({"type": "http.response.body", "body": answer})
-    return app
-
-
 def guard_cpu_cost(configs: list[tuple[str, Policy | None]], make_app: Callable[[], Callable],
                    bodies: list[bytes], rounds: int, calls: int, drain_every: int = 32) -> Rows:
     """The guard's own CPU time per request, in process and free of network costs: each
@@ -253,20 +217,7 @@ def guard_cpu_cost(configs: list[tuple[str, Policy | None]], make_app: Callable[
     in-process monitor's, per observation, is read from its metrics, the monitor being left to
     catch up every ``drain_every`` requests (so it judges batches of up to that many and never
     falls behind its bound). Medians over ``rounds``."""
-    def replaying(body: bytes) -> Callable[[], Awaitable[dict]]:
-        async def receive() -> dict:
-            return {"type": "http.request", "body": body, "more_body": False}
-        return receive
-
-    async def discard(message: dict) -> None:
-        pass
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
-             "root_path": "", "server": (HOST, 80), "client": (HOST, 50000)}
-    requests = [({**scope, "headers": [(b"host", HOST.encode()), (b"content-type", b"application/json"),
-                                       (b"content-length", str(len(body)).encode())]}, replaying(body))
-                for body in bodies]
+    requests = guarded_requests(bodies)
     apps = []
     for name, policy in configs:
         app = make_app()
@@ -281,9 +232,7 @@ def guard_cpu_cost(configs: list[tuple[str, Policy | None]], make_app: Callable[
         judged_before = registry.get_sample_value("guard_observations_judged_total") if registry else 0.0
         for start in range(0, calls, drain_every):
             began = time.thread_time()
-            for i in range(start, min(start + drain_every, calls)):
-                scope, receive = requests[i % len(requests)]
-                await app(dict(scope), receive, discard)
+            await call_in_turn(app, requests, start, min(start + drain_every, calls))
             spent += time.thread_time() - began
             if monitor is not None:
                 await monitor.drain()
