@@ -21,6 +21,15 @@ class Observation:
     route: str = ""
 
 
+def with_array(observation: Observation) -> Observation:
+    """``observation`` with its feature rows as one float64 ``(n, d)`` array, converted once for
+    every detector (the request path hands lists)."""
+    if isinstance(observation.features, np.ndarray):
+        return observation
+    return Observation(observation.client, np.array(observation.features, dtype=np.float64),
+                       observation.predicted, observation.route)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """A detector's judgement of the query it just observed: its ``score`` (larger is more
