@@ -130,10 +130,10 @@ class Admission:
         unreachable or the standing unreadable."""
         counters = limits.counters(route)
         applied = [counter.limit(client) for counter in counters.per_client]
-        if network:
+        if network and counters.per_network:
             applied += [counter.limit(network) for counter in counters.per_network]
         applied += counters.overall
-        throttled = [counter.limit(client) for counter in counters.throttled]
+        throttled = [counter.limit(client) for counter in counters.throttled] if counters.throttled else []
         admitted = await self._store.admit(Charge(
             Sanctions.key(client), applied, throttled, cost, self._sliding, self._clock(), THROTTLE, BLOCK))
         standing = self._sanctions.read(admitted.standing)
@@ -142,8 +142,8 @@ class Admission:
         charged, counts, refused = [*applied, *throttled], admitted.counts, admitted.refused
         if refused is not None:
             return standing, self.decide(charged[refused], counts[refused], cost, True)
-        tightest = min(range(len(counts)),  # the least remaining after this query (ties: the first)
-                       key=lambda i: remaining(charged[i], counts[i], cost))
+        lefts = [remaining(limit, count, cost) for limit, count in zip(charged, counts)]
+        tightest = lefts.index(min(lefts))  # the least remaining after this query (ties: the first)
         return standing, self.decide(charged[tightest], counts[tightest], cost, False)
 
     def decide(self, limit: WindowLimit, count: WindowCount, cost: int, refused: bool) -> LimitDecision:
