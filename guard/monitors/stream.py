@@ -38,8 +38,7 @@ from guard.monitors.base import Observation
 from guard.monitors.monitor import Monitor, Queued, linger
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Sanctions
-from guard.store.base import StoreUnavailable
-from guard.store.redis import RedisStore, client_options
+from guard.store.redis import Coalescer, RedisStore, client_options
 
 logger = logging.getLogger("guard")
 
@@ -120,9 +119,9 @@ class ObservationStream:
     """The web worker's side: appends each observation to its client's partition, within the bound.
 
     The observations offered in one turn of the event loop go together, in one script call (at
-    most ``OFFER_BATCH`` observations each), so a busy worker pays one round trip for several
-    requests rather than one each, and no request waits for another's append; every request
-    still waits for its own observation's fate."""
+    most ``OFFER_BATCH`` observations each; ``guard.store.redis.Coalescer``), so a busy worker
+    pays one round trip for several requests rather than one each, and no request waits for
+    another's append; every request still waits for its own observation's fate."""
 
     escalations = 0  # sanctions are written by the monitor processes, unseen here
 
@@ -130,67 +129,29 @@ class ObservationStream:
         self.settings, self.prefix = settings, prefix
         self._client = aioredis.Redis.from_url(url, **client_options(timeout))
         self._offer = self._client.register_script(_OFFER)
-        self._waiting: list[tuple[int, bytes, asyncio.Future[Queued]]] = []
-        self._sending: set[asyncio.Task] = set()
+        self._offers: Coalescer[tuple[int, bytes], Queued] = Coalescer(self._append, OFFER_BATCH)
 
     def start(self) -> None:
         """Nothing to start: the monitors are processes of their own."""
 
     async def stop(self) -> None:
-        await asyncio.gather(*self._sending, return_exceptions=True)
+        await self._offers.drain()
         await self._client.aclose()
 
     async def offer(self, observation: Observation) -> Queued:
         """Append ``observation``; refused (nothing appended) when its partition's backlog is full or
         its oldest entry has waited ``max_delay``. ``StoreUnavailable`` when Redis cannot be reached."""
-        loop = asyncio.get_running_loop()
-        fate: asyncio.Future[Queued] = loop.create_future()
-        partition = partition_of(observation.client, self.settings.partitions)
-        self._waiting.append((partition, encode(observation), fate))
-        if len(self._waiting) == 1:  # the turn's first: send them all once the turn's handlers have run
-            loop.call_soon(self._send_waiting)
-        return await fate
+        return await self._offers((partition_of(observation.client, self.settings.partitions), encode(observation)))
 
-    def _send_waiting(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for start in range(0, len(waiting), OFFER_BATCH):
-            task = asyncio.create_task(self._send(waiting[start:start + OFFER_BATCH]))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[int, bytes, asyncio.Future[Queued]]]) -> None:
-        """Append ``batch`` and settle every observation's fate."""
-        try:
-            taken = await self._append(batch)
-        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
-            _settle(batch, exception=StoreUnavailable(f"redis unreachable: {error}"))
-        except asyncio.CancelledError:  # the event loop is closing: no request is left hanging
-            _settle(batch, exception=StoreUnavailable("the observation stream was shut down"))
-            raise
-        except Exception as error:  # a script error: the requests of the batch see it
-            _settle(batch, exception=error)
-        else:
-            _settle(batch, [Queued.ACCEPTED if flag == ord("1") else Queued.REFUSED for flag in taken])
-
-    async def _append(self, batch: list[tuple[int, bytes, asyncio.Future[Queued]]]) -> bytes:
-        partitions = sorted({partition for partition, _, _ in batch})
+    async def _append(self, batch: list[tuple[int, bytes]]) -> list[Queued]:
+        """Append ``batch`` (partition, encoded observation), each in turn within the bound."""
+        partitions = sorted({partition for partition, _ in batch})
         index = {partition: str(i + 1) for i, partition in enumerate(partitions)}
         args: list[int | str | bytes] = [self.settings.max_pending, int(self.settings.max_delay * 1000)]
-        for partition, packed, _ in batch:
+        for partition, packed in batch:
             args += [index[partition], packed]
-        return await self._offer(keys=[stream_key(self.prefix, p) for p in partitions], args=args)
-
-
-def _settle(batch: list[tuple[int, bytes, asyncio.Future[Queued]]], fates: list[Queued] | None = None,
-            exception: BaseException | None = None) -> None:
-    """Give each waiting request its observation's fate (or ``exception``); one that was cancelled
-    meanwhile has gone and needs none."""
-    for i, (_, _, fate) in enumerate(batch):
-        if not fate.done():
-            if exception is not None:
-                fate.set_exception(exception)
-            else:
-                fate.set_result(fates[i])
+        taken = await self._offer(keys=[stream_key(self.prefix, p) for p in partitions], args=args)
+        return [Queued.ACCEPTED if flag == ord("1") else Queued.REFUSED for flag in taken]
 
 
 class StreamMonitor:

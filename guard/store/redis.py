@@ -3,8 +3,10 @@ are one per deployment. Built on ``redis.asyncio`` with short timeouts; a connec
 ``StoreUnavailable`` (the guard then follows its fail mode) and the next call reconnects by itself."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -60,55 +62,67 @@ end
 return table.concat(previous)
 """
 
-# One admission (``StateStore.admit``): read the standing; unless a block is in force, read each limit's
-# counters (current and, for sliding windows, previous window, numbered on the server's clock) and
-# charge them all only if none would be exceeded. KEYS: the standing, then one counter prefix per limit
-# (the throttle limits last). ARGV: the caller's wall time (s), cost, sliding (1/0), throttle level,
-# block level, the number of limits applied when not throttled, then amount and window (ms) per limit.
-# Returns {standing, refused (-1: blocked, 0: none, i: the i-th limit), then per limit read: current,
-# previous, elapsed fraction (a string: Lua numbers come back as integers)}.
+# The admissions (``StateStore.admit``) made in one turn of the event loop, each in turn: read the
+# standing; unless a block is in force, read each limit's counters (current and, for sliding windows,
+# previous window, numbered on the server's clock) and charge them all only if none would be exceeded.
+# KEYS: per admission, its standing, then one counter prefix per limit (the throttle limits last). ARGV:
+# per admission one string of numbers: the caller's wall time (s), cost, sliding (1/0), throttle level,
+# block level, the number of limits applied when not throttled, the number of limits, then amount and
+# window (ms) per limit. Returns per admission its standing and a string of numbers, each packed
+# (``pack``): refused (-1: blocked, 0: none, i: the i-th limit), then per limit read: current, previous,
+# elapsed fraction.
 _ADMIT = """
-local standing = redis.call('GET', KEYS[1])
-local level = 0
-if standing then
-  local ok, record = pcall(cjson.decode, standing)
-  if ok and type(record) == 'table' and tonumber(record[1]) and tonumber(record[2])
-      and tonumber(record[2]) > tonumber(ARGV[1]) then
-    level = tonumber(record[1])
-  end
+local function packed(item)
+  if not item then return '\\255\\255\\255\\255' end
+  return struct.pack('>I4', #item) .. item
 end
-if level >= tonumber(ARGV[5]) then return {standing, -1} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local cost = tonumber(ARGV[2])
-local sliding = ARGV[3] == '1'
-local n = #KEYS - 1
-if level ~= tonumber(ARGV[4]) then n = tonumber(ARGV[6]) end
-local out = {standing, 0}
-local charged = {}
-for i = 1, n do
-  local amount = tonumber(ARGV[5 + 2 * i])
-  local window = tonumber(ARGV[6 + 2 * i])
-  local index = math.floor(now / window)
-  local elapsed = (now - index * window) / window
-  local key = KEYS[i + 1] .. ':' .. index
-  local current = tonumber(redis.call('GET', key) or '0')
-  local previous = 0
-  if sliding then previous = tonumber(redis.call('GET', KEYS[i + 1] .. ':' .. (index - 1)) or '0') end
-  out[#out + 1] = current
-  out[#out + 1] = previous
-  out[#out + 1] = tostring(elapsed)
-  if previous * (1 - elapsed) + current + cost > amount then
-    out[2] = i
-    return out
+local function admit(keys, args)
+  local standing = redis.call('GET', KEYS[keys])
+  local level = 0
+  if standing then
+    local ok, record = pcall(cjson.decode, standing)
+    if ok and type(record) == 'table' and tonumber(record[1]) and tonumber(record[2])
+        and tonumber(record[2]) > args[1] then
+      level = tonumber(record[1])
+    end
   end
-  charged[#charged + 1] = {key, sliding and 2 * window or window}
+  if level >= args[5] then return packed(standing) .. packed('-1') end
+  local cost, sliding = args[2], args[3] == 1
+  local n = args[7]
+  if level ~= args[4] then n = args[6] end
+  local out = {'0'}
+  local charged = {}
+  for i = 1, n do
+    local amount, window = args[6 + 2 * i], args[7 + 2 * i]
+    local index = math.floor(now / window)
+    local elapsed = (now - index * window) / window
+    local key = KEYS[keys + i] .. ':' .. index
+    local current = tonumber(redis.call('GET', key) or '0')
+    local previous = 0
+    if sliding then previous = tonumber(redis.call('GET', KEYS[keys + i] .. ':' .. (index - 1)) or '0') end
+    out[#out + 1] = current .. ' ' .. previous .. ' ' .. tostring(elapsed)
+    if previous * (1 - elapsed) + current + cost > amount then
+      out[1] = tostring(i)
+      return packed(standing) .. packed(table.concat(out, ' '))
+    end
+    charged[#charged + 1] = {key, sliding and 2 * window or window}
+  end
+  for _, counter in ipairs(charged) do
+    redis.call('INCRBY', counter[1], cost)
+    redis.call('PEXPIRE', counter[1], counter[2])
+  end
+  return packed(standing) .. packed(table.concat(out, ' '))
 end
-for _, counter in ipairs(charged) do
-  redis.call('INCRBY', counter[1], cost)
-  redis.call('PEXPIRE', counter[1], counter[2])
+local replies, keys = {}, 1
+for a = 1, #ARGV do
+  local args = {}
+  for number in string.gmatch(ARGV[a], '%S+') do args[#args + 1] = tonumber(number) end
+  replies[a] = admit(keys, args)
+  keys = keys + 1 + args[7]
 end
-return out
+return table.concat(replies)
 """
 
 # Compare-and-set of several keys (``update_many``): unless some key's value is no longer the one read
@@ -131,7 +145,67 @@ end
 return 1
 """
 
+ADMIT_BATCH = 256  # admissions sent in one script call, at most
+
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Coalescer(Generic[Item, Result]):
+    """Calls made in one turn of the event loop, sent to Redis together: ``send(items)`` (at most
+    ``most`` items each) gives one result per item. Each caller still waits for its own result, and
+    no call waits for a later one: the first call of a turn schedules the sending for just after
+    the turn's other handlers have run. A client's calls of one turn go in the order they were made.
+    A failure to reach Redis is ``StoreUnavailable`` for every call of the batch; any other error is
+    raised to each of them."""
+
+    def __init__(self, send: Callable[[list[Item]], Awaitable[list[Result]]], most: int):
+        self._send, self._most = send, most
+        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._sending: set[asyncio.Task] = set()
+
+    async def __call__(self, item: Item) -> Result:
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Result] = loop.create_future()
+        self._waiting.append((item, result))
+        if len(self._waiting) == 1:  # the turn's first: send them all once the turn's handlers have run
+            loop.call_soon(self._send_waiting)
+        return await result
+
+    async def drain(self) -> None:
+        """Wait for the batches in flight."""
+        await asyncio.gather(*self._sending, return_exceptions=True)
+
+    def _send_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for start in range(0, len(waiting), self._most):
+            task = asyncio.create_task(self._settle(waiting[start:start + self._most]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _settle(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        """Send ``batch`` and give each caller its result (a caller cancelled meanwhile needs none)."""
+        try:
+            results = await self._send([item for item, _ in batch])
+        except _UNREACHABLE as error:
+            _fail(batch, StoreUnavailable(f"redis unreachable: {error}"))
+        except asyncio.CancelledError:  # the event loop is closing: no caller is left hanging
+            _fail(batch, StoreUnavailable("redis calls were cancelled"))
+            raise
+        except Exception as error:  # e.g. a script error: every caller of the batch sees it
+            _fail(batch, error)
+        else:
+            for (_, waiting), result in zip(batch, results, strict=True):
+                if not waiting.done():
+                    waiting.set_result(result)
+
+
+def _fail(batch: list[tuple[object, asyncio.Future]], error: BaseException) -> None:
+    for _, waiting in batch:
+        if not waiting.done():
+            waiting.set_exception(error)
 
 
 def client_options(timeout: float) -> dict:
@@ -152,6 +226,7 @@ class RedisStore:
         self._half_cap = max(1, max_table_fields // 2)
         self._swap_many = self._client.register_script(_SWAP_MANY)
         self._admit = self._client.register_script(_ADMIT)
+        self._admissions: Coalescer[Charge, Admitted] = Coalescer(self._admit_many, ADMIT_BATCH)
         self._compare_and_set = self._client.register_script(_COMPARE_AND_SET)
 
     @asynccontextmanager
@@ -203,23 +278,36 @@ class RedisStore:
         return unpack(previous)
 
     async def admit(self, charge: Charge) -> Admitted:
-        limits = [*charge.limits, *charge.throttle_limits]
-        args = [repr(charge.now), charge.cost, int(charge.sliding), charge.throttle_level, charge.block_level,
-                len(charge.limits)]
-        for limit in limits:
-            args += [limit.amount, _ms(limit.seconds)]
-        async with self._reachable():
-            reply = await self._admit(keys=[self._prefix + charge.standing_key,
-                                            *(self._prefix + limit.key for limit in limits)], args=args)
-        standing, refused, *read = reply
-        if refused == -1:
-            return Admitted(standing, blocked=True)
-        counts = tuple(WindowCount(int(read[i]), int(read[i + 1]), float(read[i + 2]))
-                       for i in range(0, len(read), 3))
-        return Admitted(standing, False, counts, refused - 1 if refused else None)
+        """``StateStore.admit``; the admissions made in one turn of the event loop go to Redis in one
+        script call, in the order they were made (``Coalescer``)."""
+        return await self._admissions(charge)
+
+    async def _admit_many(self, charges: list[Charge]) -> list[Admitted]:
+        keys, args = [], []
+        for charge in charges:
+            limits = [*charge.limits, *charge.throttle_limits]
+            keys.append(self._prefix + charge.standing_key)
+            keys += [self._prefix + limit.key for limit in limits]
+            numbers = [repr(charge.now), str(charge.cost), "1" if charge.sliding else "0", str(charge.throttle_level),
+                       str(charge.block_level), str(len(charge.limits)), str(len(limits))]
+            for limit in limits:
+                numbers += [str(limit.amount), str(_ms(limit.seconds))]
+            args.append(" ".join(numbers))
+        replies = unpack(await self._admit(keys=keys, args=args))
+        return [admitted(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
     async def close(self) -> None:
+        await self._admissions.drain()
         await self._client.aclose()
+
+
+def admitted(standing: bytes | None, numbers: bytes) -> Admitted:
+    """An admission as ``_ADMIT`` reports it."""
+    refused, *read = numbers.split()
+    if refused == b"-1":
+        return Admitted(standing, blocked=True)
+    counts = tuple(WindowCount(int(read[i]), int(read[i + 1]), float(read[i + 2])) for i in range(0, len(read), 3))
+    return Admitted(standing, False, counts, int(refused) - 1 if refused != b"0" else None)
 
 
 _NONE = 0xFFFFFFFF
