@@ -39,7 +39,7 @@ from guard.monitors.base import Observation
 from guard.monitors.monitor import Monitor, Queued, linger
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Sanctions
-from guard.store.redis import Coalescer, RedisStore, client_options, unpack
+from guard.store.redis import Coalescer, RedisStore, client_options
 
 logger = logging.getLogger("guard")
 
@@ -79,37 +79,6 @@ for i, key in ipairs(KEYS) do
   held[i] = mine and '1' or '0'
 end
 return table.concat(held)
-"""
-# KEYS: the streams whose entries are acknowledged, then those read. ARGV: the consumer group, the
-# consumer, the most entries to read, then per stream acknowledged its entries' IDs (space-separated).
-# Acknowledges and deletes the judged entries, then reads new ones (without blocking: scripts cannot):
-# per entry, the index of its stream among those read (from 1), its ID and its value, each packed
-# (``guard.store.redis.pack``).
-_ACK_AND_READ = """
-local group, consumer, acknowledged = ARGV[1], ARGV[2], #ARGV - 3
-for i = 1, acknowledged do
-  local ids = {}
-  for id in string.gmatch(ARGV[3 + i], '%S+') do ids[#ids + 1] = id end
-  redis.call('XACK', KEYS[i], group, unpack(ids))
-  redis.call('XDEL', KEYS[i], unpack(ids))
-end
-if #KEYS == acknowledged then return '' end
-local streams, index = {}, {}
-for i = acknowledged + 1, #KEYS do
-  streams[#streams + 1] = KEYS[i]
-  index[KEYS[i]] = struct.pack('>I4', 4) .. struct.pack('>I4', i - acknowledged)
-end
-for i = acknowledged + 1, #KEYS do streams[#streams + 1] = '>' end
-local found = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', ARGV[3], 'STREAMS', unpack(streams))
-local entries = {}
-for _, stream in ipairs(found or {}) do
-  for _, entry in ipairs(stream[2]) do
-    local value = entry[2][2]
-    entries[#entries + 1] = index[stream[1]] .. struct.pack('>I4', #entry[1]) .. entry[1] ..
-      struct.pack('>I4', #value) .. value
-  end
-end
-return table.concat(entries)
 """
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
@@ -204,7 +173,6 @@ class StreamMonitor:
         self._rebalanced = -math.inf
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
-        self._ack_and_read = self.redis.register_script(_ACK_AND_READ)
         self.judged: dict[int, list[bytes]] = {}  # per partition, the IDs judged and not yet acknowledged
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -233,8 +201,7 @@ class StreamMonitor:
     async def step(self) -> int:
         """One round: renew and rebalance the leases (every quarter lease), take the next batch (a
         previous owner's pending entries first), judge it. A batch is acknowledged and deleted with
-        the next read, in the same round trip (``_ACK_AND_READ``), or before any claim. Returns the
-        observations judged."""
+        the next read, in the same round trip, or before any claim. Returns the observations judged."""
         if time.monotonic() - self._rebalanced >= self.settings.lease / 4:
             await self.rebalance()
             self._rebalanced = time.monotonic()
@@ -248,11 +215,9 @@ class StreamMonitor:
             else:
                 entries += [(partition, entry_id, fields) for entry_id, fields in claimed]
         readable = sorted(self.owned - self.inherited)
-        if not entries and self.judged:
-            entries = await self.read(readable, self.settings.batch_size)
-        if not entries and readable:
-            entries = await self.wait(readable, self.settings.batch_size)
-        elif not entries:
+        if not entries and (readable or self.judged):
+            entries = await self.read(readable, self.settings.batch_size)  # at once if any wait
+        if not entries and not readable:
             await asyncio.sleep(self.block)
         if entries:
             await self.judge(entries)
@@ -263,26 +228,24 @@ class StreamMonitor:
         return len(entries)
 
     async def read(self, partitions: list[int], count: int) -> list[tuple[int, bytes, dict[bytes, bytes]]]:
-        """Acknowledge and delete the entries judged so far, then take up to ``count`` new entries of
-        ``partitions`` (none waiting: none)."""
+        """In one round trip: acknowledge and delete the entries judged so far, then take up to
+        ``count`` new entries of ``partitions``, waiting up to ``self.block`` s for one."""
         judged, self.judged = self.judged, {}
-        acknowledged = [stream_key(self.prefix, p) for p in judged]
-        streams = [stream_key(self.prefix, p) for p in partitions]
         try:
-            found = unpack(await self._ack_and_read(keys=[*acknowledged, *streams], args=[
-                GROUP, self.name, count, *(b" ".join(ids) for ids in judged.values())]))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for partition, ids in judged.items():
+                    pipe.xack(stream_key(self.prefix, partition), GROUP, *ids)
+                    pipe.xdel(stream_key(self.prefix, partition), *ids)
+                if partitions:
+                    pipe.xreadgroup(GROUP, self.name, {stream_key(self.prefix, p): ">" for p in partitions},
+                                    count=count, block=int(self.block * 1000))
+                replies = await pipe.execute()
         except BaseException:  # not acknowledged, or not known to be: once more with the next read
             for partition, ids in judged.items():
                 self.judged.setdefault(partition, []).extend(ids)
             raise
-        return [(partitions[int.from_bytes(found[i], "big") - 1], found[i + 1], {b"o": found[i + 2]})
-                for i in range(0, len(found), 3)]
-
-    async def wait(self, partitions: list[int], count: int) -> list[tuple[int, bytes, dict]]:
-        """Up to ``count`` new entries of ``partitions``, waiting up to ``self.block`` s for one."""
-        streams = {stream_key(self.prefix, p): ">" for p in partitions}
-        answer = await self.redis.xreadgroup(GROUP, self.name, streams, count=count, block=int(self.block * 1000))
         by_key = {stream_key(self.prefix, p): p for p in partitions}
+        answer = replies[-1] if partitions else None
         return [(by_key[key.decode()], entry_id, fields) for key, found in answer or [] for entry_id, fields in found]
 
     async def claim(self, partition: int) -> list[tuple[bytes, dict]] | None:

@@ -195,20 +195,23 @@ class Coalescer(Generic[Item, Result]):
         loop = asyncio.get_running_loop()
         result: asyncio.Future[Result] = loop.create_future()
         self._waiting.append((item, result))
-        if len(self._waiting) == 1:  # the turn's first: send them all once the turn's handlers have run
-            loop.call_soon(self._send_waiting)
+        if len(self._waiting) == 1:  # the turn's first: its task sends them all once the turn's handlers have run
+            task = loop.create_task(self._send_waiting())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
         return await result
 
     async def drain(self) -> None:
         """Wait for the batches in flight."""
         await asyncio.gather(*self._sending, return_exceptions=True)
 
-    def _send_waiting(self) -> None:
+    async def _send_waiting(self) -> None:
         waiting, self._waiting = self._waiting, []
-        for start in range(0, len(waiting), self._most):
-            task = asyncio.create_task(self._settle(waiting[start:start + self._most]))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+        if len(waiting) <= self._most:
+            await self._settle(waiting)
+        else:
+            await asyncio.gather(*(self._settle(waiting[start:start + self._most])
+                                   for start in range(0, len(waiting), self._most)))
 
     async def _settle(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         """Send ``batch`` and give each caller its result (a caller cancelled meanwhile needs none)."""
