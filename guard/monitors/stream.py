@@ -163,7 +163,8 @@ class StreamMonitor:
         self.settings, self.prefix, self.block = policy.monitor, prefix, block
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.redis = aioredis.Redis.from_url(policy.store, **client_options(5.0))
-        self.store = RedisStore(policy.store, prefix=prefix)
+        # It owns its clients' detector state: the values it wrote last, cached, are most often current.
+        self.store = RedisStore(policy.store, prefix=prefix, cache_bytes=policy.memory_limit // 2)
         self.monitor = Monitor.from_policy(policy, self.store, Sanctions(self.store).escalate,
                                            metrics or GuardMetrics())
         self.owned: set[int] = set()
