@@ -179,39 +179,44 @@ Result = TypeVar("Result")
 
 
 class Coalescer(Generic[Item, Result]):
-    """Calls made in one turn of the event loop, sent to Redis together: ``send(items)`` (at most
-    ``most`` items each) gives one result per item. Each caller still waits for its own result, and
-    no call waits for a later one: the first call of a turn schedules the sending for just after
-    the turn's other handlers have run. A client's calls of one turn go in the order they were made.
-    A failure to reach Redis is ``StoreUnavailable`` for every call of the batch; any other error is
-    raised to each of them; a result that is an exception is raised to its own caller."""
+    """Calls sent to Redis together: ``send(items)`` (at most ``most`` items each) gives one result per
+    item. One batch is in flight at a time: the first call starts a sender that, once the turn of
+    the event loop it was made in has run, sends the calls made so far; the calls made while a batch
+    is in flight go together as soon as its reply is in. So a busy worker pays one round trip for
+    many calls, an idle one no more than one per call, and no call waits for a later one. Each
+    caller waits for its own result; calls go in the order they were made. A failure to reach
+    Redis is ``StoreUnavailable`` for every call of the batch; any other error is raised to each of
+    them; a result that is an exception is raised to its own caller."""
 
     def __init__(self, send: Callable[[list[Item]], Awaitable[list[Result]]], most: int):
         self._send, self._most = send, most
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
-        self._sending: set[asyncio.Task] = set()
+        self._sender: asyncio.Task | None = None
 
     async def __call__(self, item: Item) -> Result:
         loop = asyncio.get_running_loop()
         result: asyncio.Future[Result] = loop.create_future()
         self._waiting.append((item, result))
-        if len(self._waiting) == 1:  # the turn's first: its task sends them all once the turn's handlers have run
-            task = loop.create_task(self._send_waiting())
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_waiting())
         return await result
 
     async def drain(self) -> None:
-        """Wait for the batches in flight."""
-        await asyncio.gather(*self._sending, return_exceptions=True)
+        """Wait for the calls made so far to be answered."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
 
     async def _send_waiting(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        if len(waiting) <= self._most:
-            await self._settle(waiting)
-        else:
-            await asyncio.gather(*(self._settle(waiting[start:start + self._most])
-                                   for start in range(0, len(waiting), self._most)))
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:self._most], self._waiting[self._most:]
+                await self._settle(batch)
+        except asyncio.CancelledError:  # the event loop is closing: no caller is left hanging
+            _fail(self._waiting, StoreUnavailable("redis calls were cancelled"))
+            self._waiting = []
+            raise
+        finally:
+            self._sender = None
 
     async def _settle(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         """Send ``batch`` and give each caller its result (a caller cancelled meanwhile needs none)."""
@@ -219,7 +224,7 @@ class Coalescer(Generic[Item, Result]):
             results = await self._send([item for item, _ in batch])
         except _UNREACHABLE as error:
             _fail(batch, StoreUnavailable(f"redis unreachable: {error}"))
-        except asyncio.CancelledError:  # the event loop is closing: no caller is left hanging
+        except asyncio.CancelledError:
             _fail(batch, StoreUnavailable("redis calls were cancelled"))
             raise
         except Exception as error:  # e.g. a script error: every caller of the batch sees it
