@@ -10,7 +10,8 @@ observations to Redis Streams and ``guard monitor`` processes judge them (``Stre
   length is its backlog):
   ``max_pending`` entries, or an oldest entry older than ``max_delay`` (its ID is its time), is a
   fault and nothing is appended; the middleware then answers in the fail mode. The observations
-  offered in one turn of a worker's event loop go together in one call, each checked in turn. A
+  a worker offers in one turn of its event loop, or while its previous append is in flight, go
+  together in one call, each checked in turn. A
   stream is never trimmed (``MAXLEN`` would drop unjudged observations silently): the backlog
   bound refuses instead.
 - Ownership: monitors announce themselves in a sorted set (score: expiry) and each holds a lease
@@ -119,10 +120,11 @@ def decode(fields: dict[bytes, bytes]) -> Observation:
 class ObservationStream:
     """The web worker's side: appends each observation to its client's partition, within the bound.
 
-    The observations offered in one turn of the event loop go together, in one script call (at
-    most ``OFFER_BATCH`` observations each; ``guard.store.redis.Coalescer``), so a busy worker
-    pays one round trip for several requests rather than one each, and no request waits for
-    another's append; every request still waits for its own observation's fate."""
+    The observations offered in one turn of the event loop, or while the previous append is in
+    flight, go together, in one script call (at most ``OFFER_BATCH`` observations each;
+    ``guard.store.redis.Coalescer``), so a busy worker pays one round trip for several requests
+    rather than one each, and no request waits for a later one's append; every request still waits
+    for its own observation's fate."""
 
     escalations = 0  # sanctions are written by the monitor processes, unseen here
 
