@@ -6,8 +6,7 @@ observations to Redis Streams and ``guard monitor`` processes judge them (``Stre
   one consumer at a time sees a client's queries, in order, and per-client detector state stays
   consistent.
 - Bound: ``ObservationStream.offer`` appends with one atomic script that first checks the
-  partition's backlog (entries are deleted once judged, with the monitor's next read, so a stream's
-  length is its backlog):
+  partition's backlog (entries are deleted once judged, so a stream's length is its backlog):
   ``max_pending`` entries, or an oldest entry older than ``max_delay`` (its ID is its time), is a
   fault and nothing is appended; the middleware then answers in the fail mode. The observations
   a worker offers in one turn of its event loop, or while its previous append is in flight, go
@@ -203,8 +202,9 @@ class StreamMonitor:
 
     async def step(self) -> int:
         """One round: renew and rebalance the leases (every quarter lease), take the next batch (a
-        previous owner's pending entries first), judge it. A batch is acknowledged and deleted with
-        the next read, in the same round trip, or before any claim. Returns the observations judged."""
+        previous owner's pending entries first), judge it. A full batch is acknowledged and deleted
+        with the next read, in the same round trip; a smaller one at once. Returns the observations
+        judged."""
         if time.monotonic() - self._rebalanced >= self.settings.lease / 4:
             await self.rebalance()
             self._rebalanced = time.monotonic()
@@ -226,7 +226,9 @@ class StreamMonitor:
             await self.judge(entries)
             if len(entries) < min(self.settings.batch_size, self.settings.max_pending):
                 # Let the next batch fill: its fixed costs (round trips to read and to the detectors'
-                # state) are most of a small one's.
+                # state) are most of a small one's. Acknowledge first: a judged entry left in its
+                # stream would count against the web workers' bound (its age, the backlog).
+                await self.read([], 0)
                 await asyncio.sleep(self.linger)
         return len(entries)
 
