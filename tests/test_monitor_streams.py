@@ -255,6 +255,7 @@ async def test_offers_made_together_each_reach_a_monitor_exactly_once(redis_serv
         while len(judged) < len(offered):
             assert await consumer.step() > 0
         assert sorted(o.features[0, 0] for o in judged) == [float(i) for i in range(len(offered))]
+        assert await consumer.step() == 0  # a full last batch is acknowledged with this read
         assert await backlog(redis) == 0
     finally:
         await stream.stop()

@@ -130,6 +130,52 @@ async def test_unreachable_redis_raises_store_unavailable():
         await Admission(store, Sanctions(store)).admit("/p", "alice", RouteLimits.parse(per_client="1/second"))
 
 
+async def test_admissions_made_together_count_each_query_once_in_order(stores):
+    """Concurrent admissions made in one turn of the event loop (on Redis: one script call): each
+    is counted once, in the order made, and the limit refuses exactly the excess; another client's
+    and a blocked client's admissions in the same turn are judged on their own."""
+    now = [1000.0]
+    admission = admissions(stores, clock=lambda: now[0])[0]
+    limits = RouteLimits.parse(per_client="5/minute", overall="100/minute")
+    await stores[0].set(Sanctions.key("mallory"), Standing(Level.BLOCK, 1100.0).encode(), ttl=600)
+    calls = [("alice", 1)] * 7 + [("bob", 2), ("mallory", 1), ("alice", 1)]
+    outcomes = await asyncio.gather(*(admission.admit("/p", client, limits, cost) for client, cost in calls))
+    alice = [decision for (client, _), (_, decision) in zip(calls, outcomes) if client == "alice"]
+    assert [d.allowed for d in alice] == [True] * 5 + [False] * 3
+    assert [d.remaining for d in alice] == [4, 3, 2, 1, 0, 0, 0, 0]
+    (_, bob), (mallory, blocked) = outcomes[7], outcomes[8]
+    assert bob.allowed and bob.remaining == 3
+    assert mallory.level == Level.BLOCK and blocked is None
+    # the overall counter holds alice's 5 and bob's 2: the refused and the blocked queries charged nothing
+    _, overall = await admission.admit("/p", "carol", RouteLimits.parse(overall="100/minute"))
+    assert overall.remaining == 100 - 7 - 1
+
+
+async def test_redis_sends_the_admissions_of_one_turn_in_one_call(redis_url):
+    store = store_from_uri(redis_url, prefix=f"test-admit-{uuid.uuid4().hex}:")
+    calls = []
+    script = store._admit
+
+    async def counted(keys, args):
+        calls.append(len(args))
+        return await script(keys=keys, args=args)
+    store._admit = counted
+    admission = Admission(store, Sanctions(store))
+    limits = RouteLimits.parse(per_client="3/minute")
+    decisions = [d for _, d in await asyncio.gather(*(admission.admit("/p", "alice", limits) for _ in range(6)))]
+    assert calls == [6] and [d.allowed for d in decisions] == [True] * 3 + [False] * 3
+    assert not (await admission.admit("/p", "alice", limits))[1].allowed and calls == [6, 1]
+    await store.close()
+
+
+async def test_admissions_made_together_to_an_unreachable_redis_each_raise_store_unavailable():
+    store = store_from_uri("redis://127.0.0.1:1/0", timeout=0.2)
+    admission = Admission(store, Sanctions(store))
+    outcomes = await asyncio.gather(*(admission.admit("/p", f"client-{i}", RouteLimits.parse(per_client="1/second"))
+                                      for i in range(5)), return_exceptions=True)
+    assert len(outcomes) == 5 and all(isinstance(outcome, StoreUnavailable) for outcome in outcomes)
+
+
 async def test_memory_counters_are_bounded():
     store = MemoryStore(evict=False, counter_bytes=1000 * 400)
     admission = Admission(store, Sanctions(store))

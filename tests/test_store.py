@@ -105,6 +105,47 @@ async def test_unreachable_redis_raises_store_unavailable():
     await store.close()
 
 
+async def test_redis_updates_from_stale_cached_values_lose_no_write(redis_url):
+    """Two processes' stores, each updating from the values it last saw (cached): a value another
+    wrote meanwhile (by an update, a ``set`` or a ``delete``) is never overwritten unseen, and an
+    update reads first only when it has not seen the keys (one script call when it wrote them last)."""
+    prefix = f"test-store:{uuid.uuid4().hex}:"
+    first, second = (RedisStore(redis_url, prefix=prefix, timeout=5.0) for _ in range(2))
+    calls = []
+    script = first._compare_and_set
+
+    async def counted(keys, args, client=None):
+        calls.append(args[2])
+        return await script(keys=keys, args=args)
+    first._compare_and_set = counted
+
+    def append(letter: bytes):
+        return lambda old: [(old[0] or b"") + letter, old[1]]  # the second key is only read
+    await first.update_many(["log", "kept"], append(b"a"), ttl=30)
+    assert calls == ["kk", "wk"]  # not seen yet: read, then write
+    await first.update_many(["log", "kept"], append(b"b"), ttl=30)
+    assert calls[2:] == ["wk"]  # seen: one call
+    await second.update_many(["log", "kept"], append(b"c"), ttl=30)
+    await second.update_many(["kept", "log"], lambda old: [b"k", old[1] + b"d"], ttl=30)
+    await first.update_many(["log", "kept"], append(b"e"), ttl=30)  # its cached values are stale
+    assert await first.get("log") == b"abcde" and await first.get("kept") == b"k"
+    await second.set("log", b"x", ttl=30)
+    assert await first.update("log", lambda old: old + b"y", ttl=30) == b"xy"
+    await second.delete("log")
+    assert await first.update("log", lambda old: (old or b"") + b"z", ttl=30) == b"z"
+    await first.close()
+    await second.close()
+
+
+def test_redis_state_cache_is_bounded_in_bytes():
+    from guard.store.redis import ENTRY_BYTES, StateCache
+    cache = StateCache(10 * (ENTRY_BYTES + 1000 + 2))
+    for i in range(30):
+        cache.put(f"k{i:02d}", bytes(1000), "v")
+    assert cache.size <= cache.max_bytes and cache.get("k29") == (bytes(1000), "v")
+    assert cache.get("k00") == (None, "?")  # the least recently used went first
+
+
 def test_store_from_uri(redis_url):
     assert isinstance(store_from_uri("memory://"), MemoryStore)
     assert isinstance(store_from_uri(redis_url), RedisStore)

@@ -9,7 +9,8 @@ observations to Redis Streams and ``guard monitor`` processes judge them (``Stre
   partition's backlog (entries are deleted once judged, so a stream's length is its backlog):
   ``max_pending`` entries, or an oldest entry older than ``max_delay`` (its ID is its time), is a
   fault and nothing is appended; the middleware then answers in the fail mode. The observations
-  offered in one turn of a worker's event loop go together in one call, each checked in turn. A
+  a worker offers in one turn of its event loop, or while its previous append is in flight, go
+  together in one call, each checked in turn. A
   stream is never trimmed (``MAXLEN`` would drop unjudged observations silently): the backlog
   bound refuses instead.
 - Ownership: monitors announce themselves in a sorted set (score: expiry) and each holds a lease
@@ -38,8 +39,7 @@ from guard.monitors.base import Observation
 from guard.monitors.monitor import Monitor, Queued, linger
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Sanctions
-from guard.store.base import StoreUnavailable
-from guard.store.redis import RedisStore, client_options
+from guard.store.redis import Coalescer, RedisStore, client_options
 
 logger = logging.getLogger("guard")
 
@@ -119,10 +119,11 @@ def decode(fields: dict[bytes, bytes]) -> Observation:
 class ObservationStream:
     """The web worker's side: appends each observation to its client's partition, within the bound.
 
-    The observations offered in one turn of the event loop go together, in one script call (at
-    most ``OFFER_BATCH`` observations each), so a busy worker pays one round trip for several
-    requests rather than one each, and no request waits for another's append; every request
-    still waits for its own observation's fate."""
+    The observations offered in one turn of the event loop, or while the previous append is in
+    flight, go together, in one script call (at most ``OFFER_BATCH`` observations each;
+    ``guard.store.redis.Coalescer``), so a busy worker pays one round trip for several requests
+    rather than one each, and no request waits for a later one's append; every request still waits
+    for its own observation's fate."""
 
     escalations = 0  # sanctions are written by the monitor processes, unseen here
 
@@ -130,67 +131,29 @@ class ObservationStream:
         self.settings, self.prefix = settings, prefix
         self._client = aioredis.Redis.from_url(url, **client_options(timeout))
         self._offer = self._client.register_script(_OFFER)
-        self._waiting: list[tuple[int, bytes, asyncio.Future[Queued]]] = []
-        self._sending: set[asyncio.Task] = set()
+        self._offers: Coalescer[tuple[int, bytes], Queued] = Coalescer(self._append, OFFER_BATCH)
 
     def start(self) -> None:
         """Nothing to start: the monitors are processes of their own."""
 
     async def stop(self) -> None:
-        await asyncio.gather(*self._sending, return_exceptions=True)
+        await self._offers.drain()
         await self._client.aclose()
 
     async def offer(self, observation: Observation) -> Queued:
         """Append ``observation``; refused (nothing appended) when its partition's backlog is full or
         its oldest entry has waited ``max_delay``. ``StoreUnavailable`` when Redis cannot be reached."""
-        loop = asyncio.get_running_loop()
-        fate: asyncio.Future[Queued] = loop.create_future()
-        partition = partition_of(observation.client, self.settings.partitions)
-        self._waiting.append((partition, encode(observation), fate))
-        if len(self._waiting) == 1:  # the turn's first: send them all once the turn's handlers have run
-            loop.call_soon(self._send_waiting)
-        return await fate
+        return await self._offers((partition_of(observation.client, self.settings.partitions), encode(observation)))
 
-    def _send_waiting(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for start in range(0, len(waiting), OFFER_BATCH):
-            task = asyncio.create_task(self._send(waiting[start:start + OFFER_BATCH]))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[int, bytes, asyncio.Future[Queued]]]) -> None:
-        """Append ``batch`` and settle every observation's fate."""
-        try:
-            taken = await self._append(batch)
-        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
-            _settle(batch, exception=StoreUnavailable(f"redis unreachable: {error}"))
-        except asyncio.CancelledError:  # the event loop is closing: no request is left hanging
-            _settle(batch, exception=StoreUnavailable("the observation stream was shut down"))
-            raise
-        except Exception as error:  # a script error: the requests of the batch see it
-            _settle(batch, exception=error)
-        else:
-            _settle(batch, [Queued.ACCEPTED if flag == ord("1") else Queued.REFUSED for flag in taken])
-
-    async def _append(self, batch: list[tuple[int, bytes, asyncio.Future[Queued]]]) -> bytes:
-        partitions = sorted({partition for partition, _, _ in batch})
+    async def _append(self, batch: list[tuple[int, bytes]]) -> list[Queued]:
+        """Append ``batch`` (partition, encoded observation), each in turn within the bound."""
+        partitions = sorted({partition for partition, _ in batch})
         index = {partition: str(i + 1) for i, partition in enumerate(partitions)}
         args: list[int | str | bytes] = [self.settings.max_pending, int(self.settings.max_delay * 1000)]
-        for partition, packed, _ in batch:
+        for partition, packed in batch:
             args += [index[partition], packed]
-        return await self._offer(keys=[stream_key(self.prefix, p) for p in partitions], args=args)
-
-
-def _settle(batch: list[tuple[int, bytes, asyncio.Future[Queued]]], fates: list[Queued] | None = None,
-            exception: BaseException | None = None) -> None:
-    """Give each waiting request its observation's fate (or ``exception``); one that was cancelled
-    meanwhile has gone and needs none."""
-    for i, (_, _, fate) in enumerate(batch):
-        if not fate.done():
-            if exception is not None:
-                fate.set_exception(exception)
-            else:
-                fate.set_result(fates[i])
+        taken = await self._offer(keys=[stream_key(self.prefix, p) for p in partitions], args=args)
+        return [Queued.ACCEPTED if flag == ord("1") else Queued.REFUSED for flag in taken]
 
 
 class StreamMonitor:
@@ -201,7 +164,8 @@ class StreamMonitor:
         self.settings, self.prefix, self.block = policy.monitor, prefix, block
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.redis = aioredis.Redis.from_url(policy.store, **client_options(5.0))
-        self.store = RedisStore(policy.store, prefix=prefix)
+        # It owns its clients' detector state: the values it wrote last, cached, are most often current.
+        self.store = RedisStore(policy.store, prefix=prefix, cache_bytes=policy.memory_limit // 2)
         self.monitor = Monitor.from_policy(policy, self.store, Sanctions(self.store).escalate,
                                            metrics or GuardMetrics())
         self.owned: set[int] = set()
@@ -211,6 +175,7 @@ class StreamMonitor:
         self._rebalanced = -math.inf
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        self.judged: dict[int, list[bytes]] = {}  # per partition, the IDs judged and not yet acknowledged
 
     async def run(self, stop: asyncio.Event) -> None:
         """Judge rounds until ``stop`` is set, then give the partitions back."""
@@ -219,6 +184,8 @@ class StreamMonitor:
             while not stop.is_set():
                 await self.step()
         finally:
+            if self.judged:
+                await self.read([], 0)
             for partition in self.owned:
                 await self._release(keys=[self._lease(partition)], args=[self.name])
             await self.redis.zrem(self._alive, self.name)
@@ -235,12 +202,15 @@ class StreamMonitor:
 
     async def step(self) -> int:
         """One round: renew and rebalance the leases (every quarter lease), take the next batch (a
-        previous owner's pending entries first), judge it, acknowledge and delete it. Returns the
-        observations judged."""
+        previous owner's pending entries first), judge it. A full batch is acknowledged and deleted
+        with the next read, in the same round trip; a smaller one at once. Returns the observations
+        judged."""
         if time.monotonic() - self._rebalanced >= self.settings.lease / 4:
             await self.rebalance()
             self._rebalanced = time.monotonic()
         entries: list[tuple[int, bytes, dict[bytes, bytes]]] = []
+        if self.inherited and self.judged:
+            await self.read([], 0)
         for partition in sorted(self.inherited):
             claimed = await self.claim(partition)
             if claimed is None:
@@ -248,24 +218,39 @@ class StreamMonitor:
             else:
                 entries += [(partition, entry_id, fields) for entry_id, fields in claimed]
         readable = sorted(self.owned - self.inherited)
-        if not entries and readable:
-            entries = await self.read(readable, self.settings.batch_size, block=True)  # at once if any wait
-        elif not entries:
+        if not entries and (readable or self.judged):
+            entries = await self.read(readable, self.settings.batch_size)  # at once if any wait
+        if not entries and not readable:
             await asyncio.sleep(self.block)
         if entries:
             await self.judge(entries)
             if len(entries) < min(self.settings.batch_size, self.settings.max_pending):
-                # Let the next batch fill: its fixed costs (round trips to read, to each detector's
-                # state and to acknowledge) are most of a small one's. One read per batch.
+                # Let the next batch fill: its fixed costs (round trips to read and to the detectors'
+                # state) are most of a small one's. Acknowledge first: a judged entry left in its
+                # stream would count against the web workers' bound (its age, the backlog).
+                await self.read([], 0)
                 await asyncio.sleep(self.linger)
         return len(entries)
 
-    async def read(self, partitions: list[int], count: int, block: bool) -> list[tuple[int, bytes, dict]]:
-        """Up to ``count`` new entries of ``partitions`` (with ``block``, waiting up to ``self.block`` s for one)."""
-        streams = {stream_key(self.prefix, p): ">" for p in partitions}
-        answer = await self.redis.xreadgroup(GROUP, self.name, streams, count=count,
-                                             block=int(self.block * 1000) if block else None)
+    async def read(self, partitions: list[int], count: int) -> list[tuple[int, bytes, dict[bytes, bytes]]]:
+        """In one round trip: acknowledge and delete the entries judged so far, then take up to
+        ``count`` new entries of ``partitions``, waiting up to ``self.block`` s for one."""
+        judged, self.judged = self.judged, {}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for partition, ids in judged.items():
+                    pipe.xack(stream_key(self.prefix, partition), GROUP, *ids)
+                    pipe.xdel(stream_key(self.prefix, partition), *ids)
+                if partitions:
+                    pipe.xreadgroup(GROUP, self.name, {stream_key(self.prefix, p): ">" for p in partitions},
+                                    count=count, block=int(self.block * 1000))
+                replies = await pipe.execute()
+        except BaseException:  # not acknowledged, or not known to be: once more with the next read
+            for partition, ids in judged.items():
+                self.judged.setdefault(partition, []).extend(ids)
+            raise
         by_key = {stream_key(self.prefix, p): p for p in partitions}
+        answer = replies[-1] if partitions else None
         return [(by_key[key.decode()], entry_id, fields) for key, found in answer or [] for entry_id, fields in found]
 
     async def claim(self, partition: int) -> list[tuple[bytes, dict]] | None:
@@ -280,16 +265,13 @@ class StreamMonitor:
         return [] if (await self.redis.xpending(key, GROUP))["pending"] else None
 
     async def judge(self, entries: list[tuple[int, bytes, dict[bytes, bytes]]]) -> None:
+        """Judge ``entries``; they are acknowledged with the next read."""
         try:
             await self.monitor.process([decode(fields) for _, _, fields in entries])
         except Exception:
             logger.exception("guard monitor %s: failed on a batch of %d observations", self.name, len(entries))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for partition in {p for p, _, _ in entries}:
-                ids = [entry_id for p, entry_id, _ in entries if p == partition]
-                pipe.xack(stream_key(self.prefix, partition), GROUP, *ids)
-                pipe.xdel(stream_key(self.prefix, partition), *ids)
-            await pipe.execute()
+        for partition, entry_id, _ in entries:
+            self.judged.setdefault(partition, []).append(entry_id)
 
     @property
     def _alive(self) -> str:

@@ -3,12 +3,19 @@ are one per deployment. Built on ``redis.asyncio`` with short timeouts; a connec
 ``StoreUnavailable`` (the guard then follows its fail mode) and the next call reconnects by itself."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -18,10 +25,11 @@ from guard.store.base import Admitted, Charge, StoreUnavailable, Update, UpdateM
 # a field is looked up in both, written to the current one, and when the current one holds half the
 # cap it replaces the previous one, so the table never holds more than ``cap`` fields and recently
 # written fields survive. Each value carries its own expiry (ms, Redis server time) before a ':';
-# a generation's key lives as long as its longest-lived field. ARGV: ttl, half the cap, the values (one,
-# or one per field) and the fields, each list packed (``pack``: every item after its 4-byte length: one
-# argument, not thousands, for the client to send). Returns the previous values packed alike, a
-# length of 0xFFFFFFFF standing for none.
+# a generation's key lives as long as its longest-lived field. ARGV: ttl, half the cap, the distinct
+# values (``pack``: every item after its 4-byte length: one argument, not thousands, for the client to
+# send), per field the index of its value among them (4 bytes, from 1), the fields (packed). Returns the
+# distinct previous values found (packed, after their packed length) and per field the index of its
+# previous value among them (4 bytes, from 1; 0: none): few distinct values, many fields.
 _SWAP_MANY = """
 local function unpack_items(packed)
   local items, at = {}, 1
@@ -37,17 +45,25 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 local half = tonumber(ARGV[2])
 local values = unpack_items(ARGV[3])
-local fields = unpack_items(ARGV[4])
-local previous = {}
+local fields = unpack_items(ARGV[5])
+local found, index_of, previous = {}, {}, {}
 for i, field in ipairs(fields) do
-  local stamped = (now + ttl) .. ':' .. values[#values == 1 and 1 or i]
+  local stamped = (now + ttl) .. ':' .. values[struct.unpack('>I4', ARGV[4], 4 * i - 3)]
   local old = redis.call('HGET', KEYS[1], field) or redis.call('HGET', KEYS[2], field)
-  local value = false
+  local index = 0
   if old then
     local sep = string.find(old, ':', 1, true)
-    if tonumber(string.sub(old, 1, sep - 1)) > now then value = string.sub(old, sep + 1) end
+    if tonumber(string.sub(old, 1, sep - 1)) > now then
+      local value = string.sub(old, sep + 1)
+      index = index_of[value]
+      if not index then
+        found[#found + 1] = struct.pack('>I4', #value) .. value
+        index = #found
+        index_of[value] = index
+      end
+    end
   end
-  previous[#previous + 1] = value and (struct.pack('>I4', #value) .. value) or '\\255\\255\\255\\255'
+  previous[i] = struct.pack('>I4', index)
   redis.call('HSET', KEYS[1], field, stamped)
   if redis.call('HLEN', KEYS[1]) >= half then
     redis.call('UNLINK', KEYS[2])
@@ -57,81 +73,176 @@ end
 for _, key in ipairs(KEYS) do
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
 end
-return table.concat(previous)
+found = table.concat(found)
+return struct.pack('>I4', #found) .. found .. table.concat(previous)
 """
 
-# One admission (``StateStore.admit``): read the standing; unless a block is in force, read each limit's
-# counters (current and, for sliding windows, previous window, numbered on the server's clock) and
-# charge them all only if none would be exceeded. KEYS: the standing, then one counter prefix per limit
-# (the throttle limits last). ARGV: the caller's wall time (s), cost, sliding (1/0), throttle level,
-# block level, the number of limits applied when not throttled, then amount and window (ms) per limit.
-# Returns {standing, refused (-1: blocked, 0: none, i: the i-th limit), then per limit read: current,
-# previous, elapsed fraction (a string: Lua numbers come back as integers)}.
+# The admissions (``StateStore.admit``) made in one turn of the event loop, each in turn: read the
+# standing; unless a block is in force, read each limit's counters (current and, for sliding windows,
+# previous window, numbered on the server's clock) and charge them all only if none would be exceeded.
+# KEYS: per admission, its standing, then one counter prefix per limit (the throttle limits last). ARGV:
+# per admission one string of numbers: the caller's wall time (s), cost, sliding (1/0), throttle level,
+# block level, the number of limits applied when not throttled, the number of limits, then amount and
+# window (ms) per limit. Returns per admission its standing and a string of numbers, each packed
+# (``pack``): refused (-1: blocked, 0: none, i: the i-th limit), then per limit read: current, previous,
+# elapsed fraction.
 _ADMIT = """
-local standing = redis.call('GET', KEYS[1])
-local level = 0
-if standing then
-  local ok, record = pcall(cjson.decode, standing)
-  if ok and type(record) == 'table' and tonumber(record[1]) and tonumber(record[2])
-      and tonumber(record[2]) > tonumber(ARGV[1]) then
-    level = tonumber(record[1])
-  end
+local function packed(item)
+  if not item then return '\\255\\255\\255\\255' end
+  return struct.pack('>I4', #item) .. item
 end
-if level >= tonumber(ARGV[5]) then return {standing, -1} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local cost = tonumber(ARGV[2])
-local sliding = ARGV[3] == '1'
-local n = #KEYS - 1
-if level ~= tonumber(ARGV[4]) then n = tonumber(ARGV[6]) end
-local out = {standing, 0}
-local charged = {}
-for i = 1, n do
-  local amount = tonumber(ARGV[5 + 2 * i])
-  local window = tonumber(ARGV[6 + 2 * i])
-  local index = math.floor(now / window)
-  local elapsed = (now - index * window) / window
-  local key = KEYS[i + 1] .. ':' .. index
-  local current = tonumber(redis.call('GET', key) or '0')
-  local previous = 0
-  if sliding then previous = tonumber(redis.call('GET', KEYS[i + 1] .. ':' .. (index - 1)) or '0') end
-  out[#out + 1] = current
-  out[#out + 1] = previous
-  out[#out + 1] = tostring(elapsed)
-  if previous * (1 - elapsed) + current + cost > amount then
-    out[2] = i
-    return out
+local function admit(keys, args)
+  local standing = redis.call('GET', KEYS[keys])
+  local level = 0
+  if standing then
+    local ok, record = pcall(cjson.decode, standing)
+    if ok and type(record) == 'table' and tonumber(record[1]) and tonumber(record[2])
+        and tonumber(record[2]) > args[1] then
+      level = tonumber(record[1])
+    end
   end
-  charged[#charged + 1] = {key, sliding and 2 * window or window}
+  if level >= args[5] then return packed(standing) .. packed('-1') end
+  local cost, sliding = args[2], args[3] == 1
+  local n = args[7]
+  if level ~= args[4] then n = args[6] end
+  local out = {'0'}
+  local charged = {}
+  for i = 1, n do
+    local amount, window = args[6 + 2 * i], args[7 + 2 * i]
+    local index = math.floor(now / window)
+    local elapsed = (now - index * window) / window
+    local key = KEYS[keys + i] .. ':' .. index
+    local current = tonumber(redis.call('GET', key) or '0')
+    local previous = 0
+    if sliding then previous = tonumber(redis.call('GET', KEYS[keys + i] .. ':' .. (index - 1)) or '0') end
+    out[#out + 1] = current .. ' ' .. previous .. ' ' .. tostring(elapsed)
+    if previous * (1 - elapsed) + current + cost > amount then
+      out[1] = tostring(i)
+      return packed(standing) .. packed(table.concat(out, ' '))
+    end
+    charged[#charged + 1] = {key, sliding and 2 * window or window}
+  end
+  for _, counter in ipairs(charged) do
+    redis.call('INCRBY', counter[1], cost)
+    redis.call('PEXPIRE', counter[1], counter[2])
+  end
+  return packed(standing) .. packed(table.concat(out, ' '))
 end
-for _, counter in ipairs(charged) do
-  redis.call('INCRBY', counter[1], cost)
-  redis.call('PEXPIRE', counter[1], counter[2])
+local replies, keys = {}, 1
+for a = 1, #ARGV do
+  local args = {}
+  for number in string.gmatch(ARGV[a], '%S+') do args[#args + 1] = tonumber(number) end
+  replies[a] = admit(keys, args)
+  keys = keys + 1 + args[7]
 end
-return out
+return table.concat(replies)
 """
 
-# Compare-and-set of several keys (``update_many``): unless some key's value is no longer the one read
-# (or a key read absent now exists), set the new values. KEYS: the keys. ARGV: ttl (ms), then per key two
-# flags ('p' present when read, else 'a'; 'w' write its new value, else 'k' keep) and then per key its
-# value as read and its new value ('' where unused). Returns 1 if it set them, 0 if they changed.
+# Compare-and-set of several keys (``update_many``), by version: every write through this store also
+# sets the key's version key to a fresh token, so a key's state is its token ('' when the key is absent,
+# '-' when present without one), and checking that no key changed since it was read ships no values.
+# KEYS: the keys, then their version keys. ARGV: ttl (ms), the new token, per key 'w' (write its new
+# value) or 'k' (keep it), the state each key had when read ('?': not read), then the new values of the
+# keys written. Sets them if every key still has the state read and returns 1; else sets nothing and
+# returns each key's value and state (for the caller to update again from).
 _COMPARE_AND_SET = """
-local flags = ARGV[2]
-for i, key in ipairs(KEYS) do
-  local current = redis.call('GET', key)
-  if string.sub(flags, 2 * i - 1, 2 * i - 1) == 'p' then
-    if current ~= ARGV[1 + 2 * i] then return 0 end
-  elseif current then
-    return 0
-  end
+local n = #KEYS / 2
+local states, same = {}, true
+for i = 1, n do
+  local value = redis.call('GET', KEYS[i])
+  local state = value and (redis.call('GET', KEYS[n + i]) or '-') or ''
+  states[2 * i - 1], states[2 * i] = value, state
+  same = same and state == ARGV[3 + i]
 end
-for i, key in ipairs(KEYS) do
-  if string.sub(flags, 2 * i, 2 * i) == 'w' then redis.call('SET', key, ARGV[2 + 2 * i], 'PX', ARGV[1]) end
+if not same then return states end
+local written = 3 + n
+for i = 1, n do
+  if string.sub(ARGV[3], i, i) == 'w' then
+    written = written + 1
+    redis.call('SET', KEYS[i], ARGV[written], 'PX', ARGV[1])
+    redis.call('SET', KEYS[n + i], ARGV[2], 'PX', ARGV[1])
+  end
 end
 return 1
 """
+UNREAD = "?"  # the state of a key not read: no key ever has it
+
+ADMIT_BATCH = 256  # admissions sent in one script call, at most
+SCRIPT_BATCH = 64  # script calls sent in one pipeline, at most
 
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Coalescer(Generic[Item, Result]):
+    """Calls sent to Redis together: ``send(items)`` (at most ``most`` items each) gives one result per
+    item. One batch is in flight at a time: the first call starts a sender that, once the turn of
+    the event loop it was made in has run, sends the calls made so far; the calls made while a batch
+    is in flight go together as soon as its reply is in. So a busy worker pays one round trip for
+    many calls, an idle one no more than one per call, and no call waits for a later one. Each
+    caller waits for its own result; calls go in the order they were made. A failure to reach
+    Redis is ``StoreUnavailable`` for every call of the batch; any other error is raised to each of
+    them; a result that is an exception is raised to its own caller."""
+
+    def __init__(self, send: Callable[[list[Item]], Awaitable[list[Result]]], most: int):
+        self._send, self._most = send, most
+        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._sender: asyncio.Task | None = None
+
+    async def __call__(self, item: Item) -> Result:
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Result] = loop.create_future()
+        self._waiting.append((item, result))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_waiting())
+        return await result
+
+    async def drain(self) -> None:
+        """Wait for the calls made so far to be answered."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
+
+    async def _send_waiting(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:self._most], self._waiting[self._most:]
+                await self._settle(batch)
+        except asyncio.CancelledError:  # the event loop is closing: no caller is left hanging
+            _fail(self._waiting, StoreUnavailable("redis calls were cancelled"))
+            self._waiting = []
+            raise
+        finally:
+            self._sender = None
+
+    async def _settle(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        """Send ``batch`` and give each caller its result (a caller cancelled meanwhile needs none)."""
+        try:
+            results = await self._send([item for item, _ in batch])
+        except _UNREACHABLE as error:
+            _fail(batch, StoreUnavailable(f"redis unreachable: {error}"))
+        except asyncio.CancelledError:
+            _fail(batch, StoreUnavailable("redis calls were cancelled"))
+            raise
+        except Exception as error:  # e.g. a script error: every caller of the batch sees it
+            _fail(batch, error)
+        else:
+            for (_, waiting), result in zip(batch, results, strict=True):
+                if waiting.done():
+                    continue
+                if isinstance(result, Exception):
+                    waiting.set_exception(result)
+                else:
+                    waiting.set_result(result)
+
+
+def _fail(batch: list[tuple[object, asyncio.Future]], error: BaseException) -> None:
+    for _, waiting in batch:
+        if not waiting.done():
+            waiting.set_exception(error)
 
 
 def client_options(timeout: float) -> dict:
@@ -142,17 +253,25 @@ def client_options(timeout: float) -> dict:
 
 
 class RedisStore:
-    """Implements ``guard.store.base.StateStore`` on Redis. Keys are namespaced by ``prefix``;
-    ``max_table_fields`` caps each ``swap_many`` table; calls fail after ``timeout`` seconds."""
+    """Implements ``guard.store.base.StateStore`` on Redis. Keys are namespaced by ``prefix`` (a key's
+    version lives at ``<prefix>version:<key>``); ``max_table_fields`` caps each ``swap_many`` table;
+    calls fail after ``timeout`` seconds; ``update_many`` keeps up to ``cache_bytes`` of the values it
+    last read or wrote, and their versions, to update them again without reading them first."""
 
     def __init__(self, url: str, prefix: str = "predguard:", max_table_fields: int = 1_000_000,
-                 timeout: float = 0.25):
+                 timeout: float = 0.25, cache_bytes: int = 16 << 20):
+        self._cache = StateCache(cache_bytes)
         self._client = aioredis.Redis.from_url(url, **client_options(timeout))
         self._prefix = prefix
         self._half_cap = max(1, max_table_fields // 2)
         self._swap_many = self._client.register_script(_SWAP_MANY)
         self._admit = self._client.register_script(_ADMIT)
+        self._admissions: Coalescer[Charge, Admitted] = Coalescer(self._admit_many, ADMIT_BATCH)
         self._compare_and_set = self._client.register_script(_COMPARE_AND_SET)
+        self._scripts: Coalescer[tuple[AsyncScript, list, list], object] = Coalescer(self._run_scripts, SCRIPT_BATCH)
+
+    def _version(self, key: str) -> str:
+        return f"{self._prefix}version:{key}"
 
     @asynccontextmanager
     async def _reachable(self) -> AsyncIterator[None]:
@@ -161,65 +280,119 @@ class RedisStore:
         except _UNREACHABLE as error:
             raise StoreUnavailable(f"redis unreachable: {error}") from error
 
+    async def _script(self, script: AsyncScript, keys: list, args: list) -> object:
+        """``script``'s reply; the scripts called in one turn of the event loop (a monitor's detectors
+        writing their state at once) go to Redis in one pipeline."""
+        return await self._scripts((script, keys, args))
+
+    async def _run_scripts(self, calls: list[tuple[AsyncScript, list, list]]) -> list[object]:
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            return [await script(keys=keys, args=args)]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        for i, reply in enumerate(replies):  # a script Redis did not know yet ran nowhere: load it, run it
+            if isinstance(reply, NoScriptError):
+                script, keys, args = calls[i]
+                replies[i] = await script(keys=keys, args=args)
+        return replies
+
     async def get(self, key: str) -> bytes | None:
         async with self._reachable():
             return await self._client.get(self._prefix + key)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        async with self._reachable():
-            await self._client.set(self._prefix + key, value, px=_ms(ttl))
+        name = self._prefix + key
+        self._cache.forget(name)
+        async with self._reachable(), self._client.pipeline(transaction=True) as pipe:
+            await pipe.set(name, value, px=_ms(ttl)).set(self._version(key), token(), px=_ms(ttl)).execute()
 
     async def delete(self, key: str) -> None:
+        self._cache.forget(self._prefix + key)
         async with self._reachable():
-            await self._client.delete(self._prefix + key)
+            await self._client.delete(self._prefix + key, self._version(key))
 
     async def update(self, key: str, update: Update, ttl: float) -> bytes:
         return (await self.update_many([key], lambda values: [update(values[0])], ttl))[0]
 
     async def update_many(self, keys: list[str], update: UpdateMany, ttl: float) -> list[bytes]:
-        """Optimistic: read the values (MGET), compute the new ones, and set them with a script that
-        first checks that none changed meanwhile (two round trips however many keys); retried until
-        no other writer intervened."""
+        """Optimistic, by version (``_COMPARE_AND_SET``): compute the new values from those last seen
+        (cached) and set them unless some key changed meanwhile; else, or when some key is not
+        cached, update again from the values and versions the failed attempt returned. One round
+        trip when this store saw the keys last (a ``guard monitor`` process owning its clients' state),
+        two otherwise; only the values written travel to Redis."""
         names = [self._prefix + key for key in keys]
-        async with self._reachable():
+        seen = [self._cache.get(name) for name in names]
+        old = [value for value, _ in seen]
+        states = [state for _, state in seen]
+        script_keys = [*names, *(self._version(key) for key in keys)]
+        try:
             while True:
-                old = await self._client.mget(names)
-                new = update(old)
-                flags, values = [], []
-                for before, value in zip(old, new, strict=True):
-                    flags += ["a" if before is None else "p", "k" if value is before else "w"]
-                    values += [b"" if before is None else before, b"" if value is before else value]
-                if await self._compare_and_set(keys=names, args=[_ms(ttl), "".join(flags), *values]):
+                if UNREAD in states:  # read first: the script answers with the values and their versions
+                    new, flags, written = None, "k" * len(keys), []
+                else:
+                    new = update(old)
+                    flags = "".join(["k" if value is before else "w" for before, value in zip(old, new, strict=True)])
+                    written = [value for value, flag in zip(new, flags) if flag == "w"]
+                fresh = token()
+                reply = await self._script(self._compare_and_set, script_keys,
+                                           [_ms(ttl), fresh, flags, *states, *written])
+                if reply == 1:
+                    for name, value, state, flag in zip(names, new, states, flags):
+                        self._cache.put(name, value, fresh if flag == "w" else state)
                     return new
+                old, states = reply[0::2], [state.decode() for state in reply[1::2]]
+        except BaseException:  # e.g. a timeout after the call reached Redis: what is there now is unknown
+            for name in names:
+                self._cache.forget(name)
+            raise
 
     async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
                         ttl: float) -> list[bytes | None]:
         if not fields:
             return []
         base = f"{self._prefix}{{{table}}}"
-        async with self._reachable():
-            previous = await self._swap_many(keys=[base + ":cur", base + ":prev"], args=[
-                _ms(ttl), self._half_cap, pack([value] if isinstance(value, bytes) else value), pack(fields)])
-        return unpack(previous)
+        distinct, indices = indexed([value] * len(fields) if isinstance(value, bytes) else value)
+        reply = await self._script(self._swap_many, [base + ":cur", base + ":prev"],
+                                   [_ms(ttl), self._half_cap, pack(distinct), indices, pack(fields)])
+        found = 4 + int.from_bytes(reply[:4], "big")
+        previous = [None, *unpack(reply[4:found])]
+        return [previous[i] for i in struct.unpack(f">{len(fields)}I", reply[found:])]
 
     async def admit(self, charge: Charge) -> Admitted:
-        limits = [*charge.limits, *charge.throttle_limits]
-        args = [repr(charge.now), charge.cost, int(charge.sliding), charge.throttle_level, charge.block_level,
-                len(charge.limits)]
-        for limit in limits:
-            args += [limit.amount, _ms(limit.seconds)]
-        async with self._reachable():
-            reply = await self._admit(keys=[self._prefix + charge.standing_key,
-                                            *(self._prefix + limit.key for limit in limits)], args=args)
-        standing, refused, *read = reply
-        if refused == -1:
-            return Admitted(standing, blocked=True)
-        counts = tuple(WindowCount(int(read[i]), int(read[i + 1]), float(read[i + 2]))
-                       for i in range(0, len(read), 3))
-        return Admitted(standing, False, counts, refused - 1 if refused else None)
+        """``StateStore.admit``; the admissions made in one turn of the event loop go to Redis in one
+        script call, in the order they were made (``Coalescer``)."""
+        return await self._admissions(charge)
+
+    async def _admit_many(self, charges: list[Charge]) -> list[Admitted]:
+        keys, args = [], []
+        for charge in charges:
+            limits = [*charge.limits, *charge.throttle_limits]
+            keys.append(self._prefix + charge.standing_key)
+            keys += [self._prefix + limit.key for limit in limits]
+            numbers = [repr(charge.now), str(charge.cost), "1" if charge.sliding else "0", str(charge.throttle_level),
+                       str(charge.block_level), str(len(charge.limits)), str(len(limits))]
+            for limit in limits:
+                numbers += [str(limit.amount), str(_ms(limit.seconds))]
+            args.append(" ".join(numbers))
+        replies = unpack(await self._admit(keys=keys, args=args))
+        return [admitted(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
     async def close(self) -> None:
+        await self._admissions.drain()
+        await self._scripts.drain()
         await self._client.aclose()
+
+
+def admitted(standing: bytes | None, numbers: bytes) -> Admitted:
+    """An admission as ``_ADMIT`` reports it."""
+    refused, *read = numbers.split()
+    if refused == b"-1":
+        return Admitted(standing, blocked=True)
+    counts = tuple(WindowCount(int(read[i]), int(read[i + 1]), float(read[i + 2])) for i in range(0, len(read), 3))
+    return Admitted(standing, False, counts, int(refused) - 1 if refused != b"0" else None)
 
 
 _NONE = 0xFFFFFFFF
@@ -227,7 +400,18 @@ _NONE = 0xFFFFFFFF
 
 def pack(items: list[bytes]) -> bytes:
     """``items`` as one string: each after its length (4 bytes, big-endian)."""
+    if items and len(set(map(len, items))) == 1:  # all of one length (hashes): one join
+        length = len(items[0]).to_bytes(4, "big")
+        return length + length.join(items)
     return b"".join([len(item).to_bytes(4, "big") + item for item in items])
+
+
+def indexed(values: list[bytes]) -> tuple[list[bytes], bytes]:
+    """The distinct ``values`` in order of first appearance, and each value's index among them (from 1,
+    4 bytes big-endian)."""
+    index: dict[bytes, int] = {}
+    indices = [index.setdefault(value, len(index) + 1) for value in values]
+    return list(index), struct.pack(f">{len(indices)}I", *indices)
 
 
 def unpack(packed: bytes) -> list[bytes | None]:
@@ -243,6 +427,48 @@ def unpack(packed: bytes) -> list[bytes | None]:
             items.append(packed[at:at + length])
             at += length
     return items
+
+
+def token() -> str:
+    """A fresh version token (never '', '-' or ``UNREAD``)."""
+    return os.urandom(8).hex()
+
+
+class StateCache:
+    """The values ``update_many`` last read or wrote, with their versions, the least recently used
+    dropped beyond ``max_bytes`` (names and values, and ``ENTRY_BYTES`` each). Only a guess: every
+    update checks the versions."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.size = max_bytes, 0
+        self._entries: OrderedDict[str, tuple[bytes | None, str]] = OrderedDict()
+
+    def get(self, name: str) -> tuple[bytes | None, str]:
+        found = self._entries.get(name)
+        if found is None:
+            return None, UNREAD
+        self._entries.move_to_end(name)
+        return found
+
+    def put(self, name: str, value: bytes | None, state: str) -> None:
+        self.forget(name)
+        self._entries[name] = (value, state)
+        self.size += _entry_bytes(name, value)
+        while self.size > self.max_bytes:
+            dropped, (value, _) = self._entries.popitem(last=False)
+            self.size -= _entry_bytes(dropped, value)
+
+    def forget(self, name: str) -> None:
+        found = self._entries.pop(name, None)
+        if found is not None:
+            self.size -= _entry_bytes(name, found[0])
+
+
+ENTRY_BYTES = 200  # a cached entry's own cost beside its name and value (the tuple, the dict's slot)
+
+
+def _entry_bytes(name: str, value: bytes | None) -> int:
+    return len(name) + len(value or b"") + ENTRY_BYTES
 
 
 def _ms(seconds: float) -> int:
