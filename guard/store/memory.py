@@ -75,16 +75,20 @@ class _ExpiringMap:
         """For each key in order, its live value (None if absent or expired), then ``values[i]`` set
         in its place until ``expires`` (evicting maps: ``set`` for many keys in one pass)."""
         items, size, previous = self._items, self.size, []
-        pop, remember = items.pop, previous.append
+        get, move_to_end, remember = items.get, items.move_to_end, previous.append
+        entry = None
         for key, value in zip(keys, values):
-            old = pop(key, None)  # then set again: now the most recently used
-            items[key] = (expires, value)
+            old = get(key)
             if old is None:
                 remember(None)
                 size += ENTRY_OVERHEAD + len(key) + len(value)
             else:
                 remember(old[1] if old[0] > now else None)
                 size += len(value) - len(old[1])
+                move_to_end(key)
+            if entry is None or entry[1] is not value:  # a query's fields share one entry
+                entry = (expires, value)
+            items[key] = entry
         ceiling, most = self.max_bytes, len(items) if self.max_entries is None else self.max_entries
         while len(items) > 1 and (size > ceiling or len(items) > most):  # ``_over``, inlined: once per eviction
             oldest, (_, evicted) = items.popitem(last=False)
