@@ -48,21 +48,29 @@ def test_distance_window_keeps_the_most_recent_values():
     raw = None
     for chunk in np.split(np.arange(25, dtype=np.float32), [3, 10, 11]):
         raw = slide(raw, chunk, cap=8)
-    assert sorted(read_window(raw)) == list(range(17, 25))
-    assert sorted(read_window(slide(None, np.arange(20, dtype=np.float32), cap=8))) == list(range(12, 20))
+    assert sorted(read_window(raw)[0]) == list(range(17, 25))
+    assert sorted(read_window(slide(None, np.arange(20, dtype=np.float32), cap=8))[0]) == list(range(12, 20))
     with pytest.raises(ValueError, match="more than max_distances"):
         SortedWindow(raw, 7)
+    with pytest.raises(ValueError, match="odd length"):
+        SortedWindow(raw[:-4], 8)
 
 
 def test_sorted_window_slides_as_its_ring_sorted_afresh(rng):
-    """Appended one at a time, in place, the window is its ring sorted: while it grows, once it is
-    full, and with repeated values."""
+    """Appended one at a time, in place, and stored between batches, the window is its ring sorted:
+    while it grows, once it is full, and with repeated values."""
     values = np.round(rng.random(60), 1).astype(np.float32)  # many ties
-    window = SortedWindow(slide(None, values[:5], cap=12), 12, room=55)
-    for value in values[5:]:
-        window.append(value)
-        np.testing.assert_array_equal(window.ordered, np.sort(read_window(window.encode()).astype(np.float64)))
-    assert sorted(read_window(window.encode())) == sorted(values[-12:])
+    raw = slide(None, values[:5], cap=12)
+    for batch in np.split(values[5:], [1, 4, 5, 20, 21, 40]):
+        window = SortedWindow(raw, 12, room=len(batch))
+        for value in batch:
+            window.append(value)
+            ring, _ = read_window(window.encode())
+            np.testing.assert_array_equal(window.ordered, np.sort(ring.astype(np.float64)))
+        raw = window.encode()
+        ring, ordered = read_window(raw)
+        np.testing.assert_array_equal(ordered, np.sort(ring))  # stored sorted: the next batch does not sort
+    assert sorted(read_window(raw)[0]) == sorted(values[-12:])
 
 
 def test_shapiro_statistic_separates_normal_from_synthetic_distances(rng):
@@ -73,6 +81,17 @@ def test_shapiro_statistic_separates_normal_from_synthetic_distances(rng):
     assert shapiro_w(np.concatenate([normal, [50.0]])) > 0.99  # beyond 3 sigma: dropped
     assert shapiro_w(np.concatenate([rng.normal(3.0, 0.1, 200), rng.normal(0.4, 0.05, 200)])) < 0.8
     assert shapiro_w(np.full(200, 0.7)) == 0.0
+
+
+def test_shapiro_statistic_is_scipys_exactly(rng):
+    """With its coefficients computed once per sample size and cached, W is SciPy's to the last bit,
+    whatever the sample size (odd and even, small and up to the 5000 where SciPy is exact)."""
+    sizes = [3, 4, 5, 6, 7, 11, 12, 20, 21, 99, 100, 101, 1000, 2047, 4998, 4999, 5000]
+    for n in sizes + list(rng.integers(3, 5001, 40)):
+        distances = rng.gamma(rng.uniform(0.5, 8), 1.0, n)
+        within = np.sort(distances)[np.abs(np.sort(distances) - distances.mean()) <= 3 * distances.std()]
+        if within[-1] > within[0]:
+            assert shapiro_w(distances) == stats.shapiro(within).statistic
 
 
 async def test_no_verdict_until_more_than_min_distances(rng):
@@ -93,7 +112,7 @@ async def test_batches_and_single_queries_reach_the_same_state(rng):
     for query, label in zip(queries, labels):
         single_verdict = await single.observe("c", query[None], label[None])
     assert batch_verdict == single_verdict
-    for key in ["prada:c:class:0", "prada:c:class:2", "prada:c:distances"]:
+    for key in ["prada:c:class:0", "prada:c:class:2", "prada:c:window"]:
         assert await batched.store.get(key) == await single.store.get(key)
 
 
@@ -117,8 +136,8 @@ async def test_state_is_per_client_and_bounded(rng):
     await prada.observe("a", rng.random((400, 10)), rng.integers(0, 2, 400))
     for label in (0, 1):
         assert len(await store.get(f"prada:a:class:{label}")) == _SET_HEADER.size + 16 * 10 * 4
-    assert len(read_window(await store.get("prada:a:distances"))) == 150
-    assert await store.get("prada:b:distances") is None
+    assert len(read_window(await store.get("prada:a:window"))[0]) == 150
+    assert await store.get("prada:b:window") is None
     later = await prada.observe("b", rng.random((1, 10)), np.zeros(1))
     assert later.score == 0.0  # client b has no history of its own
 

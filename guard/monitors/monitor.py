@@ -258,9 +258,16 @@ class InProcessMonitor:
             await self._progress.wait()
 
     def _work(self) -> None:
-        """The worker thread: judge batches of what is queued; end when idle or told to stop."""
+        """The worker thread: ``_judge_queued`` on the thread's event loop, in one run of the loop
+        for as long as the thread lives (a run per batch would cost as much as judging a batch of
+        one or two)."""
         if self._own_loop is None:
             self._own_loop = asyncio.new_event_loop()
+        self._own_loop.run_until_complete(self._judge_queued())
+
+    async def _judge_queued(self) -> None:
+        """Judge batches of what is queued; end when idle or told to stop. Between batches it waits
+        blocking its loop, on which nothing else runs (sanctions are written on the requests' loop)."""
         while True:
             try:
                 batch = [self._inbox.get(timeout=self.idle)]
@@ -274,7 +281,7 @@ class InProcessMonitor:
             observations = [observation for observation in batch if observation is not None]
             if observations:
                 try:
-                    self._own_loop.run_until_complete(self.monitor.process(observations))
+                    await self.monitor.process(observations)
                 except (Exception, asyncio.CancelledError):  # cancelled: the requests' loop closed under it
                     logger.exception("guard: the monitor failed on a batch of %d observations", len(observations))
                 try:

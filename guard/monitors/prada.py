@@ -19,7 +19,9 @@ and class for ``G_c``, one per client for ``D``), as float32:
   oldest one, so later queries are compared with the most recent ``max_set`` members (the running
   mean and std of the joining distances, and hence ``T_c``, still cover every member ever admitted).
 - ``D`` holds at most ``max_distances`` values (default 5000, the range where SciPy's
-  Shapiro-Wilk is exact); at the cap it is the client's most recent window of distances.
+  Shapiro-Wilk is exact); at the cap it is the client's most recent window of distances. It is
+  stored twice, in arrival order (a ring: which value leaves next) and sorted (what the test
+  reads), so a batch never sorts the window.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from guard.store.base import StateStore
 
 # G_c key: dimension, members ever admitted, T_c, sum and sum of squares of joining distances.
 _SET_HEADER = struct.Struct("<IQddd")
-# D key: distances ever appended.
+# D key: distances ever appended; then the ring and the same values sorted, float32 each.
 _DISTANCES_HEADER = struct.Struct("<Q")
 
 
@@ -99,7 +101,7 @@ class _GrowingSet:
             # nearest[i][r]: query i's nearest member once the first r of them to be replaced are gone
             nearest = np.minimum.accumulate(by_replacement[:, ::-1], axis=1)[:, ::-1].tolist()
         else:
-            nearest = to_members.min(axis=1, initial=np.inf)[:, None].tolist()
+            nearest = np.minimum.reduce(to_members, axis=1, initial=np.inf)[:, None].tolist()  # ``.min``
         replacing = sorted(replaced.values())
         to_batch = np.sqrt(squared_distances(queries, queries)).tolist() if n > 1 else [[]]
         held: dict[int, int] = {}  # slot -> the batch's query admitted to it, while it is there
@@ -141,19 +143,24 @@ def squared_distances(queries: np.ndarray, candidates: np.ndarray, budget: int =
     step = max(1, budget // max(1, candidates.size))
     for start in range(0, len(queries), step):
         differences = candidates[None] - queries[start : start + step, None]
-        out[start : start + step] = np.square(differences, out=differences).sum(axis=2)
+        out[start : start + step] = np.add.reduce(np.square(differences, out=differences), axis=2)  # ``.sum``
     return out
 
 
-def read_window(raw: bytes) -> np.ndarray:
-    return np.frombuffer(raw, np.float32, offset=_DISTANCES_HEADER.size)
+def read_window(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A stored ``D``: its ring (arrival order) and its values sorted."""
+    stored = np.frombuffer(raw, np.float32, offset=_DISTANCES_HEADER.size)
+    if len(stored) % 2:
+        raise ValueError("PRADA state: a distance window of odd length")
+    return stored[:len(stored) // 2], stored[len(stored) // 2:]
 
 
 @functools.lru_cache(maxsize=64)
 def _swilk_coefficients(n: int) -> np.ndarray:
-    """Royston's Shapiro-Wilk coefficients for samples of ``n`` (they depend on ``n`` alone)."""
+    """Royston's Shapiro-Wilk coefficients for samples of ``n`` (they depend on ``n`` alone). SciPy's
+    routine computes them, then stops at the sample of zero range before testing it."""
     coefficients = np.zeros(n // 2)
-    swilk(np.arange(n, dtype=np.float64), coefficients, False)
+    swilk(np.zeros(n), coefficients, False)
     return coefficients
 
 
@@ -168,7 +175,7 @@ def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     a window kept sorted as it slides gives the same ``W`` as sorting it afresh. SciPy's test
     (Royston's AS R94, as ``scipy.stats.shapiro``) with its coefficients cached per sample size and
     no sort of its own."""
-    mean = ordered.sum() / len(ordered)  # ``ordered.mean()``, without its wrapper
+    mean = np.add.reduce(ordered) / len(ordered)  # ``ordered.mean()``, without its wrappers
     centred = ordered - mean
     spread = math.sqrt(centred @ centred / len(ordered))
     if spread == 0:
@@ -177,30 +184,30 @@ def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     kept = ordered[ordered.searchsorted(mean - reach, "left"):ordered.searchsorted(mean + reach, "right")]
     if len(kept) < 3 or kept[-1] == kept[0]:
         return 0.0
-    w, _, _ = swilk(kept - kept[len(kept) // 2], _swilk_coefficients(len(kept)).copy(), True)
+    w, _, _ = swilk(kept - kept[len(kept) // 2], _swilk_coefficients(len(kept)), True)  # reads them only
     return float(w)
 
 
 class SortedWindow:
-    """``D`` as stored (a ring of at most ``cap`` float32 distances, ``appended`` ever) together with
-    its values sorted, with room for ``room`` more, so that ``W`` after each of a batch's appended
-    distances costs a memmove in place and the test, not a sort of the whole window per query."""
+    """``D`` as stored (a ring of at most ``cap`` float32 distances, ``appended`` ever, and its
+    values sorted), with room for ``room`` more, so that ``W`` after each of a batch's appended
+    distances costs a memmove in place and the test, not a sort of the whole window."""
 
     def __init__(self, raw: bytes | None, cap: int, room: int = 0):
         self.appended = 0 if raw is None else _DISTANCES_HEADER.unpack_from(raw)[0]
-        ring = np.empty(0, np.float32) if raw is None else read_window(raw)
+        ring, ordered = (np.empty(0, np.float32),) * 2 if raw is None else read_window(raw)
         if len(ring) > cap:
             raise ValueError(f"PRADA state holds {len(ring)} distances, more than max_distances ({cap})")
         self.size, self.cap = len(ring), cap
         self.ring = np.empty(min(self.size + room, cap), np.float32)
         self.ring[:self.size] = ring
         self._sorted = np.empty(self.size + room)
-        self._sorted[:self.size] = ring
-        self._sorted[:self.size].sort()
+        self._sorted[:self.size] = ordered
 
     def encode(self) -> bytes:
-        """The window as stored: the count of distances ever appended, then the ring."""
-        return _DISTANCES_HEADER.pack(self.appended) + self.ring[:self.size].tobytes()
+        """The window as stored: the count of distances ever appended, the ring, its values sorted."""
+        return b"".join((_DISTANCES_HEADER.pack(self.appended), self.ring[:self.size].tobytes(),
+                         self._sorted[:self.size].astype(np.float32).tobytes()))
 
     @property
     def ordered(self) -> np.ndarray:
@@ -275,11 +282,11 @@ class Prada(Detector):
         return verdicts
 
     async def _observe_client(self, client: str, observations: list[Observation]) -> list[Verdict]:
-        queries = np.concatenate([np.asarray(o.features, np.float32).reshape(len(o.features), -1)
-                                  for o in observations])
-        labels = np.concatenate([np.asarray(o.predicted).astype(np.int64).reshape(-1) for o in observations])
+        rows = [np.asarray(o.features, np.float32).reshape(len(o.features), -1) for o in observations]
+        queries = rows[0] if len(rows) == 1 else np.concatenate(rows)
         rows_of: dict[int, list[int]] = {}
-        for row, label in enumerate(labels.tolist()):
+        labels = (int(label) for o in observations for label in np.asarray(o.predicted).reshape(-1).tolist())
+        for row, label in enumerate(labels):
             rows_of.setdefault(label, []).append(row)
         classes = sorted(rows_of)
         dimension, cap = queries.shape[1], self.set_cap(queries.shape[1])
@@ -314,7 +321,7 @@ class Prada(Detector):
             return [*new, window.encode()]
 
         keys = [f"{self.prefix}:{client}:class:{label}" for label in classes]
-        await self.store.update_many([*keys, f"{self.prefix}:{client}:distances"], observe, self.ttl)
+        await self.store.update_many([*keys, f"{self.prefix}:{client}:window"], observe, self.ttl)
         return verdicts
 
     def _judge(self, ordered: np.ndarray) -> Verdict:

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 from collections.abc import Sequence
-from itertools import chain, repeat
+from itertools import accumulate, chain, repeat
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -113,9 +112,10 @@ class Similarity(Detector):
         distinct = np.empty(hashes.shape, bool)
         distinct[:, 0] = True
         np.not_equal(hashes[:, 1:], hashes[:, :-1], out=distinct[:, 1:])
-        kept = distinct & (np.cumsum(distinct, axis=1) <= self.top_n)
-        fields = hashes[kept].astype(">u8").view("V8").tolist()  # bytes, row after row
-        ends = np.cumsum(kept.sum(axis=1)).tolist()
+        if hashes.shape[1] > self.top_n:  # else every distinct hash is among the top_n
+            distinct &= distinct.cumsum(axis=1) <= self.top_n
+        fields = hashes[distinct].astype(">u8").view("V8").tolist()  # bytes, row after row
+        ends = list(accumulate(distinct.sum(axis=1).tolist()))
         return [fields[start:end] for start, end in zip([0, *ends], ends)]
 
     async def observe_batch(self, observations: Sequence[Observation]) -> list[Verdict]:
@@ -139,9 +139,12 @@ class Similarity(Detector):
             accomplices: set[bytes] = set()
             for _ in range(len(observation.features)):
                 digest, end = digests[row], start + len(prints[row])
-                own, others = 0, {}
-                for match, n in Counter(earlier[start:end]).items():
-                    if match is None or match[-_QUERY_ID_BYTES:] == digest:
+                own, others, matches = 0, {}, {}
+                for match in earlier[start:end]:
+                    if match is not None:
+                        matches[match] = matches.get(match, 0) + 1
+                for match, n in matches.items():
+                    if match[-_QUERY_ID_BYTES:] == digest:
                         continue
                     client = match[:-_QUERY_ID_BYTES]
                     if client == owner:

@@ -80,6 +80,7 @@ class _ExpiringMap:
         in its place until ``expires`` (evicting maps: ``set`` for many keys in one pass)."""
         items, size, previous = self._items, self.size, []
         get, move_to_end, remember = items.get, items.move_to_end, previous.append
+        entry = None
         for key, value in zip(keys, values):
             old = get(key)
             if old is None:
@@ -89,11 +90,14 @@ class _ExpiringMap:
                 remember(old[1] if old[0] > now else None)
                 size += len(value) - len(old[1])
                 move_to_end(key)
-            items[key] = (expires, value)
-        self.size = size
-        while len(items) > 1 and self._over():
+            if entry is None or entry[1] is not value:  # a query's fields share one entry
+                entry = (expires, value)
+            items[key] = entry
+        ceiling, most = self.max_bytes, len(items) if self.max_entries is None else self.max_entries
+        while len(items) > 1 and (size > ceiling or len(items) > most):  # ``_over``, inlined: once per eviction
             oldest, (_, evicted) = items.popitem(last=False)
-            self.size -= entry_bytes(oldest, evicted)
+            size -= ENTRY_OVERHEAD + len(oldest) + len(evicted)
+        self.size = size
         return previous
 
     def _over(self) -> bool:
