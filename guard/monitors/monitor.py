@@ -45,7 +45,7 @@ from enum import Enum
 
 from guard.metrics import GuardMetrics
 from guard.monitors import DETECTORS, build_detector
-from guard.monitors.base import Detector, Observation, Verdict
+from guard.monitors.base import Detector, Observation, Verdict, with_array
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Level, SanctionRules, Sanctions, Standing
 from guard.store import StoreUnavailable, memory_options, store_from_uri
@@ -278,7 +278,7 @@ class InProcessMonitor:
                         return
                 continue
             self._fill(batch)
-            observations = [observation for observation in batch if observation is not None]
+            observations = [with_array(observation) for observation in batch if observation is not None]
             if observations:
                 try:
                     await self.monitor.process(observations)
