@@ -10,7 +10,10 @@ wraps the app that answers at once and is called in process on the digits test q
 ``overhead``'s in-process table: a child process under callgrind builds the app, warms it up, and
 only then is counting switched on (``callgrind_control -i on``), for ``--calls`` requests, the
 monitor drained every 32 as there. Threads are counted apart: the calling thread's instructions
-are the request path's, the others' (the in-process monitor's worker) the monitor's. Instructions
+are the request path's, the others' (the in-process monitor's worker) the monitor's, in batches
+that fall as the threads' timing makes them; so a second table counts the monitor judging one
+client's observations in batches of 1, 4 and 32 on the calling thread, as ``overhead``'s
+by-batch table times it. Instructions
 are not time (caches, branch prediction, the interpreter lock are not in them), but a change that
 removes work shows here on a machine too noisy to show it in seconds.
 """
@@ -27,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.perf.attacks import Rows, print_table
 
 DRAIN_EVERY = 32
@@ -34,30 +39,45 @@ WARM_UP = 64
 
 
 def child(name: str, data: Path, calls: int, ready: Path, go: Path) -> None:
-    """Under callgrind: build configuration ``name`` around the app that answers at once, warm it
-    up, say so (``ready``), wait until counting is on (``go``), then serve ``calls`` requests."""
-    from benchmarks.perf.configs import call_in_turn, canned_app, configurations, guarded_requests
+    """Under callgrind: build what ``name`` names, warm it up, say so (``ready``), wait until
+    counting is on (``go``), then do ``calls`` units of work: a configuration of
+    ``benchmarks.perf.configs`` around the app that answers at once serves requests (the monitor
+    drained every 32); ``monitor:B`` (everything on's monitor) judges one client's observations in
+    batches of ``B``, on this thread."""
+    from benchmarks.perf.configs import ALL_ON, call_in_turn, canned_app, configurations, guarded_requests
     from guard import GuardMiddleware
+    from guard.monitors.base import Observation
 
     exchanges = [(body.encode(), answer.encode()) for body, answer in json.loads(data.read_text())]
-    policy = dict(configurations())[name]
-    app = canned_app(exchanges)
-    app = app if policy is None else GuardMiddleware(app, policy)
-    monitor = app.monitoring.monitor if policy is not None else None
-    requests = guarded_requests([body for body, _ in exchanges])
+    policies = dict(configurations())
+    if name.startswith("monitor:"):
+        size, monitor = int(name.split(":")[1]), GuardMiddleware(canned_app([]), policies[ALL_ON]).monitoring.monitor.monitor
+        queries = [(np.array([json.loads(body)["features"]]), json.loads(answer)["probabilities"])
+                   for body, answer in exchanges]
+        stream = [Observation("client", features, [answer.index(max(answer))], "/predict")
+                  for features, answer in queries]
 
-    async def serve(start: int, stop: int) -> None:
-        for first in range(start, stop, DRAIN_EVERY):
-            await call_in_turn(app, requests, first, min(first + DRAIN_EVERY, stop))
-            if monitor is not None:
-                await monitor.drain()
+        async def work(start: int, stop: int) -> None:
+            for first in range(start, stop, size):
+                await monitor.process([stream[i % len(stream)] for i in range(first, min(first + size, stop))])
+    else:
+        app = canned_app(exchanges)
+        app = app if policies[name] is None else GuardMiddleware(app, policies[name])
+        requests = guarded_requests([body for body, _ in exchanges])
+        drained = app.monitoring.monitor if policies[name] is not None else None
+
+        async def work(start: int, stop: int) -> None:
+            for first in range(start, stop, DRAIN_EVERY):
+                await call_in_turn(app, requests, first, min(first + DRAIN_EVERY, stop))
+                if drained is not None:
+                    await drained.drain()
 
     async def run() -> None:
-        await serve(0, WARM_UP)
+        await work(0, WARM_UP)
         ready.touch()
         while not go.exists():
             await asyncio.sleep(0.05)
-        await serve(WARM_UP, WARM_UP + calls)
+        await work(WARM_UP, WARM_UP + calls)
 
     asyncio.run(run())
     os._exit(0)  # counting is still on: the interpreter's own shutdown would be counted too
@@ -74,7 +94,7 @@ def thread_totals(directory: Path) -> list[int]:
 
 
 def count(name: str, data: Path, calls: int) -> tuple[float, float]:
-    """Instructions per request on the calling thread, and on every other thread, for ``name``."""
+    """Instructions per unit of ``child``'s work on its calling thread, and on every other thread."""
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         ready, go = directory / "ready", directory / "go"
@@ -96,9 +116,11 @@ def count(name: str, data: Path, calls: int) -> tuple[float, float]:
     return main / calls, sum(others) / calls
 
 
-def measure(calls: int) -> Rows:
-    """One row per configuration: instructions per request on the request path and in the monitor's
-    thread, and the request path's added to bare's."""
+def measure(calls: int, sizes: tuple[int, ...] = (1, 4, 32)) -> tuple[Rows, Rows]:
+    """Instructions per request on the request path (and in the in-process monitor's thread,
+    whose batches fall as the threads' timing makes them), per configuration, with the request
+    path's added to bare's; and everything on's monitor judging one client's observations in
+    batches of each of ``sizes`` (deterministic), per observation."""
     import torch
 
     from benchmarks import models
@@ -109,19 +131,21 @@ def measure(calls: int) -> Rows:
     model, X = digits_model()
     bodies = [json.dumps({"features": x}) for x in X.tolist()]
     answers = [json.dumps({"probabilities": p}, separators=(",", ":")) for p in models.predict_proba(model, X).tolist()]
-    rows: Rows = []
+    requests: Rows = []
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "exchanges.json"
         data.write_text(json.dumps(list(zip(bodies, answers))))
         for name, _ in configurations():
             request_path, monitor = count(name, data, calls)
-            rows.append({"configuration": name, "request path instructions": request_path,
-                         "monitor instructions/obs": monitor})
-    bare = rows[0]["request path instructions"]
-    for row in rows:
+            requests.append({"configuration": name, "request path instructions": request_path,
+                             "monitor thread instructions/obs": monitor})
+        batches = [{"batch size": size, "monitor instructions/obs": count(f"monitor:{size}", data, calls)[0]}
+                   for size in sizes]
+    bare = requests[0]["request path instructions"]
+    for row in requests:
         row["added"] = row["request path instructions"] - bare
         row["ratio to bare"] = row["request path instructions"] / bare
-    return rows
+    return requests, batches
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,8 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("benchmarks.perf.instructions needs valgrind (callgrind) on PATH")
+    requests, batches = measure(args.calls)
     print_table(f"instructions per request, in process, around an app that answers at once ({args.calls} "
-                "requests; callgrind)", measure(args.calls))
+                "requests; callgrind)", requests)
+    print_table(f"everything on's monitor: instructions per observation judged in batches ({args.calls} "
+                "observations, one client; callgrind)", batches)
 
 
 if __name__ == "__main__":
