@@ -15,7 +15,7 @@ from conftest import guard_in, monitor_drained, near
 from guard import GuardMiddleware, Policy
 from guard.metrics import GuardMetrics
 from guard.monitors import build_detector
-from guard.monitors.base import Observation
+from guard.monitors.base import Observation, with_array
 from guard.monitors.monitor import Monitor, watches
 from guard.sanctions import Sanctions
 from guard.store.memory import MemoryStore
@@ -240,3 +240,11 @@ def test_streams_need_a_redis_store():
     with pytest.raises(ValueError, match="needs a Redis store"):
         Policy(secret=SECRET, detectors=SIMILARITY, monitor={"deployment": "streams"})
     Policy(secret=SECRET, detectors=SIMILARITY, store="redis://127.0.0.1:1/0", monitor={"deployment": "streams"})
+
+
+def test_with_array_converts_listed_feature_rows_once_and_keeps_arrays():
+    listed = Observation("c", [[1, 2.5], [3.0, 4.0]], [0, 1], "/p")
+    converted = with_array(listed)
+    assert converted.features.dtype == np.float64 and converted.features.tolist() == [[1.0, 2.5], [3.0, 4.0]]
+    assert (converted.client, converted.predicted, converted.route) == ("c", [0, 1], "/p")
+    assert with_array(converted) is converted

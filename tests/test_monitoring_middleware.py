@@ -266,3 +266,24 @@ async def test_blocks_survive_a_flood_of_identities_and_a_full_sanction_store_de
     assert sanctioned > 100  # the sanction share holds hundreds of standings
     assert (await monitoring.sanctions.standing("ip:203.0.113.7")).level == Level.BLOCK
     assert (await monitoring.sanctions.standing("ip:198.51.100.1")).level == Level.DEGRADE
+
+
+@pytest.mark.parametrize("settings, reads", [
+    ({}, False),  # no limits, no detectors, memory: no sanction can exist
+    ({"route": {"rate_limits": ["100/minute"]}}, True),
+    ({"detectors": {"similarity": {}}}, True)])
+async def test_the_store_is_read_only_where_a_limit_or_a_sanction_can_apply(settings, reads):
+    async with client_for(**settings) as client:
+        await client.get("/health")  # builds the middleware stack
+        guard = guard_in(client.guarded_app)
+        calls = []
+        admit = guard.monitoring.admission.admit
+
+        async def counted(*args, **kwargs):
+            calls.append(args)
+            return await admit(*args, **kwargs)
+
+        guard.monitoring.admission.admit = counted
+        answer = await predict(client, query(0))
+    assert answer.status_code == 200 and len(answer.json()["probabilities"]) == K
+    assert bool(calls) == reads

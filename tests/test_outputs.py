@@ -73,6 +73,8 @@ def test_round_repairs_sums_and_breaks_ties_towards_the_top_label():
     batch = np.vstack([np.full((1, 10), 0.1), p, [[0.05] * 9 + [0.55]], p[:, ::-1]])
     np.testing.assert_array_equal(Round(1)(batch), np.vstack([Round(1)(row[None]) for row in batch]))
     assert (Round(1)(batch).argmax(axis=1) == batch.argmax(axis=1)).all()
+    # The rows as lists (as the middleware hands them) give the same rows back as lists.
+    assert Round(1)(batch.tolist()) == Round(1)(batch).tolist()
 
 
 @settings(max_examples=100, deadline=None)
