@@ -1,11 +1,11 @@
 """Output defences: pure transforms of an ``(n, k)`` array of class probabilities (or the same as
 ``n`` lists of ``k`` floats, as the middleware reads them from an answer).
 
-Every defence is called as ``defence(probabilities, features)`` (``features``: the ``n``
-query rows of ``d``, an array or lists, used only by ``Noise``), returns a new probability distribution per row, as an ``(n,
-k)`` array (``Round``, given lists, returns lists) and keeps each row's top label (the first
-argmax of its input). ``parse`` builds one from a spec
-string; ``Pipeline`` applies several in order.
+Every defence is called as ``defence(probabilities, features)`` (``features``: the ``n`` query
+rows of ``d``, an array or lists, used only by ``Noise``), returns a new probability distribution
+per row, as an ``(n, k)`` array (``Round``, given lists, returns lists) and keeps each row's top
+label (the first argmax of its input). ``parse`` builds one from a spec string; ``Pipeline``
+applies several in order.
 
 | spec | defence |
 | --- | --- |

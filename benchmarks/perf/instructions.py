@@ -51,7 +51,8 @@ def child(name: str, data: Path, calls: int, ready: Path, go: Path) -> None:
     exchanges = [(body.encode(), answer.encode()) for body, answer in json.loads(data.read_text())]
     policies = dict(configurations())
     if name.startswith("monitor:"):
-        size, monitor = int(name.split(":")[1]), GuardMiddleware(canned_app([]), policies[ALL_ON]).monitoring.monitor.monitor
+        size = int(name.split(":")[1])
+        monitor = GuardMiddleware(canned_app([]), policies[ALL_ON]).monitoring.monitor.monitor
         queries = [(np.array([json.loads(body)["features"]]), json.loads(answer)["probabilities"])
                    for body, answer in exchanges]
         stream = [Observation("client", features, [answer.index(max(answer))], "/predict")
