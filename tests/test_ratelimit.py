@@ -84,7 +84,8 @@ async def test_throttle_limits_apply_while_throttled_and_a_block_charges_nothing
         assert standing.level == Level.BLOCK and decision is None
     now[0] = 1200.0  # the block has lapsed: the blocked queries were never charged
     standing, decision = await admission.admit("/p", "mallory", limits)
-    assert standing.level == Level.NONE and decision.allowed and decision.remaining == 5 - 2 - 1  # two throttled queries were charged
+    # Two throttled queries were charged.
+    assert standing.level == Level.NONE and decision.allowed and decision.remaining == 5 - 2 - 1
 
 
 async def test_batch_cost_and_fixed_windows(stores):
