@@ -155,12 +155,13 @@ async def test_admissions_made_together_count_each_query_once_in_order(stores):
 async def test_redis_sends_the_admissions_of_one_turn_in_one_call(redis_url):
     store = store_from_uri(redis_url, prefix=f"test-admit-{uuid.uuid4().hex}:")
     calls = []
-    script = store._admit
+    channel = store._admission_channel
+    send = channel.call_many
 
-    async def counted(keys, args):
-        calls.append(len(args))
-        return await script(keys=keys, args=args)
-    store._admit = counted
+    async def counted(batch):
+        calls.extend(len(args) for _, _, args in batch)
+        return await send(batch)
+    channel.call_many = counted
     admission = Admission(store, Sanctions(store))
     limits = RouteLimits.parse(per_client="3/minute")
     decisions = [d for _, d in await asyncio.gather(*(admission.admit("/p", "alice", limits) for _ in range(6)))]

@@ -7,8 +7,12 @@ import uuid
 
 import pytest
 
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
 from guard.store import MemoryStore, StoreUnavailable, store_from_uri
 from guard.store.redis import RedisStore
+from guard.store.scripts import ScriptChannel
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -112,12 +116,13 @@ async def test_redis_updates_from_stale_cached_values_lose_no_write(redis_url):
     prefix = f"test-store:{uuid.uuid4().hex}:"
     first, second = (RedisStore(redis_url, prefix=prefix, timeout=5.0) for _ in range(2))
     calls = []
-    script = first._compare_and_set
+    channel = first._script_channel
+    send = channel.call_many
 
-    async def counted(keys, args, client=None):
-        calls.append(args[2])
-        return await script(keys=keys, args=args)
-    first._compare_and_set = counted
+    async def counted(batch):
+        calls.extend(args[2] for script, _, args in batch if script is first._compare_and_set)
+        return await send(batch)
+    channel.call_many = counted
 
     def append(letter: bytes):
         return lambda old: [(old[0] or b"") + letter, old[1]]  # the second key is only read
@@ -135,6 +140,34 @@ async def test_redis_updates_from_stale_cached_values_lose_no_write(redis_url):
     assert await first.update("log", lambda old: (old or b"") + b"z", ttl=30) == b"z"
     await first.close()
     await second.close()
+
+
+async def test_script_channel_recovers_from_a_flush_a_killed_connection_and_a_timeout(redis_url):
+    """Script calls on the held connection: an unknown script is loaded and run once, a killed
+    connection is replaced, and after a timeout the late reply is never taken for the next call's."""
+    client = aioredis.Redis.from_url(redis_url)
+    channel = ScriptChannel(client, timeout=0.3)
+    key = f"test-channel:{uuid.uuid4().hex}"
+    count = client.register_script("return redis.call('INCR', KEYS[1]) .. ARGV[1]")
+    fail = client.register_script("return redis.error_reply('refused ' .. ARGV[1])")
+    assert await channel.call(count, [key], [":a"]) == b"1:a"
+    replies = await channel.call_many([(count, [key], [":b"]), (fail, [], ["c"]), (count, [key], [":d"])])
+    assert replies[0] == b"2:b" and isinstance(replies[1], ResponseError) and replies[2] == b"3:d"
+    with pytest.raises(ResponseError, match="refused e"):
+        await channel.call(fail, [], ["e"])
+    await client.script_flush()
+    assert await channel.call(count, [key], [":f"]) == b"4:f"  # NOSCRIPT: it ran nowhere, then once
+    assert await client.client_kill_filter(_type="normal", skipme=True) >= 1  # the channel's connection
+    assert await channel.call(count, [key], [":g"]) == b"5:g"
+    busy = client.register_script(
+        "local t = redis.call('TIME') local start = t[1] * 1e6 + t[2] "
+        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - start > 600000 return ARGV[1]")
+    with pytest.raises(TimeoutError):
+        await channel.call(busy, [], ["late"])
+    await asyncio.sleep(0.5)
+    assert await channel.call(count, [key], [":h"]) == b"6:h"
+    await channel.close()
+    await client.aclose()
 
 
 def test_redis_state_cache_is_bounded_in_bytes():

@@ -40,6 +40,7 @@ from guard.monitors.monitor import Monitor, Queued, linger
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Sanctions
 from guard.store.redis import Coalescer, RedisStore, client_options
+from guard.store.scripts import ScriptChannel
 
 logger = logging.getLogger("guard")
 
@@ -131,6 +132,7 @@ class ObservationStream:
         self.settings, self.prefix = settings, prefix
         self._client = aioredis.Redis.from_url(url, **client_options(timeout))
         self._offer = self._client.register_script(_OFFER)
+        self._channel = ScriptChannel(self._client, timeout)
         self._offers: Coalescer[tuple[int, bytes], Queued] = Coalescer(self._append, OFFER_BATCH)
 
     def start(self) -> None:
@@ -138,6 +140,7 @@ class ObservationStream:
 
     async def stop(self) -> None:
         await self._offers.drain()
+        await self._channel.close()
         await self._client.aclose()
 
     async def offer(self, observation: Observation) -> Queued:
@@ -152,7 +155,7 @@ class ObservationStream:
         args: list[int | str | bytes] = [self.settings.max_pending, int(self.settings.max_delay * 1000)]
         for partition, packed in batch:
             args += [index[partition], packed]
-        taken = await self._offer(keys=[stream_key(self.prefix, p) for p in partitions], args=args)
+        taken = await self._channel.call(self._offer, [stream_key(self.prefix, p) for p in partitions], args)
         return [Queued.ACCEPTED if flag == ord("1") else Queued.REFUSED for flag in taken]
 
 

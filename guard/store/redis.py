@@ -15,11 +15,11 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from guard.store.base import Admitted, Charge, StoreUnavailable, Update, UpdateMany, WindowCount
+from guard.store.scripts import ScriptCall, ScriptChannel
 
 # One swap per field, in order, in a capped table kept as two generations of a hash (current and previous):
 # a field is looked up in both, written to the current one, and when the current one holds half the
@@ -170,7 +170,7 @@ return 1
 UNREAD = "?"  # the state of a key not read: no key ever has it
 
 ADMIT_BATCH = 256  # admissions sent in one script call, at most
-SCRIPT_BATCH = 64  # script calls sent in one pipeline, at most
+SCRIPT_BATCH = 64  # script calls sent in one round trip, at most
 
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -267,8 +267,10 @@ class RedisStore:
         self._swap_many = self._client.register_script(_SWAP_MANY)
         self._admit = self._client.register_script(_ADMIT)
         self._admissions: Coalescer[Charge, Admitted] = Coalescer(self._admit_many, ADMIT_BATCH)
+        self._admission_channel = ScriptChannel(self._client, timeout)
         self._compare_and_set = self._client.register_script(_COMPARE_AND_SET)
-        self._scripts: Coalescer[tuple[AsyncScript, list, list], object] = Coalescer(self._run_scripts, SCRIPT_BATCH)
+        self._scripts: Coalescer[ScriptCall, object] = Coalescer(self._run_scripts, SCRIPT_BATCH)
+        self._script_channel = ScriptChannel(self._client, timeout)
 
     def _version(self, key: str) -> str:
         return f"{self._prefix}version:{key}"
@@ -282,22 +284,11 @@ class RedisStore:
 
     async def _script(self, script: AsyncScript, keys: list, args: list) -> object:
         """``script``'s reply; the scripts called in one turn of the event loop (a monitor's detectors
-        writing their state at once) go to Redis in one pipeline."""
+        writing their state at once) go to Redis in one round trip."""
         return await self._scripts((script, keys, args))
 
-    async def _run_scripts(self, calls: list[tuple[AsyncScript, list, list]]) -> list[object]:
-        if len(calls) == 1:
-            script, keys, args = calls[0]
-            return [await script(keys=keys, args=args)]
-        async with self._client.pipeline(transaction=False) as pipe:
-            for script, keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies = await pipe.execute(raise_on_error=False)
-        for i, reply in enumerate(replies):  # a script Redis did not know yet ran nowhere: load it, run it
-            if isinstance(reply, NoScriptError):
-                script, keys, args = calls[i]
-                replies[i] = await script(keys=keys, args=args)
-        return replies
+    async def _run_scripts(self, calls: list[ScriptCall]) -> list[object]:
+        return await self._script_channel.call_many(calls)
 
     async def get(self, key: str) -> bytes | None:
         async with self._reachable():
@@ -377,12 +368,14 @@ class RedisStore:
             for limit in limits:
                 numbers += [str(limit.amount), str(_ms(limit.seconds))]
             args.append(" ".join(numbers))
-        replies = unpack(await self._admit(keys=keys, args=args))
+        replies = unpack(await self._admission_channel.call(self._admit, keys, args))
         return [admitted(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
     async def close(self) -> None:
         await self._admissions.drain()
         await self._scripts.drain()
+        await self._admission_channel.close()
+        await self._script_channel.close()
         await self._client.aclose()
 
 
