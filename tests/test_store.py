@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 
 from guard.store import MemoryStore, StoreUnavailable, store_from_uri
 from guard.store.redis import RedisStore
-from guard.store.scripts import ScriptChannel
+from guard.store.channel import RedisChannel
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -146,7 +146,7 @@ async def test_script_channel_recovers_from_a_flush_a_killed_connection_and_a_ti
     """Script calls on the held connection: an unknown script is loaded and run once, a killed
     connection is replaced, and after a timeout the late reply is never taken for the next call's."""
     client = aioredis.Redis.from_url(redis_url)
-    channel = ScriptChannel(client, timeout=0.3)
+    channel = RedisChannel(client, timeout=0.3)
     key = f"test-channel:{uuid.uuid4().hex}"
     count = client.register_script("return redis.call('INCR', KEYS[1]) .. ARGV[1]")
     fail = client.register_script("return redis.error_reply('refused ' .. ARGV[1])")

@@ -39,8 +39,8 @@ from guard.monitors.base import Observation
 from guard.monitors.monitor import Monitor, Queued, linger
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Sanctions
+from guard.store.channel import RedisChannel
 from guard.store.redis import Coalescer, RedisStore, client_options
-from guard.store.scripts import ScriptChannel
 
 logger = logging.getLogger("guard")
 
@@ -132,7 +132,7 @@ class ObservationStream:
         self.settings, self.prefix = settings, prefix
         self._client = aioredis.Redis.from_url(url, **client_options(timeout))
         self._offer = self._client.register_script(_OFFER)
-        self._channel = ScriptChannel(self._client, timeout)
+        self._channel = RedisChannel(self._client, timeout)
         self._offers: Coalescer[tuple[int, bytes], Queued] = Coalescer(self._append, OFFER_BATCH)
 
     def start(self) -> None:
@@ -167,6 +167,7 @@ class StreamMonitor:
         self.settings, self.prefix, self.block = policy.monitor, prefix, block
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.redis = aioredis.Redis.from_url(policy.store, **client_options(5.0))
+        self._channel = RedisChannel(self.redis, 5.0 + block)  # its reads and acknowledgements
         # It owns its clients' detector state: the values it wrote last, cached, are most often current.
         self.store = RedisStore(policy.store, prefix=prefix, cache_bytes=policy.memory_limit // 2)
         self.monitor = Monitor.from_policy(policy, self.store, Sanctions(self.store).escalate,
@@ -192,6 +193,7 @@ class StreamMonitor:
             for partition in self.owned:
                 await self._release(keys=[self._lease(partition)], args=[self.name])
             await self.redis.zrem(self._alive, self.name)
+            await self._channel.close()
             await self.redis.aclose()
             await self.store.close()
 
@@ -239,22 +241,28 @@ class StreamMonitor:
         """In one round trip: acknowledge and delete the entries judged so far, then take up to
         ``count`` new entries of ``partitions``, waiting up to ``self.block`` s for one."""
         judged, self.judged = self.judged, {}
+        commands: list[tuple] = []
+        for partition, ids in judged.items():
+            key = stream_key(self.prefix, partition)
+            commands += [("XACK", key, GROUP, *ids), ("XDEL", key, *ids)]
+        keys = [stream_key(self.prefix, p) for p in partitions]
+        if partitions:
+            commands.append(("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count, "BLOCK",
+                             int(self.block * 1000), "STREAMS", *keys, *[">"] * len(keys)))
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for partition, ids in judged.items():
-                    pipe.xack(stream_key(self.prefix, partition), GROUP, *ids)
-                    pipe.xdel(stream_key(self.prefix, partition), *ids)
-                if partitions:
-                    pipe.xreadgroup(GROUP, self.name, {stream_key(self.prefix, p): ">" for p in partitions},
-                                    count=count, block=int(self.block * 1000))
-                replies = await pipe.execute()
+            replies = await self._channel.execute(commands)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         except BaseException:  # not acknowledged, or not known to be: once more with the next read
             for partition, ids in judged.items():
                 self.judged.setdefault(partition, []).extend(ids)
             raise
-        by_key = {stream_key(self.prefix, p): p for p in partitions}
-        answer = replies[-1] if partitions else None
-        return [(by_key[key.decode()], entry_id, fields) for key, found in answer or [] for entry_id, fields in found]
+        by_key = dict(zip(keys, partitions))
+        found = (replies[-1] if partitions else None) or []  # per key: [[id, [field, value, ...]], ...]
+        return [(by_key[key.decode()], entry_id, dict(zip(fields[::2], fields[1::2])))
+                for key, entries in (found.items() if isinstance(found, dict) else found)  # RESP3: a map
+                for entry_id, fields in entries]
 
     async def claim(self, partition: int) -> list[tuple[bytes, dict]] | None:
         """Entries other monitors were given and never acknowledged, once idle for a lease (now

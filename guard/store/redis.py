@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from guard.store.base import Admitted, Charge, StoreUnavailable, Update, UpdateMany, WindowCount
-from guard.store.scripts import ScriptCall, ScriptChannel
+from guard.store.channel import RedisChannel, ScriptCall
 
 # One swap per field, in order, in a capped table kept as two generations of a hash (current and previous):
 # a field is looked up in both, written to the current one, and when the current one holds half the
@@ -267,10 +267,10 @@ class RedisStore:
         self._swap_many = self._client.register_script(_SWAP_MANY)
         self._admit = self._client.register_script(_ADMIT)
         self._admissions: Coalescer[Charge, Admitted] = Coalescer(self._admit_many, ADMIT_BATCH)
-        self._admission_channel = ScriptChannel(self._client, timeout)
+        self._admission_channel = RedisChannel(self._client, timeout)
         self._compare_and_set = self._client.register_script(_COMPARE_AND_SET)
         self._scripts: Coalescer[ScriptCall, object] = Coalescer(self._run_scripts, SCRIPT_BATCH)
-        self._script_channel = ScriptChannel(self._client, timeout)
+        self._script_channel = RedisChannel(self._client, timeout)
 
     def _version(self, key: str) -> str:
         return f"{self._prefix}version:{key}"

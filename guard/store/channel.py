@@ -1,13 +1,14 @@
-"""Lua script calls on a Redis connection held for them: the guard's hot round trips (a web worker's
-admissions and appended observations, a monitor's detector state).
+"""Redis commands on a connection held for them: the guard's hot round trips (a web worker's
+admissions and appended observations, a monitor's detector state and its reads of the streams).
 
 redis-py's client costs about 200 us of CPU per round trip here (its connection pool, retry
 machinery, response callbacks, and a task per write for the write's timeout), several times what
-the round trip itself costs. A ``ScriptChannel`` takes one connection from the client's pool
-(connected, authenticated and on its database as the URL says), writes the packed ``EVALSHA``
-commands of a batch on it and reads their replies with the connection's parser, under one timeout
-for the round trip (the connection's ``_writer`` and ``_parser``: redis-py 5 to 8, as pinned). It
-serves one batch at a time: the ``Coalescer`` senders that use it never have two in flight."""
+the round trip itself costs. A ``RedisChannel`` takes one connection from the client's pool
+(connected, authenticated and on its database as the URL says), writes the packed commands of a
+batch on it and reads their raw replies with the connection's parser, under one timeout for the
+round trip (the connection's ``_writer`` and ``_parser``: redis-py 5 to 8, as pinned). It
+serves one batch at a time: its users (a ``Coalescer``'s sender, a monitor's loop) never have two
+in flight."""
 from __future__ import annotations
 
 import asyncio
@@ -23,9 +24,9 @@ ScriptCall = tuple[AsyncScript, Sequence, Sequence]
 """A script (its SHA1 and source), its keys and its other arguments."""
 
 
-class ScriptChannel:
-    """Batches of script calls, each batch in one round trip on a connection of ``client``'s pool.
-    A reply that is an error comes back as its ``ResponseError``; a script Redis does not know (a
+class RedisChannel:
+    """Batches of commands, each batch in one round trip on a connection of ``client``'s pool. A
+    reply that is an error comes back as its ``ResponseError``; a script Redis does not know (a
     restarted or flushed server) is loaded and run again. A connection that failed or timed out is
     dropped (its stream may hold replies not read); a broken connection (a pooled socket that died
     with a restarted server) is replaced and the batch sent once more, as the client's own retry
@@ -45,17 +46,18 @@ class ScriptChannel:
 
     async def call_many(self, calls: list[ScriptCall]) -> list[object]:
         """Each call's reply, in order (an error reply as its exception)."""
-        replies = await self._round_trip([evalsha(call) for call in calls])
+        replies = await self.execute([evalsha(call) for call in calls])
         unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if unknown:  # those ran nowhere: load their scripts, run them again
             scripts = list({calls[i][0].sha: calls[i][0].script for i in unknown}.values())
-            again = await self._round_trip([*(("SCRIPT", "LOAD", script) for script in scripts),
-                                            *(evalsha(calls[i]) for i in unknown)])
+            again = await self.execute([*(("SCRIPT", "LOAD", script) for script in scripts),
+                                        *(evalsha(calls[i]) for i in unknown)])
             for i, reply in zip(unknown, again[len(scripts):]):
                 replies[i] = reply
         return replies
 
-    async def _round_trip(self, commands: list[tuple]) -> list[object]:
+    async def execute(self, commands: list[tuple]) -> list[object]:
+        """The raw reply to each of ``commands`` (an error reply as its exception), in one round trip."""
         try:
             return await self._send(commands)
         except RedisConnectionError:  # e.g. a pooled socket that died with a restarted server
