@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 
 from guard.store import MemoryStore, StoreUnavailable, store_from_uri
 from guard.store.redis import RedisStore
-from guard.store.channel import RedisChannel
+from guard.store.channel import RedisChannel, encode
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -168,6 +168,13 @@ async def test_script_channel_recovers_from_a_flush_a_killed_connection_and_a_ti
     assert await channel.call(count, [key], [":h"]) == b"6:h"
     await channel.close()
     await client.aclose()
+
+
+def test_commands_are_encoded_as_redis_py_encodes_them():
+    from redis.asyncio.connection import Connection
+
+    commands = [("EVALSHA", "a" * 40, 2, "key", "clé", 30000, b"\x00\r\n" * 3000, 1.5, -3, ""), ("PING",)]
+    assert b"".join(encode(commands)) == b"".join(Connection().pack_commands(commands))
 
 
 def test_redis_state_cache_is_bounded_in_bytes():

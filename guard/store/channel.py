@@ -72,7 +72,7 @@ class RedisChannel:
             async with asyncio.timeout(self._timeout):
                 if not connection.is_connected:
                     await connection.connect()
-                connection._writer.writelines(connection.pack_commands(commands))
+                connection._writer.writelines(encode(commands))
                 return [await connection._parser.read_response() for _ in commands]
         except BaseException:
             self._connection = None
@@ -85,6 +85,19 @@ class RedisChannel:
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await self._pool.release(connection)
+
+
+def encode(commands: list[tuple]) -> list[bytes]:
+    """``commands`` in the RESP wire format, as pieces to write in order (values are not copied):
+    each argument as bytes, a ``str`` in UTF-8, a number as its ``repr`` (as redis-py encodes them)."""
+    pieces = []
+    for command in commands:
+        pieces.append(b"*%d\r\n" % len(command))
+        for argument in command:
+            if not isinstance(argument, bytes):
+                argument = (argument if isinstance(argument, str) else repr(argument)).encode()
+            pieces += (b"$%d\r\n" % len(argument), argument, b"\r\n")
+    return pieces
 
 
 def evalsha(call: ScriptCall) -> tuple:
