@@ -1,15 +1,19 @@
-"""The guarded configurations the performance benchmarks compare, and an app that answers at once
-(what is left of a prediction server without its own work). Light to import: no torch."""
+"""The guarded configurations the performance benchmarks compare, an app that answers at once
+(what is left of a prediction server without its own work), and the floor of any middleware that
+rewrites answers. Light to import: no torch."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from guard import Policy
+import orjson
+
+from guard import GuardMiddleware, Policy
 
 HOST = "127.0.0.1"
 ROUND2 = "guard round:2"
 ALL_ON = "all on, in process"
 STREAMS = "all on, streams + 1 monitor"
+FLOOR = "floor: minimal rewrite"
 
 
 def configurations(redis_url: str | None = None) -> list[tuple[str, Policy | None]]:
@@ -29,6 +33,43 @@ def configurations(redis_url: str | None = None) -> list[tuple[str, Policy | Non
     if redis_url is not None:
         configs.append((STREAMS, Policy(**everything, store=redis_url, monitor={"deployment": "streams"})))
     return configs
+
+
+class MinimalRewrite:
+    """The least a pure-ASGI middleware that rounds JSON answers does: read the request body and
+    parse it (orjson), call the app with the body replayed, parse its answer, round each
+    probability to 2 places, serialise it again. No client identity, limits, validation, metrics
+    or fail-closed handling: not a defence, a floor for the cost of the guard's request path."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        body = (await receive())["body"]
+        orjson.loads(body)
+        held: list[dict] = []
+
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def capture(message: dict) -> None:
+            held.append(message)
+
+        await self.app(scope, replay, capture)
+        answer = orjson.loads(held[1]["body"])
+        answer["probabilities"] = [round(p, 2) for p in answer["probabilities"]]
+        out = orjson.dumps(answer)
+        headers = [(k, v) for k, v in held[0]["headers"] if k != b"content-length"]
+        await send({**held[0], "headers": [*headers, (b"content-length", str(len(out)).encode())]})
+        await send({"type": "http.response.body", "body": out})
+
+
+def wrappers(configs: list[tuple[str, Policy | None]], floor: bool = True) -> list[tuple[str, Callable]]:
+    """Per configuration, what wraps an app in it (bare: nothing); with ``floor``, ``MinimalRewrite``
+    too (in-process comparisons only: it is not served)."""
+    def wrap(policy: Policy | None) -> Callable:
+        return (lambda app: app) if policy is None else (lambda app: GuardMiddleware(app, policy))
+    return [(name, wrap(policy)) for name, policy in configs] + ([(FLOOR, MinimalRewrite)] if floor else [])
 
 
 def canned_app(exchanges: list[tuple[bytes, bytes]]) -> Callable:

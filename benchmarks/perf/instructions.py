@@ -5,8 +5,8 @@ noise-free companion of ``benchmarks.perf.overhead`` for a shared machine, where
 Run: ``python -m benchmarks.perf.instructions [--calls N]`` (needs ``valgrind`` on PATH; about a
 minute per configuration, the interpreter running some 50x slower under it).
 
-Each configuration of ``benchmarks.perf.configs`` (bare, ``round:2``, everything on in process)
-wraps the app that answers at once and is called in process on the digits test queries, as in
+Each configuration of ``benchmarks.perf.configs`` (bare, ``round:2``, everything on in process, and
+for scale the minimal rewriting middleware ``MinimalRewrite``) wraps the app that answers at once and is called in process on the digits test queries, as in
 ``overhead``'s in-process table: a child process under callgrind builds the app, warms it up, and
 only then is counting switched on (``callgrind_control -i on``), for ``--calls`` requests, the
 monitor drained every 32 as there. Threads are counted apart: the calling thread's instructions
@@ -44,7 +44,7 @@ def child(name: str, data: Path, calls: int, ready: Path, go: Path) -> None:
     ``benchmarks.perf.configs`` around the app that answers at once serves requests (the monitor
     drained every 32); ``monitor:B`` (everything on's monitor) judges one client's observations in
     batches of ``B``, on this thread."""
-    from benchmarks.perf.configs import ALL_ON, call_in_turn, canned_app, configurations, guarded_requests
+    from benchmarks.perf.configs import ALL_ON, call_in_turn, canned_app, configurations, guarded_requests, wrappers
     from guard import GuardMiddleware
     from guard.monitors.base import Observation
 
@@ -62,10 +62,9 @@ def child(name: str, data: Path, calls: int, ready: Path, go: Path) -> None:
             for first in range(start, stop, size):
                 await monitor.process([stream[i % len(stream)] for i in range(first, min(first + size, stop))])
     else:
-        app = canned_app(exchanges)
-        app = app if policies[name] is None else GuardMiddleware(app, policies[name])
+        app = dict(wrappers(configurations()))[name](canned_app(exchanges))
         requests = guarded_requests([body for body, _ in exchanges])
-        drained = app.monitoring.monitor if policies[name] is not None else None
+        drained = app.monitoring.monitor if isinstance(app, GuardMiddleware) else None
 
         async def work(start: int, stop: int) -> None:
             for first in range(start, stop, DRAIN_EVERY):
@@ -125,7 +124,7 @@ def measure(calls: int, sizes: tuple[int, ...] = (1, 4, 32)) -> tuple[Rows, Rows
     import torch
 
     from benchmarks import models
-    from benchmarks.perf.configs import configurations
+    from benchmarks.perf.configs import configurations, wrappers
     from benchmarks.perf.overhead import digits_model
 
     torch.set_num_threads(1)
@@ -136,7 +135,7 @@ def measure(calls: int, sizes: tuple[int, ...] = (1, 4, 32)) -> tuple[Rows, Rows
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "exchanges.json"
         data.write_text(json.dumps(list(zip(bodies, answers))))
-        for name, _ in configurations():
+        for name, _ in wrappers(configurations()):
             request_path, monitor = count(name, data, calls)
             requests.append({"configuration": name, "request path instructions": request_path,
                              "monitor thread instructions/obs": monitor})
