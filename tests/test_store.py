@@ -142,15 +142,19 @@ async def test_redis_updates_from_stale_cached_values_lose_no_write(redis_url):
     await second.close()
 
 
-async def test_script_channel_recovers_from_a_flush_a_killed_connection_and_a_timeout(redis_url):
-    """Script calls on the held connection: an unknown script is loaded and run once, a killed
-    connection is replaced, and after a timeout the late reply is never taken for the next call's."""
+async def test_redis_channel_keeps_replies_in_step_and_recovers(redis_url):
+    """Script calls on the held connection: concurrent callers each get their own reply, an unknown
+    script is loaded and run once, a killed connection is replaced, and after a timeout the late
+    reply is never taken for the next call's."""
     client = aioredis.Redis.from_url(redis_url)
     channel = RedisChannel(client, timeout=0.3)
     key = f"test-channel:{uuid.uuid4().hex}"
     count = client.register_script("return redis.call('INCR', KEYS[1]) .. ARGV[1]")
     fail = client.register_script("return redis.error_reply('refused ' .. ARGV[1])")
     assert await channel.call(count, [key], [":a"]) == b"1:a"
+    echo = client.register_script("return ARGV[1]")
+    assert await asyncio.gather(*(channel.call(echo, [], [str(i)]) for i in range(40))) == \
+        [str(i).encode() for i in range(40)]
     replies = await channel.call_many([(count, [key], [":b"]), (fail, [], ["c"]), (count, [key], [":d"])])
     assert replies[0] == b"2:b" and isinstance(replies[1], ResponseError) and replies[2] == b"3:d"
     with pytest.raises(ResponseError, match="refused e"):

@@ -6,9 +6,9 @@ machinery, response callbacks, and a task per write for the write's timeout), se
 the round trip itself costs. A ``RedisChannel`` takes one connection from the client's pool
 (connected, authenticated and on its database as the URL says), writes the packed commands of a
 batch on it and reads their raw replies with the connection's parser, under one timeout for the
-round trip (the connection's ``_writer`` and ``_parser``: redis-py 5 to 8, as pinned). It
-serves one batch at a time: its users (a ``Coalescer``'s sender, a monitor's loop) never have two
-in flight."""
+round trip (the connection's ``_writer`` and ``_parser``: redis-py 5 to 8, as pinned). One batch
+is in flight at a time (a lock keeps the replies in step; its users, a ``Coalescer``'s sender or a
+monitor's loop, never wait on it)."""
 from __future__ import annotations
 
 import asyncio
@@ -36,6 +36,7 @@ class RedisChannel:
     def __init__(self, client: aioredis.Redis, timeout: float):
         self._pool, self._timeout = client.connection_pool, timeout
         self._connection: AbstractConnection | None = None
+        self._lock = asyncio.Lock()
 
     async def call(self, script: AsyncScript, keys: Sequence, args: Sequence) -> object:
         """One call's reply; an error reply is raised."""
@@ -58,10 +59,11 @@ class RedisChannel:
 
     async def execute(self, commands: list[tuple]) -> list[object]:
         """The raw reply to each of ``commands`` (an error reply as its exception), in one round trip."""
-        try:
-            return await self._send(commands)
-        except RedisConnectionError:  # e.g. a pooled socket that died with a restarted server
-            return await self._send(commands)
+        async with self._lock:
+            try:
+                return await self._send(commands)
+            except RedisConnectionError:  # e.g. a pooled socket that died with a restarted server
+                return await self._send(commands)
 
     async def _send(self, commands: list[tuple]) -> list[object]:
         """The replies to ``commands``, sent together on the held connection (dropped on failure)."""
