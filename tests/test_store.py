@@ -9,6 +9,7 @@ import pytest
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guard.store import MemoryStore, StoreUnavailable, store_from_uri
 from guard.store.redis import RedisStore
@@ -166,7 +167,7 @@ async def test_redis_channel_keeps_replies_in_step_and_recovers(redis_url):
     busy = client.register_script(
         "local t = redis.call('TIME') local start = t[1] * 1e6 + t[2] "
         "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - start > 600000 return ARGV[1]")
-    with pytest.raises(TimeoutError):
+    with pytest.raises(RedisTimeoutError):
         await channel.call(busy, [], ["late"])
     await asyncio.sleep(0.5)
     assert await channel.call(count, [key], [":h"]) == b"6:h"

@@ -12,6 +12,7 @@ monitor's loop, never wait on it)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
@@ -19,6 +20,12 @@ from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+if sys.version_info >= (3, 11, 3):
+    from asyncio import timeout
+else:  # missing, or flawed before 3.11.3 (as redis-py, which then depends on async-timeout)
+    from async_timeout import timeout
 
 ScriptCall = tuple[AsyncScript, Sequence, Sequence]
 """A script (its SHA1 and source), its keys and its other arguments."""
@@ -71,15 +78,17 @@ class RedisChannel:
             self._connection = await self._pool.get_connection()
         connection = self._connection
         try:
-            async with asyncio.timeout(self._timeout):
+            async with timeout(self._timeout):
                 if not connection.is_connected:
                     await connection.connect()
                 connection._writer.writelines(encode(commands))
                 return [await connection._parser.read_response() for _ in commands]
-        except BaseException:
+        except BaseException as error:
             self._connection = None
             await connection.disconnect(nowait=True)
             await self._pool.release(connection)
+            if isinstance(error, asyncio.TimeoutError):
+                raise RedisTimeoutError(f"no reply from Redis within {self._timeout} s") from None
             raise
 
     async def close(self) -> None:
