@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Sequence
 from itertools import accumulate, chain, repeat
 from dataclasses import dataclass, replace
@@ -126,41 +127,45 @@ class Similarity(Detector):
             return []
         queries = [np.asarray(o.features).reshape(len(o.features), -1) for o in observations]
         prints, digests = self._signatures(queries)
-        ids = [owner + digest for owner, digest in zip(
-            chain.from_iterable(repeat(o.client.encode(), len(rows)) for o, rows in zip(observations, queries)),
-            digests)]
+        owners, counts = [o.client.encode() for o in observations], list(map(len, queries))
+        ids = list(map(bytes.__add__, chain.from_iterable(map(repeat, owners, counts)), digests))
+        sizes = list(map(len, prints))
         earlier = await self.store.swap_many(self.table, list(chain.from_iterable(prints)),
-                                             list(chain.from_iterable(map(repeat, ids, map(len, prints)))),
-                                             self.ttl)
-        verdicts, row, start = [], 0, 0
-        for observation in observations:
-            owner = observation.client.encode()
+                                             list(chain.from_iterable(map(repeat, ids, sizes))), self.ttl)
+        ends = list(accumulate(sizes))
+        matched = [Counter(earlier[start:end]) for start, end in zip([0, *ends], ends)]  # per query, C-level
+        verdicts, row = [], 0
+        for owner, count in zip(owners, counts):
             best_own, best_others, best = 0, 0, 0
             accomplices: set[bytes] = set()
-            for _ in range(len(observation.features)):
-                digest, end = digests[row], start + len(prints[row])
-                own, others, matches = 0, {}, {}
-                for match in earlier[start:end]:
-                    if match is not None:
-                        matches[match] = matches.get(match, 0) + 1
-                for match, n in matches.items():
-                    if match[-_QUERY_ID_BYTES:] == digest:
-                        continue
-                    client = match[:-_QUERY_ID_BYTES]
-                    if client == owner:
-                        own = max(own, n)
-                    else:
-                        others[client] = max(others.get(client, 0), n)
+            for digest, matches in zip(digests[row:row + count], matched[row:row + count]):
+                own, others = self._scores(owner, digest, matches)
                 accomplices.update(other for other, n in others.items() if n >= self.threshold)
                 most = max(others.values(), default=0)
                 if max(own, most) > best:
                     best_own, best_others, best = own, most, max(own, most)
-                start, row = end, row + 1
+            row += count
             verdict = self._judge(float(best_own), float(best_others))
             if verdict.scope == "cross-client":
                 verdict = replace(verdict, accomplices=tuple(sorted(other.decode() for other in accomplices)))
             verdicts.append(verdict)
         return verdicts
+
+    @staticmethod
+    def _scores(owner: bytes, digest: bytes, matches: Counter) -> tuple[int, dict[bytes, int]]:
+        """From a query's matches (id of the earlier query -> hashes shared), the most shared with
+        one of ``owner``'s earlier queries and, per other client, with one of its; exact repeats
+        (the query's own ``digest``) and hashes seen first (None) left out."""
+        own, others = 0, {}
+        for match, n in matches.items():
+            if match is None or match[-_QUERY_ID_BYTES:] == digest:
+                continue
+            client = match[:-_QUERY_ID_BYTES]
+            if client == owner:
+                own = max(own, n)
+            else:
+                others[client] = max(others.get(client, 0), n)
+        return own, others
 
     def _signatures(self, queries: list[np.ndarray]) -> tuple[list[list[bytes]], list[bytes]]:
         """``fingerprints`` and ``digests`` of every row of ``queries`` in order, computed once per
@@ -168,6 +173,9 @@ class Similarity(Detector):
         widths: dict[int, list[int]] = {}
         for i, rows in enumerate(queries):
             widths.setdefault(rows.shape[1], []).append(i)
+        if len(widths) == 1:  # the usual batch: one width, signed in order
+            rows = queries[0] if len(queries) == 1 else np.concatenate(queries)
+            return self.fingerprints(rows), self.digests(rows)
         found: list[list[tuple[list[bytes], bytes]]] = [[] for _ in queries]
         for indices in widths.values():
             rows = np.concatenate([queries[i] for i in indices])
