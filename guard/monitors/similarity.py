@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 from collections.abc import Sequence
 from itertools import accumulate, chain, repeat
 from dataclasses import dataclass, replace
@@ -93,7 +92,8 @@ class Similarity(Detector):
     def digests(self, queries: np.ndarray) -> list[bytes]:
         """Per query (a row of ``queries``), a keyed digest of its values at float32 (exact repeats
         share it); a query's id is its client's name and this digest."""
-        rows = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(len(queries), -1)) + np.float32(0)
+        # At float32, and -0.0 made 0.0 (equal values, one digest): a new C-contiguous array in one call.
+        rows = np.add(np.reshape(queries, (len(queries), -1)), np.float32(0), dtype=np.float32)
         packed, width = memoryview(rows.tobytes()), rows.shape[1] * rows.itemsize
         return [hashlib.blake2b(packed[row * width:(row + 1) * width], key=self._digest_key,
                                 digest_size=_QUERY_ID_BYTES).digest() for row in range(len(rows))]
@@ -133,13 +133,12 @@ class Similarity(Detector):
         earlier = await self.store.swap_many(self.table, list(chain.from_iterable(prints)),
                                              list(chain.from_iterable(map(repeat, ids, sizes))), self.ttl)
         ends = list(accumulate(sizes))
-        matched = [Counter(earlier[start:end]) for start, end in zip([0, *ends], ends)]  # per query, C-level
         verdicts, row = [], 0
         for owner, count in zip(owners, counts):
             best_own, best_others, best = 0, 0, 0
             accomplices: set[bytes] = set()
-            for digest, matches in zip(digests[row:row + count], matched[row:row + count]):
-                own, others = self._scores(owner, digest, matches)
+            for digest, start, end in zip(digests[row:row + count], [0, *ends][row:row + count], ends[row:row + count]):
+                own, others = self._scores(owner, digest, earlier[start:end])
                 accomplices.update(other for other, n in others.items() if n >= self.threshold)
                 most = max(others.values(), default=0)
                 if max(own, most) > best:
@@ -152,13 +151,17 @@ class Similarity(Detector):
         return verdicts
 
     @staticmethod
-    def _scores(owner: bytes, digest: bytes, matches: Counter) -> tuple[int, dict[bytes, int]]:
-        """From a query's matches (id of the earlier query -> hashes shared), the most shared with
-        one of ``owner``'s earlier queries and, per other client, with one of its; exact repeats
-        (the query's own ``digest``) and hashes seen first (None) left out."""
+    def _scores(owner: bytes, digest: bytes, earlier: list[bytes | None]) -> tuple[int, dict[bytes, int]]:
+        """From the ids of the queries that last produced a query's hashes (None: a hash seen first),
+        the most hashes shared with one of ``owner``'s earlier queries and, per other client, with
+        one of its; exact repeats (the query's own ``digest``) left out."""
+        matches: dict[bytes, int] = {}
+        for match in earlier:
+            if match is not None:
+                matches[match] = matches.get(match, 0) + 1
         own, others = 0, {}
         for match, n in matches.items():
-            if match is None or match[-_QUERY_ID_BYTES:] == digest:
+            if match[-_QUERY_ID_BYTES:] == digest:
                 continue
             client = match[:-_QUERY_ID_BYTES]
             if client == owner:
