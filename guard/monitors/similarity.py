@@ -92,8 +92,8 @@ class Similarity(Detector):
     def digests(self, queries: np.ndarray) -> list[bytes]:
         """Per query (a row of ``queries``), a keyed digest of its values at float32 (exact repeats
         share it); a query's id is its client's name and this digest."""
-        # At float32, and -0.0 made 0.0 (equal values, one digest): a new C-contiguous array in one call.
-        rows = np.add(np.reshape(queries, (len(queries), -1)), np.float32(0), dtype=np.float32)
+        # At float32, -0.0 made 0.0 (equal values, one digest); the sum is a new C-contiguous array.
+        rows = np.asarray(queries, np.float32).reshape(len(queries), -1) + np.float32(0)
         packed, width = memoryview(rows.tobytes()), rows.shape[1] * rows.itemsize
         return [hashlib.blake2b(packed[row * width:(row + 1) * width], key=self._digest_key,
                                 digest_size=_QUERY_ID_BYTES).digest() for row in range(len(rows))]
