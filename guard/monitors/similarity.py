@@ -88,6 +88,7 @@ class Similarity(Detector):
         stream = hashlib.shake_256(b"predguard similarity keys" + salt).digest(16 * (window + 1))
         self._keys = np.frombuffer(stream, "<u8").reshape(window + 1, 2)
         self._digest_key = hashlib.shake_256(b"predguard similarity query ids" + salt).digest(32)
+        self._verdicts: dict[tuple[int, int], SimilarityVerdict] = {}
 
     def digests(self, queries: np.ndarray) -> list[bytes]:
         """Per query (a row of ``queries``), a keyed digest of its values at float32 (exact repeats
@@ -144,7 +145,7 @@ class Similarity(Detector):
                 if max(own, most) > best:
                     best_own, best_others, best = own, most, max(own, most)
             row += count
-            verdict = self._judge(float(best_own), float(best_others))
+            verdict = self._judge(best_own, best_others)
             if verdict.scope == "cross-client":
                 verdict = replace(verdict, accomplices=tuple(sorted(other.decode() for other in accomplices)))
             verdicts.append(verdict)
@@ -188,16 +189,14 @@ class Similarity(Detector):
         signed = list(chain.from_iterable(found))
         return [fingerprint for fingerprint, _ in signed], [digest for _, digest in signed]
 
-    def _judge(self, per_client: float, cross_client: float) -> SimilarityVerdict:
-        score = max(per_client, cross_client)
-        scope = (
-            "per-client"
-            if per_client >= self.threshold
-            else "cross-client"
-            if cross_client >= self.threshold
-            else None
-        )
-        return SimilarityVerdict(
-            self.name, score, scope is not None, per_client=per_client, cross_client=cross_client,
-            scope=scope
-        )
+    def _judge(self, per_client: int, cross_client: int) -> SimilarityVerdict:
+        """The verdict for these scores, built once per pair (verdicts are immutable; scores are at
+        most ``top_n``, so at most ``(top_n + 1) ** 2`` of them are kept)."""
+        verdict = self._verdicts.get((per_client, cross_client))
+        if verdict is None:
+            scope = ("per-client" if per_client >= self.threshold
+                     else "cross-client" if cross_client >= self.threshold else None)
+            verdict = self._verdicts[per_client, cross_client] = SimilarityVerdict(
+                self.name, float(max(per_client, cross_client)), scope is not None,
+                per_client=float(per_client), cross_client=float(cross_client), scope=scope)
+        return verdict
