@@ -109,13 +109,17 @@ class Similarity(Detector):
         windows = np.ndarray((n, (length - width) // self.stride + 1, width), levels.dtype, levels,
                              strides=(row_step, step * self.stride, step))  # a view: as_strided, cheaper
         sums = windows @ self._keys[1 : width + 1] + self._keys[0]
+        hashes = (sums[..., 0] & _HIGH_HALF) | (sums[..., 1] >> np.uint64(32))
+        hashes.sort(axis=1)  # in place: a new array
         # Per row, largest first: the first of each run of equal hashes is a distinct one.
-        hashes = np.sort((sums[..., 0] & _HIGH_HALF) | (sums[..., 1] >> np.uint64(32)), axis=1)[:, ::-1]
+        hashes = hashes[:, ::-1]
         distinct = np.empty(hashes.shape, bool)
         distinct[:, 0] = True
         np.not_equal(hashes[:, 1:], hashes[:, :-1], out=distinct[:, 1:])
         if hashes.shape[1] > self.top_n:  # else every distinct hash is among the top_n
             distinct &= distinct.cumsum(axis=1) <= self.top_n
+        elif distinct.all():  # the usual case: every window distinct, every row's hashes kept
+            return hashes.astype(">u8").view("V8").tolist()
         fields = hashes[distinct].astype(">u8").view("V8").tolist()  # bytes, row after row
         ends = list(accumulate(distinct.sum(axis=1).tolist()))
         return [fields[start:end] for start, end in zip([0, *ends], ends)]
