@@ -155,7 +155,7 @@ class _Table:
         if self.previous.expires <= now:
             self.previous = _Generation()
         current, previous = self.current.values, self.previous.values
-        found = list(map(current.get, fields, map(previous.get, fields))) if previous else list(map(current.get, fields))
+        found = list(map(current.get, fields, map(previous.get, fields)) if previous else map(current.get, fields))
         distinct = len(set(fields))
         if distinct < len(fields):
             _see_earlier_occurrences(found, fields, values)
@@ -217,7 +217,7 @@ class MemoryStore:
 
     @property
     def size(self) -> int:
-        """Bytes held, by ``entry_bytes``, keys and tables together."""
+        """Bytes held, by ``entry_bytes``, keys and tables together (the tables': a bound)."""
         return self._keys.size + self._counters.size + sum(table.size for table in self._tables.values())
 
     async def get(self, key: str) -> bytes | None:
