@@ -100,6 +100,22 @@ async def test_the_cross_client_score_is_that_of_the_other_clients_most_similar_
             True, "cross-client", 30, ("bob",))
 
 
+async def test_verdicts_shared_between_equal_scores_keep_their_own_accomplices(rng):
+    """A verdict is built once per pair of scores and shared; a cross-client alarm still names only
+    the clients its own query matched, however many alarms with the same scores came before."""
+    detector = Similarity(MemoryStore(), threshold=25, salt="s")
+    quiet = [await detector.observe(f"c{i}", rng.random((1, 784)), np.zeros(1)) for i in range(3)]
+    assert quiet[0] is quiet[1] is quiet[2] and quiet[0].score == 0
+    first, second = on_bin_centres(rng, 784, 0.2), on_bin_centres(rng, 784, 0.2)
+    await detector.observe("bob", first, np.zeros(1))
+    await detector.observe("carol", second, np.zeros(1))
+    to_bob = await detector.observe("mallory", first + 0.01, np.zeros(1))
+    to_carol = await detector.observe("trudy", second + 0.01, np.zeros(1))
+    assert (to_bob.scope, to_bob.cross_client, to_bob.accomplices) == ("cross-client", 50, ("bob",))
+    assert (to_carol.scope, to_carol.cross_client, to_carol.accomplices) == ("cross-client", 50, ("carol",))
+    assert len(detector._verdicts) <= (detector.top_n + 1) ** 2
+
+
 async def test_unrelated_queries_share_few_hashes(rng):
     detector = build_detector("similarity", {"threshold": 25, "salt": "s"}, MemoryStore())
     scores = [

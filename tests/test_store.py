@@ -65,10 +65,73 @@ async def test_updates_of_several_keys_are_atomic_together(store):
 
 async def test_swap_many_returns_previous_values_and_expires(store):
     assert await store.swap_many("t", [b"x", b"y"], b"first", ttl=5) == [None, None]
-    assert await store.swap_many("t", [b"y", b"z"], b"second", ttl=0.05) == [b"first", None]
+    assert await store.swap_many("t", [b"y", b"z"], b"second", ttl=5) == [b"first", None]
     assert await store.swap_many("other", [b"y"], b"v", ttl=5) == [None]
+    assert await store.swap_many("short", [b"x", b"y"], b"s", ttl=0.05) == [None, None]
+    await asyncio.sleep(0.12)
+    assert await store.swap_many("t", [b"x", b"y", b"z"], b"third", ttl=5) == [b"first", b"second", b"second"]
+    assert await store.swap_many("short", [b"y", b"x"], b"t", ttl=0.05) == [None, None]
+
+
+async def test_redis_swap_fields_expire_one_by_one(redis_url):
+    """Redis stamps each field with its own expiry: a short-lived field beside long-lived ones goes
+    alone (the memory store expires a generation at once: ``test_memory_swap_table_generations``)."""
+    store = RedisStore(redis_url, prefix=f"test-store:{uuid.uuid4().hex}:")
+    await store.swap_many("t", [b"x", b"y"], b"first", ttl=5)
+    await store.swap_many("t", [b"y", b"z"], b"second", ttl=0.05)
     await asyncio.sleep(0.12)
     assert await store.swap_many("t", [b"x", b"y", b"z"], b"third", ttl=5) == [b"first", None, None]
+    await store.close()
+
+
+async def test_memory_swap_table_generations(monkeypatch):
+    """The memory store's tables expire by generation: a field is remembered for at least half its
+    ttl and never after it; the shortest ttl written into a generation bounds the whole of it."""
+    clock = [1000.0]
+    monkeypatch.setattr("guard.store.memory.time.monotonic", lambda: clock[0])
+    store = MemoryStore()
+    await store.swap_many("t", [b"a", b"e"], b"1", ttl=10)
+    clock[0] += 4.9  # before half the ttl: still the current generation
+    assert await store.swap_many("t", [b"b"], b"2", ttl=10) == [None]
+    clock[0] += 0.2  # half the ttl after the first write: the generation becomes the previous one
+    assert await store.swap_many("t", [b"a", b"c"], b"3", ttl=10) == [b"1", None]
+    clock[0] += 4.8  # 9.9 after ``a`` and ``b`` were written: both still remembered
+    assert await store.swap_many("t", [b"b", b"d"], b"4", ttl=10) == [b"2", None]
+    clock[0] += 0.2  # their generation's ttl is over: what was written since stays, ``e`` is gone
+    assert await store.swap_many("t", [b"b", b"a", b"e", b"c", b"d"], b"5", ttl=10) == [b"4", b"3", None, b"3", b"4"]
+    await store.swap_many("mixed", [b"x"], b"long", ttl=10)
+    await store.swap_many("mixed", [b"y"], b"short", ttl=0.1)
+    clock[0] += 0.11
+    assert await store.swap_many("mixed", [b"x", b"y"], b"z", ttl=10) == [None, None]
+
+
+async def test_memory_swap_table_bounds_hold_and_recent_fields_stay():
+    """Fields of several widths written in calls of 7: each table stays within its bytes and its
+    fields, and the fields of the last half of either bound (less a call) are remembered."""
+    from guard.store.memory import entry_bytes
+
+    widest = entry_bytes(b"f" * 12, b"v" * 30)
+    store = MemoryStore(max_bytes=100 * widest, max_table_fields=60)
+    bytes_bound = MemoryStore(max_bytes=40 * widest)
+    fields = [b"f" * (i % 5) + str(i).encode() for i in range(2_000)]
+    for start in range(0, len(fields), 7):
+        for table in (store, bytes_bound):
+            await table.swap_many("t", fields[start:start + 7], [b"v" * (i % 30) for i in range(7)], ttl=60)
+            assert table.size <= table._max_bytes and len(table._tables["t"]) <= 60
+    assert sum(value is not None for value in await store.swap_many("t", fields[-23:], b"w", ttl=60)) == 23
+    assert sum(value is not None for value in await bytes_bound.swap_many("t", fields[-13:], b"w", ttl=60)) == 13
+    assert len(bytes_bound._tables["t"]) <= 40
+
+
+async def test_memory_swap_table_larger_than_its_bound_in_one_call():
+    """One call of more fields than a generation holds keeps the last ones, within the bound, and
+    still sees every earlier occurrence of a repeated field."""
+    store = MemoryStore(max_table_fields=10)
+    fields = [str(i % 25).encode() for i in range(40)]
+    found = await store.swap_many("t", fields, [str(i).encode() for i in range(40)], ttl=60)
+    assert found == [None] * 25 + [str(i).encode() for i in range(15)]
+    assert len(store._tables["t"]) <= 10
+    assert await store.swap_many("t", [b"14", b"5", b"0"], b"x", ttl=60) == [b"39", b"30", None]
 
 
 async def test_swap_many_takes_one_value_per_field_and_any_bytes(store):

@@ -88,11 +88,13 @@ class Similarity(Detector):
         stream = hashlib.shake_256(b"predguard similarity keys" + salt).digest(16 * (window + 1))
         self._keys = np.frombuffer(stream, "<u8").reshape(window + 1, 2)
         self._digest_key = hashlib.shake_256(b"predguard similarity query ids" + salt).digest(32)
+        self._verdicts: dict[tuple[int, int], SimilarityVerdict] = {}
 
     def digests(self, queries: np.ndarray) -> list[bytes]:
         """Per query (a row of ``queries``), a keyed digest of its values at float32 (exact repeats
         share it); a query's id is its client's name and this digest."""
-        rows = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(len(queries), -1)) + np.float32(0)
+        # At float32, -0.0 made 0.0 (equal values, one digest); the sum is a new C-contiguous array.
+        rows = np.asarray(queries, np.float32).reshape(len(queries), -1) + np.float32(0)
         packed, width = memoryview(rows.tobytes()), rows.shape[1] * rows.itemsize
         return [hashlib.blake2b(packed[row * width:(row + 1) * width], key=self._digest_key,
                                 digest_size=_QUERY_ID_BYTES).digest() for row in range(len(rows))]
@@ -107,13 +109,17 @@ class Similarity(Detector):
         windows = np.ndarray((n, (length - width) // self.stride + 1, width), levels.dtype, levels,
                              strides=(row_step, step * self.stride, step))  # a view: as_strided, cheaper
         sums = windows @ self._keys[1 : width + 1] + self._keys[0]
+        hashes = (sums[..., 0] & _HIGH_HALF) | (sums[..., 1] >> np.uint64(32))
+        hashes.sort(axis=1)  # in place: a new array
         # Per row, largest first: the first of each run of equal hashes is a distinct one.
-        hashes = np.sort((sums[..., 0] & _HIGH_HALF) | (sums[..., 1] >> np.uint64(32)), axis=1)[:, ::-1]
+        hashes = hashes[:, ::-1]
         distinct = np.empty(hashes.shape, bool)
         distinct[:, 0] = True
         np.not_equal(hashes[:, 1:], hashes[:, :-1], out=distinct[:, 1:])
         if hashes.shape[1] > self.top_n:  # else every distinct hash is among the top_n
             distinct &= distinct.cumsum(axis=1) <= self.top_n
+        elif distinct.all():  # the usual case: every window distinct, every row's hashes kept
+            return hashes.astype(">u8").view("V8").tolist()
         fields = hashes[distinct].astype(">u8").view("V8").tolist()  # bytes, row after row
         ends = list(accumulate(distinct.sum(axis=1).tolist()))
         return [fields[start:end] for start, end in zip([0, *ends], ends)]
@@ -126,41 +132,48 @@ class Similarity(Detector):
             return []
         queries = [np.asarray(o.features).reshape(len(o.features), -1) for o in observations]
         prints, digests = self._signatures(queries)
-        ids = [owner + digest for owner, digest in zip(
-            chain.from_iterable(repeat(o.client.encode(), len(rows)) for o, rows in zip(observations, queries)),
-            digests)]
+        owners, counts = [o.client.encode() for o in observations], list(map(len, queries))
+        ids = list(map(bytes.__add__, chain.from_iterable(map(repeat, owners, counts)), digests))
+        sizes = list(map(len, prints))
         earlier = await self.store.swap_many(self.table, list(chain.from_iterable(prints)),
-                                             list(chain.from_iterable(map(repeat, ids, map(len, prints)))),
-                                             self.ttl)
-        verdicts, row, start = [], 0, 0
-        for observation in observations:
-            owner = observation.client.encode()
+                                             list(chain.from_iterable(map(repeat, ids, sizes))), self.ttl)
+        ends = list(accumulate(sizes))
+        verdicts, row = [], 0
+        for owner, count in zip(owners, counts):
             best_own, best_others, best = 0, 0, 0
             accomplices: set[bytes] = set()
-            for _ in range(len(observation.features)):
-                digest, end = digests[row], start + len(prints[row])
-                own, others, matches = 0, {}, {}
-                for match in earlier[start:end]:
-                    if match is not None:
-                        matches[match] = matches.get(match, 0) + 1
-                for match, n in matches.items():
-                    if match[-_QUERY_ID_BYTES:] == digest:
-                        continue
-                    client = match[:-_QUERY_ID_BYTES]
-                    if client == owner:
-                        own = max(own, n)
-                    else:
-                        others[client] = max(others.get(client, 0), n)
+            for digest, start, end in zip(digests[row:row + count], [0, *ends][row:row + count], ends[row:row + count]):
+                own, others = self._scores(owner, digest, earlier[start:end])
                 accomplices.update(other for other, n in others.items() if n >= self.threshold)
                 most = max(others.values(), default=0)
                 if max(own, most) > best:
                     best_own, best_others, best = own, most, max(own, most)
-                start, row = end, row + 1
-            verdict = self._judge(float(best_own), float(best_others))
+            row += count
+            verdict = self._judge(best_own, best_others)
             if verdict.scope == "cross-client":
                 verdict = replace(verdict, accomplices=tuple(sorted(other.decode() for other in accomplices)))
             verdicts.append(verdict)
         return verdicts
+
+    @staticmethod
+    def _scores(owner: bytes, digest: bytes, earlier: list[bytes | None]) -> tuple[int, dict[bytes, int]]:
+        """From the ids of the queries that last produced a query's hashes (None: a hash seen first),
+        the most hashes shared with one of ``owner``'s earlier queries and, per other client, with
+        one of its; exact repeats (the query's own ``digest``) left out."""
+        matches: dict[bytes, int] = {}
+        for match in earlier:
+            if match is not None:
+                matches[match] = matches.get(match, 0) + 1
+        own, others = 0, {}
+        for match, n in matches.items():
+            if match[-_QUERY_ID_BYTES:] == digest:
+                continue
+            client = match[:-_QUERY_ID_BYTES]
+            if client == owner:
+                own = max(own, n)
+            else:
+                others[client] = max(others.get(client, 0), n)
+        return own, others
 
     def _signatures(self, queries: list[np.ndarray]) -> tuple[list[list[bytes]], list[bytes]]:
         """``fingerprints`` and ``digests`` of every row of ``queries`` in order, computed once per
@@ -168,6 +181,9 @@ class Similarity(Detector):
         widths: dict[int, list[int]] = {}
         for i, rows in enumerate(queries):
             widths.setdefault(rows.shape[1], []).append(i)
+        if len(widths) == 1:  # the usual batch: one width, signed in order
+            rows = queries[0] if len(queries) == 1 else np.concatenate(queries)
+            return self.fingerprints(rows), self.digests(rows)
         found: list[list[tuple[list[bytes], bytes]]] = [[] for _ in queries]
         for indices in widths.values():
             rows = np.concatenate([queries[i] for i in indices])
@@ -177,16 +193,14 @@ class Similarity(Detector):
         signed = list(chain.from_iterable(found))
         return [fingerprint for fingerprint, _ in signed], [digest for _, digest in signed]
 
-    def _judge(self, per_client: float, cross_client: float) -> SimilarityVerdict:
-        score = max(per_client, cross_client)
-        scope = (
-            "per-client"
-            if per_client >= self.threshold
-            else "cross-client"
-            if cross_client >= self.threshold
-            else None
-        )
-        return SimilarityVerdict(
-            self.name, score, scope is not None, per_client=per_client, cross_client=cross_client,
-            scope=scope
-        )
+    def _judge(self, per_client: int, cross_client: int) -> SimilarityVerdict:
+        """The verdict for these scores, built once per pair (verdicts are immutable; scores are at
+        most ``top_n``, so at most ``(top_n + 1) ** 2`` of them are kept)."""
+        verdict = self._verdicts.get((per_client, cross_client))
+        if verdict is None:
+            scope = ("per-client" if per_client >= self.threshold
+                     else "cross-client" if cross_client >= self.threshold else None)
+            verdict = self._verdicts[per_client, cross_client] = SimilarityVerdict(
+                self.name, float(max(per_client, cross_client)), scope is not None,
+                per_client=float(per_client), cross_client=float(cross_client), scope=scope)
+        return verdict

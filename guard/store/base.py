@@ -108,7 +108,12 @@ class StateStore(Protocol):
         """Atomically, for each field of hash-table ``table`` in order: return its previous value
         (None if absent; a field repeated in ``fields`` sees the value its earlier occurrence set)
         and set it to ``value`` (or to ``value[i]``, one per field). The table keeps at most a
-        bounded number of fields."""
+        bounded number of fields, as two generations (a field is read in the current one, else the
+        previous one, and written to the current one, which replaces the previous one when full), so
+        the fields written last are remembered. A value is never returned after its ``ttl``: Redis
+        expires each field on its own, the memory store a generation at a time (after half the
+        shortest ttl written into it, a generation becomes the previous one; at all of it, it goes),
+        so there a field may be forgotten after half its ttl."""
 
     async def admit(self, charge: Charge) -> Admitted:
         """In one round trip: read the standing at ``charge.standing_key``; unless a block is in

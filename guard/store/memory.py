@@ -4,13 +4,18 @@ are held (no sweep over all keys: expired keys are dropped when touched or evict
 
 Two kinds of bound: detector state is *evicting* (the least recently used key makes room); sanctions
 are *keeping* (``evict=False``): a key is never dropped before it expires, and when the store is
-full of live keys a new one is refused with ``StoreFull``, so old blocks are never forgotten."""
+full of live keys a new one is refused with ``StoreFull``, so old blocks are never forgotten.
+``swap_many`` tables are kept apart, as the Redis store keeps them: two generations of plain dicts,
+each of at most half the table's bounds, written and read in bulk, that expire a generation at a
+time (``_Table``)."""
 from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from guard.store.base import Admitted, Charge, Update, UpdateMany, WindowCount
 
@@ -36,9 +41,8 @@ class _ExpiringMap:
     """Keys with an expiry, at most ``max_bytes`` (by ``entry_bytes``) in all. Evicting: the least
     recently used key goes first. Keeping: expired keys go (earliest expiry first), live ones never."""
 
-    def __init__(self, max_bytes: int, evict: bool = True, max_entries: int | None = None):
+    def __init__(self, max_bytes: int, evict: bool = True):
         self.max_bytes, self.evict, self.size = max_bytes, evict, 0
-        self.max_entries = max_entries
         self._items: OrderedDict[object, tuple[float, object]] = OrderedDict()
         self._expiries: list[tuple[float, object]] = []  # keeping maps: a heap, stale entries skipped
 
@@ -62,7 +66,7 @@ class _ExpiringMap:
         self._items.move_to_end(key)
         self.size += grown
         if self.evict:
-            while len(self._items) > 1 and self._over():
+            while len(self._items) > 1 and self.size > self.max_bytes:
                 oldest, (_, evicted) = self._items.popitem(last=False)
                 self.size -= entry_bytes(oldest, evicted)
         else:
@@ -74,34 +78,6 @@ class _ExpiringMap:
     def replace(self, key: object, value: object, expires: float) -> None:
         """Give a key just read (``get``) a new value of the same ``entry_bytes``, in place."""
         self._items[key] = (expires, value)
-
-    def swap(self, keys: list, values: list, expires: float, now: float) -> list:
-        """For each key in order, its live value (None if absent or expired), then ``values[i]`` set
-        in its place until ``expires`` (evicting maps: ``set`` for many keys in one pass)."""
-        items, size, previous = self._items, self.size, []
-        get, move_to_end, remember = items.get, items.move_to_end, previous.append
-        entry = None
-        for key, value in zip(keys, values):
-            old = get(key)
-            if old is None:
-                remember(None)
-                size += ENTRY_OVERHEAD + len(key) + len(value)
-            else:
-                remember(old[1] if old[0] > now else None)
-                size += len(value) - len(old[1])
-                move_to_end(key)
-            if entry is None or entry[1] is not value:  # a query's fields share one entry
-                entry = (expires, value)
-            items[key] = entry
-        ceiling, most = self.max_bytes, len(items) if self.max_entries is None else self.max_entries
-        while len(items) > 1 and (size > ceiling or len(items) > most):  # ``_over``, inlined: once per eviction
-            oldest, (_, evicted) = items.popitem(last=False)
-            size -= ENTRY_OVERHEAD + len(oldest) + len(evicted)
-        self.size = size
-        return previous
-
-    def _over(self) -> bool:
-        return self.size > self.max_bytes or (self.max_entries is not None and len(self._items) > self.max_entries)
 
     def _purge(self, now: float, needed: int) -> None:
         """Drop expired keys, earliest first, until ``needed`` bytes fit; ``StoreFull`` if they do not."""
@@ -132,9 +108,96 @@ class _ExpiringMap:
         return len(self._items)
 
 
+@dataclass(slots=True)
+class _Generation:
+    """One generation of a ``_Table``: its fields' values; the widest entry written (``entry_bytes``),
+    so ``len(values) * widest`` bounds its bytes; when it becomes the previous generation
+    (``rotates``) and when it is dropped (``expires``): half and all of its earliest write's ttl
+    after that write."""
+
+    values: dict[bytes, bytes] = field(default_factory=dict)
+    widest: int = 0
+    rotates: float = math.inf
+    expires: float = math.inf
+
+    def fits(self, fields: int, widest: int, max_fields: int, max_bytes: int) -> bool:
+        """Whether ``fields`` more, none of them wider than ``widest``, surely stay within the bounds."""
+        count = len(self.values) + fields
+        return count <= max_fields and count * max(self.widest, widest) <= max_bytes
+
+    def write(self, fields: list[bytes], values: list[bytes], widest: int, now: float, ttl: float) -> None:
+        self.values.update(zip(fields, values))
+        self.widest = max(self.widest, widest)
+        self.rotates = min(self.rotates, now + ttl / 2)
+        self.expires = min(self.expires, now + ttl)
+
+
+class _Table:
+    """A ``swap_many`` table kept as the Redis store keeps its own: two generations, each of at most
+    half the bytes and half the fields; a field is read in the current generation, else in the
+    previous one, and written to the current one, which becomes the previous one (the old previous
+    one dropped) when it cannot surely take a call's fields. Expiry is per generation: a generation
+    becomes the previous one at half its earliest write's ttl and is dropped at all of it, so a
+    value is never returned after its ttl, and is remembered for at least half of it unless the
+    bounds push it out first. Each call is a few C-level passes over its fields (``map``,
+    ``dict.update``), no Python loop per field unless a field repeats within the call."""
+
+    def __init__(self, max_bytes: int, max_fields: int):
+        self.max_bytes, self.max_fields = max(1, max_bytes // 2), max(1, max_fields // 2)  # per generation
+        self.current, self.previous = _Generation(), _Generation()
+
+    def swap(self, fields: list[bytes], values: list[bytes], now: float, ttl: float) -> list[bytes | None]:
+        """``StateStore.swap_many`` for this table."""
+        if not fields:
+            return []
+        if self.current.rotates <= now:
+            self._rotate()
+        if self.previous.expires <= now:
+            self.previous = _Generation()
+        current, previous = self.current.values, self.previous.values
+        found = list(map(current.get, fields, map(previous.get, fields)) if previous else map(current.get, fields))
+        distinct = len(set(fields))
+        if distinct < len(fields):
+            _see_earlier_occurrences(found, fields, values)
+        widest = ENTRY_OVERHEAD + max(map(len, fields)) + max(map(len, values))
+        if not self.current.fits(distinct, widest, self.max_fields, self.max_bytes):
+            self._rotate()
+        if self.current.fits(distinct, widest, self.max_fields, self.max_bytes):
+            self.current.write(fields, values, widest, now, ttl)
+            return found
+        step = max(1, min(self.max_fields, self.max_bytes // widest))  # a call larger than a generation
+        for start in range(0, len(fields), step):
+            if start:
+                self._rotate()
+            self.current.write(fields[start:start + step], values[start:start + step], widest, now, ttl)
+        return found
+
+    def _rotate(self) -> None:
+        self.previous, self.current = self.current, _Generation()
+
+    @property
+    def size(self) -> int:
+        """An upper bound of the bytes held (by ``entry_bytes``)."""
+        return sum(len(generation.values) * generation.widest for generation in (self.current, self.previous))
+
+    def __len__(self) -> int:
+        """Fields held (a field in both generations counts twice)."""
+        return len(self.current.values) + len(self.previous.values)
+
+
+def _see_earlier_occurrences(found: list[bytes | None], fields: list[bytes], values: list[bytes]) -> None:
+    """Give each repeated field of a call (in ``found``) the value its earlier occurrence set."""
+    written: dict[bytes, bytes] = {}
+    for i, (name, value) in enumerate(zip(fields, values)):
+        if name in written:
+            found[i] = written[name]
+        written[name] = value
+
+
 class MemoryStore:
     """Implements ``guard.store.base.StateStore`` in one process: at most ``max_bytes`` for the plain
-    keys and for each ``swap_many`` table (which also holds at most ``max_table_fields`` fields).
+    keys and for each ``swap_many`` table (which also holds at most ``max_table_fields`` fields, in
+    two generations: ``_Table``).
     ``evict=False`` keeps live keys (see the module docstring). Rate-limit counters (``admit``) are
     kept apart, in at most ``counter_bytes``, the least recently used evicted first."""
 
@@ -142,7 +205,7 @@ class MemoryStore:
                  counter_bytes: int = 16 << 20):
         self._keys = _ExpiringMap(max_bytes, evict)
         self._counters = _ExpiringMap(counter_bytes)
-        self._tables: dict[str, _ExpiringMap] = {}
+        self._tables: dict[str, _Table] = {}
         self._max_bytes = max_bytes
         self._max_table_fields = max_table_fields
         self._lock = asyncio.Lock()
@@ -154,7 +217,7 @@ class MemoryStore:
 
     @property
     def size(self) -> int:
-        """Bytes held, by ``entry_bytes``, keys and tables together."""
+        """Bytes held, by ``entry_bytes``, keys and tables together (the tables': a bound)."""
         return self._keys.size + self._counters.size + sum(table.size for table in self._tables.values())
 
     async def get(self, key: str) -> bytes | None:
@@ -182,11 +245,10 @@ class MemoryStore:
 
     async def swap_many(self, table: str, fields: list[bytes], value: bytes | list[bytes],
                         ttl: float) -> list[bytes | None]:
-        now = time.monotonic()
         entries = self._tables.get(table)
         if entries is None:
-            entries = self._tables[table] = _ExpiringMap(self._max_bytes, max_entries=self._max_table_fields)
-        return entries.swap(fields, [value] * len(fields) if isinstance(value, bytes) else value, now + ttl, now)
+            entries = self._tables[table] = _Table(self._max_bytes, self._max_table_fields)
+        return entries.swap(fields, [value] * len(fields) if isinstance(value, bytes) else value, time.monotonic(), ttl)
 
     async def admit(self, charge: Charge) -> Admitted:
         """One admission, as one synchronous step on the event loop (nothing can interleave).
