@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats._ansari_swilk_statistics import swilk  # SciPy's own Shapiro-Wilk (AS R94), without its sort
+from scipy.stats._ansari_swilk_statistics import swilk  # SciPy's Shapiro-Wilk (AS R94): its coefficients
 
 from guard.monitors.base import Detector, Observation, Verdict
 from guard.store.base import StateStore
@@ -156,12 +156,19 @@ def read_window(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=64)
-def _swilk_coefficients(n: int) -> np.ndarray:
-    """Royston's Shapiro-Wilk coefficients for samples of ``n`` (they depend on ``n`` alone). SciPy's
-    routine computes them, then stops at the sample of zero range before testing it."""
-    coefficients = np.zeros(n // 2)
-    swilk(np.zeros(n), coefficients, False)
-    return coefficients
+def _shapiro_weights(n: int) -> tuple[np.ndarray, float]:
+    """Royston's Shapiro-Wilk coefficients for samples of ``n`` (AS R94; they depend on ``n`` alone),
+    laid over the sorted sample: ``-a_i`` for the ``i``-th smallest value, ``a_i`` for the ``i``-th
+    largest, 0 for a middle one; centred (as AS R94 centres them, a rounding's worth) and with
+    their sum of squares. SciPy's routine computes them, then stops at the sample of zero range
+    before testing it."""
+    half = np.zeros(n // 2)
+    swilk(np.zeros(n), half, False)
+    weights = np.zeros(n)
+    weights[:n // 2] = -half
+    weights[n - n // 2:] = half[::-1]
+    weights -= np.add.reduce(weights) / n
+    return weights, float(weights @ weights)
 
 
 def shapiro_w(distances: np.ndarray, outlier_sigmas: float = 3.0) -> float:
@@ -172,20 +179,25 @@ def shapiro_w(distances: np.ndarray, outlier_sigmas: float = 3.0) -> float:
 
 def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     """``shapiro_w`` of distances already sorted (float64): a function of the sorted values only, so
-    a window kept sorted as it slides gives the same ``W`` as sorting it afresh. SciPy's test
-    (Royston's AS R94, as ``scipy.stats.shapiro``) with its coefficients cached per sample size and
-    no sort of its own."""
-    mean = np.add.reduce(ordered) / len(ordered)  # ``ordered.mean()``, without its wrappers
+    a window kept sorted as it slides gives the same ``W`` as sorting it afresh. ``W`` is the
+    squared correlation of the kept values with their coefficients, ``(sum_i a_i (x_(n+1-i) -
+    x_(i)))^2 / sum_i (x_i - mean)^2`` (Shapiro and Wilk 1965; AS R94's statistic, which
+    ``scipy.stats.shapiro`` gives to within rounding), in a few vectorised products."""
+    n = len(ordered)
+    mean = np.add.reduce(ordered) / n  # ``ordered.mean()``, without its wrappers
     centred = ordered - mean
-    spread = math.sqrt(centred @ centred / len(ordered))
-    if spread == 0:
+    squares = centred @ centred
+    if squares == 0:
         return 0.0
-    reach = outlier_sigmas * spread
-    kept = ordered[ordered.searchsorted(mean - reach, "left"):ordered.searchsorted(mean + reach, "right")]
-    if len(kept) < 3 or kept[-1] == kept[0]:
+    reach = outlier_sigmas * math.sqrt(squares / n)
+    low, high = ordered.searchsorted(mean - reach, "left"), ordered.searchsorted(mean + reach, "right")
+    kept = high - low
+    if kept < 3 or ordered[high - 1] == ordered[low]:
         return 0.0
-    w, _, _ = swilk(kept - kept[len(kept) // 2], _swilk_coefficients(len(kept)), True)  # reads them only
-    return float(w)
+    within = centred[low:high]  # D' less the whole window's mean: its own mean is ``shift``
+    shift = np.add.reduce(within) / kept
+    weights, weight_squares = _shapiro_weights(kept)
+    return float((weights @ within) ** 2 / (weight_squares * (within @ within - kept * shift * shift)))
 
 
 class SortedWindow:
