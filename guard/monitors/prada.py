@@ -71,7 +71,7 @@ class _GrowingSet:
         header = _SET_HEADER.pack(
             self.members.shape[1], self.admitted, self.threshold, self.total, self.total_squares
         )
-        return header + self.members.tobytes()
+        return b"".join((header, self.members))  # the rows copied once, straight into the value
 
     def observe(self, queries: np.ndarray, cap: int) -> list[float]:
         """Algorithm 1's inner step for a class's queries in order: their ``d_min`` (NaN for the
@@ -157,18 +157,18 @@ def read_window(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=64)
 def _shapiro_weights(n: int) -> tuple[np.ndarray, float]:
-    """Royston's Shapiro-Wilk coefficients for samples of ``n`` (AS R94; they depend on ``n`` alone),
-    laid over the sorted sample: ``-a_i`` for the ``i``-th smallest value, ``a_i`` for the ``i``-th
-    largest, 0 for a middle one; centred (as AS R94 centres them, a rounding's worth) and with
-    their sum of squares. SciPy's routine computes them, then stops at the sample of zero range
-    before testing it."""
+    """Royston's Shapiro-Wilk coefficients for samples of ``n`` (AS R94; they depend on ``n`` alone)
+    laid over the sorted sample, ``-a_i`` for the ``i``-th smallest value, ``a_i`` for the ``i``-th
+    largest, 0 for a middle one, above a row of ones (so that one product gives both ``sum_i a_i
+    x_i`` and ``sum_i x_i``); and the coefficients' sum of squares. SciPy's routine computes them,
+    then stops at the sample of zero range before testing it."""
     half = np.zeros(n // 2)
     swilk(np.zeros(n), half, False)
-    weights = np.zeros(n)
-    weights[:n // 2] = -half
-    weights[n - n // 2:] = half[::-1]
-    weights -= np.add.reduce(weights) / n
-    return weights, float(weights @ weights)
+    rows = np.ones((2, n))
+    rows[0, :n // 2] = -half
+    rows[0, n // 2:n - n // 2] = 0.0
+    rows[0, n - n // 2:] = half[::-1]
+    return rows, 2.0 * float(half.dot(half))
 
 
 def shapiro_w(distances: np.ndarray, outlier_sigmas: float = 3.0) -> float:
@@ -186,7 +186,7 @@ def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     n = len(ordered)
     mean = np.add.reduce(ordered) / n  # ``ordered.mean()``, without its wrappers
     centred = ordered - mean
-    squares = centred @ centred
+    squares = centred.dot(centred)
     if squares == 0:
         return 0.0
     reach = outlier_sigmas * math.sqrt(squares / n)
@@ -194,10 +194,10 @@ def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     kept = high - low
     if kept < 3 or ordered[high - 1] == ordered[low]:
         return 0.0
-    within = centred[low:high]  # D' less the whole window's mean: its own mean is ``shift``
-    shift = np.add.reduce(within) / kept
-    weights, weight_squares = _shapiro_weights(kept)
-    return float((weights @ within) ** 2 / (weight_squares * (within @ within - kept * shift * shift)))
+    within = centred[low:high]  # D', less the whole window's mean
+    rows, weight_squares = _shapiro_weights(kept)
+    product, total = rows.dot(within).tolist()
+    return float(product * product / (weight_squares * (within.dot(within) - total * total / kept)))
 
 
 class SortedWindow:
@@ -218,8 +218,8 @@ class SortedWindow:
 
     def encode(self) -> bytes:
         """The window as stored: the count of distances ever appended, the ring, its values sorted."""
-        return b"".join((_DISTANCES_HEADER.pack(self.appended), self.ring[:self.size].tobytes(),
-                         self._sorted[:self.size].astype(np.float32).tobytes()))
+        return b"".join((_DISTANCES_HEADER.pack(self.appended), self.ring[:self.size],
+                         self._sorted[:self.size].astype(np.float32)))  # one copy of each into the value
 
     @property
     def ordered(self) -> np.ndarray:
