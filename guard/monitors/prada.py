@@ -159,16 +159,11 @@ def read_window(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 def _shapiro_weights(n: int) -> tuple[np.ndarray, float]:
     """Royston's Shapiro-Wilk coefficients for samples of ``n`` (AS R94; they depend on ``n`` alone)
     laid over the sorted sample, ``-a_i`` for the ``i``-th smallest value, ``a_i`` for the ``i``-th
-    largest, 0 for a middle one, above a row of ones (so that one product gives both ``sum_i a_i
-    x_i`` and ``sum_i x_i``); and the coefficients' sum of squares. SciPy's routine computes them,
-    then stops at the sample of zero range before testing it."""
+    largest, 0 for a middle one; and their sum of squares. SciPy's routine computes them, then
+    stops at the sample of zero range before testing it."""
     half = np.zeros(n // 2)
     swilk(np.zeros(n), half, False)
-    rows = np.ones((2, n))
-    rows[0, :n // 2] = -half
-    rows[0, n // 2:n - n // 2] = 0.0
-    rows[0, n - n // 2:] = half[::-1]
-    return rows, 2.0 * float(half.dot(half))
+    return np.concatenate((-half, np.zeros(n % 2), half[::-1])), 2.0 * float(half.dot(half))
 
 
 def shapiro_w(distances: np.ndarray, outlier_sigmas: float = 3.0) -> float:
@@ -195,8 +190,8 @@ def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     if kept < 3 or ordered[high - 1] == ordered[low]:
         return 0.0
     within = centred[low:high]  # D', less the whole window's mean
-    rows, weight_squares = _shapiro_weights(kept)
-    product, total = rows.dot(within).tolist()
+    weights, weight_squares = _shapiro_weights(kept)
+    product, total = weights.dot(within), np.add.reduce(within)
     return float(product * product / (weight_squares * (within.dot(within) - total * total / kept)))
 
 
