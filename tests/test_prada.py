@@ -83,15 +83,29 @@ def test_shapiro_statistic_separates_normal_from_synthetic_distances(rng):
     assert shapiro_w(np.full(200, 0.7)) == 0.0
 
 
-def test_shapiro_statistic_is_scipys_exactly(rng):
-    """With its coefficients computed once per sample size and cached, W is SciPy's to the last bit,
-    whatever the sample size (odd and even, small and up to the 5000 where SciPy is exact)."""
+def test_shapiro_statistic_is_scipys(rng):
+    """W from the cached coefficients is SciPy's (AS R94) to within rounding, whatever the sample
+    size (odd and even, small and up to the 5000 where SciPy is exact) and the distribution."""
+    shapes = [lambda n: rng.gamma(rng.uniform(0.5, 8), 1.0, n), lambda n: rng.normal(3.0, 0.5, n),
+              lambda n: rng.uniform(0.0, 2.0, n), lambda n: rng.lognormal(0.0, 1.5, n),
+              lambda n: np.concatenate([rng.normal(3.0, 0.1, n // 2), rng.normal(0.4, 0.05, n - n // 2)])]
     sizes = [3, 4, 5, 6, 7, 11, 12, 20, 21, 99, 100, 101, 1000, 2047, 4998, 4999, 5000]
     for n in sizes + list(rng.integers(3, 5001, 40)):
-        distances = rng.gamma(rng.uniform(0.5, 8), 1.0, n)
-        within = np.sort(distances)[np.abs(np.sort(distances) - distances.mean()) <= 3 * distances.std()]
-        if within[-1] > within[0]:
-            assert shapiro_w(distances) == stats.shapiro(within).statistic
+        for shape in shapes:
+            distances = shape(n).astype(np.float32).astype(np.float64)  # as stored
+            ordered = np.sort(distances)
+            within = ordered[np.abs(ordered - distances.mean()) <= 3 * distances.std()]
+            if len(within) >= 3 and within[-1] > within[0]:
+                assert shapiro_w(distances) == pytest.approx(stats.shapiro(within).statistic, rel=1e-12, abs=0)
+
+
+def test_shapiro_statistic_by_hand():
+    """Three values: Royston's coefficients are -/+ 1/sqrt(2), so W = (x3 - x1)^2 / (2 SS): 1 for
+    equal gaps, 3/4 (its least) for two equal values; and W does not move with shift or scale."""
+    assert shapiro_w(np.array([2.0, 0.0, 1.0])) == pytest.approx(1.0, rel=1e-12)
+    assert shapiro_w(np.array([0.0, 0.0, 1.0])) == pytest.approx(0.75, rel=1e-12)
+    sample = np.array([0.5, 1.0, 1.2, 1.3, 2.0, 4.0])
+    assert shapiro_w(7.0 + 3.0 * sample) == pytest.approx(shapiro_w(sample), rel=1e-12)
 
 
 async def test_no_verdict_until_more_than_min_distances(rng):

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats._ansari_swilk_statistics import swilk  # SciPy's own Shapiro-Wilk (AS R94), without its sort
+from scipy.stats._ansari_swilk_statistics import swilk  # SciPy's Shapiro-Wilk (AS R94): its coefficients
 
 from guard.monitors.base import Detector, Observation, Verdict
 from guard.store.base import StateStore
@@ -71,7 +71,7 @@ class _GrowingSet:
         header = _SET_HEADER.pack(
             self.members.shape[1], self.admitted, self.threshold, self.total, self.total_squares
         )
-        return header + self.members.tobytes()
+        return b"".join((header, self.members))  # the rows copied once, straight into the value
 
     def observe(self, queries: np.ndarray, cap: int) -> list[float]:
         """Algorithm 1's inner step for a class's queries in order: their ``d_min`` (NaN for the
@@ -156,12 +156,14 @@ def read_window(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=64)
-def _swilk_coefficients(n: int) -> np.ndarray:
-    """Royston's Shapiro-Wilk coefficients for samples of ``n`` (they depend on ``n`` alone). SciPy's
-    routine computes them, then stops at the sample of zero range before testing it."""
-    coefficients = np.zeros(n // 2)
-    swilk(np.zeros(n), coefficients, False)
-    return coefficients
+def _shapiro_weights(n: int) -> tuple[np.ndarray, float]:
+    """Royston's Shapiro-Wilk coefficients for samples of ``n`` (AS R94; they depend on ``n`` alone)
+    laid over the sorted sample, ``-a_i`` for the ``i``-th smallest value, ``a_i`` for the ``i``-th
+    largest, 0 for a middle one; and their sum of squares. SciPy's routine computes them, then
+    stops at the sample of zero range before testing it."""
+    half = np.zeros(n // 2)
+    swilk(np.zeros(n), half, False)
+    return np.concatenate((-half, np.zeros(n % 2), half[::-1])), 2.0 * float(half.dot(half))
 
 
 def shapiro_w(distances: np.ndarray, outlier_sigmas: float = 3.0) -> float:
@@ -172,20 +174,25 @@ def shapiro_w(distances: np.ndarray, outlier_sigmas: float = 3.0) -> float:
 
 def sorted_shapiro_w(ordered: np.ndarray, outlier_sigmas: float = 3.0) -> float:
     """``shapiro_w`` of distances already sorted (float64): a function of the sorted values only, so
-    a window kept sorted as it slides gives the same ``W`` as sorting it afresh. SciPy's test
-    (Royston's AS R94, as ``scipy.stats.shapiro``) with its coefficients cached per sample size and
-    no sort of its own."""
-    mean = np.add.reduce(ordered) / len(ordered)  # ``ordered.mean()``, without its wrappers
+    a window kept sorted as it slides gives the same ``W`` as sorting it afresh. ``W`` is the
+    squared correlation of the kept values with their coefficients, ``(sum_i a_i (x_(n+1-i) -
+    x_(i)))^2 / sum_i (x_i - mean)^2`` (Shapiro and Wilk 1965; AS R94's statistic, which
+    ``scipy.stats.shapiro`` gives to within rounding), in a few vectorised products."""
+    n = len(ordered)
+    mean = np.add.reduce(ordered) / n  # ``ordered.mean()``, without its wrappers
     centred = ordered - mean
-    spread = math.sqrt(centred @ centred / len(ordered))
-    if spread == 0:
+    squares = centred.dot(centred)
+    if squares == 0:
         return 0.0
-    reach = outlier_sigmas * spread
-    kept = ordered[ordered.searchsorted(mean - reach, "left"):ordered.searchsorted(mean + reach, "right")]
-    if len(kept) < 3 or kept[-1] == kept[0]:
+    reach = outlier_sigmas * math.sqrt(squares / n)
+    low, high = ordered.searchsorted(mean - reach, "left"), ordered.searchsorted(mean + reach, "right")
+    kept = high - low
+    if kept < 3 or ordered[high - 1] == ordered[low]:
         return 0.0
-    w, _, _ = swilk(kept - kept[len(kept) // 2], _swilk_coefficients(len(kept)), True)  # reads them only
-    return float(w)
+    within = centred[low:high]  # D', less the whole window's mean
+    weights, weight_squares = _shapiro_weights(kept)
+    product, total = weights.dot(within), np.add.reduce(within)
+    return float(product * product / (weight_squares * (within.dot(within) - total * total / kept)))
 
 
 class SortedWindow:
@@ -206,8 +213,8 @@ class SortedWindow:
 
     def encode(self) -> bytes:
         """The window as stored: the count of distances ever appended, the ring, its values sorted."""
-        return b"".join((_DISTANCES_HEADER.pack(self.appended), self.ring[:self.size].tobytes(),
-                         self._sorted[:self.size].astype(np.float32).tobytes()))
+        return b"".join((_DISTANCES_HEADER.pack(self.appended), self.ring[:self.size],
+                         self._sorted[:self.size].astype(np.float32)))  # one copy of each into the value
 
     @property
     def ordered(self) -> np.ndarray:
