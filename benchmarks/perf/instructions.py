@@ -6,15 +6,17 @@ Run: ``python -m benchmarks.perf.instructions [--calls N]`` (needs ``valgrind`` 
 minute per configuration, the interpreter running some 50x slower under it).
 
 Each configuration of ``benchmarks.perf.configs`` (bare, ``round:2``, everything on in process, and
-for scale the minimal rewriting middleware ``MinimalRewrite``) wraps the app that answers at once and is called in process on the digits test queries, as in
-``overhead``'s in-process table: a child process under callgrind builds the app, warms it up, and
-only then is counting switched on (``callgrind_control -i on``), for ``--calls`` requests, the
-monitor drained every 32 as there (with the monitor's ``max_delay`` lifted: under callgrind the
-requests run some 50 times slower than its bound, which would make them wait for it). Threads are counted apart: the calling thread's instructions
-are the request path's, the others' (the in-process monitor's worker) the monitor's, in batches
-that fall as the threads' timing makes them; so a second table counts the monitor judging one
-client's observations in batches of 1, 4 and 32 on the calling thread, as ``overhead``'s
-by-batch table times it, once the client's history fills PRADA's window of distances. Instructions
+for scale the minimal rewriting middleware ``MinimalRewrite``) wraps the app that answers at once
+and is called in process on the digits test queries, as in ``overhead``'s in-process table: a
+child process under callgrind builds the app, warms it up, and only then is counting switched on
+(``callgrind_control -i on``), for ``--calls`` requests, the monitor drained every 32 as there
+(with the monitor's ``max_delay`` lifted: under callgrind the requests run some 50 times slower
+than its bound, which would make them wait for it). Threads are counted apart: the calling
+thread's instructions are the request path's, the others' (the in-process monitor's worker) the
+monitor's, in batches that fall as the threads' timing makes them; so a second table counts the
+monitor judging one client's observations in batches of 1, 4 and 32 on the calling thread, as
+``overhead``'s by-batch table times it, once the client's history fills PRADA's window of
+distances. Instructions
 are not time (caches, branch prediction, the interpreter lock are not in them), but a change that
 removes work shows here on a machine too noisy to show it in seconds.
 """

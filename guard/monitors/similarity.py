@@ -138,11 +138,12 @@ class Similarity(Detector):
         earlier = await self.store.swap_many(self.table, list(chain.from_iterable(prints)),
                                              list(chain.from_iterable(map(repeat, ids, sizes))), self.ttl)
         ends = list(accumulate(sizes))
+        starts = [0, *ends]
         verdicts, row = [], 0
         for owner, count in zip(owners, counts):
             best_own, best_others, best = 0, 0, 0
             accomplices: set[bytes] = set()
-            for digest, start, end in zip(digests[row:row + count], [0, *ends][row:row + count], ends[row:row + count]):
+            for digest, start, end in zip(digests[row:row + count], starts[row:row + count], ends[row:row + count]):
                 own, others = self._scores(owner, digest, earlier[start:end])
                 accomplices.update(other for other, n in others.items() if n >= self.threshold)
                 most = max(others.values(), default=0)
