@@ -64,12 +64,12 @@ class MinimalRewrite:
         await send({"type": "http.response.body", "body": out})
 
 
-def wrappers(configs: list[tuple[str, Policy | None]], floor: bool = True) -> list[tuple[str, Callable]]:
-    """Per configuration, what wraps an app in it (bare: nothing); with ``floor``, ``MinimalRewrite``
-    too (in-process comparisons only: it is not served)."""
+def wrappers(configs: list[tuple[str, Policy | None]]) -> list[tuple[str, Callable]]:
+    """Per configuration, what wraps an app in it (bare: nothing), then ``MinimalRewrite`` (for the
+    in-process comparisons: it is not served)."""
     def wrap(policy: Policy | None) -> Callable:
         return (lambda app: app) if policy is None else (lambda app: GuardMiddleware(app, policy))
-    return [(name, wrap(policy)) for name, policy in configs] + ([(FLOOR, MinimalRewrite)] if floor else [])
+    return [(name, wrap(policy)) for name, policy in configs] + [(FLOOR, MinimalRewrite)]
 
 
 def canned_app(exchanges: list[tuple[bytes, bytes]]) -> Callable:
