@@ -6,13 +6,11 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 from torch import nn
 
-from attacks.ensemble import Architecture
+from guard.models import (ACTIVATIONS, KINDS, accuracy, make_model, predict_proba,  # noqa: F401
+                          train, train_target)
 
-KINDS = ("softmax", "mlp")
-ACTIVATIONS = ("relu", "sigmoid", "tanh")
 MIN_STEPS = 300
 """Fewest optimiser steps a recipe sized to the data trains for (small data sets get more epochs)."""
 
@@ -56,54 +54,10 @@ def recipe(dataset: str, kind: str) -> Recipe:
     return Recipe(kind)
 
 
-def make_model(kind: str, n_features: int, n_classes: int, hidden: int = 64,
-               activation: str = "relu") -> nn.Module:
-    """``softmax``: multinomial logistic regression; ``mlp``: one hidden layer of ``activation``
-    (the same architectures the attacker's own copies use, ``attacks.ensemble.Architecture``)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}: use one of {ACTIVATIONS}")
-    return Architecture(kind, hidden, activation).build(n_features, n_classes)
-
-
-def train(
-    model: nn.Module,
-    X: np.ndarray,
-    y: np.ndarray,
-    *,
-    epochs: int = 100,
-    lr: float = 1e-2,
-    weight_decay: float = 0.0,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> nn.Module:
-    """Minibatch Adam on cross-entropy; deterministic for a given seed."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.as_tensor(X, dtype=torch.float32)
-    targets = torch.as_tensor(y, dtype=torch.long)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(inputs), generator=generator).split(batch_size):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
-            optimiser.step()
-    return model.eval()
-
-
 def train_recipe(model: nn.Module, recipe: Recipe, X: np.ndarray, y: np.ndarray, seed: int) -> nn.Module:
     """``train`` with the recipe's optimiser settings."""
     return train(model, X, y, epochs=recipe.epochs, lr=recipe.lr, weight_decay=recipe.weight_decay,
                  batch_size=recipe.batch_size, seed=seed)
-
-
-def train_target(kind: str, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0,
-                 **train_options) -> nn.Module:
-    """A freshly initialised model of ``kind`` trained on ``(X, y)``, seeded end to end."""
-    torch.manual_seed(seed)
-    model = make_model(kind, X.shape[1], n_classes)
-    return train(model, X, y, seed=seed, **train_options)
 
 
 def require_fit(model: nn.Module, X: np.ndarray, y: np.ndarray, minimum: float, what: str) -> float:
@@ -114,14 +68,3 @@ def require_fit(model: nn.Module, X: np.ndarray, y: np.ndarray, minimum: float, 
                        f"{minimum:.0%}): it underfits, so no attack on it means anything; train it longer "
                        "(--epochs, --lr) or give it more capacity (--hidden)")
     return fit
-
-
-def predict_proba(model: nn.Module, X: np.ndarray) -> np.ndarray:
-    """Softmax probabilities of a torch classifier on a numpy batch, as float64."""
-    with torch.no_grad():
-        logits = model(torch.as_tensor(np.asarray(X), dtype=torch.float32))
-    return torch.softmax(logits.double(), dim=1).numpy()
-
-
-def accuracy(model: nn.Module, X: np.ndarray, y: np.ndarray) -> float:
-    return float((predict_proba(model, X).argmax(axis=1) == y).mean())

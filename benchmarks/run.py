@@ -27,7 +27,7 @@ from attacks.ensemble import TrainingConfig
 from attacks.targets import HTTPTarget, OutputUnavailable, TargetBlocked, TargetThrottled
 from benchmarks import datasets, models, report
 from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, THREAT_MODELS, AttackSpec, Context, Defence
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from benchmarks.tabular import sensitive_breast_cancer
 from guard import GuardMiddleware, Policy
 from guard.dp import default_delta

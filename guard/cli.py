@@ -1,59 +1,22 @@
-"""The ``guard`` command. Heavy imports (torch, benchmarks, attacks, uvicorn) happen lazily inside
-each command, so ``guard --help`` stays fast and the library never imports the harness."""
+"""The ``guard`` command: the runtime commands (``proxy``, ``monitor``, ``calibrate``, ``train-dp``,
+``demo``), and those installed packages register under the ``predguard.commands`` entry-point group
+(the harness's ``bench`` and ``audit``). Heavy imports (torch, uvicorn) happen inside each command,
+so ``guard --help`` stays fast."""
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import secrets
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import entry_points
 
 import typer
-from typer.core import TyperCommand
 
-if TYPE_CHECKING:
-    from guard.policy import Policy, RoutePolicy
+from guard.cli_options import ListsChoices, Names, split_names
+
+COMMANDS = "predguard.commands"
+"""The entry-point group of functions ``register(app)`` that add commands to the ``guard`` command."""
 
 app = typer.Typer(help="predguard: harden ML prediction APIs and measure how much each defence helps.",
                   no_args_is_help=True, add_completion=False)
-
-
-class Names:
-    """A parser of names from a registry (``module:attribute``: a tuple or the keys of a dict) that
-    is imported only when a value is checked or a ``ListsChoices`` help lists them, so ``guard
-    --help`` stays fast and the choices shown are the real ones; ``several``: comma-separated."""
-
-    def __init__(self, registry: str, several: bool = False) -> None:
-        self.registry, self.several = registry, several
-        self.__name__ = "names" if several else "name"
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        module, _, attribute = self.registry.partition(":")
-        return tuple(getattr(importlib.import_module(module), attribute))
-
-    def __call__(self, value: str) -> str:
-        names = [name for name in value.split(",") if name] if self.several else [value]
-        unknown = [name for name in names if name not in self.choices]
-        if unknown or not names:
-            raise typer.BadParameter(f"{', '.join(unknown) or 'nothing'} is not a choice; choose from "
-                                     f"{', '.join(self.choices)}")
-        return ",".join(names)
-
-
-class ListsChoices(TyperCommand):
-    """A command whose ``--help`` lists the choices of its ``Names`` options."""
-
-    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
-        for param in self.params:
-            names = getattr(param.type_descriptor.parameter_info, "parser", None)
-            if isinstance(names, Names) and "Choose from" not in (param.help or ""):
-                param.help = f"{param.help or ''} Choose from: {', '.join(names.choices)}.".strip()
-        super().format_help(ctx, formatter)
-
-
-def _split(values: list[str] | None) -> tuple[str, ...] | None:
-    """Comma- or repeat-separated names (checked by ``Names``) as one tuple; None when none."""
-    return tuple(name for value in values for name in value.split(",") if name) if values else None
 
 
 @app.callback()
@@ -131,8 +94,8 @@ def demo(
     require_local(host, allow_remote)
     import uvicorn
 
-    from benchmarks import datasets, models, serving
-    from guard import GuardMiddleware, Policy
+    from guard import GuardMiddleware, Policy, models, serving
+    from guard import data as datasets
 
     data = datasets.load("digits")
     parts = datasets.split(data, seed=0)
@@ -193,8 +156,8 @@ def train_dp(
     applies so the loaded model predicts on features as they are in the file."""
     import numpy as np
 
-    from benchmarks import datasets, models
-    from guard import dp
+    from guard import data as datasets
+    from guard import dp, models
     from guard.payload import import_function
 
     def fail(error: BaseException) -> typer.Exit:
@@ -264,12 +227,12 @@ def calibrate(
 
     import numpy as np
 
-    from benchmarks import datasets
+    from guard import data as datasets
     from guard.monitors.calibration import adequacy, false_alarms, hold_out, write_policy
     from guard.monitors.calibration import calibrate as fit_thresholds
     from guard.policy import Policy
 
-    names = _split(detector) or ("prada", "similarity")
+    names = split_names(detector) or ("prada", "similarity")
     try:
         configured = Policy.from_file(policy).detectors if Path(policy).exists() else {}
         dataset = datasets.load(data)
@@ -334,145 +297,13 @@ def monitor(
     asyncio.run(serve())
 
 
-@app.command(cls=ListsChoices)
-def bench(
-    out: str = typer.Option("guard-report", help="Folder for results.json, report.md and report.html."),
-    quick: bool = typer.Option(False, "--quick", help="A small grid: digits, one seed, five defences."),
-    data: list[str] | None = typer.Option(None, help="Data sets (comma-separated or repeated): digits, "
-                                          "breast_cancer, faces, faces64, or .csv/.npz files (an NPZ X of "
-                                          "shape (n, h, w[, c]) is kept as images)."),
-    sensitive: str | None = typer.Option(None, help="The discrete sensitive column of your data (CSV header "
-                                         "name or index) that attribute inference attacks."),
-    max_body_bytes: int = typer.Option(1 << 20, min=1024, help="The guard's request-body limit; the attacks' "
-                                       "request batches are sized to fit it."),
-    hidden: int | None = typer.Option(None, min=1, help="Hidden units of the target MLP (default: the data "
-                                      "set's recipe, e.g. 3000 on faces, else 64)."),
-    activation: str | None = typer.Option(None, parser=Names("benchmarks.models:ACTIVATIONS"),
-                                          help="Hidden activation of the target MLP."),
-    lr: float | None = typer.Option(None, min=0.0, help="Learning rate of the targets (Adam)."),
-    min_train_accuracy: float = typer.Option(0.8, min=0.0, max=1.0, help="Refuse a target that fits its own "
-                                             "training set worse than this."),
-    defences: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:DEFENCES",
-                                                                 several=True),
-                                              help="Defence configurations (comma-separated or repeated)."),
-    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS",
-                                                                several=True),
-                                             help="Attacks (comma-separated or repeated)."),
-    seed: list[int] | None = typer.Option(None, help="Seeds (repeat the option for several)."),
-    model: str | None = typer.Option(None, help="Your model: module:function(n_features, n_classes)."),
-    live: bool = typer.Option(False, "--live", help="Serve each target with uvicorn on 127.0.0.1 and "
-                              "attack over the socket (default: in-process ASGI transport)."),
-    epochs: int | None = typer.Option(None, min=1, help="Training epochs of the target models (default: "
-                                      "sized to the data)."),
-    workers: int | None = typer.Option(None, min=1, help="Processes running (dataset, model, seed) groups "
-                                       "side by side (default: one per CPU core)."),
-    threads: int = typer.Option(1, min=1, help="Torch threads per process (the bench's small models run "
-                                "fastest on one)."),
-) -> None:
-    """Attack undefended and defended models through the real middleware and report the difference."""
-    import sys
-    from dataclasses import replace
-    from pathlib import Path
-
-    from benchmarks import run
-    from benchmarks.models import Underfit
-
-    config = run.BenchConfig(command=" ".join(["guard", *sys.argv[1:]]), live=live, model=model, quick=quick,
-                             sensitive=sensitive, max_body_bytes=max_body_bytes, hidden=hidden,
-                             activation=activation, lr=lr, min_train_accuracy=min_train_accuracy)
-    if quick:
-        config = replace(config, **run.QUICK)
-    chosen = {"datasets": _split(data), "defences": _split(defences),
-              "attacks": _split(attacks), "seeds": tuple(seed) if seed else None,
-              "epochs": epochs}
-    config = replace(config, **{key: value for key, value in chosen.items() if value is not None})
-    try:
-        paths = run.run(config, Path(out), workers=workers, threads=threads)
-    except (Underfit, ValueError) as error:  # an underfitting target, unusable data or options
-        typer.echo(f"guard bench: {error}", err=True)
-        raise typer.Exit(2) from error
-    typer.echo(Path(paths["markdown"]).read_text().split("## All rows")[0])
-    for kind, path in paths.items():
-        typer.echo(f"{kind}: {path}")
+def add_commands(app: typer.Typer) -> None:
+    """Add the commands every installed package registers under the ``COMMANDS`` entry-point group."""
+    for entry_point in entry_points(group=COMMANDS):
+        entry_point.load()(app)
 
 
-def _list(value: str | None) -> tuple[str, ...] | None:
-    return tuple(item.strip() for item in value.split(",") if item.strip()) if value else None
-
-
-@app.command(cls=ListsChoices)
-def audit(
-    url: str = typer.Option(..., help="The prediction endpoint, e.g. http://127.0.0.1:8000/predict."),
-    data: str = typer.Option("digits", help="The attacker's data: digits, breast_cancer, or a .csv/.npz file "
-                             "whose features the endpoint takes."),
-    out: str = typer.Option("guard-audit", help="Folder for the report."),
-    policy: str | None = typer.Option(None, help="The guard's policy file: the request and answer shapes "
-                                      "are its --route's (features, probabilities, probabilities_flat, "
-                                      "labels), instead of the options below."),
-    route: str | None = typer.Option(None, help="The policy route the endpoint is on (default: the "
-                                     "policy's only route)."),
-    request_example: str | None = typer.Option(None, help="JSON of the rest of a request body the rows "
-                                               "are written into, e.g. '{\"outputs\": [{\"name\": "
-                                               "\"predict_proba\"}]}' for MLServer."),
-    features_path: str | None = typer.Option(None, help="JSON pointer to the feature rows in the request "
-                                             "(default /features; '' with --fields: the body is the "
-                                             "object of fields)."),
-    fields: str | None = typer.Option(None, help="Send each row as an object of these named fields "
-                                      "(comma-separated, in the data's column order)."),
-    probabilities_path: str | None = typer.Option(None, help="JSON pointer to the answers in the response "
-                                                  "(default /probabilities)."),
-    labels: str | None = typer.Option(None, help="The class names the endpoint answers with, comma-separated, "
-                                      "in the order of the data's sorted labels (label-only and "
-                                      "label->probability answers)."),
-    batch_size: int | None = typer.Option(None, min=1, help="Rows per request; 1 sends single rows "
-                                          "(default: batches of 256, or 1 if the endpoint refuses a batch)."),
-    scale: bool | None = typer.Option(None, "--scale/--no-scale", help="Send features min-max scaled to "
-                                      "[0, 1] (default: scaled for digits and breast_cancer, as the demo "
-                                      "serves them; a file's as they are in it)."),
-    baseline: str | None = typer.Option(None, help="The same model served without the guard: attacked too, "
-                                        "so the report's verdicts compare the two."),
-    api_key: list[str] | None = typer.Option(None, help="API key(s) to send (several are rotated)."),
-    budget: int | None = typer.Option(None, min=1, help="Most queries each attack may spend."),
-    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS",
-                                                                several=True),
-                                             help="Attacks (comma-separated or repeated; default: the black-box "
-                                             "extraction and inversion attacks)."),
-    max_wait: float = typer.Option(60.0, min=0, help="Seconds an attack waits out rate limits before it stops."),
-    allow_host: list[str] | None = typer.Option(None, help="A non-loopback host you own and may attack."),
-    seed: int = typer.Option(0, help="Seed of the data split and the attacks."),
-) -> None:
-    """Black-box attacks against a live prediction endpoint you run, with the same report as bench."""
-    import json
-    from pathlib import Path
-
-    from benchmarks.audit import AUDIT_ATTACKS, AuditError
-    from benchmarks.audit import audit as run_audit
-    from guard.policy import Policy
-
-    try:
-        shape = _policy_route(Policy.from_file(policy), route) if policy is not None else None
-        example = json.loads(request_example) if request_example is not None else None
-        paths = run_audit(url, data, Path(out), route=shape, example=example, features_path=features_path,
-                          probabilities_path=probabilities_path,
-                          api_keys=tuple(api_key or ()), budget=budget,
-                          attacks=_split(attacks) or AUDIT_ATTACKS, seed=seed,
-                          allowed_hosts=tuple(allow_host or ()), fields=_list(fields), labels=_list(labels),
-                          batch_size=batch_size, scale=scale, baseline=baseline, max_wait=max_wait,
-                          echo=typer.echo)
-    except (AuditError, ValueError, OSError) as error:
-        typer.echo(f"guard audit: {error}", err=True)
-        raise typer.Exit(2) from error
-    for kind, path in paths.items():
-        typer.echo(f"{kind}: {path}")
-
-
-def _policy_route(policy: Policy, path: str | None) -> RoutePolicy:
-    """The policy's route at ``path`` (its only route when ``path`` is None)."""
-    if path is None and len(policy.routes) == 1:
-        return next(iter(policy.routes.values()))
-    if path not in policy.routes:
-        raise ValueError(f"name the endpoint's route with --route: one of {sorted(policy.routes)}")
-    return policy.routes[path]
+add_commands(app)
 
 
 def main() -> None:

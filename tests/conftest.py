@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from torch import nn
 
-from benchmarks import datasets, models
+from guard import data, models
 
 
 @pytest.fixture(scope="session")
-def digits() -> datasets.Dataset:
-    return datasets.load("digits")
+def digits() -> data.Dataset:
+    return data.load("digits")
 
 
 @pytest.fixture(scope="session")
-def digits_split(digits) -> datasets.Split:
-    return datasets.split(digits, seed=0)
+def digits_split(digits) -> data.Split:
+    return data.split(digits, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +53,8 @@ def membership_game(digits) -> tuple[nn.Module, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def breast_cancer() -> datasets.Dataset:
-    return datasets.load("breast_cancer")
+def breast_cancer() -> data.Dataset:
+    return data.load("breast_cancer")
 
 
 @pytest.fixture

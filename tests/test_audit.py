@@ -17,9 +17,9 @@ from benchmarks import models, report
 from benchmarks.audit import audit
 from benchmarks.run import ISSUED_KEYS, policy
 from benchmarks.scenarios import DEFENCES
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
-from guard.cli import app as cli
+from harness_cli import app as cli
 from guard.proxy import UpstreamProxy
 
 FIELDS = ("sepal_length", "sepal_width", "petal_length", "petal_width")

@@ -12,9 +12,9 @@ from benchmarks import models, report
 from benchmarks.audit import AuditError, audit, check_host
 from benchmarks.run import BENIGN_KEY, http_target, policy
 from benchmarks.scenarios import DEFENCES
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware
-from guard.cli import app
+from harness_cli import app
 
 # The quick bench behind ``quick_report`` takes minutes on a loaded 2-core machine (its setup counts
 # against the first test that asks for it).

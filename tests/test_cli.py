@@ -6,13 +6,24 @@ import re
 import subprocess
 import sys
 
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
+import typer
 from conftest import free_port, wait_until_serving
+from harness_cli import app
 from typer.testing import CliRunner
 
-from guard.cli import app, is_loopback
+from guard import cli
+from guard.cli import COMMANDS, add_commands, is_loopback
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 
 @pytest.mark.parametrize("host, local", [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True),
@@ -49,6 +60,26 @@ def test_demo_serves_a_guarded_model_over_http(digits, digits_split):
     assert re.search(r"curl -s -X POST http://127\.0\.0\.1:\d+/predict", output)
     assert "training an MLP on digits" in output and "what the guard sends (round:2)" in output
     assert "guard: POST /predict -> 400 invalid_json" in output  # under uvicorn's logging
+
+
+def test_the_harness_registers_bench_and_audit_through_the_entry_point_group(monkeypatch):
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    entries = [EntryPoint(name, value, COMMANDS)
+               for name, value in declared["project"]["entry-points"][COMMANDS].items()]
+    monkeypatch.setattr(cli, "entry_points", lambda group: entries if group == COMMANDS else [])
+    command = typer.Typer()
+    command.callback()(lambda: None)
+    add_commands(command)
+    listed = CliRunner().invoke(command, ["--help"], env={"COLUMNS": "250"}).output
+    assert "bench" in listed and "audit" in listed
+
+
+def test_the_runtime_commands_need_only_the_library():
+    code = ("import sys, guard.cli; loaded = sorted({m.split('.')[0] for m in sys.modules} & {'attacks', "
+            "'benchmarks'}); print(loaded)")
+    script = f"import importlib.metadata as m; m.entry_points = lambda group: []; {code}"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def _help(command: str) -> str:

@@ -10,7 +10,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from benchmarks import models
+from guard import models
 from benchmarks.perf.detectors import (
     DIGITS_SIMILARITY,
     benign_streams,

@@ -12,7 +12,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks import models
+from guard import models
 from guard import dp
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order")

@@ -9,8 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from benchmarks import datasets, models
-from guard import dp
+from guard import data, dp, models
 from guard.cli import app
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order")
@@ -94,7 +93,7 @@ def test_the_saved_model_loads_into_the_users_factory_and_predicts_on_raw_featur
     with torch.no_grad():
         predicted = served(torch.as_tensor(X, dtype=torch.float32)).argmax(dim=1).numpy()
     labels = np.asarray(served.classes)[predicted]
-    scaled = datasets.load(str(tmp_path / "raw.csv"))
+    scaled = data.load(str(tmp_path / "raw.csv"))
     with torch.no_grad():  # the same answers as the trained network gives on the scaled data
         inner = served.model(torch.as_tensor(scaled.X)).argmax(dim=1).numpy()
     assert (inner == predicted).all()

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from attacks.ensemble import Architecture, TrainingConfig, random_halves, train_ensemble
+from guard.models import make_model
 
 QUICK = TrainingConfig(epochs=5)
 
@@ -66,3 +68,16 @@ def test_rejects_masks_that_do_not_fit_the_pool(digits):
     with pytest.raises(ValueError):
         train_ensemble(digits.X, digits.y, np.ones((2, len(digits.y)), dtype=bool), digits.n_classes,
                        config=QUICK, seed=[1, 2, 3])
+
+
+@pytest.mark.parametrize("kind, activation", [("softmax", "relu"), ("mlp", "relu"), ("mlp", "sigmoid"),
+                                              ("mlp", "tanh")])
+def test_the_attackers_architectures_are_the_guards_models(kind, activation):
+    """An attacker's copy of a target (``Architecture``) is the model ``guard.models`` trains, weight
+    for weight from the same seed."""
+    torch.manual_seed(3)
+    ours = make_model(kind, 5, 3, hidden=7, activation=activation)
+    theirs = Architecture(kind, 7, activation).build(5, 3, seed=3)
+    assert str(ours) == str(theirs)
+    for mine, copy in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        assert torch.equal(mine, copy)

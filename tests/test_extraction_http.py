@@ -8,7 +8,7 @@ import pytest
 from attacks.extraction import Copycat, EquationSolving
 from attacks.targets import HTTPTarget, OutputUnavailable
 from benchmarks import models
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 
 SECRET = "extraction-tests-secret-0123456789"

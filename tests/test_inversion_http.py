@@ -9,7 +9,7 @@ from sklearn.svm import SVC
 from attacks.inversion import InverseModel, MAPAttribute, MIFaceBlackBox
 from attacks.targets import HTTPTarget, OutputFormat, OutputUnavailable
 from benchmarks import datasets, models
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from benchmarks.tabular import sensitive_breast_cancer
 from guard import GuardMiddleware, Policy
 

@@ -9,7 +9,7 @@ from scipy.stats import mannwhitneyu
 from attacks.membership import LabelOnlyAttack, LiRA, ThresholdAttack
 from attacks.targets import HTTPTarget, OutputFormat, OutputUnavailable
 from benchmarks import models
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 
 SECRET = "membership-tests-secret-0123456789"

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.middleware.gzip import GZipMiddleware
 
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 from guard.outputs import Round
 

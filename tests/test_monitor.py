@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from conftest import guard_in, monitor_drained, near
 from guard import GuardMiddleware, Policy
 from guard.metrics import GuardMetrics

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from conftest import near
 from guard import GuardMiddleware, Policy
 from guard.identity import key_entry

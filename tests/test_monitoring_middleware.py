@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 from conftest import guard_in, monitor_drained, near
 from guard.identity import key_entry

@@ -14,7 +14,7 @@ from conftest import free_port, wait_until_serving
 APP = '''
 import os
 import numpy as np
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 
 W = np.random.default_rng(0).normal(size=(16, 3))

@@ -14,7 +14,7 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 from guard.routing import overlap, template_regex
 
@@ -140,7 +140,7 @@ def test_a_route_may_allow_websockets():
 
 ROOTED_APP = '''
 import numpy as np
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 
 app = prediction_app(lambda X: np.tile([0.61234, 0.28766, 0.1], (len(X), 1)), 3)
@@ -167,7 +167,7 @@ def test_uvicorn_root_path_is_guarded(tmp_path):
 
 MISROUTED_APP = '''
 from fastapi import FastAPI
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 
 app = FastAPI()

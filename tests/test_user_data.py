@@ -13,7 +13,7 @@ from attacks.inversion import descend
 from attacks.scoring import Judge
 from benchmarks import datasets, run
 from benchmarks.tabular import sensitive_breast_cancer
-from guard.cli import app
+from harness_cli import app
 
 
 def test_bundled_faces_follow_fredriksons_protocol():

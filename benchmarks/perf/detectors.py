@@ -315,7 +315,7 @@ async def _caught_at(target: torch.nn.Module, settings: dict[str, dict[str, Any]
     and how many answers the guard sent in the fail mode because its monitor was behind."""
     import httpx
 
-    from benchmarks.serving import prediction_app
+    from guard.serving import prediction_app
     from guard import GuardMiddleware, Policy
 
     policy = Policy(secret="detector benchmark secret", detectors=settings, monitor=bound, routes={"/predict": {

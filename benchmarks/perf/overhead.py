@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks import datasets, models, serving
+from benchmarks import datasets, models
 from benchmarks.perf.attacks import Rows, print_table
 from benchmarks.perf.configs import (ALL_ON, FLOOR, HOST, ROUND2, STREAMS, call_in_turn, canned_app,
                                      configurations, guarded_requests, wrappers)
-from guard import GuardMiddleware, Policy
+from guard import GuardMiddleware, Policy, serving
 from guard.monitors.base import Observation
 
 
@@ -68,7 +68,7 @@ def run_monitor(policy: Policy) -> None:
 
 
 def serve(state: dict, n_features: int, n_classes: int, policy: Policy | None, port: int) -> None:
-    """A server process: the digits MLP behind ``benchmarks.serving``, guarded by ``policy`` if given."""
+    """A server process: the digits MLP behind ``guard.serving``, guarded by ``policy`` if given."""
     import uvicorn
 
     torch.set_num_threads(1)

@@ -1,0 +1,158 @@
+"""The harness's ``guard`` commands, ``bench`` and ``audit``: ``register`` adds them to the ``guard``
+command through the ``predguard.commands`` entry-point group. Heavy imports happen inside each
+command, so ``guard --help`` stays fast."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import typer
+
+from guard.cli_options import ListsChoices, Names, split_names
+
+if TYPE_CHECKING:
+    from guard.policy import Policy, RoutePolicy
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bench`` and ``audit`` to the ``guard`` command ``app``."""
+    app.command("bench", cls=ListsChoices)(bench)
+    app.command("audit", cls=ListsChoices)(audit)
+
+
+def bench(
+    out: str = typer.Option("guard-report", help="Folder for results.json, report.md and report.html."),
+    quick: bool = typer.Option(False, "--quick", help="A small grid: digits, one seed, five defences."),
+    data: list[str] | None = typer.Option(None, help="Data sets (comma-separated or repeated): digits, "
+                                          "breast_cancer, faces, faces64, or .csv/.npz files (an NPZ X of "
+                                          "shape (n, h, w[, c]) is kept as images)."),
+    sensitive: str | None = typer.Option(None, help="The discrete sensitive column of your data (CSV header "
+                                         "name or index) that attribute inference attacks."),
+    max_body_bytes: int = typer.Option(1 << 20, min=1024, help="The guard's request-body limit; the attacks' "
+                                       "request batches are sized to fit it."),
+    hidden: int | None = typer.Option(None, min=1, help="Hidden units of the target MLP (default: the data "
+                                      "set's recipe, e.g. 3000 on faces, else 64)."),
+    activation: str | None = typer.Option(None, parser=Names("benchmarks.models:ACTIVATIONS"),
+                                          help="Hidden activation of the target MLP."),
+    lr: float | None = typer.Option(None, min=0.0, help="Learning rate of the targets (Adam)."),
+    min_train_accuracy: float = typer.Option(0.8, min=0.0, max=1.0, help="Refuse a target that fits its own "
+                                             "training set worse than this."),
+    defences: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:DEFENCES",
+                                                                 several=True),
+                                              help="Defence configurations (comma-separated or repeated)."),
+    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS",
+                                                                several=True),
+                                             help="Attacks (comma-separated or repeated)."),
+    seed: list[int] | None = typer.Option(None, help="Seeds (repeat the option for several)."),
+    model: str | None = typer.Option(None, help="Your model: module:function(n_features, n_classes)."),
+    live: bool = typer.Option(False, "--live", help="Serve each target with uvicorn on 127.0.0.1 and "
+                              "attack over the socket (default: in-process ASGI transport)."),
+    epochs: int | None = typer.Option(None, min=1, help="Training epochs of the target models (default: "
+                                      "sized to the data)."),
+    workers: int | None = typer.Option(None, min=1, help="Processes running (dataset, model, seed) groups "
+                                       "side by side (default: one per CPU core)."),
+    threads: int = typer.Option(1, min=1, help="Torch threads per process (the bench's small models run "
+                                "fastest on one)."),
+) -> None:
+    """Attack undefended and defended models through the real middleware and report the difference."""
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    from benchmarks import run
+    from benchmarks.models import Underfit
+
+    config = run.BenchConfig(command=" ".join(["guard", *sys.argv[1:]]), live=live, model=model, quick=quick,
+                             sensitive=sensitive, max_body_bytes=max_body_bytes, hidden=hidden,
+                             activation=activation, lr=lr, min_train_accuracy=min_train_accuracy)
+    if quick:
+        config = replace(config, **run.QUICK)
+    chosen = {"datasets": split_names(data), "defences": split_names(defences),
+              "attacks": split_names(attacks), "seeds": tuple(seed) if seed else None,
+              "epochs": epochs}
+    config = replace(config, **{key: value for key, value in chosen.items() if value is not None})
+    try:
+        paths = run.run(config, Path(out), workers=workers, threads=threads)
+    except (Underfit, ValueError) as error:  # an underfitting target, unusable data or options
+        typer.echo(f"guard bench: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(Path(paths["markdown"]).read_text().split("## All rows")[0])
+    for kind, path in paths.items():
+        typer.echo(f"{kind}: {path}")
+
+
+def _list(value: str | None) -> tuple[str, ...] | None:
+    return tuple(item.strip() for item in value.split(",") if item.strip()) if value else None
+
+
+def audit(
+    url: str = typer.Option(..., help="The prediction endpoint, e.g. http://127.0.0.1:8000/predict."),
+    data: str = typer.Option("digits", help="The attacker's data: digits, breast_cancer, or a .csv/.npz file "
+                             "whose features the endpoint takes."),
+    out: str = typer.Option("guard-audit", help="Folder for the report."),
+    policy: str | None = typer.Option(None, help="The guard's policy file: the request and answer shapes "
+                                      "are its --route's (features, probabilities, probabilities_flat, "
+                                      "labels), instead of the options below."),
+    route: str | None = typer.Option(None, help="The policy route the endpoint is on (default: the "
+                                     "policy's only route)."),
+    request_example: str | None = typer.Option(None, help="JSON of the rest of a request body the rows "
+                                               "are written into, e.g. '{\"outputs\": [{\"name\": "
+                                               "\"predict_proba\"}]}' for MLServer."),
+    features_path: str | None = typer.Option(None, help="JSON pointer to the feature rows in the request "
+                                             "(default /features; '' with --fields: the body is the "
+                                             "object of fields)."),
+    fields: str | None = typer.Option(None, help="Send each row as an object of these named fields "
+                                      "(comma-separated, in the data's column order)."),
+    probabilities_path: str | None = typer.Option(None, help="JSON pointer to the answers in the response "
+                                                  "(default /probabilities)."),
+    labels: str | None = typer.Option(None, help="The class names the endpoint answers with, comma-separated, "
+                                      "in the order of the data's sorted labels (label-only and "
+                                      "label->probability answers)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Rows per request; 1 sends single rows "
+                                          "(default: batches of 256, or 1 if the endpoint refuses a batch)."),
+    scale: bool | None = typer.Option(None, "--scale/--no-scale", help="Send features min-max scaled to "
+                                      "[0, 1] (default: scaled for digits and breast_cancer, as the demo "
+                                      "serves them; a file's as they are in it)."),
+    baseline: str | None = typer.Option(None, help="The same model served without the guard: attacked too, "
+                                        "so the report's verdicts compare the two."),
+    api_key: list[str] | None = typer.Option(None, help="API key(s) to send (several are rotated)."),
+    budget: int | None = typer.Option(None, min=1, help="Most queries each attack may spend."),
+    attacks: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:ATTACK_SPECS",
+                                                                several=True),
+                                             help="Attacks (comma-separated or repeated; default: the black-box "
+                                             "extraction and inversion attacks)."),
+    max_wait: float = typer.Option(60.0, min=0, help="Seconds an attack waits out rate limits before it stops."),
+    allow_host: list[str] | None = typer.Option(None, help="A non-loopback host you own and may attack."),
+    seed: int = typer.Option(0, help="Seed of the data split and the attacks."),
+) -> None:
+    """Black-box attacks against a live prediction endpoint you run, with the same report as bench."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.audit import AUDIT_ATTACKS, AuditError
+    from benchmarks.audit import audit as run_audit
+    from guard.policy import Policy
+
+    try:
+        shape = _policy_route(Policy.from_file(policy), route) if policy is not None else None
+        example = json.loads(request_example) if request_example is not None else None
+        paths = run_audit(url, data, Path(out), route=shape, example=example, features_path=features_path,
+                          probabilities_path=probabilities_path,
+                          api_keys=tuple(api_key or ()), budget=budget,
+                          attacks=split_names(attacks) or AUDIT_ATTACKS, seed=seed,
+                          allowed_hosts=tuple(allow_host or ()), fields=_list(fields), labels=_list(labels),
+                          batch_size=batch_size, scale=scale, baseline=baseline, max_wait=max_wait,
+                          echo=typer.echo)
+    except (AuditError, ValueError, OSError) as error:
+        typer.echo(f"guard audit: {error}", err=True)
+        raise typer.Exit(2) from error
+    for kind, path in paths.items():
+        typer.echo(f"{kind}: {path}")
+
+
+def _policy_route(policy: Policy, path: str | None) -> RoutePolicy:
+    """The policy's route at ``path`` (its only route when ``path`` is None)."""
+    if path is None and len(policy.routes) == 1:
+        return next(iter(policy.routes.values()))
+    if path not in policy.routes:
+        raise ValueError(f"name the endpoint's route with --route: one of {sorted(policy.routes)}")
+    return policy.routes[path]
