@@ -226,7 +226,7 @@ def calibrated_detectors(dataset: datasets.Dataset, X_own: np.ndarray, labeller,
     import asyncio
 
     from benchmarks.perf.detectors import benign_streams
-    from guard.monitors.calibration import calibrate
+    from guard.detectors.calibration import calibrate
 
     config = {"prada": {}, "similarity": {"quantization": 0.25, "window": min(8, dataset.n_features),
                                           "stride": 1, "top_n": 20}}

@@ -211,7 +211,7 @@ def calibrate(
     data: str = typer.Option(..., help="Benign queries: digits, breast_cancer, or a .csv/.npz file."),
     clients: int = typer.Option(10, min=1, help="Benign client streams the queries are dealt into."),
     fpr: float = typer.Option(0.001, min=0.0, max=1.0, help="Target false-positive rate."),
-    detector: list[str] | None = typer.Option(None, parser=Names("guard.monitors:DETECTORS", several=True),
+    detector: list[str] | None = typer.Option(None, parser=Names("guard.detectors:DETECTORS", several=True),
                                               help="Detectors to calibrate (default: all)."),
     holdout: float = typer.Option(0.25, min=0.0, max=0.9, help="Share of the clients held out to measure "
                                   "the false alarms the thresholds cause (0: none)."),
@@ -228,8 +228,8 @@ def calibrate(
     import numpy as np
 
     from guard import data as datasets
-    from guard.monitors.calibration import adequacy, false_alarms, hold_out, write_policy
-    from guard.monitors.calibration import calibrate as fit_thresholds
+    from guard.detectors.calibration import adequacy, false_alarms, hold_out, write_policy
+    from guard.detectors.calibration import calibrate as fit_thresholds
     from guard.policy import Policy
 
     names = split_names(detector) or ("prada", "similarity")
@@ -278,7 +278,7 @@ def monitor(
     import asyncio
     import signal
 
-    from guard.monitors.stream import StreamMonitor
+    from guard.monitoring.stream import StreamMonitor
     from guard.policy import Policy
 
     settings = Policy.from_file(policy)

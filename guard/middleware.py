@@ -43,9 +43,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.identity import ClientIdentifier, Identity, KeyCheck
 from guard.metrics import GuardMetrics, MetricsAccess
-from guard.monitors.base import Observation
-from guard.monitors.monitor import InProcessMonitor, Queued
-from guard.monitors.stream import ObservationStream
+from guard.detectors.base import Observation
+from guard.monitoring.monitor import InProcessMonitor, Queued
+from guard.monitoring.stream import ObservationStream
 from guard.outputs import Pipeline
 from guard.payload import (
     NO_FEATURES,
@@ -476,7 +476,7 @@ class GuardedExchange:
         return decision
 
     # Step 7: the observation (client, features, the model's own labels) goes to the monitor,
-    # which judges it off the request path (guard.monitors.monitor). When it cannot be queued (the
+    # which judges it off the request path (guard.monitoring.monitor). When it cannot be queued (the
     # queue is full, the monitor stalled or the stream unreachable) the answer fails closed.
     async def observe(self, client: str, features: FeatureRows, predicted: list[int], output: Pipeline,
                       decision: str) -> tuple[Pipeline, str]:

@@ -160,7 +160,7 @@ def _number(value: Json) -> float:
 FeatureRows = list[list[float]]
 """A request's feature rows: ``n`` lists of ``d`` floats (``np.asarray`` makes the ``(n, d)`` array).
 Lists, not an array, on the request path: a few short rows, where each numpy call costs
-microseconds; the in-process monitor converts each observation's once (``monitors.base.with_array``)."""
+microseconds; the in-process monitor converts each observation's once (``detectors.base.with_array``)."""
 
 
 def json_features(value: Json, width: int | None = None) -> FeatureRows:

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from guard.identity import KeyCheck, KeyVerifier, key_digest, read_key_file
-from guard.monitors import DETECTORS
+from guard.detectors import DETECTORS
 from guard.outputs import Pipeline
 from guard.payload import (
     EachRow,
@@ -125,7 +125,7 @@ class IdentityPolicy(BaseModel):
 
 class MonitorPolicy(BaseModel):
     """Where the detectors run and how late a sanction may take effect (see
-    ``guard.monitors.monitor``): ``in-process`` (a worker thread of each web worker) or ``streams``
+    ``guard.monitoring.monitor``): ``in-process`` (a worker thread of each web worker) or ``streams``
     (Redis Streams consumed by ``guard monitor`` processes; needs a Redis store)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -8,8 +8,8 @@ import pytest
 import tomllib
 import yaml
 
-from guard.monitors import build_detector
-from guard.monitors.calibration import adequacy, calibrate, false_alarms, interleave, replay, write_policy
+from guard.detectors import build_detector
+from guard.detectors.calibration import adequacy, calibrate, false_alarms, interleave, replay, write_policy
 from guard.store.memory import MemoryStore
 
 

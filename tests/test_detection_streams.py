@@ -19,8 +19,8 @@ from benchmarks.perf.detectors import (
     line_search_stream,
     spread,
 )
-from guard.monitors import build_detector
-from guard.monitors.calibration import calibrate, interleave
+from guard.detectors import build_detector
+from guard.detectors.calibration import calibrate, interleave
 from guard.store.memory import MemoryStore
 
 FPR = 0.001

@@ -14,9 +14,9 @@ from guard.serving import prediction_app
 from conftest import guard_in, monitor_drained, near
 from guard import GuardMiddleware, Policy
 from guard.metrics import GuardMetrics
-from guard.monitors import build_detector
-from guard.monitors.base import Observation, with_array
-from guard.monitors.monitor import Monitor, watches
+from guard.detectors import build_detector
+from guard.detectors.base import Observation, with_array
+from guard.monitoring.monitor import Monitor, watches
 from guard.sanctions import Sanctions
 from guard.store.memory import MemoryStore
 

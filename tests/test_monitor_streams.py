@@ -22,9 +22,9 @@ from guard.serving import prediction_app
 from conftest import near
 from guard import GuardMiddleware, Policy
 from guard.identity import key_entry
-from guard.monitors.base import Observation
-from guard.monitors.monitor import Queued
-from guard.monitors.stream import (GROUP, OFFER_BATCH, ObservationStream, StreamMonitor, decode, encode,
+from guard.detectors.base import Observation
+from guard.monitoring.monitor import Queued
+from guard.monitoring.stream import (GROUP, OFFER_BATCH, ObservationStream, StreamMonitor, decode, encode,
                                    partition_of, stream_key)
 from guard.store import StoreUnavailable
 

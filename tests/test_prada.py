@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from guard.monitors import Prada, build_detector
-from guard.monitors.prada import _SET_HEADER, SortedWindow, _GrowingSet, read_window, shapiro_w
+from guard.detectors import Prada, build_detector
+from guard.detectors.prada import _SET_HEADER, SortedWindow, _GrowingSet, read_window, shapiro_w
 from guard.store.memory import MemoryStore
 
 

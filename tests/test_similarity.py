@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from guard.monitors import Observation, Similarity, SimilarityVerdict, build_detector
+from guard.detectors import Observation, Similarity, SimilarityVerdict, build_detector
 from guard.store.memory import MemoryStore
 
 
@@ -192,7 +192,7 @@ async def test_exact_repeats_are_no_evidence_but_near_duplicates_are(rng):
 
 
 async def test_calibration_on_benign_traffic_with_retries_keeps_retries_quiet(rng):
-    from guard.monitors.calibration import calibrate, with_retries
+    from guard.detectors.calibration import calibrate, with_retries
 
     streams = {f"c{i}": (rng.random((60, 784)).astype(np.float32), np.zeros(60, np.int64)) for i in range(4)}
     retried = with_retries(streams, rate=0.2, repeats=5, seed=0)

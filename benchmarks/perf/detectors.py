@@ -32,9 +32,9 @@ from scipy import ndimage
 
 from benchmarks import datasets, models
 from benchmarks.perf.attacks import Rows, print_table
-from guard.monitors import build_detector
-from guard.monitors.base import Detector
-from guard.monitors.calibration import Stream, calibrate, interleave, replay
+from guard.detectors import build_detector
+from guard.detectors.base import Detector
+from guard.detectors.calibration import Stream, calibrate, interleave, replay
 from guard.store.memory import MemoryStore
 
 Oracle = Callable[[np.ndarray], np.ndarray]

@@ -52,7 +52,7 @@ def child(name: str, data: Path, calls: int, ready: Path, go: Path) -> None:
     batches of ``B``, on this thread, once ``STEADY`` of them are judged."""
     from benchmarks.perf.configs import ALL_ON, call_in_turn, canned_app, configurations, guarded_requests, wrappers
     from guard import GuardMiddleware
-    from guard.monitors.base import Observation
+    from guard.detectors.base import Observation
 
     exchanges = [(body.encode(), answer.encode()) for body, answer in json.loads(data.read_text())]
     policies = dict(configurations())

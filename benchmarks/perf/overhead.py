@@ -50,7 +50,7 @@ from benchmarks.perf.attacks import Rows, print_table
 from benchmarks.perf.configs import (ALL_ON, FLOOR, HOST, ROUND2, STREAMS, call_in_turn, canned_app,
                                      configurations, guarded_requests, wrappers)
 from guard import GuardMiddleware, Policy, serving
-from guard.monitors.base import Observation
+from guard.detectors.base import Observation
 
 
 
@@ -62,7 +62,7 @@ def free_port() -> int:
 
 def run_monitor(policy: Policy) -> None:
     """A ``guard monitor`` process (the scale-out deployment's detectors) for ``policy``."""
-    from guard.monitors.stream import StreamMonitor
+    from guard.monitoring.stream import StreamMonitor
 
     asyncio.run(StreamMonitor(policy).run(asyncio.Event()))
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from guard.monitors.base import Detector, Observation, Verdict
+from guard.detectors.base import Detector, Observation, Verdict
 from guard.store.base import StateStore
 
 _QUERY_ID_BYTES = 8

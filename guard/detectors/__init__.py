@@ -1,14 +1,14 @@
 """Query-pattern detectors behind one protocol (``Detector.observe_batch -> [Verdict]``, one verdict per
 ``Observation``), chosen by name; the monitor that runs them off the request path is
-``guard.monitors.monitor`` (in process) and ``guard.monitors.stream`` (Redis Streams)."""
+``guard.monitoring``."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from guard.monitors.base import Detector, Observation, Verdict
-from guard.monitors.prada import Prada
-from guard.monitors.similarity import Similarity, SimilarityVerdict
+from guard.detectors.base import Detector, Observation, Verdict
+from guard.detectors.prada import Prada
+from guard.detectors.similarity import Similarity, SimilarityVerdict
 from guard.store.base import StateStore
 
 DETECTORS: dict[str, type] = {Prada.name: Prada, Similarity.name: Similarity}

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from guard.monitors import build_detector
-from guard.monitors.base import Detector
-from guard.monitors.prada import Prada
+from guard.detectors import build_detector
+from guard.detectors.base import Detector
+from guard.detectors.prada import Prada
 from guard.store.memory import MemoryStore
 
 Stream = tuple[np.ndarray, np.ndarray]

@@ -35,8 +35,8 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from guard.metrics import GuardMetrics
-from guard.monitors.base import Observation
-from guard.monitors.monitor import Monitor, Queued, linger
+from guard.detectors.base import Observation
+from guard.monitoring.monitor import Monitor, Queued, linger
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Sanctions
 from guard.store.channel import RedisChannel

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats._ansari_swilk_statistics import swilk  # SciPy's Shapiro-Wilk (AS R94): its coefficients
 
-from guard.monitors.base import Detector, Observation, Verdict
+from guard.detectors.base import Detector, Observation, Verdict
 from guard.store.base import StateStore
 
 # G_c key: dimension, members ever admitted, T_c, sum and sum of squares of joining distances.

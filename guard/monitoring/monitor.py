@@ -10,7 +10,7 @@ monitor did. Two deployments run the same ``Monitor``:
 - ``InProcessMonitor`` (``monitor.deployment = "in-process"``): a worker thread of the web process
   with its own event loop, started on the ASGI lifespan or on the first guarded request; numpy
   work runs there, not on the loop that serves clients. Sanctions are written on the web loop.
-- ``guard.monitors.stream`` (``"streams"``): observations go to Redis Streams and ``guard
+- ``guard.monitoring.stream`` (``"streams"``): observations go to Redis Streams and ``guard
   monitor`` processes judge them, each owning a share of the client partitions.
 
 The sanction delay is bounded by ``monitor.max_pending`` and ``monitor.max_delay``: an answer is
@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from guard.metrics import GuardMetrics
-from guard.monitors import DETECTORS, build_detector
-from guard.monitors.base import Detector, Observation, Verdict, with_array
+from guard.detectors import DETECTORS, build_detector
+from guard.detectors.base import Detector, Observation, Verdict, with_array
 from guard.policy import MonitorPolicy, Policy
 from guard.sanctions import Level, SanctionRules, Sanctions, Standing
 from guard.store import StoreUnavailable, memory_options, store_from_uri
