@@ -21,7 +21,7 @@ from scipy.special import log_ndtr
 from attacks import scoring
 from attacks.base import Attack, AttackResult
 from attacks.ensemble import Architecture, Ensemble, TrainingConfig, random_halves, train_ensemble
-from attacks.observations import (Observation, Published, boundary_distances, labels, observe, scaled_logit,
+from attacks.observations import (Published, Statistic, boundary_distances, labels, observe, scaled_logit,
                                   unit_directions)
 from attacks.targets import OutputFormat, Target
 
@@ -140,10 +140,10 @@ class LiRA(Attack):
     ``image_shape`` and ``max_shift`` add shifted queries whose scores are averaged (sec. VI-C; on
     8x8 digits a one-pixel shift is a different image, and averaging lowers the TPR).
 
-    ``observation`` (``attacks.observations``) is how the statistic is read off a defended API: by
+    ``statistic`` (``attacks.observations``) is how the statistic is read off a defended API: by
     default the scaled logit of the answer as published in the public ``output`` format (raises
-    ``OutputUnavailable`` against labels only); the adaptive observations invert or average the
-    defence, or, against labels only, measure robustness to noise. When the observation is an interval
+    ``OutputUnavailable`` against labels only); the adaptive statistics invert or average the
+    defence, or, against labels only, measure robustness to noise. When the statistic is an interval
     (a rounded answer) its likelihood is the Gaussian mass of the interval.
     """
 
@@ -152,7 +152,7 @@ class LiRA(Attack):
     def __init__(self, n_references: int = 16, offline: bool = False, global_variance: bool = True,
                  architecture: Architecture = Architecture(), training: TrainingConfig = TrainingConfig(),
                  image_shape: tuple[int, int] | None = None, max_shift: int = 0,
-                 output: OutputFormat = OutputFormat(), observation: Observation | None = None, seed: int = 0):
+                 output: OutputFormat = OutputFormat(), statistic: Statistic | None = None, seed: int = 0):
         self.n_references = n_references
         self.offline = offline
         self.global_variance = global_variance
@@ -160,7 +160,7 @@ class LiRA(Attack):
         self.training = training
         self.image_shape = image_shape
         self.max_shift = max_shift
-        self.observation = observation if observation is not None else Published(output)
+        self.statistic = statistic if statistic is not None else Published(output)
         self.seed = seed
 
     def run(self, target: Target, X: np.ndarray, y: np.ndarray, *, population: Data | None = None,
@@ -170,7 +170,7 @@ class LiRA(Attack):
         elif references.masks.shape[1] != len(y) + (0 if population is None else len(population[1])):
             raise ValueError("the references were trained on a different pool of records")
         start = target.queries
-        measured = self.observation.measure(target, self._views(X), y, references)
+        measured = self.statistic.measure(target, self._views(X), y, references)
         inside = references.masks[:, None, : len(y)]
         mean_out, std_out = self._gaussian(measured.reference, ~inside)
         if self.offline:

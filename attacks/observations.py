@@ -2,7 +2,7 @@
 kind of output defence: the adaptive halves of LiRA (Carlini et al., S&P 2022, sec. IV, Alg. 1).
 
 LiRA fits, per candidate, Gaussians to a statistic of the reference models' outputs and scores the
-target's value of that statistic under them. An ``Observation`` says how that statistic is obtained
+target's value of that statistic under them. A ``Statistic`` says how that statistic is obtained
 when the API defends its answers, knowing the defence's kind and public parameters (Kerckhoffs),
 never its secret:
 
@@ -42,7 +42,7 @@ from attacks.undoing import STEPS, averaged_answers, fresh_step, log_average, to
 @dataclass
 class Measurement:
     """``low``/``high``: ``(views, n)`` bounds of the target's statistic; ``reference``: ``(models,
-    views, n)`` the references' statistic; ``learnt``: what the observation found out about the
+    views, n)`` the references' statistic; ``learnt``: what the statistic found out about the
     defence (numbers, reported as metrics); ``artefacts``: anything else it made."""
 
     low: np.ndarray
@@ -52,7 +52,7 @@ class Measurement:
     artefacts: dict[str, Any] = field(default_factory=dict)
 
 
-class Observation(ABC):
+class Statistic(ABC):
     """One way to read LiRA's statistic off a defended target and off the reference models."""
 
     @abstractmethod
@@ -82,7 +82,7 @@ def scaled_logit(probabilities: np.ndarray, labels: np.ndarray, output: OutputFo
 def _ask(target: Target, views: np.ndarray) -> np.ndarray:
     """``(views, n, k)`` probabilities of ``(views, n, d)`` queries, in one batch."""
     if not target.returns_probabilities:
-        raise OutputUnavailable("this observation needs scores; against labels only use LabelRobustness")
+        raise OutputUnavailable("this statistic needs scores; against labels only use LabelRobustness")
     return target.predict_proba(views.reshape(-1, views.shape[-1])).reshape(*views.shape[:2], -1)
 
 
@@ -93,7 +93,7 @@ def _reference_probabilities(references: Ensemble, views: np.ndarray) -> np.ndar
 
 
 @dataclass(frozen=True)
-class Published(Observation):
+class Published(Statistic):
     """The scaled logit of the published answer; the references' outputs pass through the same public
     ``output`` format first (Carlini et al. 2022, sec. VI-A: the attacker mimics the API)."""
 
@@ -109,7 +109,7 @@ class Published(Observation):
 
 
 @dataclass(frozen=True)
-class RoundedInterval(Observation):
+class RoundedInterval(Statistic):
     """Answers rounded to ``decimals`` places: the true confidence ``p_y`` lies within one unit
     ``10^-decimals`` of the published one (rows apportioned to sum to 1 move an entry by less than a
     unit), so the observation is the interval of ``logit(p_y)`` it allows; the references' statistic
@@ -129,7 +129,7 @@ class RoundedInterval(Observation):
 
 
 @dataclass(frozen=True)
-class InvertedReverseSigmoid(Observation):
+class InvertedReverseSigmoid(Statistic):
     """Answers perturbed by the reverse sigmoid (Lee et al. 2019): the attacker inverts each row
     (``invert_reverse_sigmoid``) with the API's ``beta`` and ``gamma``, or, when they are ``None``,
     with values estimated from ``estimation_rows`` of the answers (``estimate_reverse_sigmoid``; a
@@ -161,7 +161,7 @@ class InvertedReverseSigmoid(Observation):
 
 
 @dataclass(frozen=True)
-class AveragedNoise(Observation):
+class AveragedNoise(Statistic):
     """Answers perturbed by random multiplicative noise ``p exp(scale z)`` (renormalised): each candidate
     is asked ``repeats`` times as ``x + j * step`` (``j = 0..repeats-1``, moved towards the middle of the
     box), inputs the model cannot tell apart but a per-query noise seed may; the answers are averaged
@@ -196,7 +196,7 @@ class AveragedNoise(Observation):
 
 
 @dataclass(frozen=True)
-class LabelRobustness(Observation):
+class LabelRobustness(Statistic):
     """Labels only (Choquette-Choo et al. 2021, sec. 4, calibrated per example as in LiRA): for each
     view, the fraction of ``n_noise`` Gaussian-noised copies (standard deviation ``sigma``) labelled
     correctly, on the logit scale (``logit((c + 1/2) / (n + 1))`` for ``c`` correct of ``n``); the
@@ -223,7 +223,7 @@ class LabelRobustness(Observation):
 
 
 @dataclass(frozen=True)
-class BoundaryDistance(Observation):
+class BoundaryDistance(Statistic):
     """Labels only (Choquette-Choo et al., ICML 2021, sec. 4, the boundary-distance attack, with random
     directions in place of HopSkipJump; calibrated per example as in LiRA): for each view, the mean
     over ``n_directions`` random unit directions of the smallest L2 step that changes the label

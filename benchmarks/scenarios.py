@@ -17,7 +17,7 @@ from attacks.extraction import Copycat, EquationSolving, JacobianAugmentation, K
 from attacks.inversion import InverseModel, MAPAttribute, MAPAttributeLabelOnly, MIFace, MIFaceBlackBox
 from attacks.membership import LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
 from attacks.scoring import Judge
-from attacks.observations import AveragedNoise, InvertedReverseSigmoid, LabelRobustness, Observation, RoundedInterval
+from attacks.observations import AveragedNoise, InvertedReverseSigmoid, LabelRobustness, RoundedInterval, Statistic
 from attacks.targets import OutputFormat, Target, TorchTarget
 from attacks.undoing import UndoneTarget, averaging, inverting_reverse_sigmoid
 from benchmarks.datasets import Dataset, Split
@@ -193,14 +193,14 @@ def _references(context: Context) -> int:
     return 16 if context.quick else 32
 
 
-def _lira(offline: bool, observation: Callable[[Context], Observation | None] = lambda c: None) -> Callable[[Target, Context], AttackResult]:
-    """LiRA with the references shared by every defence of the cell's target; ``observation`` reads
+def _lira(offline: bool, statistic: Callable[[Context], Statistic | None] = lambda c: None) -> Callable[[Target, Context], AttackResult]:
+    """LiRA with the references shared by every defence of the cell's target; ``statistic`` reads
     the defended answers (default: as published, in the public format)."""
     def run(target: Target, context: Context) -> AttackResult:
         X, y, is_member = context.candidates()
         attack = LiRA(_references(context), offline=offline, architecture=context.architecture,
                       training=context.training, image_shape=context.dataset.image_shape,
-                      output=context.defence.public_format, observation=observation(context),
+                      output=context.defence.public_format, statistic=statistic(context),
                       seed=context.seed)
         references = context.reuse(("lira", attack.n_references), lambda: attack.train_references(
             X, y, context.dataset.n_classes))
@@ -309,16 +309,16 @@ def _reveals_label_only(context: Context) -> bool:
     return output.label_only or output.top_k == 1
 
 
-def _label_robustness(context: Context) -> Observation:
+def _label_robustness(context: Context) -> Statistic:
     return LabelRobustness(16 if context.quick else 32, sigma=0.1, seed=context.seed)
 
 
-def _averaged_noise(context: Context) -> Observation:
+def _averaged_noise(context: Context) -> Statistic:
     return AveragedNoise(defence_arguments(context.defence, "noise")[0], repeats=16 if context.quick else 32,
                          seed=context.seed)
 
 
-def _inverted_reverse_sigmoid(context: Context) -> Observation:
+def _inverted_reverse_sigmoid(context: Context) -> Statistic:
     """The attacker knows the defence is a reverse sigmoid, not its beta and gamma: it estimates them
     from its answers (``attacks.reverse_sigmoid.estimate_reverse_sigmoid``)."""
     return InvertedReverseSigmoid(seed=context.seed)

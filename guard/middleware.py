@@ -62,7 +62,7 @@ from guard.payload import (
 )
 from guard.policy import Policy, RoutePolicy
 from guard.ratelimit import Admission, RouteLimits
-from guard.routing import RouteTable, audit_routes, get_route_path
+from guard.routing import RouteTable, find_bypasses, get_route_path
 from guard.sanctions import Level, Sanctions
 from guard.store import StoreUnavailable, is_shared, memory_options, store_from_uri
 
@@ -187,7 +187,7 @@ class GuardMiddleware:
         self.routes = RouteTable({path: RouteGuard.compile(path, route, policy.secret_bytes, list(policy.detectors),
                                                            sanctioned)
                                   for path, route in policy.routes.items()})
-        self.problems = audit_routes(app, list(policy.routes))
+        self.problems = find_bypasses(app, list(policy.routes))
         for problem in self.problems:
             logger.error("guard: %s; refusing to serve", problem)
 

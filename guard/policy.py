@@ -152,7 +152,7 @@ PointerText = Annotated[str, AfterValidator(_valid_pointer)]
 """A JSON pointer (RFC 6901), checked when the policy is loaded."""
 
 
-class FeatureRows(BaseModel):
+class FeatureFields(BaseModel):
     """Named fields read from each object of a list (or from one object) in the request body."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -186,7 +186,7 @@ class RoutePolicy(BaseModel):
                                             "the response, or {rows, field} for a list of answers")
     probabilities_flat: bool = Field(default=False, description="the probabilities are one row-major list "
                                      "of n * k numbers (KServe v2 tensors); needs `labels`")
-    features: str | list[str] | FeatureRows | None = Field(
+    features: str | list[str] | FeatureFields | None = Field(
         default=None, description="where the features are: a JSON pointer to the vector(s); a list of "
         "pointers to named fields in model order; {rows, fields} for a list of such objects; with "
         "features_in = 'query', a list of query parameter names. None: the route has no features "

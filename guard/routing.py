@@ -9,7 +9,7 @@ paths or Starlette path templates (``/models/{name}/predict``, compiled by Starl
 Starlette's router would take the first, the reader of the policy might expect the other, and an
 ambiguous policy is a misconfiguration, so ``Policy`` refuses it when it is loaded.
 
-``audit_routes`` inspects the app's router once, before the first request, and names every way
+``find_bypasses`` inspects the app's router once, before the first request, and names every way
 around the policy: a policy route that matches no route of the app (say a policy for ``/predict``
 in front of an app that serves it under a mount at ``/v1/predict``), or an endpoint of a guarded
 route that another, unguarded route also serves. The middleware refuses to start on those
@@ -184,7 +184,7 @@ def app_routes(routes: list, prefix: str = "") -> Iterator[tuple[str, object]]:
             yield path, route.endpoint
 
 
-def audit_routes(app: ASGIApp, policy_routes: list[str]) -> list[str]:
+def find_bypasses(app: ASGIApp, policy_routes: list[str]) -> list[str]:
     """The ways around ``policy_routes`` in ``app``'s router (empty when none, or no router)."""
     router = find_router(app)
     if router is None:

@@ -50,7 +50,7 @@ def _run(attack, target, digits, member, references):
 def test_calibrated_label_only_attack_beats_label_only_answers(digits, membership_game, references, undefended):
     model, member = membership_game
     target = _defended(model, ["label_only"], label_only=True)
-    calibrated = _run(LiRA(REFERENCES, observation=LabelRobustness(16)), target, digits, member, references)
+    calibrated = _run(LiRA(REFERENCES, statistic=LabelRobustness(16)), target, digits, member, references)
     uncalibrated = LabelOnlyAttack("noise", n_noise=16).run(target, digits.X, digits.y, is_member=member)
     assert _tpr(calibrated) >= 0.6 * undefended > 2 * _tpr(uncalibrated)
     assert calibrated.queries == 16 * len(digits.y)
@@ -60,7 +60,7 @@ def test_calibrated_boundary_distance_beats_the_uncalibrated_one(digits, members
     """Each reference model searches the boundary along the same random directions as the target."""
     model, member = membership_game
     target = _defended(model, ["label_only"], label_only=True)
-    calibrated = _run(LiRA(REFERENCES, observation=BoundaryDistance()), target, digits, member, references)
+    calibrated = _run(LiRA(REFERENCES, statistic=BoundaryDistance()), target, digits, member, references)
     uncalibrated = LabelOnlyAttack("boundary").run(target, digits.X, digits.y, is_member=member)
     assert _tpr(calibrated) > 2 * max(_tpr(uncalibrated), 0.01)
     assert calibrated.queries == (8 * 10 + 1) * len(digits.y)
@@ -70,7 +70,7 @@ def test_inverting_the_reverse_sigmoid_gives_back_lira(digits, membership_game, 
     model, member = membership_game
     target = _defended(model, ["reverse_sigmoid:0.7:0.4"])
     plain = _run(LiRA(REFERENCES), target, digits, member, references)
-    inverted = _run(LiRA(REFERENCES, observation=InvertedReverseSigmoid(0.7, 0.4)), target, digits, member,
+    inverted = _run(LiRA(REFERENCES, statistic=InvertedReverseSigmoid(0.7, 0.4)), target, digits, member,
                     references)
     assert _tpr(inverted) >= 0.8 * undefended > 2 * _tpr(plain)
     assert inverted.metrics["inverted"] > 0.99
@@ -80,7 +80,7 @@ def test_inverting_with_estimated_parameters_gives_back_lira(digits, membership_
     """Kerckhoffs: the attacker knows the defence is a reverse sigmoid, not its beta and gamma."""
     model, member = membership_game
     target = _defended(model, ["reverse_sigmoid:0.7:0.4"])
-    estimated = _run(LiRA(REFERENCES, observation=InvertedReverseSigmoid()), target, digits, member, references)
+    estimated = _run(LiRA(REFERENCES, statistic=InvertedReverseSigmoid()), target, digits, member, references)
     assert estimated.metrics["beta"] == pytest.approx(0.7, rel=0.02)
     assert estimated.metrics["gamma"] == pytest.approx(0.4, rel=0.05)
     assert _tpr(estimated) >= 0.8 * undefended
@@ -109,7 +109,7 @@ def test_averaging_fresh_noise_beats_the_noise_defence(digits, membership_game, 
     undefended attack's success back."""
     model, member = membership_game
     target = _defended(model, ["noise:0.5"])
-    averaged = _run(LiRA(REFERENCES, observation=AveragedNoise(0.5, repeats=16)), target, digits, member,
+    averaged = _run(LiRA(REFERENCES, statistic=AveragedNoise(0.5, repeats=16)), target, digits, member,
                     references)
     assert averaged.metrics["repeats"] == 16 and averaged.metrics["step"] > 0
     assert _tpr(averaged) >= 0.8 * undefended
@@ -125,7 +125,7 @@ def test_averaging_asks_once_when_the_noise_cannot_be_redrawn(digits, membership
         noisy = models.predict_proba(model, X) * np.exp(0.5 * z)
         return noisy / noisy.sum(axis=1, keepdims=True)
 
-    result = _run(LiRA(REFERENCES, observation=AveragedNoise(0.5, repeats=16, steps=(1e-12,))),
+    result = _run(LiRA(REFERENCES, statistic=AveragedNoise(0.5, repeats=16, steps=(1e-12,))),
                   CallableTarget(keyed, 10), digits, member, references)
     assert result.metrics["repeats"] == 1 and result.queries == len(digits.y) + 4 * 8
 
@@ -133,7 +133,7 @@ def test_averaging_asks_once_when_the_noise_cannot_be_redrawn(digits, membership
 def test_rounding_aware_lira_scores_the_interval(digits, membership_game, references, undefended):
     model, member = membership_game
     target = _defended(model, ["round:1"])
-    aware = _run(LiRA(REFERENCES, observation=RoundedInterval(1)), target, digits, member, references)
+    aware = _run(LiRA(REFERENCES, statistic=RoundedInterval(1)), target, digits, member, references)
     assert _tpr(aware) >= 0.6 * undefended
     assert np.isfinite(aware.artefacts["scores"]).all()
 

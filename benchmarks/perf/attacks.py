@@ -332,8 +332,8 @@ def adaptive(quick: bool) -> Rows:
                      "auc": float(np.mean([r.metrics["auc"] for r in results])),
                      "queries": results[0].queries, "seconds": seconds, **learnt})
 
-    def lira(observation=None, offline=False):
-        return lambda target, member: LiRA(n_references, offline=offline, observation=observation).run(
+    def lira(statistic=None, offline=False):
+        return lambda target, member: LiRA(n_references, offline=offline, statistic=statistic).run(
             target, X, y, is_member=member, references=references)
 
     n_noise = 16 if quick else 32
