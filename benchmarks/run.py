@@ -353,12 +353,9 @@ def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X
 
 def _user_model(factory: str, dataset: datasets.Dataset) -> torch.nn.Module:
     """``module:function`` called with ``(n_features, n_classes)``."""
-    import importlib
+    from guard.references import import_function
 
-    module, _, function = factory.partition(":")
-    if not function:
-        raise ValueError(f"--model must look like module:function, got {factory!r}")
-    return getattr(importlib.import_module(module), function)(dataset.n_features, dataset.n_classes)
+    return import_function(factory)(dataset.n_features, dataset.n_classes)
 
 
 def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig) -> dict[str, float]:

@@ -158,7 +158,7 @@ def train_dp(
 
     from guard import data as datasets
     from guard import dp, models
-    from guard.payload import import_function
+    from guard.references import import_function
 
     def fail(error: BaseException) -> typer.Exit:
         typer.echo(f"guard train-dp: {error}", err=True)

@@ -4,8 +4,9 @@
 Every defence is called as ``defence(probabilities, features)`` (``features``: the ``n`` query
 rows of ``d``, an array or lists, used only by ``Noise``), returns a new probability distribution
 per row, as an ``(n, k)`` array (``Round``, given lists, returns lists) and keeps each row's top
-label (the first argmax of its input). ``parse`` builds one from a spec string; ``Pipeline``
-applies several in order.
+label (the first argmax of its input). ``read_spec`` reads a spec string by the grammar below (and
+checks its arguments, building nothing); ``parse`` builds the defence it names; ``Pipeline`` applies
+several in order.
 
 | spec | defence |
 | --- | --- |
@@ -63,6 +64,10 @@ class OutputDefence(ABC):
                  features: np.ndarray | None = None) -> np.ndarray:
         """The defended ``(n, k)`` distributions of ``probabilities`` (``(n, k)``)."""
 
+    @staticmethod
+    def check(*arguments: float) -> None:
+        """Raise ``ValueError`` unless ``arguments`` are in the defence's ranges (none by default)."""
+
 
 @dataclass(frozen=True)
 class Round(OutputDefence):
@@ -74,8 +79,12 @@ class Round(OutputDefence):
     decimals: int
 
     def __post_init__(self) -> None:
-        if not 0 <= self.decimals <= 12:
-            raise ValueError(f"round: decimals must be between 0 and 12, got {self.decimals}")
+        self.check(self.decimals)
+
+    @staticmethod
+    def check(decimals: int) -> None:
+        if not 0 <= decimals <= 12:
+            raise ValueError(f"round: decimals must be between 0 and 12, got {decimals}")
 
     def __call__(self, probabilities: np.ndarray | list[list[float]],
                  features: np.ndarray | None = None) -> np.ndarray | list[list[float]]:
@@ -113,8 +122,12 @@ class TopK(OutputDefence):
     k: int
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"top_k: k must be at least 1, got {self.k}")
+        self.check(self.k)
+
+    @staticmethod
+    def check(k: int) -> None:
+        if k < 1:
+            raise ValueError(f"top_k: k must be at least 1, got {k}")
 
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         p = np.asarray(probabilities, dtype=np.float64)
@@ -154,10 +167,14 @@ class Noise(OutputDefence):
     secret: bytes
 
     def __post_init__(self) -> None:
-        if not self.scale > 0 or not np.isfinite(self.scale):
-            raise ValueError(f"noise: scale must be a positive number, got {self.scale}")
+        self.check(self.scale)
         if not self.secret:
             raise ValueError("noise needs a non-empty server secret")
+
+    @staticmethod
+    def check(scale: float) -> None:
+        if not scale > 0 or not np.isfinite(scale):
+            raise ValueError(f"noise: scale must be a positive number, got {scale}")
 
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         p = np.asarray(probabilities, dtype=np.float64)
@@ -179,7 +196,11 @@ class ReverseSigmoid(OutputDefence):
     gamma: float
 
     def __post_init__(self) -> None:
-        for name, value in (("beta", self.beta), ("gamma", self.gamma)):
+        self.check(self.beta, self.gamma)
+
+    @staticmethod
+    def check(beta: float, gamma: float) -> None:
+        for name, value in (("beta", beta), ("gamma", gamma)):
             if not value > 0 or not np.isfinite(value):
                 raise ValueError(f"reverse_sigmoid: {name} must be a positive number, got {value}")
 
@@ -200,8 +221,7 @@ class Pipeline:
     stages: tuple[OutputDefence, ...] = ()
 
     def __post_init__(self) -> None:
-        if any(isinstance(stage, LabelOnly) for stage in self.stages[:-1]):
-            raise ValueError("label_only must be the last output defence")
+        _label_only_last([isinstance(stage, LabelOnly) for stage in self.stages])
 
     @classmethod
     def from_specs(cls, specs: list[str], secret: bytes | None = None) -> Pipeline:
@@ -215,6 +235,12 @@ class Pipeline:
         for stage in self.stages:
             probabilities = stage(probabilities, features)
         return probabilities
+
+
+def _label_only_last(label_only: list[bool]) -> None:
+    """Refuse a label-only stage anywhere but last (``label_only``: whether each stage is one)."""
+    if any(label_only[:-1]):
+        raise ValueError("label_only must be the last output defence")
 
 
 def _number(kind: Callable[[str], float | int], text: str, spec: str) -> float | int:
@@ -233,16 +259,29 @@ _GRAMMAR: dict[str, tuple[Callable[..., OutputDefence], tuple[Callable[[str], fl
 }
 
 
-def parse(spec: str, secret: bytes | None = None) -> OutputDefence:
-    """The defence a spec string names: ``round:D``, ``top_k:K``, ``label_only``, ``noise:S``
-    (needs the server ``secret``) or ``reverse_sigmoid:BETA:GAMMA``."""
+def read_spec(spec: str) -> tuple[str, tuple[float | int, ...]]:
+    """The defence name and the arguments of a spec string (``round:D``, ``top_k:K``, ``label_only``,
+    ``noise:S`` or ``reverse_sigmoid:BETA:GAMMA``), checked against the defence's ranges; builds nothing."""
     name, *arguments = spec.strip().split(":")
     if name not in _GRAMMAR:
         raise ValueError(f"unknown output spec {spec!r}: use one of {', '.join(_GRAMMAR)}")
     build, kinds = _GRAMMAR[name]
     if len(arguments) != len(kinds):
         raise ValueError(f"output spec {spec!r}: {name} takes {len(kinds)} argument(s), got {len(arguments)}")
-    values = [_number(kind, text, spec) for kind, text in zip(kinds, arguments)]
+    values = tuple(_number(kind, text, spec) for kind, text in zip(kinds, arguments))
+    build.check(*values)
+    return name, values
+
+
+def check_specs(specs: list[str]) -> None:
+    """Raise ``ValueError`` unless ``specs`` make a pipeline: each spec valid, ``label_only`` last."""
+    _label_only_last([read_spec(spec)[0] == "label_only" for spec in specs])
+
+
+def parse(spec: str, secret: bytes | None = None) -> OutputDefence:
+    """The defence a spec string names (``read_spec``); ``noise`` needs the server ``secret``."""
+    name, values = read_spec(spec)
+    build = _GRAMMAR[name][0]
     if build is Noise:
         return Noise(*values, secret=secret or b"")
     return build(*values)

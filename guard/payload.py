@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
+
+from guard.references import import_function
 
 Json = Any
 
@@ -347,17 +348,6 @@ def kserve_v2_request(rows: np.ndarray, example: Json = None) -> Json:
 
 REQUEST_WRITERS: dict[Callable, Callable[[np.ndarray, Json], Json]] = {kserve_v2_inputs: kserve_v2_request}
 """The request each built-in feature function reads, written (``FeatureFunction.write``)."""
-
-
-def import_function(reference: str) -> Callable:
-    """The callable a ``"module:function"`` reference names."""
-    module, _, name = reference.partition(":")
-    if not module or not name:
-        raise ValueError(f"{reference!r} is not a 'module:function' reference")
-    function = getattr(importlib.import_module(module), name, None)
-    if not callable(function):
-        raise ValueError(f"{reference!r} does not name a function")
-    return function
 
 
 @dataclass(frozen=True)

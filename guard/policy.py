@@ -28,9 +28,9 @@ from pydantic import (
     model_validator,
 )
 
-from guard.identity import KeyCheck, KeyVerifier, key_digest, read_key_file
 from guard.detectors import DETECTORS
-from guard.outputs import Pipeline
+from guard.identity import KeyCheck, KeyVerifier, key_digest, read_key_file
+from guard.outputs import check_specs, read_spec
 from guard.payload import (
     EachRow,
     FeatureFunction,
@@ -39,9 +39,9 @@ from guard.payload import (
     Pointer,
     QueryFields,
     VectorAt,
-    import_function,
 )
 from guard.ratelimit import Strategy, parse_limits
+from guard.references import import_function
 from guard.routing import is_template, overlap, template_regex
 from guard.sanctions import DEFAULT_LADDER, SanctionRules
 
@@ -249,11 +249,11 @@ class RoutePolicy(BaseModel):
 
     @model_validator(mode="after")
     def _request_shape(self) -> RoutePolicy:
-        self.feature_source()
+        self._check_features()
         if self.probabilities_flat and self.labels is None:
             raise ValueError("probabilities_flat needs `labels` (the number of classes)")
         if not self.has_features:
-            if any(spec.split(":")[0] == "noise" for spec in self.output + self.degraded_output):
+            if any(read_spec(spec)[0] == "noise" for spec in self.output + self.degraded_output):
                 raise ValueError("noise is seeded by the features: name the route's `features`")
             if self.detectors:
                 raise ValueError("detectors watch features: name the route's `features`")
@@ -263,25 +263,37 @@ class RoutePolicy(BaseModel):
     def has_features(self) -> bool:
         return self.features is not None or self.features_function is not None
 
-    def feature_source(self) -> FeatureSource | None:
-        """The compiled request shape (``None``: the route names no features)."""
+    def _check_features(self) -> None:
+        """The rules of the request shape that ``feature_source`` compiles."""
         if self.features_function is not None:
             if self.features is not None:
                 raise ValueError("set either `features` or `features_function`, not both")
-            return FeatureFunction.named(self.features_function)
+            return
         if self.features_width is not None and not isinstance(self.features, str):
             raise ValueError("features_width applies to a single `features` pointer")
         if self.features_in == "query":
             if not isinstance(self.features, list):
                 raise ValueError("features_in = 'query' needs `features` as a list of parameter names")
+            return
+        if isinstance(self.features, str):
+            _valid_pointer(self.features)
+        elif isinstance(self.features, list):
+            if not self.features:
+                raise ValueError("`features` names no fields")
+            for text in self.features:
+                _valid_pointer(text)
+
+    def feature_source(self) -> FeatureSource | None:
+        """The compiled request shape (``None``: the route names no features)."""
+        if self.features_function is not None:
+            return FeatureFunction.named(self.features_function)
+        if self.features_in == "query":
             return QueryFields(tuple(self.features))
         if self.features is None:
             return None
         if isinstance(self.features, str):
             return VectorAt(Pointer.parse(self.features), self.features_width)
         if isinstance(self.features, list):
-            if not self.features:
-                raise ValueError("`features` names no fields")
             return NamedFields(tuple(Pointer.parse(text) for text in self.features))
         return NamedFields(tuple(Pointer.parse(text) for text in self.features.fields),
                            Pointer.parse(self.features.rows))
@@ -289,8 +301,7 @@ class RoutePolicy(BaseModel):
     @field_validator("output", "degraded_output")
     @classmethod
     def _specs(cls, specs: list[str]) -> list[str]:
-        # Checks the specs only; the middleware binds the server's real secret when it compiles them.
-        Pipeline.from_specs(specs, secret=b"syntax check")
+        check_specs(specs)  # the middleware builds them, with the server's secret
         return specs
 
     @field_validator("labels")
@@ -421,7 +432,7 @@ class Policy(BaseModel):
             reasons.append("a shared store needs every worker and restart to name clients alike")
         if self.identity.header:
             reasons.append("API keys are stored as keyed hashes")
-        if any(spec.strip().startswith("noise") for route in self.routes.values()
+        if any(read_spec(spec)[0] == "noise" for route in self.routes.values()
                for spec in route.output + route.degraded_output):
             reasons.append("noise is seeded by a keyed hash and must not change across restarts")
         return reasons

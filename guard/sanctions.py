@@ -10,7 +10,6 @@ The middleware enforces them: ``log`` only logs, ``degrade`` selects the route's
 ``throttle`` adds the route's throttle limits, ``block`` answers ``403``."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from guard import sanction_record
 from guard.store.base import StateStore, StoreUnavailable
 
 log = logging.getLogger("guard.sanctions")
@@ -87,7 +87,8 @@ class Standing:
     since: float = 0.0
 
     def encode(self) -> bytes:
-        return json.dumps([int(self.level), self.until, int(self.reached), self.since]).encode()
+        """The stored record (``guard.sanction_record``)."""
+        return sanction_record.encode(self.level, self.until, self.reached, self.since)
 
     @classmethod
     def decode(cls, raw: bytes | None, now: float) -> Standing:
@@ -95,9 +96,8 @@ class Standing:
         if raw is None:
             return NO_STANDING
         try:
-            level, until, reached, since = json.loads(raw)
-            return cls(Level(level) if now < float(until) else Level.NONE, float(until), Level(reached),
-                       float(since))
+            level, until, reached, since = sanction_record.decode(raw)
+            return cls(Level(level) if now < until else Level.NONE, until, Level(reached), since)
         except (ValueError, TypeError) as error:  # bad JSON, wrong shape, unknown level
             raise MalformedStanding(f"malformed sanction record: {error}") from None
 

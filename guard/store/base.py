@@ -7,10 +7,11 @@ Values are opaque bytes; every key expires after its ``ttl`` seconds. Implementa
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Protocol
+
+from guard import sanction_record
 
 Update = Callable[[bytes | None], bytes]
 UpdateMany = Callable[[list[bytes | None]], list[bytes]]
@@ -57,7 +58,7 @@ class Charge:
     """One admission: the standing's key; the limits to charge, and those charged only while the
     standing is ``throttle_level``; ``cost`` queries; ``sliding`` (else fixed) windows; ``now`` (wall
     seconds) to read the standing's expiry with. A standing record starts ``[level, until, ...]``
-    (``guard.sanctions.Standing.encode``)."""
+    (``guard.sanction_record``)."""
 
     standing_key: str
     limits: Sequence[WindowLimit]
@@ -72,13 +73,8 @@ class Charge:
         return count.used() + self.cost > limit.amount
 
     def level(self, standing: bytes | None) -> int:
-        """The level a standing record puts in force now (0 when none, lapsed or unreadable: the
-        caller decodes the record itself and fails closed on a malformed one)."""
-        try:
-            level, until = json.loads(standing)[:2] if standing else (0, 0.0)
-            return int(level) if float(until) > self.now else 0
-        except (ValueError, TypeError):
-            return 0
+        """The level a standing record puts in force now (``sanction_record.level_in_force``)."""
+        return sanction_record.level_in_force(standing, self.now)
 
 
 class StoreUnavailable(RuntimeError):
