@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from attacks.scoring import clopper_pearson
+from guard.outputs import read_spec
 
 SCHEMA_VERSION = 1
 Row = dict[str, Any]
@@ -139,7 +140,7 @@ def client_loss(defence: str, config: dict[str, Any]) -> str:
               "reverse_sigmoid": "faithful confidences (deceptively perturbed)"}
     parts = []
     for stage in spec.get("output", ()):
-        kind, *arguments = stage.split(":")
+        kind, arguments = read_spec(stage)
         parts.append(losses.get(kind, stage).format(*arguments))
     return "; ".join(parts) or "nothing"
 

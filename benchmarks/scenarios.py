@@ -21,6 +21,7 @@ from attacks.observations import AveragedNoise, InvertedReverseSigmoid, LabelRob
 from attacks.targets import OutputFormat, Target, TorchTarget
 from attacks.undoing import UndoneTarget, averaging, inverting_reverse_sigmoid
 from benchmarks.datasets import Dataset, Split
+from guard.outputs import read_spec
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,11 @@ class Defence:
         rounding = top_k = None
         label_only = False
         for spec in self.output:
-            kind, _, argument = spec.partition(":")
+            kind, arguments = read_spec(spec)
             if kind == "round":
-                rounding = int(argument)
+                rounding = arguments[0]
             elif kind == "top_k":
-                top_k = int(argument)
+                top_k = arguments[0]
             elif kind == "label_only":
                 label_only = True
         return OutputFormat(rounding=rounding, top_k=top_k, label_only=label_only)
@@ -298,7 +299,7 @@ def defence_arguments(defence: Defence, kind: str) -> tuple[float, ...] | None:
     """The public parameters of the defence's ``kind`` stage (e.g. ``reverse_sigmoid`` -> (beta, gamma)),
     or None if it has none: what the adaptive attacker is told (Kerckhoffs), never the secret."""
     for spec in defence.output:
-        name, *arguments = spec.split(":")
+        name, arguments = read_spec(spec)
         if name == kind:
             return tuple(float(argument) for argument in arguments)
     return None

@@ -2,11 +2,12 @@
 checked against a registry imported only when needed, and help that lists the choices."""
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import typer
 from typer.core import TyperCommand
+
+from guard.references import resolve
 
 
 class Names:
@@ -20,8 +21,7 @@ class Names:
 
     @property
     def choices(self) -> tuple[str, ...]:
-        module, _, attribute = self.registry.partition(":")
-        return tuple(getattr(importlib.import_module(module), attribute))
+        return tuple(resolve(self.registry))
 
     def __call__(self, value: str) -> str:
         names = [name for name in value.split(",") if name] if self.several else [value]

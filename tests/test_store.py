@@ -246,8 +246,9 @@ def test_commands_are_encoded_as_redis_py_encodes_them():
 
 
 def test_redis_state_cache_is_bounded_in_bytes():
-    from guard.store.redis import ENTRY_BYTES, StateCache
-    cache = StateCache(10 * (ENTRY_BYTES + 1000 + 2))
+    from guard.store.memory import entry_bytes
+    from guard.store.redis import StateCache
+    cache = StateCache(10 * entry_bytes("k00", (bytes(1000), "v")))
     for i in range(30):
         cache.put(f"k{i:02d}", bytes(1000), "v")
     assert cache.size <= cache.max_bytes and cache.get("k29") == (bytes(1000), "v")

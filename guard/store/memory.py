@@ -29,17 +29,19 @@ class StoreFull(RuntimeError):
 
 
 def entry_bytes(key: object, value: object) -> int:
-    """What an entry costs: ``ENTRY_OVERHEAD``, its key, and its value (bytes; an int; a tuple of ints)."""
+    """What an entry costs: ``ENTRY_OVERHEAD``, its key, and its value (bytes or str: their length; an
+    int or None: 8; a tuple: 40 an item, and the length of its bytes and str items)."""
     if isinstance(value, tuple):
-        size = 40 * len(value)
+        size = 40 * len(value) + sum(len(item) for item in value if isinstance(item, (bytes, str)))
     else:
-        size = 8 if isinstance(value, int) else len(value)  # type: ignore[arg-type]
+        size = 8 if value is None or isinstance(value, int) else len(value)  # type: ignore[arg-type]
     return ENTRY_OVERHEAD + len(key) + size  # type: ignore[arg-type]
 
 
-class _ExpiringMap:
+class ExpiringMap:
     """Keys with an expiry, at most ``max_bytes`` (by ``entry_bytes``) in all. Evicting: the least
-    recently used key goes first. Keeping: expired keys go (earliest expiry first), live ones never."""
+    recently used key goes first. Keeping: expired keys go (earliest expiry first), live ones never.
+    The one byte-bounded LRU map of the stores (the Redis store's cache is one too)."""
 
     def __init__(self, max_bytes: int, evict: bool = True):
         self.max_bytes, self.evict, self.size = max_bytes, evict, 0
@@ -203,8 +205,8 @@ class MemoryStore:
 
     def __init__(self, max_bytes: int = 64 << 20, max_table_fields: int = 1_000_000, evict: bool = True,
                  counter_bytes: int = 16 << 20):
-        self._keys = _ExpiringMap(max_bytes, evict)
-        self._counters = _ExpiringMap(counter_bytes)
+        self._keys = ExpiringMap(max_bytes, evict)
+        self._counters = ExpiringMap(counter_bytes)
         self._tables: dict[str, _Table] = {}
         self._max_bytes = max_bytes
         self._max_table_fields = max_table_fields

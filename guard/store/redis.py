@@ -4,9 +4,9 @@ are one per deployment. Built on ``redis.asyncio`` with short timeouts; a connec
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import struct
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
@@ -20,6 +20,7 @@ from redis.retry import Retry
 
 from guard.store.base import Admitted, Charge, StoreUnavailable, Update, UpdateMany, WindowCount
 from guard.store.channel import RedisChannel, ScriptCall
+from guard.store.memory import ExpiringMap
 
 # One swap per field, in order, in a capped table kept as two generations of a hash (current and previous):
 # a field is looked up in both, written to the current one, and when the current one holds half the
@@ -429,39 +430,30 @@ def token() -> str:
 
 class StateCache:
     """The values ``update_many`` last read or wrote, with their versions, the least recently used
-    dropped beyond ``max_bytes`` (names and values, and ``ENTRY_BYTES`` each). Only a guess: every
-    update checks the versions."""
+    dropped beyond ``max_bytes`` (an evicting ``ExpiringMap`` whose entries never expire). Only a
+    guess: every update checks the versions."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes, self.size = max_bytes, 0
-        self._entries: OrderedDict[str, tuple[bytes | None, str]] = OrderedDict()
+        self._entries = ExpiringMap(max_bytes)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._entries.max_bytes
+
+    @property
+    def size(self) -> int:
+        """Bytes held, by ``entry_bytes``."""
+        return self._entries.size
 
     def get(self, name: str) -> tuple[bytes | None, str]:
-        found = self._entries.get(name)
-        if found is None:
-            return None, UNREAD
-        self._entries.move_to_end(name)
-        return found
+        found = self._entries.get(name, 0.0)
+        return (None, UNREAD) if found is None else found  # type: ignore[return-value]
 
     def put(self, name: str, value: bytes | None, state: str) -> None:
-        self.forget(name)
-        self._entries[name] = (value, state)
-        self.size += _entry_bytes(name, value)
-        while self.size > self.max_bytes:
-            dropped, (value, _) = self._entries.popitem(last=False)
-            self.size -= _entry_bytes(dropped, value)
+        self._entries.set(name, (value, state), math.inf, 0.0)
 
     def forget(self, name: str) -> None:
-        found = self._entries.pop(name, None)
-        if found is not None:
-            self.size -= _entry_bytes(name, found[0])
-
-
-ENTRY_BYTES = 200  # a cached entry's own cost beside its name and value (the tuple, the dict's slot)
-
-
-def _entry_bytes(name: str, value: bytes | None) -> int:
-    return len(name) + len(value or b"") + ENTRY_BYTES
+        self._entries.delete(name)
 
 
 def _ms(seconds: float) -> int:
