@@ -5,7 +5,7 @@ Routes are matched on the path the app routes on (``guard.routing``: root path a
 for, Starlette path templates); a policy the app could serve around refuses to start. A WebSocket on
 a guarded route is closed with 1008 unless the route allows it. A request on a guarded route (any
 method but ``OPTIONS`` and ``HEAD``, which the app answers as it would) goes through
-``GuardedExchange``, one small method per step of the request flow in DESIGN.md: read the body (at
+``GuardedExchange``, one small method per step of the request flow in docs/architecture.md: read the body (at
 most ``max_body_bytes``: ``413``), read the features where the route's ``FeatureSource`` says (bad
 JSON: ``400``; missing or malformed features: ``422``; the app is
 never called), replay the body unchanged to the app, buffer its whole response, rewrite the
@@ -279,7 +279,7 @@ def decode(body: bytes, encoding: bytes | None) -> bytes:
 
 
 class GuardedExchange:
-    """One request on a guarded route, one method per step of DESIGN.md's request flow."""
+    """One request on a guarded route, one method per step of the request flow in docs/architecture.md."""
 
     __slots__ = ("app", "policy", "monitoring", "escalations", "extra_headers", "app_seconds", "route",
                  "scope", "receive", "send", "body", "replayed", "start", "chunks", "complete", "unsupported")

@@ -1,4 +1,4 @@
-"""Metrics: DESIGN.md's names, one registry per guard, no client identities in the exposition."""
+"""Metrics: the names in docs/architecture.md, one registry per guard, no client identities in the exposition."""
 from __future__ import annotations
 
 import os
