@@ -96,7 +96,7 @@ def _load(name: str) -> Dataset:
         from sklearn.datasets import load_digits
 
         bunch = load_digits()
-        # scaled column by column, as every digits figure in the README was measured (a tested
+        # scaled column by column, as every digits figure in the README is measured (a tested
         # attack's threshold moves with a global scale); users' images are scaled as pictures
         return replace(from_arrays("digits", bunch.data / 16.0, bunch.target), image_shape=(8, 8))
     if name == "breast_cancer":

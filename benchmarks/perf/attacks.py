@@ -284,7 +284,7 @@ def extraction(quick: bool) -> Rows:
 
 @section("adaptive")
 def adaptive(quick: bool) -> Rows:
-    """Each output defence against the adaptive attack that knows it (issue 13's table), in the LiRA game
+    """Each output defence against the adaptive attack that knows it, in the LiRA game
     on digits (MLP trained on a random half, every record a candidate; target seeds 0-2, 0 with
     ``--quick``, one set of references for all): TPR at 1% FPR, mean over the seeds and per seed, with
     its 95% Clopper-Pearson interval pooled over the seeds' members, beside the attack the defence was

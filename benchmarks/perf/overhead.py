@@ -21,7 +21,7 @@ Two more tables give the guard's added CPU time per request on the request path 
 thread's) and the monitor's per observation, measured in process (which machine load hardly
 disturbs): around an app that answers at once, and around the FastAPI prediction app itself. One
 more gives the in-process monitor's CPU per observation by the size of the batches it judges (one
-client, and eight in turn). A last table puts the issue's targets beside this run's figures.
+client, and eight in turn). A last table puts the targets beside this run's figures.
 """
 from __future__ import annotations
 
@@ -333,7 +333,7 @@ def redis_server(url: str | None) -> Iterator[str | None]:
 
 
 def targets(http: Rows, no_op: Rows) -> Rows:
-    """The issue's targets beside the figures measured in this run."""
+    """The targets beside the figures measured in this run."""
     served, added = {row["configuration"]: row for row in http}, {row["configuration"]: row for row in no_op}
     rows = [{"target": "round:2 req/s ratio >= 0.95", "measured": served[ROUND2]["req/s ratio"]},
             {"target": "round:2 CPU added <= 25 us (no-op app)", "measured": added[ROUND2]["added us"]},
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{calls} calls; medians)", tables[-1])
     print_table(f"the in-process monitor's CPU time per observation by batch size ({rounds} rounds; medians)",
                 monitor_cost_by_batch(dict(configs)[ALL_ON], X, models.predict_proba(model, X).argmax(axis=1), rounds))
-    print_table("the issue's targets (this run)", targets(http, tables[0]))
+    print_table("the targets (this run)", targets(http, tables[0]))
 
 
 if __name__ == "__main__":
