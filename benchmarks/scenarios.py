@@ -17,7 +17,8 @@ from attacks.extraction import Copycat, EquationSolving, JacobianAugmentation, K
 from attacks.inversion import InverseModel, MAPAttribute, MAPAttributeLabelOnly, MIFace, MIFaceBlackBox
 from attacks.membership import LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
 from attacks.scoring import Judge
-from attacks.observations import AveragedNoise, InvertedReverseSigmoid, LabelRobustness, RoundedInterval, Statistic
+from attacks.observations import (AveragedNoise, InvertedReverseSigmoid, LabelRobustness, RoundedInterval, Statistic,
+                                  observe)
 from attacks.targets import OutputFormat, Target, TorchTarget
 from attacks.undoing import UndoneTarget, averaging, inverting_reverse_sigmoid
 from benchmarks.datasets import Dataset, Split
@@ -362,7 +363,7 @@ def _inverse_model(shared_classes: bool, undo: Callable[[Target, Context], Undon
         attack = InverseModel(epochs=60 if context.quick else 150, output=context.defence.public_format,
                               seed=context.seed)
         seen = target if undo is None else undo(target, context)
-        observed = _answers(seen, victims_X, context.defence.public_format)
+        observed = observe(seen, victims_X, context.defence.public_format)
         result = attack.run(seen, setting.aux_X, observed, victims_X, victims_y)
         result.metrics.update(setting.measures(result.artefacts["reconstructions"], victims_y))
         if undo is not None:
@@ -380,13 +381,6 @@ def _inverted_answers(target: Target, context: Context) -> UndoneTarget:
 
 def _averaged_answers(target: Target, context: Context) -> UndoneTarget:
     return averaging(target, repeats=16 if context.quick else 32)
-
-
-def _answers(target: Target, X: np.ndarray, output: OutputFormat) -> np.ndarray:
-    """What the API shows for ``X`` as ``(n, k)`` rows: probabilities, or one-hot labels."""
-    if output.label_only or not target.returns_probabilities:
-        return np.eye(target.n_classes)[target.predict(X)]
-    return target.predict_proba(X)
 
 
 def _map_attribute(label_only: bool) -> Callable[[Target, Context], AttackResult]:
