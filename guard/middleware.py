@@ -65,6 +65,7 @@ from guard.ratelimit import Admission, RouteLimits
 from guard.routing import RouteTable, audit_routes, get_route_path
 from guard.sanctions import Level, Sanctions
 from guard.store import StoreUnavailable, is_shared, memory_options, store_from_uri
+from guard.target import TargetRefused, canonical_scope
 
 logger = logging.getLogger("guard")
 
@@ -204,6 +205,13 @@ class GuardMiddleware:
             return
         if self.problems:
             await refuse(scope, receive, send, MISCONFIGURED)
+            return
+        try:
+            scope = canonical_scope(scope)
+        except TargetRefused as refused:
+            self.monitoring.metrics.refused_targets.labels(refused.reason).inc()
+            logger.info("guard: request target refused: %s", refused)
+            await refuse(scope, receive, send, GuardError(refused.status, refused.reason, refused.detail))
             return
         if kind == "http" and get_route_path(scope) == self.policy.metrics_path:
             await self.serve_metrics(scope, receive, send)

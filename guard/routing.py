@@ -145,19 +145,36 @@ def overlap(first: str, second: str) -> str | None:
     return None
 
 
+def fold(path: str) -> str:
+    """What a lenient server might take ``path`` for: lower case, each segment without its ``;``
+    parameters and trailing dots and spaces, empty segments (doubled and trailing slashes) dropped."""
+    segments = (segment.split(";", 1)[0].rstrip(". ") for segment in path.lower().split("/"))
+    return "/" + "/".join(segment for segment in segments if segment)
+
+
 class RouteTable(Generic[T]):
-    """Policy routes (path or template -> ``T``) matched on a scope's route path."""
+    """Policy routes (path or template -> ``T``) matched on a scope's route path: as Starlette
+    matches it, else folded (``fold``), so a spelling that a case-insensitive or slash-merging server
+    would route onto a guarded route is guarded too."""
 
     def __init__(self, routes: Mapping[str, T]) -> None:
         self.exact = {path: value for path, value in routes.items() if not is_template(path)}
         self.templates = [(template_regex(path), value) for path, value in routes.items() if is_template(path)]
+        self.folded = {fold(path): value for path, value in self.exact.items()}
+        self.folded_templates = [(template_regex(fold(path)), value) for path, value in routes.items()
+                                 if is_template(path)]
 
     def match(self, scope: Scope) -> T | None:
         path = get_route_path(scope)
         found = self.exact.get(path)
-        if found is not None:
-            return found
-        return next((value for regex, value in self.templates if regex.match(path)), None)
+        if found is None:
+            found = next((value for regex, value in self.templates if regex.match(path)), None)
+        if found is None:
+            path = fold(path)
+            found = self.folded.get(path)
+        if found is None:
+            found = next((value for regex, value in self.folded_templates if regex.match(path)), None)
+        return found
 
 
 def find_router(app: ASGIApp) -> object | None:
