@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import multiprocessing
 import os
+import re
 import secrets
 import sys
 import warnings
@@ -218,6 +219,9 @@ class RoutePolicy(BaseModel):
     detectors: list[str] | None = Field(default=None, description="names of the policy's detectors that "
                                         "watch this route; None: all of them")
     sanctions: SanctionPolicy = Field(default_factory=SanctionPolicy)
+    free_methods: list[str] = Field(default_factory=list, description="methods whose requests and answers "
+                                    "pass unguarded on this route (e.g. ['OPTIONS'] for CORS preflights "
+                                    "the app answers); every other method's answer is defended")
     allow_websocket: bool = Field(default=False, description="let WebSocket connections on this route "
                                   "through, unguarded (default: closed with 1008)")
 
@@ -226,6 +230,14 @@ class RoutePolicy(BaseModel):
     def _limits(cls, limits: list[str]) -> list[str]:
         parse_limits(limits)
         return limits
+
+    @field_validator("free_methods")
+    @classmethod
+    def _methods(cls, methods: list[str]) -> list[str]:
+        for method in methods:
+            if not re.fullmatch(r"[A-Z]+", method):
+                raise ValueError(f"free_methods: {method!r} is not an HTTP method in upper case (e.g. 'OPTIONS')")
+        return methods
 
     @field_validator("probabilities")
     @classmethod

@@ -99,7 +99,7 @@ class Standing:
             return cls(Level(level) if now < float(until) else Level.NONE, float(until), Level(reached),
                        float(since))
         except (ValueError, TypeError) as error:  # bad JSON, wrong shape, unknown level
-            raise MalformedStanding(f"malformed sanction record: {error}") from None
+            raise MalformedStanding(f"malformed sanction record: {error}", "malformed") from None
 
 
 NO_STANDING = Standing(Level.NONE)

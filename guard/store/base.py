@@ -82,7 +82,12 @@ class Charge:
 
 
 class StoreUnavailable(RuntimeError):
-    """The backing store cannot be reached; the guard then follows its configured fail mode."""
+    """The backing store failed a call (``reason``: unreachable, timeout, oom, wrongtype, malformed,
+    ...); the guard then follows its configured fail mode."""
+
+    def __init__(self, message: str, reason: str = "unreachable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StateStore(Protocol):

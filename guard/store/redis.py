@@ -1,6 +1,8 @@
 """Redis state store: shared by every worker and replica, so limits, detector state and sanctions
-are one per deployment. Built on ``redis.asyncio`` with short timeouts; a connection error raises
-``StoreUnavailable`` (the guard then follows its fail mode) and the next call reconnects by itself."""
+are one per deployment. Built on ``redis.asyncio`` with short timeouts; any failed call (unreachable,
+timed out, an error reply such as ``OOM`` or ``WRONGTYPE``, an unreadable reply) raises
+``StoreUnavailable`` with its reason (the guard then follows its fail mode) and the next call
+reconnects by itself."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -172,7 +175,23 @@ UNREAD = "?"  # the state of a key not read: no key ever has it
 ADMIT_BATCH = 256  # admissions sent in one script call, at most
 SCRIPT_BATCH = 64  # script calls sent in one round trip, at most
 
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+def store_error(error: Exception) -> StoreUnavailable:
+    """A failed Redis call as the store's error, with its reason: ``timeout``, ``unreachable``,
+    ``oom`` (full under ``noeviction``), ``wrongtype`` (a key holding another type), ``response_error``
+    (any other error reply), ``malformed`` (a reply that cannot be read)."""
+    if isinstance(error, StoreUnavailable):
+        return error
+    if isinstance(error, (RedisTimeoutError, TimeoutError)):
+        reason = "timeout"
+    elif isinstance(error, (RedisConnectionError, OSError)):
+        reason = "unreachable"
+    elif isinstance(error, ResponseError):
+        text = str(error)
+        reason = ("oom" if isinstance(error, OutOfMemoryError) or "OOM " in text or "'maxmemory'" in text
+                  else "wrongtype" if "WRONGTYPE" in text else "response_error")
+    else:
+        reason = "malformed"
+    return StoreUnavailable(f"redis {reason}: {error}", reason)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -184,9 +203,9 @@ class Coalescer(Generic[Item, Result]):
     the event loop it was made in has run, sends the calls made so far; the calls made while a batch
     is in flight go together as soon as its reply is in. So a busy worker pays one round trip for
     many calls, an idle one no more than one per call, and no call waits for a later one. Each
-    caller waits for its own result; calls go in the order they were made. A failure to reach
-    Redis is ``StoreUnavailable`` for every call of the batch; any other error is raised to each of
-    them; a result that is an exception is raised to its own caller."""
+    caller waits for its own result; calls go in the order they were made. Any failure of the batch
+    is ``StoreUnavailable`` (``store_error``) for every call of it; a result that is an exception is
+    raised to its own caller, as ``StoreUnavailable`` too."""
 
     def __init__(self, send: Callable[[list[Item]], Awaitable[list[Result]]], most: int):
         self._send, self._most = send, most
@@ -222,19 +241,17 @@ class Coalescer(Generic[Item, Result]):
         """Send ``batch`` and give each caller its result (a caller cancelled meanwhile needs none)."""
         try:
             results = await self._send([item for item, _ in batch])
-        except _UNREACHABLE as error:
-            _fail(batch, StoreUnavailable(f"redis unreachable: {error}"))
         except asyncio.CancelledError:
             _fail(batch, StoreUnavailable("redis calls were cancelled"))
             raise
-        except Exception as error:  # e.g. a script error: every caller of the batch sees it
-            _fail(batch, error)
+        except Exception as error:  # unreachable, a script's error, an unreadable reply
+            _fail(batch, store_error(error))
         else:
             for (_, waiting), result in zip(batch, results, strict=True):
                 if waiting.done():
                     continue
                 if isinstance(result, Exception):
-                    waiting.set_exception(result)
+                    waiting.set_exception(store_error(result))
                 else:
                     waiting.set_result(result)
 
@@ -279,8 +296,8 @@ class RedisStore:
     async def _reachable(self) -> AsyncIterator[None]:
         try:
             yield
-        except _UNREACHABLE as error:
-            raise StoreUnavailable(f"redis unreachable: {error}") from error
+        except (RedisError, OSError) as error:
+            raise store_error(error) from error
 
     async def _script(self, script: AsyncScript, keys: list, args: list) -> object:
         """``script``'s reply; the scripts called in one turn of the event loop (a monitor's detectors
