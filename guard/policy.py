@@ -55,6 +55,30 @@ _PROCESS_SECRET = secrets.token_hex(32)
 STORE_SCHEMES = ("memory", "redis", "rediss", "unix")
 
 
+def check_store_uri(uri: str) -> None:
+    """Refuse a state store URI the store could not use, saying what is wrong: ``memory://``,
+    ``redis://[user:password@]host[:port][/db]`` (also ``rediss://``), ``unix:///path/to/socket``."""
+    parts = urlsplit(uri)
+    if parts.scheme not in STORE_SCHEMES:
+        raise ValueError(f"unknown state store URI {uri!r}: use memory:// or redis://host:port/db "
+                         "(also rediss:// and unix://)")
+    if not uri.startswith(f"{parts.scheme}://"):
+        raise ValueError(f"state store URI {uri!r}: write {parts.scheme}:// (two slashes)")
+    if parts.scheme == "memory" and uri != "memory://":
+        raise ValueError(f"state store URI {uri!r}: the in-process store is just memory://")
+    if parts.scheme == "unix" and not parts.path.startswith("/"):
+        raise ValueError(f"state store URI {uri!r}: name the socket's absolute path, unix:///path/to/redis.sock")
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            parts.port  # noqa: B018 (parses it)
+        except ValueError:
+            raise ValueError(f"state store URI {uri!r}: the port is not a number") from None
+        if not parts.hostname:
+            raise ValueError(f"state store URI {uri!r} names no host: redis://host:port/db")
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ValueError(f"state store URI {uri!r}: the database is a number, as in redis://host:port/0")
+
+
 def several_workers() -> bool:
     """Whether this process looks like one of several serving workers: a ``multiprocessing`` child
     (``uvicorn --workers``, ``--reload``), a gunicorn worker, ``WEB_CONCURRENCY`` above 1, or
@@ -377,9 +401,7 @@ class Policy(BaseModel):
     @field_validator("store")
     @classmethod
     def _store_uri(cls, uri: str) -> str:
-        if urlsplit(uri).scheme not in STORE_SCHEMES:
-            raise ValueError(f"unknown state store URI {uri!r}: use memory:// or redis://host:port/db "
-                             "(also rediss:// and unix://)")
+        check_store_uri(uri)
         return uri
 
     @model_validator(mode="after")
