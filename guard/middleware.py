@@ -157,7 +157,9 @@ class Monitoring:
         self.store = store_from_uri(policy.store, **memory_options(policy.store, max_bytes=share, evict=False,
                                                                    counter_bytes=2 * share))
         self.sanctions = Sanctions(self.store)
-        self.admission = Admission(self.store, self.sanctions, policy.rate_limit_strategy)
+        self.admission = Admission(self.store, self.sanctions, policy.rate_limit_strategy,
+                                   network_sanctions=any(route.sanctions.scope == "network"
+                                                         for route in policy.routes.values()))
         self.metrics = metrics or GuardMetrics(max_bytes=share)
         token = policy.metrics_token.get_secret_value() if policy.metrics_token else None
         self.metrics_access = MetricsAccess(policy.metrics_networks, token)
@@ -415,7 +417,7 @@ class GuardedExchange:
         monitoring = self.monitoring
         try:
             standing, limit = await monitoring.admission.admit(self.route.path, identity.client, self.route.limits,
-                                                               max(queries, 1), identity.network)
+                                                               max(queries, 1), identity.network, identity.address)
         except Exception as error:  # StoreUnavailable (with its reason), or anything else the store raised
             reason = error.reason if isinstance(error, StoreUnavailable) else "error"
             monitoring.metrics.store_errors.labels(reason).inc()

@@ -103,6 +103,10 @@ class SanctionPolicy(BaseModel):
     accomplices: bool = Field(default=False, description="a cross-client alarm also sanctions the clients "
                               "whose queries it matched (Sybil keys); lets a client who can guess "
                               "another's queries frame it")
+    scope: Literal["client", "network"] = Field(default="client", description="network: a block of an "
+                                                "address also blocks its /24 (IPv4) or /64 (IPv6), whatever "
+                                                "key comes from there; blocks everyone behind the same NAT "
+                                                "or mobile carrier range with it")
 
     @model_validator(mode="after")
     def _valid(self) -> SanctionPolicy:
@@ -110,7 +114,8 @@ class SanctionPolicy(BaseModel):
         return self
 
     def rules(self) -> SanctionRules:
-        return SanctionRules.parse(self.ladder, self.floors, self.memory, self.min_interval, self.accomplices)
+        return SanctionRules.parse(self.ladder, self.floors, self.memory, self.min_interval, self.accomplices,
+                                   self.scope == "network")
 
 
 class IdentityPolicy(BaseModel):

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from guard import GuardMiddleware, Policy
+from guard.monitors.stream import stream_key
 
 SECRET = "store fault test secret"
 RAW = [0.61234, 0.28766, 0.1]
@@ -61,6 +62,8 @@ async def test_redis_full_under_noeviction_gives_the_fail_mode(redis_url, server
     # No monitor process consumes the streams here: max_delay lets the few observations wait.
     settings = {"detectors": {"similarity": {}}, "monitor": {"deployment": deployment, "max_delay": 30.0}}
     client, guard = guarded(redis_url, fail_mode, **settings)
+    streams = [stream_key(PREFIX, partition) for partition in range(guard.policy.monitor.partitions)]
+    await server.delete(*streams)  # no backlog left by another test
     saved = {name: (await server.config_get(name))[name] for name in ("maxmemory", "maxmemory-policy")}
     async with client:
         assert (await client.post("/predict", json={"features": [1.0, 2.0]})).json() == {
@@ -73,6 +76,7 @@ async def test_redis_full_under_noeviction_gives_the_fail_mode(redis_url, server
             await server.config_set("maxmemory", saved["maxmemory"])
             await server.config_set("maxmemory-policy", saved["maxmemory-policy"])
         recovered = await client.post("/predict", json={"features": [5.0, 6.0]})
+    await server.delete(*streams)
     for answer in answers:
         assert_fail_mode(answer, fail_mode)
     assert store_errors(guard, "oom") == 3

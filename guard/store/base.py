@@ -56,8 +56,9 @@ class Admitted:
 class Charge:
     """One admission: the standing's key; the limits to charge, and those charged only while the
     standing is ``throttle_level``; ``cost`` queries; ``sliding`` (else fixed) windows; ``now`` (wall
-    seconds) to read the standing's expiry with. A standing record starts ``[level, until, ...]``
-    (``guard.sanctions.Standing.encode``)."""
+    seconds) to read the standing's expiry with; ``network_key``: the standing of the client's
+    network, which applies instead when it is higher (None: not read). A standing record starts
+    ``[level, until, ...]`` (``guard.sanctions.Standing.encode``)."""
 
     standing_key: str
     limits: Sequence[WindowLimit]
@@ -67,6 +68,7 @@ class Charge:
     now: float
     throttle_level: int
     block_level: int
+    network_key: str | None = None
 
     def exceeds(self, limit: WindowLimit, count: WindowCount) -> bool:
         return count.used() + self.cost > limit.amount
@@ -121,6 +123,6 @@ class StateStore(Protocol):
         so there a field may be forgotten after half its ttl."""
 
     async def admit(self, charge: Charge) -> Admitted:
-        """In one round trip: read the standing at ``charge.standing_key``; unless a block is in
-        force, charge ``cost`` to every limit (the throttle limits too while throttled) if none
+        """In one round trip: read the standing at ``charge.standing_key`` (or at ``network_key``
+        when that one is higher); unless a block is in force, charge ``cost`` to every limit (the throttle limits too while throttled) if none
         would be exceeded, else to none."""

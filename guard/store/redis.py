@@ -83,10 +83,11 @@ return struct.pack('>I4', #found) .. found .. table.concat(previous)
 # The admissions (``StateStore.admit``) made in one turn of the event loop, each in turn: read the
 # standing; unless a block is in force, read each limit's counters (current and, for sliding windows,
 # previous window, numbered on the server's clock) and charge them all only if none would be exceeded.
-# KEYS: per admission, its standing, then one counter prefix per limit (the throttle limits last). ARGV:
-# per admission one string of numbers: the caller's wall time (s), cost, sliding (1/0), throttle level,
-# block level, the number of limits applied when not throttled, the number of limits, then amount and
-# window (ms) per limit. Returns per admission its standing and a string of numbers, each packed
+# KEYS: per admission, its standing, its network's standing when read (the higher one applies), then one
+# counter prefix per limit (the throttle limits last). ARGV: per admission one string of numbers: the
+# caller's wall time (s), cost, sliding (1/0), throttle level, block level, the number of limits applied
+# when not throttled, the number of limits, whether the network's standing is read (1/0), then amount
+# and window (ms) per limit. Returns per admission its standing and a string of numbers, each packed
 # (``pack``): refused (-1: blocked, 0: none, i: the i-th limit), then per limit read: current, previous,
 # elapsed fraction.
 _ADMIT = """
@@ -96,15 +97,22 @@ local function packed(item)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function level_of(standing, wall)
+  if not standing then return 0 end
+  local ok, record = pcall(cjson.decode, standing)
+  if ok and type(record) == 'table' and tonumber(record[1]) and tonumber(record[2])
+      and tonumber(record[2]) > wall then
+    return tonumber(record[1])
+  end
+  return 0
+end
 local function admit(keys, args)
   local standing = redis.call('GET', KEYS[keys])
-  local level = 0
-  if standing then
-    local ok, record = pcall(cjson.decode, standing)
-    if ok and type(record) == 'table' and tonumber(record[1]) and tonumber(record[2])
-        and tonumber(record[2]) > args[1] then
-      level = tonumber(record[1])
-    end
+  local level = level_of(standing, args[1])
+  local first = keys + args[8]  -- the key before the first limit's
+  if args[8] == 1 then
+    local covering = redis.call('GET', KEYS[keys + 1])
+    if level_of(covering, args[1]) > level then standing, level = covering, level_of(covering, args[1]) end
   end
   if level >= args[5] then return packed(standing) .. packed('-1') end
   local cost, sliding = args[2], args[3] == 1
@@ -113,13 +121,13 @@ local function admit(keys, args)
   local out = {'0'}
   local charged = {}
   for i = 1, n do
-    local amount, window = args[6 + 2 * i], args[7 + 2 * i]
+    local amount, window = args[7 + 2 * i], args[8 + 2 * i]
     local index = math.floor(now / window)
     local elapsed = (now - index * window) / window
-    local key = KEYS[keys + i] .. ':' .. index
+    local key = KEYS[first + i] .. ':' .. index
     local current = tonumber(redis.call('GET', key) or '0')
     local previous = 0
-    if sliding then previous = tonumber(redis.call('GET', KEYS[keys + i] .. ':' .. (index - 1)) or '0') end
+    if sliding then previous = tonumber(redis.call('GET', KEYS[first + i] .. ':' .. (index - 1)) or '0') end
     out[#out + 1] = current .. ' ' .. previous .. ' ' .. tostring(elapsed)
     if previous * (1 - elapsed) + current + cost > amount then
       out[1] = tostring(i)
@@ -138,7 +146,7 @@ for a = 1, #ARGV do
   local args = {}
   for number in string.gmatch(ARGV[a], '%S+') do args[#args + 1] = tonumber(number) end
   replies[a] = admit(keys, args)
-  keys = keys + 1 + args[7]
+  keys = keys + 1 + args[8] + args[7]
 end
 return table.concat(replies)
 """
@@ -379,9 +387,12 @@ class RedisStore:
         for charge in charges:
             limits = [*charge.limits, *charge.throttle_limits]
             keys.append(self._prefix + charge.standing_key)
+            if charge.network_key is not None:
+                keys.append(self._prefix + charge.network_key)
             keys += [self._prefix + limit.key for limit in limits]
             numbers = [repr(charge.now), str(charge.cost), "1" if charge.sliding else "0", str(charge.throttle_level),
-                       str(charge.block_level), str(len(charge.limits)), str(len(limits))]
+                       str(charge.block_level), str(len(charge.limits)), str(len(limits)),
+                       "0" if charge.network_key is None else "1"]
             for limit in limits:
                 numbers += [str(limit.amount), str(_ms(limit.seconds))]
             args.append(" ".join(numbers))
