@@ -17,6 +17,7 @@ route that another, unguarded route also serves. The middleware refuses to start
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from re import Pattern
@@ -164,8 +165,12 @@ class RouteTable(Generic[T]):
         self.folded_templates = [(template_regex(fold(path)), value) for path, value in routes.items()
                                  if is_template(path)]
 
+        self._lookup = functools.lru_cache(maxsize=4096)(self._find)  # paths seen lately keep their route
+
     def match(self, scope: Scope) -> T | None:
-        path = get_route_path(scope)
+        return self._lookup(get_route_path(scope))
+
+    def _find(self, path: str) -> T | None:
         found = self.exact.get(path)
         if found is None:
             found = next((value for regex, value in self.templates if regex.match(path)), None)
