@@ -59,7 +59,8 @@ class GuardMetrics:
                                        "routing (not origin-form, malformed, too long), by reason.",
                                        ["reason"], registry=self.registry)
         self.store_errors = Counter("guard_store_errors_total", "Admissions the state store failed (the "
-                                    "request got the fail mode), by reason.", ["reason"], registry=self.registry)
+                                    "request got the fail mode), by reason.", ["reason"],
+                                    registry=self.registry)
         self.latency = Histogram("guard_middleware_seconds", "Time the guard itself adds to a request.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.clients = Gauge("guard_clients_tracked", "Distinct clients seen recently.",

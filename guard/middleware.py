@@ -7,10 +7,10 @@ matched on it as the app routes on it (``guard.routing``: root path and mounts a
 Starlette path templates, and spellings a lenient server would fold onto a route); a policy the app
 could serve around refuses to start. A WebSocket on a guarded route is closed with 1008 unless the
 route allows it. A request on a guarded route, whatever its method (``HEAD``, ``OPTIONS`` and unknown
-ones included; only the route's ``free_methods`` pass unguarded), goes through ``GuardedExchange``, one small method per step of the request flow in DESIGN.md: read the body (at
-most ``max_body_bytes``: ``413``), read the features where the route's ``FeatureSource`` says (bad
-JSON: ``400``; missing or malformed features: ``422``; the app is
-never called), replay the body unchanged to the app, buffer its whole response, rewrite the
+ones included; only the route's ``free_methods`` pass unguarded), goes through ``GuardedExchange``,
+one small method per step of the request flow in DESIGN.md: read the body (at most
+``max_body_bytes``: ``413``), read the features where the route's ``FeatureSource`` says (bad JSON:
+``400``; missing or malformed features: ``422``; the app is never called), replay the body unchanged to the app, buffer its whole response, rewrite the
 probabilities with the route's output defences, re-serialise and fix ``Content-Length``.
 
 Fail closed: when a guarded response cannot be parsed or rewritten (not JSON, pointer missing, wrong
@@ -20,8 +20,8 @@ guard's own errors and for an app that raised) ``{"error": ..., "detail": ...}``
 original body, and the event is logged on the ``guard`` logger.
 
 A body-less answer (a ``HEAD``'s, a ``204`` or ``304``) carries nothing to defend and passes, without
-the length and tags of the body it stands for; an empty ``2xx`` to any other method fails closed. Non-2xx responses pass
-through untouched when they carry no probabilities (JSON without a value at
+the length and tags of the body it stands for; an empty ``2xx`` to any other method fails closed.
+Non-2xx responses pass through untouched when they carry no probabilities (JSON without a value at
 the probabilities pointer, e.g. the app's own ``422``, or a body without a digit); when they do, they
 are defended like a ``2xx``; when they cannot be read (NaN, truncated, nested deeper than the
 parser's limit) they fail closed like a ``2xx``.
@@ -134,7 +134,8 @@ class RouteGuard:
                    Pipeline.from_specs(route.output, secret), Pipeline.from_specs(route.degraded_output, secret),
                    tuple(route.labels) if route.labels else None, route.tolerance, path, limits,
                    bool(watching) and route.has_features,  # detectors watch features
-                   route.allow_websocket, frozenset(route.free_methods), route.probabilities_flat, route.label_only_as == "one_hot", admitted)
+                   route.allow_websocket, frozenset(route.free_methods), route.probabilities_flat,
+                   route.label_only_as == "one_hot", admitted)
 
 
 class Monitoring:
@@ -416,8 +417,9 @@ class GuardedExchange:
             return self.route.output, "allowed"
         monitoring = self.monitoring
         try:
-            standing, limit = await monitoring.admission.admit(self.route.path, identity.client, self.route.limits,
-                                                               max(queries, 1), identity.network, identity.address)
+            standing, limit = await monitoring.admission.admit(
+                self.route.path, identity.client, self.route.limits, max(queries, 1), identity.network,
+                identity.address)
         except Exception as error:  # StoreUnavailable (with its reason), or anything else the store raised
             reason = error.reason if isinstance(error, StoreUnavailable) else "error"
             monitoring.metrics.store_errors.labels(reason).inc()

@@ -67,7 +67,8 @@ def check_store_uri(uri: str) -> None:
     if parts.scheme == "memory" and uri != "memory://":
         raise ValueError(f"state store URI {uri!r}: the in-process store is just memory://")
     if parts.scheme == "unix" and not parts.path.startswith("/"):
-        raise ValueError(f"state store URI {uri!r}: name the socket's absolute path, unix:///path/to/redis.sock")
+        raise ValueError(f"state store URI {uri!r}: name the socket's absolute path, "
+                         "unix:///path/to/redis.sock")
     if parts.scheme in ("redis", "rediss"):
         try:
             parts.port  # noqa: B018 (parses it)
@@ -265,7 +266,8 @@ class RoutePolicy(BaseModel):
     def _methods(cls, methods: list[str]) -> list[str]:
         for method in methods:
             if not re.fullmatch(r"[A-Z]+", method):
-                raise ValueError(f"free_methods: {method!r} is not an HTTP method in upper case (e.g. 'OPTIONS')")
+                raise ValueError(f"free_methods: {method!r} is not an HTTP method in upper case "
+                                 "(e.g. 'OPTIONS')")
         return methods
 
     @field_validator("probabilities")

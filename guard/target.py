@@ -54,7 +54,8 @@ def canonical(raw_path: bytes) -> Target:
     if _CANONICAL.fullmatch(raw_path) and not _DOT_SEGMENT.search(raw_path):
         return Target(raw_path.decode("ascii"), raw_path)
     if not raw_path.startswith(b"/"):
-        raise TargetRefused(400, "target_form", "only origin-form request targets ('/path?query') are accepted")
+        raise TargetRefused(400, "target_form",
+                            "only origin-form request targets ('/path?query') are accepted")
     if _ESCAPE.search(raw_path):
         raise TargetRefused(400, "bad_escape", "the path holds a '%' that is not a percent-escape")
     try:

@@ -325,7 +325,8 @@ class InProcessMonitor:
             work = asyncio.run_coroutine_threadsafe(escalation, self._loop)
         except RuntimeError:  # the requests' event loop is closed
             escalation.close()
-            raise StoreUnavailable("the server's event loop has closed; no sanction was written", "closed") from None
+            raise StoreUnavailable("the server's event loop has closed; no sanction was written",
+                                   "closed") from None
         return await asyncio.wrap_future(work)
 
     async def _escalate_here(self, client: str, rules: SanctionRules, detector: str) -> tuple[Level, Standing]:

@@ -124,5 +124,5 @@ class StateStore(Protocol):
 
     async def admit(self, charge: Charge) -> Admitted:
         """In one round trip: read the standing at ``charge.standing_key`` (or at ``network_key``
-        when that one is higher); unless a block is in force, charge ``cost`` to every limit (the throttle limits too while throttled) if none
-        would be exceeded, else to none."""
+        when that one is higher); unless a block is in force, charge ``cost`` to every limit (the
+        throttle limits too while throttled) if none would be exceeded, else to none."""
