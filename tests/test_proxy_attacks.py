@@ -270,9 +270,11 @@ def test_chunked_bodies_on_dotted_paths_are_defended(proxy):
 
 
 def test_the_connection_survives_the_guards_own_errors(proxy):
-    """A guard error (a broken or cut-off upstream answer) leaves the keep-alive connection usable."""
+    """A guard error (a broken or cut-off upstream answer, a refused target) leaves the keep-alive
+    connection usable."""
     with socket.create_connection(("127.0.0.1", proxy), timeout=10) as connection:
-        for target, expected in [("/broken", 502), ("/predict", 200), ("/cut", 502), ("/predict", 200)]:
+        for target, expected in [("/broken", 502), ("/predict", 200), ("/cut", 502), ("/predict", 200),
+                                 ("/x/..%5cpredict", 400), ("/predict", 200)]:
             connection.sendall(request(target, close=False))
             status, body = read_answer(connection)
             assert status == expected and not leaks(body), (target, body)
