@@ -76,11 +76,13 @@ def proxy(
         forward = UpstreamProxy(upstream, timeout=timeout, connect_timeout=connect_timeout,
                                 max_connections=max_connections)
         rules = Policy.from_file(policy)
+        guarded = GuardMiddleware(forward, policy=rules)
     except (ValueError, OSError) as error:
         typer.echo(f"guard proxy: {error}", err=True)
         raise typer.Exit(2) from error
     typer.echo(f"guarding {upstream} ({len(rules.routes)} routes) on http://{host}:{port}")
-    uvicorn.run(GuardMiddleware(forward, policy=rules), host=host, port=port, log_config=uvicorn_log_config())
+    # The lifespan on: a guard that cannot start stops the server with its reason, never serves without it.
+    uvicorn.run(guarded, host=host, port=port, lifespan="on", log_config=uvicorn_log_config())
 
 
 @app.command()
