@@ -187,6 +187,11 @@ def train_dp(
     nproc: int = typer.Option(1, help="Processes (DPDDP over gloo on this machine)."),
     seed: int = typer.Option(None, help="Fix initial weights, sampling and noise seeds "
                                         "(reproducible, and the noise predictable)."),
+    audit: bool = typer.Option(False, help="Audit the run: one more training run with canaries gives an "
+                               "empirical lower bound on epsilon, reported beside the accountant's."),
+    audit_canaries: str = typer.Option("gradient", parser=Names("guard.dp.audit:CANARY_KINDS"),
+                                       help="gradient (white-box, the auditor has the weights) or input "
+                                       "(mislabelled rows, scored by the model's predictions)."),
 ) -> None:
     """Retrain a model with DP-SGD to a target epsilon; write the model, its privacy report and the
     data's preprocessing (min-max scaling, label mapping), which ``guard.dp.load(out, factory)``
@@ -229,6 +234,10 @@ def train_dp(
             trained, report = dp.train_private_distributed(nproc, network, train, **options)
         else:
             trained, report = dp.train_private(network, train, **options)
+        if audit:
+            from guard.dp import audit as dp_audit
+
+            report.audit = dp_audit.audit(network, train, kind=audit_canaries, **options).as_dict()
     except dp.DPConfigError as error:
         raise fail(error) from error
     report.classes = list(dataset.classes)
@@ -238,6 +247,8 @@ def train_dp(
                f"{report.steps} steps, noise multiplier {report.noise_multiplier:.3f}); test "
                f"accuracy {report.test_accuracy:.3f} private, "
                f"{report.non_private_test_accuracy:.3f} without DP")
+    if report.audit is not None:
+        typer.echo(report.audit_summary())
     typer.echo(f"wrote {out}/{dp.MODEL_FILE}, {out}/{dp.REPORT_FILE} and {out}/{dp.PREPROCESSING_FILE}; "
                f"serve it with guard.dp.load({out!r}, factory), which takes features as they are in {data}")
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import distributed as dist
 from torch import nn
@@ -60,6 +61,7 @@ def train_private(
     max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
     progress: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
+    instrument: Callable[[DPOptimizer, float], None] | None = None,
 ) -> tuple[nn.Module, PrivacyReport]:
     """Train ``model`` on ``train_data = (X, y)`` with DP-SGD to ``(target_epsilon, delta)``.
 
@@ -72,6 +74,8 @@ def train_private(
     seed makes the run reproducible and the noise predictable to whoever knows it. ``test_data``
     adds the test accuracy of the private model and of the same architecture trained the same way
     without DP. Run inside an initialised ``torch.distributed`` group, it trains with ``DPDDP``.
+    ``instrument(optimiser, sample_rate)`` is called once before training with Opacus's
+    ``DPOptimizer``: an auditor's hook (:mod:`guard.dp.audit`).
     """
     X, y = as_tensors(train_data)
     check_data(model, X, y)
@@ -104,6 +108,8 @@ def train_private(
         engine, DPDDP(model) if world > 1 else model, optimiser, loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         grad_sample_mode=grad_sample_mode, noise_generator=noise_rng)
+    if instrument is not None:
+        instrument(dp_optimiser, 1 / len(loader))
     if state is not None:
         engine.accountant.history = [tuple(segment) for segment in state["history"]]
 
