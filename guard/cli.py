@@ -247,6 +247,8 @@ def train_dp(
                f"{report.steps} steps, noise multiplier {report.noise_multiplier:.3f}); test "
                f"accuracy {report.test_accuracy:.3f} private, "
                f"{report.non_private_test_accuracy:.3f} without DP")
+    for notice in report.notices:
+        typer.echo(f"note: {notice}")
     if report.audit is not None:
         typer.echo(report.audit_summary())
     typer.echo(f"wrote {out}/{dp.MODEL_FILE}, {out}/{dp.REPORT_FILE} and {out}/{dp.PREPROCESSING_FILE}; "

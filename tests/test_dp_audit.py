@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -9,9 +10,9 @@ import torch
 from opacus.optimizers import DPOptimizer
 
 from benchmarks import models
+from guard import dp
 from guard.dp import audit
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order")
 RUN = dict(target_epsilon=1.0, epochs=4, batch_size=40, lr=0.05)
 
 
@@ -82,3 +83,16 @@ def test_correct_dp_sgd_is_never_refuted(train):
         result = audit.audit(mlp(), train, seed=seed, **RUN)
         assert 0 <= result.epsilon_lower_bound <= result.epsilon, result
         assert result.canaries == 1000 and result.delta == pytest.approx(0.01 * 0.05 / 2000)
+
+
+@pytest.mark.parametrize("accountant", dp.ACCOUNTANTS)
+def test_dp_training_and_its_audit_emit_no_warnings(train, accountant):
+    """Opacus's warnings the project has decided about are filtered where they arise; those about the
+    reported epsilon become the report's notices."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = dp.train_private(mlp(), train, accountant=accountant, seed=0, test_data=train,
+                                     progress=True, on_epoch=lambda *_: None, **RUN)
+        audit.audit(mlp(), train, accountant=accountant, seed=0, **RUN)
+    assert [f"{w.filename}:{w.lineno}: {w.message}" for w in caught] == []
+    assert all(notice.count("\n") == 0 for notice in report.notices)

@@ -42,6 +42,7 @@ class PrivacyReport:
     non_private_test_accuracy: float | None = None
     classes: list | None = None  # the original label of each class index, when labels were mapped
     audit: dict | None = None  # guard.dp.audit.EpsilonAudit.as_dict() of an audit of this run's settings
+    notices: list[str] = field(default_factory=list)  # the accountant's warnings about epsilon, one line each
 
     def audit_summary(self) -> str:
         """The audited lower bound beside the accountant's epsilon, and what it means."""
