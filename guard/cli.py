@@ -167,14 +167,16 @@ def train_dp(
     target_epsilon: float = typer.Option(..., help="Privacy budget epsilon for the whole run."),
     model: str = typer.Option("mlp", help="mlp, softmax, or module:factory with "
                                           "factory(n_features, n_classes) -> torch.nn.Module."),
-    epochs: int = typer.Option(10, help="Passes over the training data."),
+    epochs: int = typer.Option(None, help="Passes over the training data (default: guard.dp.DP_RECIPE's)."),
     delta: float = typer.Option(None, help="Privacy delta; default min(1e-5, 1/(10 n))."),
-    batch_size: int = typer.Option(128, help="Expected logical (Poisson) batch size."),
+    batch_size: int = typer.Option(None, help="Expected logical (Poisson) batch size (default: "
+                                   "guard.dp.DP_RECIPE's, sized to the data)."),
     physical_batch_size: int = typer.Option(None, help="Largest batch held in memory at once."),
-    max_grad_norm: float = typer.Option(1.0, help="Per-example gradient clipping norm."),
+    max_grad_norm: float = typer.Option(None, help="Per-example gradient clipping norm (default: "
+                                        "guard.dp.DP_RECIPE's)."),
     optimizer: str = typer.Option("adam", parser=Names("guard.dp.checks:OPTIMISERS"),
                                   help="Optimizer (sgd with momentum 0.9)."),
-    lr: float = typer.Option(1e-2, help="Learning rate."),
+    lr: float = typer.Option(None, help="Learning rate (default: guard.dp.DP_RECIPE's)."),
     accountant: str = typer.Option("prv", parser=Names("guard.dp.checks:ACCOUNTANTS"),
                                    help="Privacy accountant."),
     grad_sample_mode: str = typer.Option(None, parser=Names("guard.dp.checks:GRAD_SAMPLE_MODES"),
@@ -222,13 +224,14 @@ def train_dp(
     if dataset.classes != tuple(range(dataset.n_classes)):
         typer.echo("labels mapped to class indices: " + ", ".join(
             f"{label} -> {index}" for index, label in enumerate(dataset.classes)))
-    options = dict(target_epsilon=target_epsilon, target_delta=delta, epochs=epochs,
-                   batch_size=batch_size, physical_batch_size=physical_batch_size,
-                   max_grad_norm=max_grad_norm, optimizer=optimizer, lr=lr, accountant=accountant,
+    train = (dataset.X[parts.train], dataset.y[parts.train])
+    chosen = dict(epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm, lr=lr)
+    recipe = {**dp.DP_RECIPE.options(len(train[0])), **{k: v for k, v in chosen.items() if v is not None}}
+    options = dict(target_epsilon=target_epsilon, target_delta=delta, **recipe,
+                   physical_batch_size=physical_batch_size, optimizer=optimizer, accountant=accountant,
                    grad_sample_mode=grad_sample_mode or dp.DEFAULT_GRAD_SAMPLE_MODE, fix=fix,
                    test_data=(dataset.X[parts.test], dataset.y[parts.test]),
                    checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=True)
-    train = (dataset.X[parts.train], dataset.y[parts.train])
     try:
         if nproc > 1:
             trained, report = dp.train_private_distributed(nproc, network, train, **options)

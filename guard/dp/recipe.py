@@ -1,0 +1,39 @@
+"""DP-SGD's own training settings, sized to the data: what ``guard train-dp`` and the bench's DP
+targets train with unless told otherwise.
+
+DP-SGD wants other settings than non-private training: large expected batches (the noise is
+divided by the batch) over many steps, and a small clipping norm (every per-example gradient
+clipped, so none is wasted; Adam makes the update independent of its scale). The settings were
+chosen by ``python -m benchmarks.perf.dp --only search``: DP-SGD at epsilon 8 on the digits MLP,
+trained on the target part of split 0 and judged on its auxiliary part (never the test part).
+That search read split 0's training part through its runs, and its choice is not private; it is
+spent once, and the recipe is a fixed public constant for every other data set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DPRecipe:
+    """Poisson ``sample_rate`` (the expected batch is ``sample_rate * n``, at least
+    ``min_batch_size``), ``epochs``, Adam's ``lr`` and the clipping norm ``max_grad_norm``."""
+
+    sample_rate: float = 0.1
+    epochs: int = 100
+    lr: float = 1e-2
+    max_grad_norm: float = 0.1
+    min_batch_size: int = 16
+
+    def batch_size(self, n: int) -> int:
+        """The expected logical batch for ``n`` training rows (always fewer than ``n``)."""
+        return min(max(self.min_batch_size, math.ceil(self.sample_rate * n)), n - 1)
+
+    def options(self, n: int) -> dict[str, float | int]:
+        """Keyword arguments of :func:`guard.dp.train_private` for ``n`` training rows."""
+        return {"batch_size": self.batch_size(n), "epochs": self.epochs, "lr": self.lr,
+                "max_grad_norm": self.max_grad_norm}
+
+
+DP_RECIPE = DPRecipe()
