@@ -68,13 +68,17 @@ def unclipped_last_layer(clip):
     return clip_and_accumulate
 
 
-@pytest.mark.parametrize("bug", ["no noise", "one layer unclipped"])
-def test_audit_catches_a_broken_mechanism(train, monkeypatch, bug):
+INPUT = dict(kind="input", canaries=100, **{**RUN, "epochs": 30})  # memorising mislabelled rows takes longer
+
+
+@pytest.mark.parametrize(("bug", "settings"), [("no noise", RUN), ("one layer unclipped", RUN), ("no noise", INPUT)],
+                         ids=["no noise", "one layer unclipped", "no noise, input canaries"])
+def test_audit_catches_a_broken_mechanism(train, monkeypatch, bug, settings):
     if bug == "no noise":
         monkeypatch.setattr(DPOptimizer, "add_noise", broken_noise)
     else:
         monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", unclipped_last_layer(DPOptimizer.clip_and_accumulate))
-    result = audit.audit(mlp(), train, seed=0, **RUN)
+    result = audit.audit(mlp(), train, seed=0, **settings)
     assert result.epsilon_lower_bound > result.epsilon, result
 
 
@@ -83,6 +87,8 @@ def test_correct_dp_sgd_is_never_refuted(train):
         result = audit.audit(mlp(), train, seed=seed, **RUN)
         assert 0 <= result.epsilon_lower_bound <= result.epsilon, result
         assert result.canaries == 1000 and result.delta == pytest.approx(0.01 * 0.05 / 2000)
+    result = audit.audit(mlp(), train, seed=0, **INPUT)
+    assert 0 <= result.epsilon_lower_bound <= result.epsilon and "input-space" in result.method, result
 
 
 @pytest.mark.parametrize("accountant", dp.ACCOUNTANTS)

@@ -15,7 +15,6 @@ A lower bound is what an attack proves the run leaks: far below the accountant's
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -259,12 +258,13 @@ def audit(model: torch.nn.Module, train_data: tuple, *, kind: CanaryKind = "grad
         scores, method = planted.scores, "one-run audit, white-box gradient canaries"
     else:
         rows = rng.choice(len(X), count, replace=False)
-        n_classes = int(model(X[:1]).shape[-1])
+        with torch.no_grad():
+            n_classes = int(model(X[:1]).shape[-1])
         wrong = (y[rows] + torch.as_tensor(rng.integers(1, n_classes, count))) % n_classes
         kept = np.setdiff1d(np.arange(len(X)), rows)
         X_run = torch.cat([X[kept], X[rows[included]]])
         y_run = torch.cat([y[kept], wrong[torch.as_tensor(included)]])
-        trained, report = train_private(copy.deepcopy(model), (X_run, y_run), **options)
+        trained, report = train_private(model, (X_run, y_run), **options)
         with torch.no_grad():
             log_probabilities = torch.log_softmax(trained(X[rows]), dim=1)
         scores = log_probabilities[torch.arange(count), wrong].double().numpy()
