@@ -4,14 +4,15 @@ A lower bound is what an attack proves the run leaks: far below the accountant's
 (one attack, one run); above it means the training does not deliver the epsilon it reports (a bug).
 
 - :func:`membership_epsilon`: black-box, from a membership attack's TPR/FPR with Clopper-Pearson
-  intervals (Jagielski, Ullman & Oprea 2020, "Auditing Differentially Private Machine Learning",
-  §4; Nasr et al. 2021, "Adversary Instantiation", §3).
+  intervals, the estimate of Jagielski, Ullman & Oprea (NeurIPS 2020, "Auditing Differentially
+  Private Machine Learning: How Private is Private SGD?") and Nasr et al. (IEEE S&P 2021,
+  "Adversary Instantiation: Lower Bounds for Differentially Private Machine Learning").
 - :func:`one_run_epsilon` and :func:`audit`: the one-run canary audit of Steinke, Nasr & Jagielski
   (NeurIPS 2023, "Privacy Auditing with One (1) Training Run"): m canaries, each included in the
   single training run with probability 1/2, guesses on the highest and lowest scores only, and the
   bound of their Theorem 5.2 on the number of correct guesses of an (epsilon, delta)-DP mechanism.
   White-box gradient canaries (their Algorithm 3) where the auditor has the weights; input-space
-  canaries (mislabelled examples scored by loss, their §6.2) otherwise.
+  canaries (mislabelled examples scored by loss, as in their black-box experiments) otherwise.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def membership_epsilon(scores: np.ndarray, is_member: np.ndarray, delta: float,
     An (epsilon, delta)-DP training run bounds every test: ``TPR <= e^eps FPR + delta`` and
     ``TNR <= e^eps FNR + delta`` (Kairouz et al. 2015, Thm 2.1), so
     ``eps >= log((TPR_lo - delta) / FPR_hi)`` and ``eps >= log((TNR_lo - delta) / FNR_hi)``,
-    with Clopper-Pearson bounds as in Jagielski et al. (2020, §4). The confidence is split over the
+    with Clopper-Pearson bounds as in Jagielski et al. (2020). The confidence is split over the
     two bounds of every threshold (Bonferroni), so choosing the best threshold costs no validity."""
     scores, is_member = np.asarray(scores, dtype=float), np.asarray(is_member, dtype=bool)
     order = np.argsort(-scores, kind="stable")
