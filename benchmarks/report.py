@@ -341,9 +341,16 @@ def _markdown_table(lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+DP_AUDIT_NOTE = ("The audited epsilon is the largest lower bound a membership attack's ROC proves (Clopper-Pearson, "
+                 "95% confidence per seed and attack, at the row's delta): far below epsilon is expected (one attack), "
+                 "above it means the training does not deliver the epsilon it reports.")
+
+
 def _dp_table(config: dict[str, Any], rows: list[Row]) -> list[list[str]]:
-    """For each DP row: the strongest measured membership advantage beside the (epsilon, delta) bound."""
-    lines = [["dataset", "model", "defence", "epsilon", "delta", "measured advantage (attack)", "bound"]]
+    """For each DP row: the strongest measured membership advantage beside the (epsilon, delta) bound, and the
+    largest epsilon lower bound an attack proves (``guard.dp.audit.membership_epsilon``) beside epsilon."""
+    lines = [["dataset", "model", "defence", "epsilon", "delta", "measured advantage (attack)", "bound",
+              "audited epsilon >= (attack; 95% each)"]]
     specs = config.get("defence_specs", {})
     for (dataset, model, defence), group in _group([r for r in rows if r["family"] == "membership"
                                                     and r["status"] == "ok"], ("dataset", "model", "defence")).items():
@@ -351,10 +358,13 @@ def _dp_table(config: dict[str, Any], rows: list[Row]) -> list[list[str]]:
         if epsilon is None:
             continue
         best = max(group, key=lambda r: r["metrics"]["advantage"]["mean"])
+        audited = max(group, key=lambda r: r["metrics"].get("epsilon_lower_bound", {}).get("mean", -1.0))
+        lower = audited["metrics"].get("epsilon_lower_bound")
         delta = config["dp_delta"][dataset]
         lines.append([dataset, model, defence, f"{epsilon:g}", f"{delta:g}",
                       f"{_fmt(best['metrics']['advantage'])} ({best['attack']})",
-                      f"{membership_advantage_bound(epsilon, delta):.3f}"])
+                      f"{membership_advantage_bound(epsilon, delta):.3f}",
+                      f"{_fmt(lower)} ({audited['attack']})" if lower else "not measured"])
     return lines
 
 
@@ -404,6 +414,7 @@ def _markdown(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> s
         "## Verdict", _markdown_table(_verdict_table(findings)), _unverdicted(rows, findings),
         "## Inversion and attribute inference beside the no-model reference", _markdown_table(_inversion_table(rows)),
         "## DP-SGD: measured membership advantage and its theoretical bound", _markdown_table(_dp_table(config, rows)),
+        DP_AUDIT_NOTE,
         "## All rows", _markdown_table(_rows_table(rows)),
         "Figures are in `report.html`; every number is the mean ± standard deviation over the listed seeds.",
     ] if part) + "\n"
@@ -432,6 +443,7 @@ def _html(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
             f"<h2>Verdict</h2>{table(_verdict_table(findings))}<p>{html.escape(_unverdicted(rows, findings))}</p>"
             f"<h2>Inversion and attribute inference beside the no-model reference</h2>{table(_inversion_table(rows))}"
             f"<h2>DP-SGD: measured membership advantage and its theoretical bound</h2>{table(_dp_table(config, rows))}"
+            f"<p>{html.escape(DP_AUDIT_NOTE)}</p>"
             f"<h2>Figures</h2>{figures}"
             f"<h2>All rows</h2>{table(_rows_table(rows))}</body></html>")
 

@@ -336,7 +336,8 @@ def _memo(trained: dict[tuple, Any], key: tuple, make) -> Any:
 def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X: np.ndarray, y: np.ndarray,
                   defence: Defence, seed: int, config: BenchConfig) -> torch.nn.Module:
     """The target of one cell; refused (``models.Underfit``) when, trained without DP, it does not fit
-    its own training set (DP-SGD's lower fit is its privacy cost, reported as utility)."""
+    its own training set (DP-SGD's lower fit is its privacy cost, reported as utility). DP-SGD trains with
+    its own recipe (``guard.dp.DP_RECIPE``), not the non-private one."""
     torch.manual_seed(seed)
     model = (_user_model(config.model, dataset) if kind == "user"
              else recipe.build(dataset.n_features, dataset.n_classes))
@@ -344,10 +345,9 @@ def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X
         models.train_recipe(model, recipe, X, y, seed)
         models.require_fit(model, X, y, config.min_train_accuracy, f"the {kind} target on {dataset.name} (seed {seed})")
         return model
-    from guard.dp import train_private
+    from guard.dp import DP_RECIPE, train_private
 
-    private, _ = train_private(model, (X, y), target_epsilon=defence.dp_epsilon, epochs=max(recipe.epochs // 2, 1),
-                               batch_size=128, seed=seed)
+    private, _ = train_private(model, (X, y), target_epsilon=defence.dp_epsilon, seed=seed, **DP_RECIPE.options(len(X)))
     return private.eval()
 
 

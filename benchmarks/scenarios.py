@@ -22,6 +22,8 @@ from attacks.observations import (AveragedNoise, InvertedReverseSigmoid, LabelRo
 from attacks.targets import OutputFormat, Target, TorchTarget
 from attacks.undoing import UndoneTarget, averaging, inverting_reverse_sigmoid
 from benchmarks.datasets import Dataset, Split
+from guard.dp import default_delta
+from guard.dp.audit import membership_epsilon
 from guard.outputs import read_spec
 
 
@@ -187,8 +189,16 @@ def _membership(build: Callable[[Context], Any], population: bool) -> Callable[[
     def run(target: Target, context: Context) -> AttackResult:
         X, y, is_member = context.candidates()
         extra = {"population": context.part("aux")} if population else {}
-        return build(context).run(target, X, y, is_member=is_member, **extra)
+        return _with_epsilon_bound(build(context).run(target, X, y, is_member=is_member, **extra), is_member, context)
     return run
+
+
+def _with_epsilon_bound(result: AttackResult, is_member: np.ndarray, context: Context) -> AttackResult:
+    """``result`` with the epsilon its ROC proves (``guard.dp.audit.membership_epsilon``, 95% confidence) at
+    the delta DP-SGD targets train with: the black-box audit of a DP row."""
+    delta = default_delta(len(context.split.train))
+    result.metrics["epsilon_lower_bound"] = membership_epsilon(result.artefacts["scores"], is_member, delta)
+    return result
 
 
 def _references(context: Context) -> int:
@@ -206,7 +216,8 @@ def _lira(offline: bool, statistic: Callable[[Context], Statistic | None] = lamb
                       seed=context.seed)
         references = context.reuse(("lira", attack.n_references), lambda: attack.train_references(
             X, y, context.dataset.n_classes))
-        return attack.run(target, X, y, is_member=is_member, references=references)
+        return _with_epsilon_bound(attack.run(target, X, y, is_member=is_member, references=references), is_member,
+                                   context)
     return run
 
 
