@@ -9,7 +9,7 @@ import pytest
 import torch
 from opacus.optimizers import DPOptimizer
 
-from benchmarks import models
+from guard import models
 from guard import dp
 from guard.dp import audit
 
