@@ -25,9 +25,10 @@ BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 def train_copies(X: np.ndarray, targets: np.ndarray, counts: Sequence[int], architecture: Architecture, *,
                  epochs: int = 150, lr: float = 1e-2, batch_size: int = 32, seed: int = 0) -> list[nn.Module]:
-    """One copy of ``architecture`` per entry of ``counts``: copy ``i`` fitted to the first
-    ``counts[i]`` rows of ``X`` and its soft ``targets``, starting from the initialisation that
-    ``torch.manual_seed(seed)`` gives and shuffling with its own generator seeded ``seed``."""
+    """One copy of ``architecture`` (a sequence of linear layers and elementwise activations) per
+    entry of ``counts``: copy ``i`` fitted to the first ``counts[i]`` rows of ``X`` and its soft
+    ``targets``, starting from the initialisation that ``torch.manual_seed(seed)`` gives and
+    shuffling with its own generator seeded ``seed``."""
     counts = [int(count) for count in counts]
     if not counts or min(counts) < 1 or max(counts) > len(X):
         raise ValueError(f"counts must lie in 1..{len(X)}: {counts}")

@@ -317,9 +317,11 @@ class HTTPTarget(Target):
         batch = self.encode(batch) if self.encode is not None else batch
         if self.write_body is not None:
             return self.write_body(batch, self.single_rows)
-        rows: Any = np.ascontiguousarray(batch, dtype=np.float64)
+        batch = np.asarray(batch)
         if self.fields is not None:
-            rows = [dict(zip(self.fields, row, strict=True)) for row in rows.tolist()]
+            rows: Any = [dict(zip(self.fields, row, strict=True)) for row in batch.tolist()]
+        else:
+            rows = np.ascontiguousarray(batch) if batch.dtype.kind in "biuf" else batch.tolist()
         return _pointer_build(self.features_path, rows[0] if self.single_rows else rows)
 
     def _answers(self, document: Any, n: int) -> Any:
