@@ -464,6 +464,7 @@ def _figures(rows: list[Row], image_shapes: dict[str, Any]) -> list[tuple[str, s
 
 FIGURE_SIZE = (5.0, 3.6)
 DPI = 100
+LAYOUT_PAD = 0.3
 MARKERS = ("o", "s", "^", "v", "D", "x", "P", "*")
 LINESTYLES = ("-", "--", "-.", ":")
 
@@ -543,6 +544,7 @@ def _tradeoff(plt, rows: list[Row]):
         axes.legend(fontsize=7)
     axes.set_xlabel("test accuracy of the defended answers (DP-SGD rows in bold: dp-epsN)")
     axes.margins(0.15)
+    figure.tight_layout(pad=LAYOUT_PAD)  # the axes where they will be drawn, before measuring labels
     _place_labels(figure, axes, [row["defence"] for row in strongest], xs, ys)
     return figure
 
@@ -587,7 +589,7 @@ def _encode(figure) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    figure.set_layout_engine("tight", pad=0.3)  # laid out while drawing: one draw per figure
+    figure.set_layout_engine("tight", pad=LAYOUT_PAD)
     figure.savefig(buffer, format="png", dpi=DPI)
     plt.close(figure)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
