@@ -5,7 +5,7 @@ The models' parameters are stacked (``torch.func.stack_module_state``) and one `
 ``functional_call`` runs every model on its own minibatch in a single step. Each model trains on its
 own subset of a shared pool (a boolean mask row) with the same optimiser as a single model (Adam on
 cross-entropy). Adam is elementwise, so one optimiser over the stacked tensors is exactly one Adam per
-model (PyTorch's fused kernel: one call per step for all the stacked tensors). Model ``i`` depends only on ``seeds[i]`` and ``masks[i]`` (its initialisation and its batch
+model. Model ``i`` depends only on ``seeds[i]`` and ``masks[i]`` (its initialisation and its batch
 order), so the seeds and masks recorded in the ``Ensemble`` reproduce a run.
 
 These are the attacker's own architectures: they mirror the target's family by parameters
@@ -125,7 +125,7 @@ def train_ensemble(X: np.ndarray, y: np.ndarray, masks: np.ndarray, n_classes: i
     modules = [architecture.build(inputs.shape[1], n_classes, int(s)) for s in seeds]
     params, _ = stack_module_state(modules)
     forward = vmap(_forward(copy.deepcopy(modules[0]).to("meta")))
-    optimiser = torch.optim.Adam(params.values(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    optimiser = torch.optim.Adam(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     member = torch.as_tensor(masks)
     n_batches = -(-int(member.sum(dim=1).max()) // config.batch_size)

@@ -491,9 +491,9 @@ def _image_measures(reconstructions: np.ndarray, labels: np.ndarray, references:
 
 def _fit(network: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor, epochs: int, seed: int,
          batch_size: int = 64, lr: float = 1e-2) -> nn.Module:
-    """Minibatch Adam (fused: one kernel per step for all parameters) on mean squared error."""
+    """Minibatch Adam on mean squared error."""
     generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(network.parameters(), lr=lr, fused=True)
+    optimiser = torch.optim.Adam(network.parameters(), lr=lr)
     network.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(inputs), generator=generator).split(batch_size):
