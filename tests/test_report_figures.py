@@ -16,7 +16,8 @@ from benchmarks import report  # noqa: E402
 
 def row(defence: str, accuracy: float, success: float, **extra) -> report.Row:
     return {"defence": defence, "attack": "copycat", "family": "extraction", "status": "ok", "chance": 0.1,
-            "primary": "agreement_test", "metrics": {"agreement_test": {"mean": success, "std": 0.0, "values": [success]}},
+            "primary": "agreement_test",
+            "metrics": {"agreement_test": {"mean": success, "std": 0.0, "values": [success]}},
             "utility": {"test_accuracy": {"mean": accuracy}}, **extra}
 
 
