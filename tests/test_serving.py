@@ -8,7 +8,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from attacks.targets import HTTPTarget
-from benchmarks.serving import prediction_app
+from guard.serving import prediction_app
 
 D, K = 5, 3
 WEIGHTS = np.random.default_rng(0).normal(size=(D, K))
