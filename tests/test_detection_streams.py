@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 
 from benchmarks import models
-from benchmarks.perf.detectors import (
-    DIGITS_SIMILARITY,
-    benign_streams,
-    first_alarm,
-    jacobian_stream,
-    line_search_stream,
-    spread,
-)
+from benchmarks.perf.detectors import DIGITS_SIMILARITY, first_alarm
+from benchmarks.traffic import benign_streams, jacobian_stream, line_search_stream, spread
 from guard.monitors import build_detector
 from guard.monitors.calibration import calibrate, interleave
 from guard.store.memory import MemoryStore
