@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -96,50 +95,15 @@ def test_finished_cells_and_shared_models_are_never_recomputed(tmp_path):
     assert again.summary.startswith("## Summary") and "## Verdict" not in again.summary
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _processes_under(marker: str):
-    """Live processes whose command line names ``marker``, with all their descendants."""
-    import psutil
-
-    found = {p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in p.info["cmdline"] or ())}
-    for process in list(found):
-        try:
-            found.update(process.children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 @pytest.fixture
 def ray_cluster(tmp_path_factory):
-    """A two-node local Ray cluster (a head and a second node, one CPU each) in its own temporary
-    folder; every process it started is ended afterwards (``ray stop`` would end other clusters too)."""
+    """A two-node local Ray cluster (``ray start --head`` and a second ``ray start --address``, one
+    CPU each), every process of it ended afterwards."""
     pytest.importorskip("ray")
-    import psutil
+    from benchmarks.perf.ray_grid import local_cluster
 
-    temp = tmp_path_factory.mktemp("ray")
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--num-cpus=1", "--disable-usage-stats"]
-    try:
-        subprocess.run([*start, "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false"],
-                       env=env, check=True, capture_output=True, timeout=180)
-        subprocess.run([*start, f"--address=127.0.0.1:{port}"], env=env, check=True, capture_output=True,
-                       timeout=180)
-        yield f"127.0.0.1:{port}"
-    finally:
-        started = _processes_under(str(temp))
-        for process in started:
-            process.terminate()
-        _, alive = psutil.wait_procs(started, timeout=10)
-        for process in alive:
-            process.kill()
+    with local_cluster(2, 1, tmp_path_factory.mktemp("ray")) as address:
+        yield address
 
 
 def _on_node(function, task):
