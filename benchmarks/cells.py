@@ -20,7 +20,7 @@ from attacks.targets import HTTPTarget, OutputUnavailable, TargetBlocked, Target
 from benchmarks import datasets, models, report
 from benchmarks.cache import Cache, digest
 from benchmarks.endpoint import BENIGN_KEY, ISSUED_KEYS, SYBIL_KEYS, guarded_app, http_target
-from benchmarks.grid import BenchConfig, Cell, recipe
+from benchmarks.grid import BenchConfig, Cell, attacks_on, recipe
 from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, AttackSpec, Context, Defence
 from benchmarks.tabular import sensitive_breast_cancer
 from benchmarks.traffic import benign_rows, benign_streams
@@ -56,14 +56,14 @@ def run_cell(task: CellTask) -> Outcomes:
     context = _context(config, cell, defence, shared)
     undefended = context.model if defence.dp_epsilon is None else _target(config, cell, DEFENCES["none"], shared)
     utility = _utility(context, undefended, config)
-    results = []
+    results, chosen = [], attacks_on(config, defence.name)
     for spec in (ATTACK_SPECS[a] for a in config.attacks):
         reason = spec.requires(context)
         if reason and defence.name == config.defences[0]:
             results.append(((cell.dataset, cell.model, defence.name, spec.name),
                             {**_not_applicable(reason), "utility": utility, "seed": cell.seed, "chance": 0.0,
                              "adaptive": False}))
-        if reason or not spec.applies(context):
+        if reason or not spec.applies(context) or spec.name not in chosen:
             continue
         for keys in _key_counts(spec, defence):
             key = (cell.dataset, cell.model, defence.name, spec.name if keys == 1 else f"{spec.name} ({keys} keys)")

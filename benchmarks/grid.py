@@ -40,29 +40,38 @@ class BenchConfig:
     sensitive: str | None = None  # the sensitive column of users' data sets (attribute inference)
     command: str = ""
     training: dict[str, Any] = field(default_factory=lambda: asdict(TrainingConfig()))
+    against: dict[str, tuple[str, ...]] | None = None  # per defence, the attacks run on it (None: all)
 
 
-SELECTORS = ("datasets", "defences", "attacks", "seeds", "command")
+SELECTORS = ("datasets", "defences", "attacks", "seeds", "command", "against")
 """The fields that choose which cells a run holds (or only describe it), not what a cell computes."""
 
-STRONGEST_ADAPTIVE = (
-    "equation-solving", "equation-solving-rounding-aware", "knockoff-adaptive",
-    "lira-online", "lira-rounding-aware", "lira-inverted-reverse-sigmoid", "lira-averaged-noise",
-    "label-only-calibrated",
-    "mi-face", "mi-face-blackbox", "inverse-model", "inverse-model-inverted-reverse-sigmoid",
-    "inverse-model-averaged-noise",
-    "map-attribute", "map-attribute-label-only",
-)
-"""The default grid's attacks: per family, the attack that knows each defence's public format (the
-``*-rounding-aware``, ``*-inverted-reverse-sigmoid``, ``*-averaged-noise`` and calibrated label-only
-variants apply only to the defence they undo) beside the strongest generic one, at the full run's
-budgets and reference counts. Left to ``--full``: the weaker non-adaptive variants (copycat,
-k-center, Jacobian, threshold, shadow models, offline LiRA, uncalibrated label-only), which the
-verdicts' strongest attack per family does not come from when the adaptive one runs."""
+STRONGEST: dict[str, tuple[str, ...]] = {
+    "none": ("copycat-k-center", "equation-solving", "lira-online", "map-attribute", "mi-face"),
+    "round:2": ("equation-solving-rounding-aware", "inverse-model", "knockoff-adaptive", "lira-offline",
+                "lira-rounding-aware", "map-attribute"),
+    "round:1": ("inverse-model", "knockoff-adaptive", "lira-online", "lira-rounding-aware", "map-attribute-label-only"),
+    "top_k:1": ("copycat", "equation-solving", "inverse-model", "knockoff-adaptive", "label-only-calibrated-offline",
+                "lira-offline", "map-attribute"),
+    "label_only": ("copycat", "copycat-k-center", "inverse-model", "knockoff-adaptive",
+                   "label-only-calibrated-offline", "map-attribute-label-only"),
+    "noise": ("equation-solving", "inverse-model", "knockoff-adaptive", "lira-averaged-noise", "lira-online",
+              "map-attribute-label-only", "mi-face-blackbox"),
+    "reverse_sigmoid": ("copycat", "copycat-k-center", "equation-solving", "inverse-model-inverted-reverse-sigmoid",
+                        "lira-inverted-reverse-sigmoid", "lira-online", "map-attribute-label-only"),
+    "monitoring": ("equation-solving", "inverse-model", "knockoff-adaptive", "lira-online", "map-attribute"),
+    "dp-eps1": ("equation-solving", "knockoff-adaptive", "lira-online", "map-attribute", "mi-face"),
+    "dp-eps8": ("equation-solving", "lira-offline", "lira-online", "map-attribute", "mi-face", "threshold"),
+}
+"""The default grid's attacks on each defence: those that were the strongest of their family against
+it on some target (digits softmax and MLP, breast cancer MLP) in the full grid's seed 0, so that the
+default's verdicts and summary are the full run's on that seed, at the full run's budgets and
+reference counts. ``python -m benchmarks.perf.strongest results.json`` derives it from a full run."""
 
 GRIDS: dict[str, dict[str, Any]] = {
     "full": {},
-    "default": {"seeds": (0,), "attacks": STRONGEST_ADAPTIVE},
+    "default": {"seeds": (0,), "against": STRONGEST,
+                "attacks": tuple(a for a in ATTACK_SPECS if any(a in chosen for chosen in STRONGEST.values()))},
     "quick": {"datasets": ("digits",), "seeds": (0,), "quick": True,
               "defences": ("none", "round:1", "label_only", "monitoring", "dp-eps8"),
               "attacks": ("equation-solving", "equation-solving-rounding-aware", "knockoff-adaptive",
@@ -74,9 +83,18 @@ the same strength."""
 
 
 def configure(grid: str = "default", **options: Any) -> BenchConfig:
-    """The configuration of the named grid with ``options`` (those not None) over it."""
+    """The configuration of the named grid with ``options`` (those not None) over it; attacks chosen
+    by name run on every defence."""
     chosen = {name: value for name, value in options.items() if value is not None}
+    if "attacks" in chosen:
+        chosen["against"] = None
     return replace(BenchConfig(), **{**GRIDS[grid], **chosen})
+
+
+def attacks_on(config: BenchConfig, defence: str) -> tuple[str, ...]:
+    """The attacks of ``config`` run on ``defence``."""
+    return config.attacks if config.against is None else tuple(
+        a for a in config.attacks if a in config.against.get(defence, ()))
 
 
 def from_recorded(recorded: dict[str, Any]) -> BenchConfig:

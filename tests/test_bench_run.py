@@ -17,6 +17,7 @@ import pytest
 from benchmarks import executors, grid, run
 from benchmarks.cells import cell_key
 from benchmarks.grid import BenchConfig, Cell
+from benchmarks.scenarios import ATTACK_SPECS
 
 pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,11 @@ def test_the_default_grid_keeps_the_full_runs_strength():
     default, full = grid.configure(), grid.configure("full")
     assert not default.quick and set(default.attacks) < set(full.attacks)
     assert default.defences == full.defences and default.datasets == full.datasets
-    assert replace(default, attacks=full.attacks, seeds=full.seeds) == full  # budgets, references, training
+    assert replace(default, attacks=full.attacks, seeds=full.seeds, against=None) == full  # budgets, references
+    for defence, attacks in default.against.items():  # every defence keeps an attack of every family
+        families = {ATTACK_SPECS[a].family for a in attacks}
+        assert {"extraction", "membership", "attribute"} <= families and set(attacks) <= set(default.attacks)
+    assert grid.attacks_on(grid.configure(attacks=("copycat",)), "none") == ("copycat",)
     assert grid.configure("quick", seeds=(4,)).seeds == (4,)  # the user's options over the grid's
 
 

@@ -35,11 +35,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def processes_under(marker: str) -> set:
-    """Live processes whose command line names ``marker``, with all their descendants."""
+def _cluster_processes(temp: Path, port: int) -> set:
+    """Live processes of the cluster whose files are in ``temp`` and head on ``port`` (the client
+    server names only the head's address), with all their descendants."""
     import psutil
 
-    found = {p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in p.info["cmdline"] or ())}
+    def ours(arguments: list[str]) -> bool:
+        return any(str(temp) in a or a.endswith(f":{port}") for a in arguments)
+    found = {p for p in psutil.process_iter(["cmdline"]) if ours(p.info["cmdline"] or [])}
     for process in list(found):
         with contextlib.suppress(psutil.NoSuchProcess):
             found.update(process.children(recursive=True))
@@ -66,7 +69,7 @@ def local_cluster(nodes: int, cpus: int, temp: Path) -> Iterator[str]:
                            timeout=300)
         yield f"127.0.0.1:{port}"
     finally:
-        started = processes_under(str(temp))
+        started = _cluster_processes(temp, port)
         for process in started:
             process.terminate()
         _, alive = psutil.wait_procs(started, timeout=10)
