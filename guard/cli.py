@@ -340,7 +340,7 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="A smoke test in under a minute: digits, one seed, five "
                                "defences, six attacks at reduced strength."),
     full: bool = typer.Option(False, "--full", help="The whole grid: three seeds, every defence and attack "
-                              "(default: one seed, the strongest adaptive attack of each family)."),
+                              "(default: one seed; on each defence, the attacks strongest against it in the full run)."),
     cache: str | None = typer.Option(None, help="Folder of trained models and finished cells, reused by "
                                      "every run (default: ~/.cache/predguard/bench)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run recorded in --out (its options), "
