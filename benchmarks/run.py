@@ -43,7 +43,7 @@ def run(config: BenchConfig, out: Path, executor: Executor, cache: Path, progres
     cells = grid.cells(config)
     outcomes: dict[Cell, Outcomes] = {}
     for cell in cells:
-        if (finished := store.outcome(cell_key(config, cell))) is not None:
+        if (finished := store.outcome(_key(config, cell))) is not None:
             outcomes[cell] = finished
     # defence by defence: cells running side by side then train different targets
     todo = sorted((c for c in cells if c not in outcomes), key=lambda c: config.defences.index(c.defence))
@@ -51,7 +51,7 @@ def run(config: BenchConfig, out: Path, executor: Executor, cache: Path, progres
     with tqdm(total=len(cells), initial=len(outcomes), desc="guard bench", disable=not progress,
               unit="cell") as bar:
         def done(task: CellTask, result: Outcomes) -> None:
-            store.store(cell_key(config, task.cell), result)
+            store.store(_key(config, task.cell), result)
             outcomes[task.cell] = result
             bar.update()
         try:
@@ -62,6 +62,12 @@ def run(config: BenchConfig, out: Path, executor: Executor, cache: Path, progres
     rows = _rows([outcomes[cell] for cell in cells if cell in outcomes])
     recorded = {**_recorded(config), "partial": partial, "cache": str(cache)}
     return Finished(report.write(out, recorded, rows), partial, report.summary_markdown(recorded, rows))
+
+
+def _key(config: BenchConfig, cell: Cell) -> str:
+    """The key of a finished cell: its attacks, and whether it reports the attacks the data cannot
+    support (the run's first defence does), are part of its outcome."""
+    return cell_key(config, cell, grid.attacks_on(config, cell.defence), cell.defence == config.defences[0])
 
 
 @contextlib.contextmanager

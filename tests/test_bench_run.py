@@ -100,6 +100,14 @@ def test_finished_cells_and_shared_models_are_never_recomputed(tmp_path):
     assert again.summary.startswith("## Summary") and "## Verdict" not in again.summary
 
 
+def test_a_cell_run_with_other_attacks_is_not_taken_for_finished(tmp_path):
+    cache, executor = tmp_path / "cache", Counting()
+    run.run(_tiny(defences=("none",), attacks=("threshold",)), tmp_path / "a", executor, cache, progress=False)
+    both = run.run(_tiny(defences=("none",)), tmp_path / "b", executor, cache, progress=False)
+    assert executor.ran == [Cell("breast_cancer", "mlp", 0, "none")] * 2
+    assert {row["attack"] for row in _rows(both)} == {"threshold", "lira-online"}
+
+
 @pytest.fixture
 def ray_cluster(tmp_path_factory):
     """A two-node local Ray cluster (``ray start --head`` and a second ``ray start --address``, one
