@@ -404,11 +404,21 @@ def _unverdicted(rows: list[Row], findings: list[Row]) -> str:
     return "\n".join(["Families without a verdict, and why:", *reasons]) if reasons else ""
 
 
+PARTIAL = "**Partial run**: interrupted; only the cells that finished are reported (run again with `--resume`)."
+
+
+def summary_markdown(config: dict[str, Any], rows: list[Row]) -> str:
+    """The report's summary section: which defence to turn on, and what it costs."""
+    return "\n\n".join(part for part in [
+        "## Summary: which defence to turn on, and what it costs", PARTIAL if config.get("partial") else "",
+        _markdown_table(_summary_table(summary(verdicts(rows), config)))] if part)
+
+
 def _markdown(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
     return "\n\n".join(part for part in [
         "# predguard benchmark report",
         f"Seeds: {config.get('seeds')}; datasets: {config.get('datasets')}; command: `{config.get('command', '')}`",
-        "## Summary: which defence to turn on, and what it costs", _markdown_table(_summary_table(summary(findings, config))),
+        summary_markdown(config, rows),
         "## Threat models and no-model references", "\n".join(_threat_models(config, rows)),
         "## Targets", _markdown_table(_targets_table(rows)),
         "## Verdict", _markdown_table(_verdict_table(findings)), _unverdicted(rows, findings),
@@ -436,7 +446,8 @@ def _html(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
             f"<style>{style}</style></head><body><h1>predguard benchmark report</h1>"
             f"<p>Seeds: {html.escape(str(config.get('seeds')))}; command: <code>{html.escape(str(config.get('command', '')))}</code></p>"
             f"<h2>Summary: which defence to turn on, and what it costs</h2>"
-            f"{table(_summary_table(summary(findings, config)))}"
+            + (f"<p><strong>Partial run</strong>: {html.escape(PARTIAL.split(': ', 1)[1])}</p>" if config.get("partial") else "")
+            + f"{table(_summary_table(summary(findings, config)))}"
             f"<h2>Threat models and no-model references</h2><ul>"
             + "".join(f"<li>{html.escape(line[2:])}</li>" for line in _threat_models(config, rows)) + "</ul>"
             f"<h2>Targets</h2>{table(_targets_table(rows))}"

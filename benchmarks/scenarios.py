@@ -67,6 +67,17 @@ DEFENCES: dict[str, Defence] = {d.name: d for d in (
 )}
 
 
+def memo() -> Callable[[tuple, Callable[[], Any]], Any]:
+    """An in-memory ``Context.shared``: ``make()`` once per key."""
+    made: dict[tuple, Any] = {}
+
+    def shared(key: tuple, make: Callable[[], Any]) -> Any:
+        if key not in made:
+            made[key] = make()
+        return made[key]
+    return shared
+
+
 @dataclass
 class Context:
     """Everything an attack may be given in one (dataset, model, defence, seed) cell.
@@ -91,15 +102,13 @@ class Context:
     sensitive: tuple[int, np.ndarray] | None = None  # (column, values) of a sensitive attribute
     activation: str = "relu"  # the target MLP's hidden activation (what the attacker's own copies use)
     detectors: dict[str, dict[str, Any]] | None = None  # calibrated detector settings, with monitoring
-    shared: dict[tuple, Any] = field(default_factory=dict)  # attacker-side models reused across cells
+    # makes attacker-side models once per key for every cell of a target (on the bench: benchmarks.cache)
+    shared: Callable[[tuple, Callable[[], Any]], Any] = field(default_factory=memo)
 
     def reuse(self, key: tuple, make: Callable[[], Any]) -> Any:
         """``make()`` once per key: e.g. LiRA's reference models, which depend only on the attacker's
         data and so serve every defence of a (dataset, model, seed)."""
-        key = (self.dataset.name, self.model_kind, self.seed, *key)
-        if key not in self.shared:
-            self.shared[key] = make()
-        return self.shared[key]
+        return self.shared((self.dataset.name, self.model_kind, self.seed, *key), make)
 
     @property
     def architecture(self) -> Architecture:

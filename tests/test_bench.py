@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from benchmarks import models, report
 from benchmarks.audit import AuditError, audit, check_host
-from benchmarks.run import BENIGN_KEY, http_target, policy
+from benchmarks.endpoint import BENIGN_KEY, http_target, policy
 from benchmarks.scenarios import DEFENCES
 from guard.serving import prediction_app
 from guard import GuardMiddleware
