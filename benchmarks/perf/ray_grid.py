@@ -71,10 +71,12 @@ def local_cluster(nodes: int, cpus: int, temp: Path) -> Iterator[str]:
     finally:
         started = _cluster_processes(temp, port)
         for process in started:
-            process.terminate()
+            with contextlib.suppress(psutil.NoSuchProcess):  # ended with the one before it
+                process.terminate()
         _, alive = psutil.wait_procs(started, timeout=10)
         for process in alive:
-            process.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def _seconds(config: grid.BenchConfig, executor: Executor, repeats: int) -> list[float]:
