@@ -3,7 +3,6 @@ a small FastAPI upstream under uvicorn, and MLServer (KServe v2) serving a sciki
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 

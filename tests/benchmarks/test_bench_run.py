@@ -20,7 +20,7 @@ from benchmarks.grid import BenchConfig, Cell
 from benchmarks.scenarios import ATTACK_SPECS
 
 pytestmark = pytest.mark.timeout(900)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {"datasets": ("breast_cancer",), "seeds": (0,), "defences": ("none", "round:1"),
         "attacks": ("threshold", "lira-online")}
 """One target, two defences, two membership attacks sharing LiRA's reference models."""

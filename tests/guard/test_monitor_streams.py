@@ -73,7 +73,7 @@ def web_worker(policy: Policy) -> httpx.AsyncClient:
 
 
 def start_monitor(path: Path, name: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.Popen([sys.executable, "-m", "guard.cli", "monitor", "--policy", str(path), "--name", name],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
