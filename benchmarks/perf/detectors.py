@@ -127,7 +127,7 @@ def _delay(quick: bool) -> Rows:
     """Queries until the first alarm per stream, and false alarms on held-out benign clients, on
     digits with thresholds calibrated (0.1%) on 20 clients x 500 variations of the target-train
     part; benign clients use the test part, attacks the auxiliary part (as in
-    tests/test_detection_streams.py)."""
+    tests/benchmarks/test_detection_streams.py)."""
     _target, oracle, thresholds, settings, attacks = _digits_setting()
     digits = datasets.load("digits")
     split = datasets.split(digits, seed=0)
