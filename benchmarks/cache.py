@@ -1,7 +1,8 @@
 """Work done once: trained models and finished outcomes on disk under a content hash.
 
 Targets, DP targets, reference models and attack outcomes are pure functions of (data, recipe,
-seed), so each is stored under the SHA-256 of a canonical encoding of what it depends on. Models are
+seed), so each is stored under the SHA-256 of a canonical encoding of what it depends on, and of the
+code that computes it (``code_digest``: another version of predguard never reads them). Models are
 pickled with ``torch.save``; outcomes are JSON. Writes are atomic (a temporary file renamed), and a
 file lock lets processes sharing the folder make each entry once.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -20,8 +22,23 @@ from typing import Any, TypeVar
 import numpy as np
 
 T = TypeVar("T")
-FORMAT = 1
-"""Bumped when what an entry holds for the same key changes (keys then change with it)."""
+PACKAGES = ("guard", "attacks", "benchmarks")
+"""The packages whose code a cached entry depends on."""
+
+
+@functools.cache
+def code_digest() -> str:
+    """The SHA-256 of the source of ``PACKAGES`` (``benchmarks.perf`` aside: it only reads the harness)."""
+    from importlib.util import find_spec
+
+    code = hashlib.sha256()
+    for package in PACKAGES:
+        root = Path(find_spec(package).origin).parent
+        for path in sorted(root.rglob("*.py")):
+            relative = path.relative_to(root.parent).as_posix()
+            if not relative.startswith("benchmarks/perf/"):
+                code.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+    return code.hexdigest()
 
 
 def default_root() -> Path:
@@ -50,7 +67,7 @@ def _canonical(value: Any) -> Any:
 
 def digest(*parts: Any) -> str:
     """The content hash of ``parts`` (JSON-like values, dataclasses and numpy arrays)."""
-    encoded = json.dumps(_canonical([FORMAT, *parts]), sort_keys=True, separators=(",", ":"))
+    encoded = json.dumps(_canonical([code_digest(), *parts]), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()[:32]
 
 

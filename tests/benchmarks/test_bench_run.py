@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import executors, grid, run
+from benchmarks.cache import code_digest, digest
 from benchmarks.cells import cell_key
 from benchmarks.grid import BenchConfig, Cell
 from benchmarks.scenarios import ATTACK_SPECS
@@ -192,3 +193,17 @@ def test_an_interrupt_ends_every_worker_and_reports_the_finished_cells(tmp_path,
         assert not results["config"]["partial"] and results["config"]["attacks"] == ["threshold", "copycat"]
         assert {(row["model"], row["defence"]) for row in results["rows"]} >= cells
         assert len({(row["model"], row["defence"]) for row in results["rows"]}) == 6
+
+
+def test_cache_keys_change_with_the_code(tmp_path, monkeypatch):
+    package = tmp_path / "somecode"
+    package.mkdir()
+    (package / "__init__.py").write_text("ANSWER = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("benchmarks.cache.PACKAGES", ("somecode",))
+    code_digest.cache_clear()
+    before = digest("cell", 1)
+    (package / "__init__.py").write_text("ANSWER = 2\n")
+    code_digest.cache_clear()
+    assert digest("cell", 1) != before
+    code_digest.cache_clear()  # the next caller digests the real packages
