@@ -13,8 +13,9 @@ from typing import Literal, get_args
 
 from limits import RateLimitItem, parse_many
 
+from guard import sanction_record
 from guard.sanctions import Level, Sanctions, Standing, network_of
-from guard.store.base import Charge, StateStore, WindowCount, WindowLimit
+from guard.store.base import Admitted, Charge, StateStore, WindowCount, WindowLimit
 
 Strategy = Literal["sliding-window-counter", "fixed-window"]
 THROTTLE, BLOCK = int(Level.THROTTLE), int(Level.BLOCK)  # the store's view of the ladder
@@ -178,6 +179,59 @@ class Admission:
             return max(0.0, 1.0 - (room - count.current) / count.previous - count.elapsed) * limit.seconds
         later = 1.0 - room / count.current if count.current else 0.0
         return (1.0 - count.elapsed + max(0.0, later)) * limit.seconds
+
+
+Read = Callable[[str, int], tuple[int, int]]
+Charged = list[tuple[WindowLimit, int, WindowCount]]
+
+
+def window_at(now_ms: int, window_ms: int) -> tuple[int, float]:
+    """The number of the window (of ``window_ms``, counted from the epoch) that ``now_ms`` falls in,
+    and the fraction of it elapsed; in whole milliseconds, so the Redis script computes the same."""
+    index = now_ms // window_ms
+    return index, (now_ms - index * window_ms) / window_ms
+
+
+def expires_ms(index: int, window_ms: int, sliding: bool) -> int:
+    """When window ``index``'s counter is no longer read: at the end of the window after it (sliding:
+    it is the previous one there), else at its own end."""
+    return (index + (2 if sliding else 1)) * window_ms
+
+
+def standing_in_force(charge: Charge, standing: bytes | None, covering: bytes | None) -> tuple[bytes | None, int]:
+    """The standing record that applies (the network's ``covering`` one when its level is higher) and
+    its level in force at ``charge.now``."""
+    level = sanction_record.level_in_force(standing, charge.now)
+    if covering is not None:
+        covering_level = sanction_record.level_in_force(covering, charge.now)
+        if covering_level > level:
+            return covering, covering_level
+    return standing, level
+
+
+def admit(charge: Charge, standing: bytes | None, covering: bytes | None, now_ms: int,
+          read: Read) -> tuple[Admitted, Charged]:
+    """The admission rule, over the counts ``read(key, window)`` gives (``(current, previous)``: the
+    queries in that window and in the one before it) at ``now_ms``: a block in force charges
+    nothing; else each limit (the throttle ones too while throttled) is counted in turn, and the
+    first that ``cost`` more would exceed refuses the query, charged to none; else every limit is
+    to be charged (the limits, their windows and counts found, for the store to add ``cost`` to).
+    ``StateStore.admit`` runs this rule as one atomic step."""
+    standing, level = standing_in_force(charge, standing, covering)
+    if level >= charge.block_level:
+        return Admitted(standing, blocked=True), []
+    limits = [*charge.limits, *charge.throttle_limits] if level == charge.throttle_level else charge.limits
+    counts: list[WindowCount] = []
+    charged: Charged = []
+    for limit in limits:
+        index, elapsed = window_at(now_ms, limit.window_ms)
+        current, previous = read(limit.key, index)
+        count = WindowCount(current, previous if charge.sliding else 0, elapsed)
+        counts.append(count)
+        if count.used() + charge.cost > limit.amount:
+            return Admitted(standing, False, tuple(counts), len(counts) - 1), []
+        charged.append((limit, index, count))
+    return Admitted(standing, False, tuple(counts)), charged
 
 
 def remaining(limit: WindowLimit, count: WindowCount, cost: int) -> int:
