@@ -168,9 +168,9 @@ class Admission:
     def wait(self, limit: WindowLimit, count: WindowCount, cost: int) -> float:
         """Seconds until ``cost`` more queries fit under ``limit``: a fixed window's end; in a sliding
         window, until the previous window's weight has fallen enough, or into the next window."""
-        room = limit.amount - cost
-        if count.used() <= room:
+        if fits(limit, count, cost):
             return 0.0
+        room = limit.amount - cost
         if room < 0:  # a batch larger than the limit never fits
             return 2.0 * limit.seconds
         if not self._sliding:
@@ -228,10 +228,15 @@ def admit(charge: Charge, standing: bytes | None, covering: bytes | None, now_ms
         current, previous = read(limit.key, index)
         count = WindowCount(current, previous if charge.sliding else 0, elapsed)
         counts.append(count)
-        if count.used() + charge.cost > limit.amount:
+        if not fits(limit, count, charge.cost):
             return Admitted(standing, False, tuple(counts), len(counts) - 1), []
         charged.append((limit, index, count))
     return Admitted(standing, False, tuple(counts)), charged
+
+
+def fits(limit: WindowLimit, count: WindowCount, cost: int) -> bool:
+    """Whether ``cost`` more queries stay within ``limit`` (the Redis script tests the same)."""
+    return count.used() + cost <= limit.amount
 
 
 def remaining(limit: WindowLimit, count: WindowCount, cost: int) -> int:
