@@ -2,7 +2,12 @@
 (``"100/minute"``, several at once), counted in the guard's state store together with the client's
 sanction, in one round trip per request (``Admission``). The decision carries what a ``429`` needs:
 ``Retry-After`` and the ``RateLimit-Limit``/``-Remaining``/``-Reset`` headers of the IETF httpapi
-*RateLimit header fields* draft."""
+*RateLimit header fields* draft.
+
+The admission rule is written here once (``admit``, over counts read from a store), as the ``limits``
+library keeps its strategies apart from its storages: the memory store runs it over its counters, the
+Redis store's script runs the same rule server-side in one call (``tests/test_ratelimit_conformance.py``
+holds the three to the same admissions)."""
 from __future__ import annotations
 
 import math
