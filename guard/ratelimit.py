@@ -187,55 +187,41 @@ class Admission:
 
 
 Read = Callable[[str, int], tuple[int, int]]
-Charged = list[tuple[WindowLimit, int, WindowCount]]
-
-
-def window_at(now_ms: int, window_ms: int) -> tuple[int, float]:
-    """The number of the window (of ``window_ms``, counted from the epoch) that ``now_ms`` falls in,
-    and the fraction of it elapsed; in whole milliseconds, so the Redis script computes the same."""
-    index = now_ms // window_ms
-    return index, (now_ms - index * window_ms) / window_ms
-
-
-def expires_ms(index: int, window_ms: int, sliding: bool) -> int:
-    """When window ``index``'s counter is no longer read: at the end of the window after it (sliding:
-    it is the previous one there), else at its own end."""
-    return (index + (2 if sliding else 1)) * window_ms
-
-
-def standing_in_force(charge: Charge, standing: bytes | None, covering: bytes | None) -> tuple[bytes | None, int]:
-    """The standing record that applies (the network's ``covering`` one when its level is higher) and
-    its level in force at ``charge.now``."""
-    level = sanction_record.level_in_force(standing, charge.now)
-    if covering is not None:
-        covering_level = sanction_record.level_in_force(covering, charge.now)
-        if covering_level > level:
-            return covering, covering_level
-    return standing, level
+Charged = list[tuple[str, int, WindowCount, int]]
 
 
 def admit(charge: Charge, standing: bytes | None, covering: bytes | None, now_ms: int,
           read: Read) -> tuple[Admitted, Charged]:
     """The admission rule, over the counts ``read(key, window)`` gives (``(current, previous)``: the
-    queries in that window and in the one before it) at ``now_ms``: a block in force charges
-    nothing; else each limit (the throttle ones too while throttled) is counted in turn, and the
-    first that ``cost`` more would exceed refuses the query, charged to none; else every limit is
-    to be charged (the limits, their windows and counts found, for the store to add ``cost`` to).
+    queries in that window and in the one before it) at ``now_ms``. The standing in force at
+    ``charge.now`` is the client's, or the network's ``covering`` one when its level is higher; a
+    block charges nothing; else each limit (the throttle ones too while throttled) is counted in
+    turn, in its window (windows of ``limit.window_ms`` numbered from the epoch, in whole
+    milliseconds, so the Redis script computes the same), and the first that ``cost`` more would
+    exceed refuses the query, charged to none; else every limit is to be charged: per limit its
+    key, window, count found, and when its counter is no longer read (the end of the next window
+    when sliding, where it is the previous one; else of its own), for the store to add ``cost`` to.
     ``StateStore.admit`` runs this rule as one atomic step."""
-    standing, level = standing_in_force(charge, standing, covering)
+    level = sanction_record.level_in_force(standing, charge.now)
+    if covering is not None:
+        covering_level = sanction_record.level_in_force(covering, charge.now)
+        if covering_level > level:
+            standing, level = covering, covering_level
     if level >= charge.block_level:
         return Admitted(standing, blocked=True), []
     limits = [*charge.limits, *charge.throttle_limits] if level == charge.throttle_level else charge.limits
+    kept = 2 if charge.sliding else 1
     counts: list[WindowCount] = []
     charged: Charged = []
     for limit in limits:
-        index, elapsed = window_at(now_ms, limit.window_ms)
+        window = limit.window_ms
+        index = now_ms // window
         current, previous = read(limit.key, index)
-        count = WindowCount(current, previous if charge.sliding else 0, elapsed)
+        count = WindowCount(current, previous if charge.sliding else 0, (now_ms - index * window) / window)
         counts.append(count)
         if not fits(limit, count, charge.cost):
             return Admitted(standing, False, tuple(counts), len(counts) - 1), []
-        charged.append((limit, index, count))
+        charged.append((limit.key, index, count, (index + kept) * window))
     return Admitted(standing, False, tuple(counts)), charged
 
 

@@ -81,8 +81,8 @@ class SpecStore:
             event("the network's standing applied")
         if charge.throttle_limits and len(admitted.counts) > len(charge.limits):
             event("throttled")
-        for limit, index, _ in charged:
-            self.counts[limit.key, index] = self.counts.get((limit.key, index), 0) + charge.cost
+        for key, index, _, _ in charged:
+            self.counts[key, index] = self.counts.get((key, index), 0) + charge.cost
         return admitted
 
 

@@ -274,13 +274,12 @@ class MemoryStore:
             return 0, window[1] if window[0] == index - 1 else 0
 
         admitted, charged = ratelimit.admit(charge, standing, covering, now_ms, read)
-        for limit, index, count in charged:
+        for key, index, count, expires in charged:
             window = (index, count.current + charge.cost, count.previous)
-            expires = ratelimit.expires_ms(index, limit.window_ms, charge.sliding)
             if count.current or count.previous:  # read just now, so held: the same size, only its value changes
-                counters.replace(limit.key, window, expires)
+                counters.replace(key, window, expires)
             else:
-                counters.set(limit.key, window, expires, now_ms)
+                counters.set(key, window, expires, now_ms)
         return admitted
 
     def __len__(self) -> int:

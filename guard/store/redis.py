@@ -85,7 +85,7 @@ return struct.pack('>I4', #found) .. found .. table.concat(previous)
 # ``guard.ratelimit.admit`` (``tests/test_ratelimit_conformance.py`` holds them equal): read the
 # standing; unless a block is in force, read each limit's counters (current and, for sliding windows,
 # previous window, numbered on the server's clock, ``SERVER_CLOCK``) and charge them all only if none
-# would be exceeded, each kept until ``ratelimit.expires_ms``.
+# would be exceeded, each kept as long as the rule says.
 # KEYS: per admission, its standing, its network's standing when read (the higher one applies), then one
 # counter prefix per limit (the throttle limits last). ARGV: per admission one string of numbers: the
 # caller's wall time (s), cost, sliding (1/0), throttle level, block level, the number of limits applied
