@@ -2,7 +2,12 @@
 (``"100/minute"``, several at once), counted in the guard's state store together with the client's
 sanction, in one round trip per request (``Admission``). The decision carries what a ``429`` needs:
 ``Retry-After`` and the ``RateLimit-Limit``/``-Remaining``/``-Reset`` headers of the IETF httpapi
-*RateLimit header fields* draft."""
+*RateLimit header fields* draft.
+
+The admission rule is written here once (``admit``, over counts read from a store), as the ``limits``
+library keeps its strategies apart from its storages: the memory store runs it over its counters, the
+Redis store's script runs the same rule server-side in one call (``tests/test_ratelimit_conformance.py``
+holds the three to the same admissions)."""
 from __future__ import annotations
 
 import math
@@ -13,8 +18,9 @@ from typing import Literal, get_args
 
 from limits import RateLimitItem, parse_many
 
+from guard import sanction_record
 from guard.sanctions import Level, Sanctions, Standing, network_of
-from guard.store.base import Charge, StateStore, WindowCount, WindowLimit
+from guard.store.base import Admitted, Charge, StateStore, WindowCount, WindowLimit
 
 Strategy = Literal["sliding-window-counter", "fixed-window"]
 THROTTLE, BLOCK = int(Level.THROTTLE), int(Level.BLOCK)  # the store's view of the ladder
@@ -167,9 +173,9 @@ class Admission:
     def wait(self, limit: WindowLimit, count: WindowCount, cost: int) -> float:
         """Seconds until ``cost`` more queries fit under ``limit``: a fixed window's end; in a sliding
         window, until the previous window's weight has fallen enough, or into the next window."""
-        room = limit.amount - cost
-        if count.used() <= room:
+        if fits(limit, count, cost):
             return 0.0
+        room = limit.amount - cost
         if room < 0:  # a batch larger than the limit never fits
             return 2.0 * limit.seconds
         if not self._sliding:
@@ -178,6 +184,50 @@ class Admission:
             return max(0.0, 1.0 - (room - count.current) / count.previous - count.elapsed) * limit.seconds
         later = 1.0 - room / count.current if count.current else 0.0
         return (1.0 - count.elapsed + max(0.0, later)) * limit.seconds
+
+
+Read = Callable[[str, int], tuple[int, int]]
+Charged = list[tuple[str, int, WindowCount, int]]
+
+
+def admit(charge: Charge, standing: bytes | None, covering: bytes | None, now_ms: int,
+          read: Read) -> tuple[Admitted, Charged]:
+    """The admission rule, over the counts ``read(key, window)`` gives (``(current, previous)``: the
+    queries in that window and in the one before it) at ``now_ms``. The standing in force at
+    ``charge.now`` is the client's, or the network's ``covering`` one when its level is higher; a
+    block charges nothing; else each limit (the throttle ones too while throttled) is counted in
+    turn, in its window (windows of ``limit.window_ms`` numbered from the epoch, in whole
+    milliseconds, so the Redis script computes the same), and the first that ``cost`` more would
+    exceed refuses the query, charged to none; else every limit is to be charged: per limit its
+    key, window, count found, and when its counter is no longer read (the end of the next window
+    when sliding, where it is the previous one; else of its own), for the store to add ``cost`` to.
+    ``StateStore.admit`` runs this rule as one atomic step."""
+    level = sanction_record.level_in_force(standing, charge.now)
+    if covering is not None:
+        covering_level = sanction_record.level_in_force(covering, charge.now)
+        if covering_level > level:
+            standing, level = covering, covering_level
+    if level >= charge.block_level:
+        return Admitted(standing, blocked=True), []
+    limits = [*charge.limits, *charge.throttle_limits] if level == charge.throttle_level else charge.limits
+    kept = 2 if charge.sliding else 1
+    counts: list[WindowCount] = []
+    charged: Charged = []
+    for limit in limits:
+        window = limit.window_ms
+        index = now_ms // window
+        current, previous = read(limit.key, index)
+        count = WindowCount(current, previous if charge.sliding else 0, (now_ms - index * window) / window)
+        counts.append(count)
+        if not fits(limit, count, charge.cost):
+            return Admitted(standing, False, tuple(counts), len(counts) - 1), []
+        charged.append((limit.key, index, count, (index + kept) * window))
+    return Admitted(standing, False, tuple(counts)), charged
+
+
+def fits(limit: WindowLimit, count: WindowCount, cost: int) -> bool:
+    """Whether ``cost`` more queries stay within ``limit`` (the Redis script tests the same)."""
+    return count.used() + cost <= limit.amount
 
 
 def remaining(limit: WindowLimit, count: WindowCount, cost: int) -> int:

@@ -1,6 +1,6 @@
-"""The stored form of a client's sanction standing, read by the sanctions and by the stores'
-admission step: the JSON list ``[level, until, reached, since]`` (levels as integers, times as
-wall-clock seconds). The Redis admission script reads the same two leading fields in Lua."""
+"""The stored form of a client's sanction standing, read by the sanctions and by the admission rule
+(``guard.ratelimit.admit``): the JSON list ``[level, until, reached, since]`` (levels as integers,
+times as wall-clock seconds). The Redis admission script reads the same two leading fields in Lua."""
 from __future__ import annotations
 
 import json

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from guard import sanction_record
 
 Update = Callable[[bytes | None], bytes]
 UpdateMany = Callable[[list[bytes | None]], list[bytes]]
@@ -24,6 +23,11 @@ class WindowLimit:
     key: str
     amount: int
     seconds: float
+
+    @property
+    def window_ms(self) -> int:
+        """The window in whole milliseconds (at least 1), as the stores count it."""
+        return max(1, int(self.seconds * 1000))
 
 
 @dataclass(slots=True)  # built on every request (see ``Charge``)
@@ -71,13 +75,6 @@ class Charge:
     block_level: int
     network_key: str | None = None
 
-    def exceeds(self, limit: WindowLimit, count: WindowCount) -> bool:
-        return count.used() + self.cost > limit.amount
-
-    def level(self, standing: bytes | None) -> int:
-        """The level a standing record puts in force now (``sanction_record.level_in_force``)."""
-        return sanction_record.level_in_force(standing, self.now)
-
 
 class StoreUnavailable(RuntimeError):
     """The backing store failed a call (``reason``: unreachable, timeout, oom, wrongtype, malformed,
@@ -119,6 +116,5 @@ class StateStore(Protocol):
         so there a field may be forgotten after half its ttl."""
 
     async def admit(self, charge: Charge) -> Admitted:
-        """In one round trip: read the standing at ``charge.standing_key`` (or at ``network_key``
-        when that one is higher); unless a block is in force, charge ``cost`` to every limit (the
-        throttle limits too while throttled) if none would be exceeded, else to none."""
+        """In one round trip, as one atomic step: read the standing at ``charge.standing_key`` (and at
+        ``network_key``) and the limits' counters, and charge them by ``guard.ratelimit.admit``."""

@@ -17,7 +17,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from guard.store.base import Admitted, Charge, Update, UpdateMany, WindowCount
+from guard import ratelimit
+from guard.store.base import Admitted, Charge, Update, UpdateMany
 
 # What one entry costs beyond its key and value: the dict slot, the (expiry, value) tuple, the float,
 # the objects' headers (measured with tracemalloc at about 250 bytes on CPython 3.11).
@@ -253,42 +254,33 @@ class MemoryStore:
         return entries.swap(fields, [value] * len(fields) if isinstance(value, bytes) else value, time.monotonic(), ttl)
 
     async def admit(self, charge: Charge) -> Admitted:
-        """One admission, as one synchronous step on the event loop (nothing can interleave).
-        Counter windows are numbered on the wall clock, as in Redis (server time)."""
-        standing = self._keys.get(charge.standing_key, time.monotonic())
-        level = charge.level(standing)
-        if charge.network_key is not None:
-            covering = self._keys.get(charge.network_key, time.monotonic())
-            if charge.level(covering) > level:
-                standing, level = covering, charge.level(covering)
-        if level >= charge.block_level:
-            return Admitted(standing, blocked=True)
-        limits = list(charge.limits)
-        if level == charge.throttle_level:
-            limits += charge.throttle_limits
-        now = time.time()
-        counters, counts, charged = self._counters, [], []
-        for limit in limits:
-            index, offset = divmod(now, limit.seconds)
-            # One entry per counter, read and written once: (its window's number since the epoch,
-            # the queries in that window, those in the window before it).
-            window = counters.get(limit.key, now)
-            if window is not None and window[0] == index:
-                current, previous = window[1], window[2]
-            else:
-                current, previous = 0, window[1] if window is not None and window[0] == index - 1 else 0
-            count = WindowCount(current, previous if charge.sliding else 0, offset / limit.seconds)
-            counts.append(count)
-            if charge.exceeds(limit, count):
-                return Admitted(standing, False, tuple(counts), len(counts) - 1)
-            charged.append((limit.key, (index, current + charge.cost, previous),
-                            (index + (2 if charge.sliding else 1)) * limit.seconds, window is not None))
-        for key, window, expires, held in charged:
-            if held:  # read just now (and made the most recent): the same size, so only its value changes
+        """``guard.ratelimit.admit`` over this store's standings and counters, as one synchronous step
+        on the event loop (nothing can interleave). Counter windows are numbered on the wall clock,
+        in milliseconds, as in Redis (server time)."""
+        now = time.monotonic()
+        standing = self._keys.get(charge.standing_key, now)
+        covering = None if charge.network_key is None else self._keys.get(charge.network_key, now)
+        now_ms = int(time.time() * 1000)
+        counters = self._counters
+
+        def read(key: str, index: int) -> tuple[int, int]:
+            # One entry per counter: (its window's number, the queries in that window, those in the
+            # window before it).
+            window = counters.get(key, now_ms)
+            if window is None:
+                return 0, 0
+            if window[0] == index:
+                return window[1], window[2]
+            return 0, window[1] if window[0] == index - 1 else 0
+
+        admitted, charged = ratelimit.admit(charge, standing, covering, now_ms, read)
+        for key, index, count, expires in charged:
+            window = (index, count.current + charge.cost, count.previous)
+            if count.current or count.previous:  # read just now, so held: the same size, only its value changes
                 counters.replace(key, window, expires)
             else:
-                counters.set(key, window, expires, now)
-        return Admitted(standing, False, tuple(counts))
+                counters.set(key, window, expires, now_ms)
+        return admitted
 
     def __len__(self) -> int:
         """Keys currently held (expired ones may still count until touched or evicted)."""

@@ -81,23 +81,26 @@ found = table.concat(found)
 return struct.pack('>I4', #found) .. found .. table.concat(previous)
 """
 
-# The admissions (``StateStore.admit``) made in one turn of the event loop, each in turn: read the
+# The admissions (``StateStore.admit``) made in one turn of the event loop, each in turn, by the rule of
+# ``guard.ratelimit.admit`` (``tests/test_ratelimit_conformance.py`` holds them equal): read the
 # standing; unless a block is in force, read each limit's counters (current and, for sliding windows,
-# previous window, numbered on the server's clock) and charge them all only if none would be exceeded.
+# previous window, numbered on the server's clock, ``SERVER_CLOCK``) and charge them all only if none
+# would be exceeded, each kept as long as the rule says.
 # KEYS: per admission, its standing, its network's standing when read (the higher one applies), then one
 # counter prefix per limit (the throttle limits last). ARGV: per admission one string of numbers: the
 # caller's wall time (s), cost, sliding (1/0), throttle level, block level, the number of limits applied
 # when not throttled, the number of limits, whether the network's standing is read (1/0), then amount
 # and window (ms) per limit. Returns per admission its standing and a string of numbers, each packed
 # (``pack``): refused (-1: blocked, 0: none, i: the i-th limit), then per limit read: current, previous,
-# elapsed fraction.
+# elapsed fraction (to the last bit).
+SERVER_CLOCK = """local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"""
 _ADMIT = """
 local function packed(item)
   if not item then return '\\255\\255\\255\\255' end
   return struct.pack('>I4', #item) .. item
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+""" + SERVER_CLOCK + """
 local function level_of(standing, wall)
   if not standing then return 0 end
   local ok, record = pcall(cjson.decode, standing)
@@ -129,12 +132,14 @@ local function admit(keys, args)
     local current = tonumber(redis.call('GET', key) or '0')
     local previous = 0
     if sliding then previous = tonumber(redis.call('GET', KEYS[first + i] .. ':' .. (index - 1)) or '0') end
-    out[#out + 1] = current .. ' ' .. previous .. ' ' .. tostring(elapsed)
+    out[#out + 1] = current .. ' ' .. previous .. ' ' .. string.format('%.17g', elapsed)
     if previous * (1 - elapsed) + current + cost > amount then
       out[1] = tostring(i)
       return packed(standing) .. packed(table.concat(out, ' '))
     end
-    charged[#charged + 1] = {key, sliding and 2 * window or window}
+    local kept = index + 1
+    if sliding then kept = index + 2 end
+    charged[#charged + 1] = {key, kept * window - now}
   end
   for _, counter in ipairs(charged) do
     redis.call('INCRBY', counter[1], cost)
@@ -395,7 +400,7 @@ class RedisStore:
                        str(charge.block_level), str(len(charge.limits)), str(len(limits)),
                        "0" if charge.network_key is None else "1"]
             for limit in limits:
-                numbers += [str(limit.amount), str(_ms(limit.seconds))]
+                numbers += [str(limit.amount), str(limit.window_ms)]
             args.append(" ".join(numbers))
         replies = unpack(await self._admission_channel.call(self._admit, keys, args))
         return [admitted(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
