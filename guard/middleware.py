@@ -39,6 +39,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.identity import ClientIdentifier, Identity, KeyCheck
@@ -65,6 +66,7 @@ from guard.ratelimit import Admission, RouteLimits
 from guard.routing import RouteTable, find_bypasses, get_route_path
 from guard.sanctions import Level, Sanctions
 from guard.store import StoreUnavailable, is_shared, memory_options, store_from_uri
+from guard.watermarks import records_from_uri, records_of
 
 logger = logging.getLogger("guard")
 
@@ -156,6 +158,7 @@ class Monitoring:
         token = policy.metrics_token.get_secret_value() if policy.metrics_token else None
         self.metrics_access = MetricsAccess(policy.metrics_networks, token)
         self.fail_output = Pipeline.from_specs(["label_only"], secret)
+        self.watermarks = records_from_uri(policy.store, policy.watermark_records) if policy.watermarked else None
         self.monitor: InProcessMonitor | ObservationStream | None = None
         if policy.detectors and policy.monitor.deployment == "streams":
             self.monitor = ObservationStream(policy.store, policy.monitor)
@@ -465,7 +468,9 @@ class GuardedExchange:
                              f"{len(features)} feature rows")
         if self.route.monitored and len(features):
             output, decision = await self.observe(client, features, found.predicted(), output, decision)
-        defended = output(found.rows, features if len(features) else None)
+        defended = output(found.rows, features if len(features) else None, client)
+        if output.watermark is not None:
+            await self.record(output, found, features, client)
         rendered = found.render(defended, output.label_only, self.route.one_hot)
         document = self.route.probabilities.replace(document, rendered)
         try:
@@ -474,6 +479,16 @@ class GuardedExchange:
             raise GuardError(502, "bad_response", "the app's response cannot be re-serialised") from None
         await self.send_json(self.start["status"], headers, body)
         return decision
+
+    async def record(self, output: Pipeline, found: Probabilities, features: FeatureRows, client: str) -> None:
+        """Keep the rows the watermark marked for ``guard verify``; a store failure is logged, the
+        answer still sent."""
+        predicted = found.predicted()
+        marks = output.watermark.marks(np.asarray(predicted), features, client, len(found.rows[0]))
+        try:
+            await self.monitoring.watermarks.add(records_of(marks, features, predicted, client))
+        except Exception:
+            logger.exception("guard: watermark records not kept on %s", self.scope["path"])
 
     # Step 7: the observation (client, features, the model's own labels) goes to the monitor,
     # which judges it off the request path (guard.monitoring.monitor). When it cannot be queued (the
