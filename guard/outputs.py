@@ -250,7 +250,7 @@ class Watermark(OutputDefence):
     rate: float
     secret: bytes
 
-    CONTROLS = 4
+    CONTROLS = 9
     """Control queries recorded per watermarked one: the verifier measures a suspect's own rate of
     agreeing with keyed wrong labels on them (``attacks.ownership``)."""
 
