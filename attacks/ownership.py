@@ -17,12 +17,14 @@ attacker's queries, or wrong towards the same classes, raises its control rate a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import hypergeom
+
+from attacks.ensemble import Architecture, TrainingConfig, train_ensemble
 
 ALPHA = 1e-6
 """The default false-accusation level: an independent model is accused with at most this probability."""
@@ -49,9 +51,14 @@ class Records:
     @classmethod
     def load(cls, path: str | Path) -> Records:
         """Records from a JSON-lines file (``guard watermarks export``)."""
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        return cls.from_lines(Path(path).read_text().splitlines(), str(path))
+
+    @classmethod
+    def from_lines(cls, lines: Iterable[str | bytes], source: str = "the records") -> Records:
+        """Records from JSON lines, one record an object."""
+        rows = [json.loads(line) for line in lines if line.strip()]
         if not rows:
-            raise ValueError(f"{path} holds no watermark records")
+            raise ValueError(f"{source} holds no watermark records")
         return cls(np.array([row["features"] for row in rows], dtype=np.float64),
                    np.array([row["label"] for row in rows], dtype=np.int64),
                    np.array([row["kind"] == "watermark" for row in rows]),
@@ -139,3 +146,16 @@ class OwnershipTest:
                                self.alpha / len(names)) for name in names]
         return Verification(evidence("all clients", matches, records.watermarked, self.alpha), per_client,
                             len(records))
+
+
+def consistent_answers(X: np.ndarray, labels: np.ndarray, n_classes: int, architecture: Architecture,
+                       training: TrainingConfig = TrainingConfig(), folds: int = 5, seed: int = 0) -> np.ndarray:
+    """The adaptive attacker's filter against a watermark it knows of (Kerckhoffs): which answers an
+    ensemble trained on the *other* answers agrees with (out of fold, so no member saw the answer it
+    judges; one batched ensemble of ``folds`` models). A wrong label among right neighbours is voted
+    down; the attacker trains its copy on the rest."""
+    fold = np.random.default_rng(seed).permutation(len(X)) % folds
+    masks = fold[None, :] != np.arange(folds)[:, None]
+    ensemble = train_ensemble(X, labels, masks, n_classes, architecture=architecture, config=training, seed=seed)
+    votes = ensemble.logits(X).argmax(dim=-1).numpy()
+    return votes[fold, np.arange(len(X))] == labels
