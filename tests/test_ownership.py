@@ -14,7 +14,8 @@ import uvicorn
 from harness_cli import app as cli
 from typer.testing import CliRunner
 
-from attacks.ownership import OwnershipTest, Records, p_value
+from attacks.ensemble import Architecture, TrainingConfig
+from attacks.ownership import OwnershipTest, Records, consistent_answers, p_value
 from guard import models
 from guard.middleware import GuardMiddleware
 from guard.policy import Policy
@@ -129,3 +130,14 @@ def test_guard_verify_queries_a_live_suspect(stolen):
     line = output.split("overall:")[1].splitlines()[1]
     assert "ACCUSED" in line, output
     assert float(line.split("p = ")[1].split()[0]) <= 1e-6
+
+
+def test_the_filtering_attacker_drops_isolated_wrong_labels():
+    rng = np.random.default_rng(3)
+    centres = rng.random((4, 5)) * 4
+    y = rng.integers(0, 4, 800)
+    X = centres[y] + rng.normal(0, 0.3, (800, 5))
+    flipped = rng.random(800) < 0.05
+    labels = np.where(flipped, (y + 1) % 4, y)
+    keep = consistent_answers(X, labels, 4, Architecture("softmax"), TrainingConfig(epochs=20))
+    assert (~keep[flipped]).mean() > 0.9 and keep[~flipped].mean() > 0.95
