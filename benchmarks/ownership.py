@@ -1,7 +1,7 @@
 """The ownership family: can the owner prove, after the fact, that a copy was made from its answers?
 
 Threat model: nothing stopped the copier (every extraction attack of the suite succeeds against every
-output defence); the API answers with ``watermark:0.005`` (DAWN, Szyller et al., ACM MM 2021) combined
+output defence); the API answers with ``watermark:0.005`` (``--rate``; DAWN, Szyller et al., ACM MM 2021) combined
 with the other output defences, and keeps the watermark records. The owner then tests each copy with
 ``attacks.ownership.OwnershipTest`` at ``alpha = 1e-6`` on at most 2,000 records. No-model reference:
 independent models (other seeds and architectures, trained on the owner's data and on the attacker's
@@ -31,9 +31,7 @@ from benchmarks import run
 from benchmarks.scenarios import ATTACK_SPECS, Context, Defence
 from guard.middleware import GuardMiddleware
 
-WATERMARK = "watermark:0.005"
-DEFENCES = (Defence("watermark", (WATERMARK,)), Defence("watermark+round:2", (WATERMARK, "round:2")),
-            Defence("watermark+label_only", (WATERMARK, "label_only")))
+RATE = 0.005
 SUITE = ("copycat", "copycat-k-center", "knockoff-adaptive", "jacobian", "equation-solving")
 AUGMENTED_QUERIES = 4000
 """The augmented Copycat's queries: the attacker's pool and noisy variants of it (the suite's
@@ -57,6 +55,13 @@ class Row:
     verification: Verification
     false_accusations: int
     independent_min_p: float
+
+
+def defences(rate: float) -> tuple[Defence, ...]:
+    """The watermark alone and combined with rounding and with label-only answers."""
+    mark = f"watermark:{rate:g}"
+    return (Defence(mark, (mark,)), Defence(f"{mark}+round:2", (mark, "round:2")),
+            Defence(f"{mark}+label_only", (mark, "label_only")))
 
 
 def guard_of(app) -> GuardMiddleware:
@@ -179,8 +184,9 @@ def cost(context: Context) -> tuple[float, float, float]:
             float((served != model).mean()))
 
 
-def table(rows: list[Row], costs: list[tuple[str, str, str, tuple[float, float, float]]], n_independent: int) -> str:
-    lines = [f"Ownership verification with `{WATERMARK}`: DAWN's test at alpha = {ALPHA:g} on at most "
+def table(rows: list[Row], costs: list[tuple[str, str, str, tuple[float, float, float]]], n_independent: int,
+          rate: float) -> str:
+    lines = [f"Ownership verification with `watermark:{rate:g}`: DAWN's test at alpha = {ALPHA:g} on at most "
              f"2,000 records; {n_independent} independent models per target tested against every copy's "
              "records.", "",
              "| data | model | defence | attacker | queries | agreement | watermarks | reproduced | controls "
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="softmax,mlp")
     parser.add_argument("--attacks", default=",".join(SUITE))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rate", type=float, default=RATE, help="the watermark's rate r")
     parser.add_argument("--no-adaptive", action="store_true")
     parser.add_argument("--out", default="ownership.md")
     options = parser.parse_args(argv)
@@ -217,17 +224,18 @@ def main(argv: list[str] | None = None) -> None:
     for name in options.data.split(","):
         for kind in options.models.split(","):
             started = time.perf_counter()
-            base = run._context(config, name, kind, DEFENCES[0], options.seed, trained)
+            served = defences(options.rate)
+            base = run._context(config, name, kind, served[0], options.seed, trained)
             independent = Independent(base, options.seed)
             n_independent = len(independent)
-            for defence in DEFENCES:
+            for defence in served:
                 context = replace(base, defence=defence)
                 costs.append((name, kind, defence.name, cost(context)))
                 rows += suite_rows(context, tuple(options.attacks.split(",")), independent, test)
             if not options.no_adaptive:
                 rows += adaptive_rows(base, independent, test)
             print(f"{name} {kind}: {time.perf_counter() - started:.0f} s", flush=True)
-    text = table(rows, costs, n_independent)
+    text = table(rows, costs, n_independent, options.rate)
     Path(options.out).write_text(text + "\n")
     print(text)
 
