@@ -39,7 +39,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.identity import ClientIdentifier, Identity, KeyCheck
@@ -47,7 +46,7 @@ from guard.metrics import GuardMetrics, MetricsAccess
 from guard.detectors.base import Observation
 from guard.monitoring.monitor import InProcessMonitor, Queued
 from guard.monitoring.stream import ObservationStream
-from guard.outputs import Pipeline
+from guard.outputs import Marks, Pipeline, Watermark
 from guard.payload import (
     NO_FEATURES,
     EachRow,
@@ -468,9 +467,10 @@ class GuardedExchange:
                              f"{len(features)} feature rows")
         if self.route.monitored and len(features):
             output, decision = await self.observe(client, features, found.predicted(), output, decision)
-        defended = output(found.rows, features if len(features) else None, client)
+        marks = None
         if output.watermark is not None:
-            await self.record(output, found, features, client)
+            marks = await self.record(output.watermark, found, features, client)
+        defended = output(found.rows, features if len(features) else None, client, marks)
         rendered = found.render(defended, output.label_only, self.route.one_hot)
         document = self.route.probabilities.replace(document, rendered)
         try:
@@ -480,15 +480,18 @@ class GuardedExchange:
         await self.send_json(self.start["status"], headers, body)
         return decision
 
-    async def record(self, output: Pipeline, found: Probabilities, features: FeatureRows, client: str) -> None:
-        """Keep the rows the watermark marked for ``guard verify``; a store failure is logged, the
-        answer still sent."""
+    async def record(self, watermark: Watermark, found: Probabilities, features: FeatureRows,
+                     client: str) -> Marks:
+        """The watermark's marks on this answer; the rows it marked are kept for ``guard verify`` (a
+        store failure is logged, the answer still sent)."""
         predicted = found.predicted()
-        marks = output.watermark.marks(np.asarray(predicted), features, client, len(found.rows[0]))
-        try:
-            await self.monitoring.watermarks.add(records_of(marks, features, predicted, client))
-        except Exception:
-            logger.exception("guard: watermark records not kept on %s", self.scope["path"])
+        marks = watermark.marks(predicted, features, client, len(found.rows[0]))
+        if marks.watermarked.any() or marks.controls.any():
+            try:
+                await self.monitoring.watermarks.add(records_of(marks, features, predicted, client))
+            except Exception:
+                logger.exception("guard: watermark records not kept on %s", self.scope["path"])
+        return marks
 
     # Step 7: the observation (client, features, the model's own labels) goes to the monitor,
     # which judges it off the request path (guard.monitoring.monitor). When it cannot be queued (the

@@ -264,27 +264,37 @@ class Watermark(OutputDefence):
         if not 0 < rate <= 1 / (1 + Watermark.CONTROLS):
             raise ValueError(f"watermark: rate must be in (0, {1 / (1 + Watermark.CONTROLS):g}], got {rate}")
 
-    def marks(self, top: np.ndarray, features: np.ndarray, client: str, n_classes: int) -> Marks:
+    def marks(self, top: np.ndarray | list[int], features: np.ndarray | list[list[float]], client: str,
+              n_classes: int) -> Marks:
         """The rows ``client``'s query ``features`` (whose model labels among ``n_classes`` are
-        ``top``) watermarks, its control rows, and each row's keyed wrong label."""
+        ``top``) watermarks, its control rows, and each row's keyed wrong label. Row by row in plain
+        Python: an answer holds a few rows, where each numpy call costs microseconds."""
         if features is None or len(features) != len(top):
             raise ValueError("watermark needs one feature row per probability row")
-        prefix = b"watermark\0" + client.encode() + b"\0"
-        words = np.frombuffer(b"".join(row_digests(self.secret, features, prefix)), dtype="<u8").reshape(-1, 4)
-        draw = words[:, 0] / np.float64(2**64)
-        labels = (top + 1 + (words[:, 1] % np.uint64(max(n_classes - 1, 1))).astype(np.int64)) % n_classes
-        return Marks(draw < self.rate, (draw >= self.rate) & (draw < self.rate * (1 + self.CONTROLS)), labels)
+        low, high = self.rate * 2.0**64, self.rate * (1 + self.CONTROLS) * 2.0**64
+        others = max(n_classes - 1, 1)
+        marked, controls, labels = [], [], []
+        for digest, label in zip(row_digests(self.secret, features, b"watermark\0" + client.encode() + b"\0"), top):
+            draw = int.from_bytes(digest[:8], "little")
+            marked.append(draw < low)
+            controls.append(low <= draw < high)
+            labels.append((int(label) + 1 + int.from_bytes(digest[8:16], "little") % others) % n_classes)
+        return Marks(np.array(marked, dtype=bool), np.array(controls, dtype=bool), np.array(labels, dtype=np.int64))
 
-    def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None,
-                 client: str = "") -> np.ndarray:
-        p = np.array(probabilities, dtype=np.float64)
+    def __call__(self, probabilities: np.ndarray | list[list[float]], features: np.ndarray | None = None,
+                 client: str = "", marks: Marks | None = None) -> np.ndarray | list[list[float]]:
+        """The answers with the marked rows rewritten (``marks``: this query's, if already known);
+        the input itself, lists or an array, when no row is marked."""
+        p = np.asarray(probabilities, dtype=np.float64)
         top = p.argmax(axis=1)
-        marks = self.marks(top, features, client, p.shape[1])
+        marks = marks or self.marks(top, features, client, p.shape[1])
         rows = np.flatnonzero(marks.watermarked)
-        if len(rows):
-            wrong, right = marks.labels[rows], top[rows]
-            p[rows, right], p[rows, wrong] = p[rows, wrong], p[rows, right]
-            p[rows] = keep_top(p[rows], wrong)
+        if not len(rows):
+            return probabilities
+        p = p.copy()
+        wrong, right = marks.labels[rows], top[rows]
+        p[rows, right], p[rows, wrong] = p[rows, wrong], p[rows, right]
+        p[rows] = keep_top(p[rows], wrong)
         return p
 
 
@@ -311,10 +321,10 @@ class Pipeline:
         return next((stage for stage in self.stages if isinstance(stage, Watermark)), None)
 
     def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None,
-                 client: str = "") -> np.ndarray:
-        """The stages applied in order; ``client`` keys the watermark."""
+                 client: str = "", marks: Marks | None = None) -> np.ndarray:
+        """The stages applied in order; ``client`` keys the watermark (``marks``: its marks, if known)."""
         for stage in self.stages:
-            probabilities = (stage(probabilities, features, client) if stage is self.watermark
+            probabilities = (stage(probabilities, features, client, marks) if stage is self.watermark
                              else stage(probabilities, features))
         return probabilities
 
