@@ -235,9 +235,8 @@ def main(argv: list[str] | None = None) -> None:
             if not options.no_adaptive:
                 rows += adaptive_rows(base, independent, test)
             print(f"{name} {kind}: {time.perf_counter() - started:.0f} s", flush=True)
-    text = table(rows, costs, n_independent, options.rate)
-    Path(options.out).write_text(text + "\n")
-    print(text)
+            Path(options.out).write_text(table(rows, costs, n_independent, options.rate) + "\n")
+    print(Path(options.out).read_text())
 
 
 if __name__ == "__main__":
