@@ -22,6 +22,7 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from attacks.base import Attack, AttackResult
+from attacks.copies import train_copies
 from attacks.ensemble import Architecture
 from attacks.scoring import agreement, extraction_measures, uniform_inputs
 from attacks.targets import OutputUnavailable, Target
@@ -66,19 +67,9 @@ def soft_targets(answers: np.ndarray, n_classes: int, labels_only: bool) -> tupl
 def train_copy(X: np.ndarray, targets: np.ndarray, hidden: int | None, *, epochs: int = 150,
                lr: float = 1e-2, batch_size: int = 32, seed: int = 0) -> nn.Module:
     """A fresh copy of ``architecture(hidden)`` fitted to soft targets by minibatch Adam on cross-entropy (knowledge
-    distillation, Hinton et al. 2015; with one-hot targets, plain supervised training)."""
-    torch.manual_seed(seed)
-    model = architecture(hidden).build(X.shape[1], targets.shape[1])
-    inputs = torch.as_tensor(X, dtype=torch.float32)
-    soft = torch.as_tensor(targets, dtype=torch.float32)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(inputs), generator=generator).split(batch_size):
-            optimiser.zero_grad()
-            _soft_cross_entropy(model(inputs[batch]), soft[batch]).backward()
-            optimiser.step()
-    return model.eval()
+    distillation, Hinton et al. 2015; with one-hot targets, plain supervised training); ``copies.train_copies``."""
+    return train_copies(X, targets, [len(X)], architecture(hidden), epochs=epochs, lr=lr, batch_size=batch_size,
+                        seed=seed)[0]
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -300,14 +291,12 @@ class _LearningAttack(Attack):
 
     def _train_with_curve(self, X: np.ndarray, targets: np.ndarray, X_test: np.ndarray,
                           reference: np.ndarray) -> tuple[nn.Module, dict[str, list]]:
-        """Copies trained on growing prefixes of the transfer set (in query order): the last is the
-        stolen model, and their test agreement makes the agreement-against-queries curve."""
-        curve: dict[str, list] = {"queries": [], "agreement": []}
-        for count in _checkpoints(len(X), self.curve_points):
-            model = self._train(X[:count], targets[:count])
-            curve["queries"].append(count)
-            curve["agreement"].append(agreement(labeller(model)(X_test), reference))
-        return model, curve
+        """Copies trained on growing prefixes of the transfer set (in query order), all at once: the
+        last is the stolen model, and their test agreement makes the agreement-against-queries curve."""
+        counts = _checkpoints(len(X), self.curve_points)
+        copies = train_copies(X, targets, counts, architecture(self.hidden), epochs=self.epochs, seed=self.seed)
+        curve = {"queries": counts, "agreement": [agreement(labeller(model)(X_test), reference) for model in copies]}
+        return copies[-1], curve
 
     def _finish(self, target: Target, start: int, model: nn.Module, curve: dict[str, list],
                 oracle: Labeller, X_test: np.ndarray, y_test: np.ndarray | None) -> AttackResult:

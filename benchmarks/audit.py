@@ -34,7 +34,7 @@ import numpy as np
 from attacks.ensemble import TrainingConfig
 from attacks.targets import HTTPTarget, TargetError
 from benchmarks import datasets, models, report
-from benchmarks.run import attempt, row
+from benchmarks.cells import attempt, row
 from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, AttackSpec, Context
 from guard.payload import answer_rows
 from guard.policy import RoutePolicy

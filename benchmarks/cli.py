@@ -22,7 +22,16 @@ def register(app: typer.Typer) -> None:
 
 def bench(
     out: str = typer.Option("guard-report", help="Folder for results.json, report.md and report.html."),
-    quick: bool = typer.Option(False, "--quick", help="A small grid: digits, one seed, five defences."),
+    quick: bool = typer.Option(False, "--quick", help="A smoke test in under a minute: digits, one seed, five "
+                               "defences, six attacks at reduced strength."),
+    full: bool = typer.Option(False, "--full", help="The whole grid: three seeds, every defence and attack "
+                              "(default: one seed; on each defence, the attacks strongest against it in the full run)."),
+    cache: str | None = typer.Option(None, help="Folder of trained models and finished cells, reused by "
+                                     "every run (default: ~/.cache/predguard/bench)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run recorded in --out (its options), "
+                                "from the cells already in the cache."),
+    ray: str | None = typer.Option(None, help="Run the cells as Ray tasks on the cluster at this address, or "
+                                   "'auto' (needs the 'ray' extra)."),
     data: list[str] | None = typer.Option(None, help="Data sets (comma-separated or repeated): digits, "
                                           "breast_cancer, faces, faces64, or .csv/.npz files (an NPZ X of "
                                           "shape (n, h, w[, c]) is kept as images)."),
@@ -49,36 +58,47 @@ def bench(
                               "attack over the socket (default: in-process ASGI transport)."),
     epochs: int | None = typer.Option(None, min=1, help="Training epochs of the target models (default: "
                                       "sized to the data)."),
-    workers: int | None = typer.Option(None, min=1, help="Processes running (dataset, model, seed) groups "
-                                       "side by side (default: one per CPU core)."),
-    threads: int = typer.Option(1, min=1, help="Torch threads per process (the bench's small models run "
-                                "fastest on one)."),
+    workers: int | None = typer.Option(None, min=1, help="Processes running cells side by side (default: one "
+                                       "per CPU core)."),
+    threads: int = typer.Option(1, min=1, help="Torch threads per process or Ray task (the bench's small "
+                                "models run fastest on one)."),
 ) -> None:
     """Attack undefended and defended models through the real middleware and report the difference."""
+    import json
+    import os
     import sys
-    from dataclasses import replace
     from pathlib import Path
 
-    from benchmarks import run
+    from benchmarks import executors, grid, run
+    from benchmarks.cache import default_root
     from benchmarks.models import Underfit
 
-    config = run.BenchConfig(command=" ".join(["guard", *sys.argv[1:]]), live=live, model=model, quick=quick,
-                             sensitive=sensitive, max_body_bytes=max_body_bytes, hidden=hidden,
-                             activation=activation, lr=lr, min_train_accuracy=min_train_accuracy)
-    if quick:
-        config = replace(config, **run.QUICK)
-    chosen = {"datasets": split_names(data), "defences": split_names(defences),
-              "attacks": split_names(attacks), "seeds": tuple(seed) if seed else None,
-              "epochs": epochs}
-    config = replace(config, **{key: value for key, value in chosen.items() if value is not None})
+    if quick and full:
+        raise typer.BadParameter("choose one of --quick and --full")
+    recorded = Path(out) / "results.json"
+    if resume and not recorded.exists():
+        raise typer.BadParameter(f"nothing to resume: no {recorded}", param_hint="--resume")
+    if resume:
+        previous = json.loads(recorded.read_text())["config"]
+        config, cache = grid.from_recorded(previous), cache or previous.get("cache")
+    else:
+        config = grid.configure(
+            "quick" if quick else "full" if full else "default", command=" ".join(["guard", *sys.argv[1:]]),
+            live=live, model=model, sensitive=sensitive, max_body_bytes=max_body_bytes, hidden=hidden,
+            activation=activation, lr=lr, min_train_accuracy=min_train_accuracy, datasets=split_names(data),
+            defences=split_names(defences), attacks=split_names(attacks), seeds=tuple(seed) if seed else None, epochs=epochs)
+    executor = (executors.RayCluster(ray, cpus=threads) if ray else
+                executors.LocalPool(workers or os.cpu_count() or 1, threads))
     try:
-        paths = run.run(config, Path(out), workers=workers, threads=threads)
+        finished = run.run(config, Path(out), executor, Path(cache) if cache else default_root())
     except (Underfit, ValueError) as error:  # an underfitting target, unusable data or options
         typer.echo(f"guard bench: {error}", err=True)
         raise typer.Exit(2) from error
-    typer.echo(Path(paths["markdown"]).read_text().split("## All rows")[0])
-    for kind, path in paths.items():
+    typer.echo(finished.summary)
+    for kind, path in finished.paths.items():
         typer.echo(f"{kind}: {path}")
+    if finished.partial:
+        raise typer.Exit(130)
 
 
 def _list(value: str | None) -> tuple[str, ...] | None:

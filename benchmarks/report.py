@@ -341,9 +341,16 @@ def _markdown_table(lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+DP_AUDIT_NOTE = ("The audited epsilon is the largest lower bound a membership attack's ROC proves (Clopper-Pearson, "
+                 "95% confidence per seed and attack, at the row's delta): far below epsilon is expected (one attack), "
+                 "above it means the training does not deliver the epsilon it reports.")
+
+
 def _dp_table(config: dict[str, Any], rows: list[Row]) -> list[list[str]]:
-    """For each DP row: the strongest measured membership advantage beside the (epsilon, delta) bound."""
-    lines = [["dataset", "model", "defence", "epsilon", "delta", "measured advantage (attack)", "bound"]]
+    """For each DP row: the strongest measured membership advantage beside the (epsilon, delta) bound, and the
+    largest epsilon lower bound an attack proves (``guard.dp.audit.membership_epsilon``) beside epsilon."""
+    lines = [["dataset", "model", "defence", "epsilon", "delta", "measured advantage (attack)", "bound",
+              "audited epsilon >= (attack; 95% each)"]]
     specs = config.get("defence_specs", {})
     for (dataset, model, defence), group in _group([r for r in rows if r["family"] == "membership"
                                                     and r["status"] == "ok"], ("dataset", "model", "defence")).items():
@@ -351,10 +358,13 @@ def _dp_table(config: dict[str, Any], rows: list[Row]) -> list[list[str]]:
         if epsilon is None:
             continue
         best = max(group, key=lambda r: r["metrics"]["advantage"]["mean"])
+        audited = max(group, key=lambda r: r["metrics"].get("epsilon_lower_bound", {}).get("mean", -1.0))
+        lower = audited["metrics"].get("epsilon_lower_bound")
         delta = config["dp_delta"][dataset]
         lines.append([dataset, model, defence, f"{epsilon:g}", f"{delta:g}",
                       f"{_fmt(best['metrics']['advantage'])} ({best['attack']})",
-                      f"{membership_advantage_bound(epsilon, delta):.3f}"])
+                      f"{membership_advantage_bound(epsilon, delta):.3f}",
+                      f"{_fmt(lower)} ({audited['attack']})" if lower else "not measured"])
     return lines
 
 
@@ -394,16 +404,27 @@ def _unverdicted(rows: list[Row], findings: list[Row]) -> str:
     return "\n".join(["Families without a verdict, and why:", *reasons]) if reasons else ""
 
 
+PARTIAL = "**Partial run**: interrupted; only the cells that finished are reported (run again with `--resume`)."
+
+
+def summary_markdown(config: dict[str, Any], rows: list[Row]) -> str:
+    """The report's summary section: which defence to turn on, and what it costs."""
+    return "\n\n".join(part for part in [
+        "## Summary: which defence to turn on, and what it costs", PARTIAL if config.get("partial") else "",
+        _markdown_table(_summary_table(summary(verdicts(rows), config)))] if part)
+
+
 def _markdown(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
     return "\n\n".join(part for part in [
         "# predguard benchmark report",
         f"Seeds: {config.get('seeds')}; datasets: {config.get('datasets')}; command: `{config.get('command', '')}`",
-        "## Summary: which defence to turn on, and what it costs", _markdown_table(_summary_table(summary(findings, config))),
+        summary_markdown(config, rows),
         "## Threat models and no-model references", "\n".join(_threat_models(config, rows)),
         "## Targets", _markdown_table(_targets_table(rows)),
         "## Verdict", _markdown_table(_verdict_table(findings)), _unverdicted(rows, findings),
         "## Inversion and attribute inference beside the no-model reference", _markdown_table(_inversion_table(rows)),
         "## DP-SGD: measured membership advantage and its theoretical bound", _markdown_table(_dp_table(config, rows)),
+        DP_AUDIT_NOTE,
         "## All rows", _markdown_table(_rows_table(rows)),
         "Figures are in `report.html`; every number is the mean ± standard deviation over the listed seeds.",
     ] if part) + "\n"
@@ -425,13 +446,15 @@ def _html(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
             f"<style>{style}</style></head><body><h1>predguard benchmark report</h1>"
             f"<p>Seeds: {html.escape(str(config.get('seeds')))}; command: <code>{html.escape(str(config.get('command', '')))}</code></p>"
             f"<h2>Summary: which defence to turn on, and what it costs</h2>"
-            f"{table(_summary_table(summary(findings, config)))}"
+            + (f"<p><strong>Partial run</strong>: {html.escape(PARTIAL.split(': ', 1)[1])}</p>" if config.get("partial") else "")
+            + f"{table(_summary_table(summary(findings, config)))}"
             f"<h2>Threat models and no-model references</h2><ul>"
             + "".join(f"<li>{html.escape(line[2:])}</li>" for line in _threat_models(config, rows)) + "</ul>"
             f"<h2>Targets</h2>{table(_targets_table(rows))}"
             f"<h2>Verdict</h2>{table(_verdict_table(findings))}<p>{html.escape(_unverdicted(rows, findings))}</p>"
             f"<h2>Inversion and attribute inference beside the no-model reference</h2>{table(_inversion_table(rows))}"
             f"<h2>DP-SGD: measured membership advantage and its theoretical bound</h2>{table(_dp_table(config, rows))}"
+            f"<p>{html.escape(DP_AUDIT_NOTE)}</p>"
             f"<h2>Figures</h2>{figures}"
             f"<h2>All rows</h2>{table(_rows_table(rows))}</body></html>")
 
@@ -463,11 +486,26 @@ def _figures(rows: list[Row], image_shapes: dict[str, Any]) -> list[tuple[str, s
     return figures
 
 
+FIGURE_SIZE = (5.0, 3.6)
+DPI = 100
+LAYOUT_PAD = 0.3
+MARKERS = ("o", "s", "^", "v", "D", "x", "P", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
 def _curve_figure(plt, rows: list[Row], curve: str, log: bool):
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for row in rows:
+    """One line per defence, each with its own marker and dash so that lines lying on one another
+    stay visible; the undefended line is drawn last, on top."""
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
+    ordered = sorted(rows, key=lambda row: row["defence"] == "none")
+    for i, row in enumerate(ordered):
         points = row["curves"][curve]
-        axes.plot(points["x"], points["y"], label=f"{row['defence']} ({row['attack']})", linewidth=1.2)
+        undefended = row["defence"] == "none"
+        axes.plot(points["x"], points["y"], label=f"{row['defence']} ({row['attack']})",
+                  linewidth=2.0 if undefended else 1.1, color="k" if undefended else None,
+                  linestyle="-" if undefended else LINESTYLES[i % len(LINESTYLES)],
+                  marker=MARKERS[i % len(MARKERS)], markersize=3 if log else 5, markevery=0.1 if log else 1,
+                  fillstyle="none", zorder=3 if undefended else 2)
     if log:
         axes.set_xscale("log")
         axes.set_yscale("log")
@@ -485,8 +523,9 @@ def _curve_figure(plt, rows: list[Row], curve: str, log: bool):
 
 
 def _image_grid(plt, rows: list[Row], image_shape: list[int] | None = None):
-    """One line per image set; a reference set (class means, true inputs) shared by several rows
-    is drawn once, above the reconstructions."""
+    """One line per image set, drawn as one mosaic per line (white gaps between images) on a figure
+    sized to the images; a reference set (class means, true inputs) shared by several rows is drawn
+    once, above the reconstructions."""
     named, seen = [], set()
     for r in rows:
         for name, images in sorted(r["images"].items(), key=lambda item: item[0] == "reconstructions"):
@@ -496,44 +535,85 @@ def _image_grid(plt, rows: list[Row], image_shape: list[int] | None = None):
             seen.add(array.tobytes())
             title = f"{r['attack']} / {r['defence']}" if name == "reconstructions" else f"{name} ({r['attack']})"
             named.append((title, array))
+    side = int(round(np.sqrt(named[0][1].shape[1])))
+    shape = tuple(image_shape) if image_shape else (side, side)
     columns = max(len(images) for _, images in named)
-    figure, axes = plt.subplots(len(named), columns, figsize=(columns * 0.8, len(named) * 0.9), squeeze=False)
-    for line, (title, images) in enumerate(named):
-        side = int(round(np.sqrt(images.shape[1])))
-        shape = tuple(image_shape) if image_shape else (side, side)
-        for column in range(columns):
-            axis = axes[line][column]
-            axis.axis("off")
-            if column < len(images):
-                axis.imshow(images[column].reshape(shape), cmap="gray", vmin=0, vmax=1)
-        axes[line][0].set_title(title, fontsize=6, loc="left")
+    gap = max(1, shape[1] // 8)
+    width = columns * (shape[1] + gap) - gap
+    inches = min(0.55, 7.0 / columns)  # per image, at most 7 inches wide in all
+    figure, axes = plt.subplots(len(named), 1, squeeze=False,
+                                figsize=(columns * inches, len(named) * (inches * shape[0] / shape[1] + 0.16)))
+    for (title, images), axis in zip(named, axes[:, 0]):
+        mosaic = np.ones((shape[0], width) + shape[2:])
+        for column, image in enumerate(images):
+            left = column * (shape[1] + gap)
+            mosaic[:, left:left + shape[1]] = np.clip(image.reshape(shape), 0, 1)
+        axis.imshow(mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axis.axis("off")
+        axis.set_title(title, fontsize=6, loc="left", pad=2)
     return figure
 
 
 def _tradeoff(plt, rows: list[Row]):
     """One family: the defended answers' test accuracy against the strongest attack's success, per defence."""
-    figure, axes = plt.subplots(figsize=(6, 4.5))
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
     strongest = [_strongest(members) for members in _group(rows, ("defence",)).values()]
     strongest = [row for row in strongest if row is not None]
     xs = [r["utility"]["test_accuracy"]["mean"] for r in strongest]
     ys = [_success(r) for r in strongest]
-    axes.scatter(xs, ys)
-    for row, x, y in zip(strongest, xs, ys):
-        axes.annotate(row["defence"], (x, y), fontsize=6,
-                      fontweight="bold" if row["defence"].startswith("dp-") else "normal")
+    axes.scatter(xs, ys, s=14, zorder=3)
     if strongest:
         axes.axhline(strongest[0]["chance"], color="k", linestyle=":", linewidth=0.8, label="chance")
         axes.set_ylabel(f"strongest attack's {strongest[0]['primary']}")
         axes.legend(fontsize=7)
     axes.set_xlabel("test accuracy of the defended answers (DP-SGD rows in bold: dp-epsN)")
+    axes.margins(0.15)
+    figure.tight_layout(pad=LAYOUT_PAD)  # the axes where they will be drawn, before measuring labels
+    _place_labels(figure, axes, [row["defence"] for row in strongest], xs, ys)
     return figure
+
+
+LABEL_OFFSETS = tuple((dx * r, dy * r) for r in (6, 14, 24) for dx, dy in
+                      ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)))
+
+
+def _place_labels(figure, axes, labels: list[str], xs: list[float], ys: list[float]) -> None:
+    """Annotate each point with its label at the first offset (nearest first) where the label
+    overlaps no label placed before and no point, else where it overlaps fewest; a leader line
+    joins a label set far from its point."""
+    renderer = figure.canvas.get_renderer()
+    axes.autoscale_view()
+    points = axes.transData.transform(np.column_stack([xs, ys])) if labels else np.empty((0, 2))
+    placed = []
+
+    def annotate(label: str, x: float, y: float, offset: tuple[int, int], **options):
+        return axes.annotate(label, (x, y), xytext=offset, textcoords="offset points", fontsize=6,
+                             ha="left" if offset[0] >= 0 else "right", va="bottom" if offset[1] >= 0 else "top",
+                             fontweight="bold" if label.startswith("dp-") else "normal", **options)
+
+    for label, x, y in zip(labels, xs, ys):
+        best: tuple[int, tuple[int, int]] | None = None
+        for offset in LABEL_OFFSETS:
+            trial = annotate(label, x, y, offset)
+            box = trial.get_window_extent(renderer).padded(1)
+            trial.remove()
+            clashes = sum(box.overlaps(other) for other in placed) + int(box.count_contains(points) > 0)
+            if best is None or clashes < best[0]:
+                best = (clashes, offset)
+            if clashes == 0:
+                break
+        offset = best[1]
+        far = max(abs(offset[0]), abs(offset[1])) > LABEL_OFFSETS[0][0]
+        text = annotate(label, x, y, offset,
+                        arrowprops={"arrowstyle": "-", "linewidth": 0.4, "color": "0.5"} if far else None)
+        placed.append(text.get_window_extent(renderer).padded(1))
 
 
 def _encode(figure) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=110)
+    figure.set_layout_engine("tight", pad=LAYOUT_PAD)
+    figure.savefig(buffer, format="png", dpi=DPI)
     plt.close(figure)
     return base64.b64encode(buffer.getvalue()).decode("ascii")

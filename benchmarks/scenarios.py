@@ -22,6 +22,8 @@ from attacks.observations import (AveragedNoise, InvertedReverseSigmoid, LabelRo
 from attacks.targets import OutputFormat, Target, TorchTarget
 from attacks.undoing import UndoneTarget, averaging, inverting_reverse_sigmoid
 from benchmarks.datasets import Dataset, Split
+from guard.dp import default_delta
+from guard.dp.audit import membership_epsilon
 from guard.outputs import read_spec
 
 
@@ -65,6 +67,17 @@ DEFENCES: dict[str, Defence] = {d.name: d for d in (
 )}
 
 
+def memo() -> Callable[[tuple, Callable[[], Any]], Any]:
+    """An in-memory ``Context.shared``: ``make()`` once per key."""
+    made: dict[tuple, Any] = {}
+
+    def shared(key: tuple, make: Callable[[], Any]) -> Any:
+        if key not in made:
+            made[key] = make()
+        return made[key]
+    return shared
+
+
 @dataclass
 class Context:
     """Everything an attack may be given in one (dataset, model, defence, seed) cell.
@@ -89,15 +102,13 @@ class Context:
     sensitive: tuple[int, np.ndarray] | None = None  # (column, values) of a sensitive attribute
     activation: str = "relu"  # the target MLP's hidden activation (what the attacker's own copies use)
     detectors: dict[str, dict[str, Any]] | None = None  # calibrated detector settings, with monitoring
-    shared: dict[tuple, Any] = field(default_factory=dict)  # attacker-side models reused across cells
+    # makes attacker-side models once per key for every cell of a target (on the bench: benchmarks.cache)
+    shared: Callable[[tuple, Callable[[], Any]], Any] = field(default_factory=memo)
 
     def reuse(self, key: tuple, make: Callable[[], Any]) -> Any:
         """``make()`` once per key: e.g. LiRA's reference models, which depend only on the attacker's
         data and so serve every defence of a (dataset, model, seed)."""
-        key = (self.dataset.name, self.model_kind, self.seed, *key)
-        if key not in self.shared:
-            self.shared[key] = make()
-        return self.shared[key]
+        return self.shared((self.dataset.name, self.model_kind, self.seed, *key), make)
 
     @property
     def architecture(self) -> Architecture:
@@ -187,8 +198,16 @@ def _membership(build: Callable[[Context], Any], population: bool) -> Callable[[
     def run(target: Target, context: Context) -> AttackResult:
         X, y, is_member = context.candidates()
         extra = {"population": context.part("aux")} if population else {}
-        return build(context).run(target, X, y, is_member=is_member, **extra)
+        return _with_epsilon_bound(build(context).run(target, X, y, is_member=is_member, **extra), is_member, context)
     return run
+
+
+def _with_epsilon_bound(result: AttackResult, is_member: np.ndarray, context: Context) -> AttackResult:
+    """``result`` with the epsilon its ROC proves (``guard.dp.audit.membership_epsilon``, 95% confidence) at
+    the delta DP-SGD targets train with: the black-box audit of a DP row."""
+    delta = default_delta(len(context.split.train))
+    result.metrics["epsilon_lower_bound"] = membership_epsilon(result.artefacts["scores"], is_member, delta)
+    return result
 
 
 def _references(context: Context) -> int:
@@ -206,7 +225,8 @@ def _lira(offline: bool, statistic: Callable[[Context], Statistic | None] = lamb
                       seed=context.seed)
         references = context.reuse(("lira", attack.n_references), lambda: attack.train_references(
             X, y, context.dataset.n_classes))
-        return attack.run(target, X, y, is_member=is_member, references=references)
+        return _with_epsilon_bound(attack.run(target, X, y, is_member=is_member, references=references), is_member,
+                                   context)
     return run
 
 

@@ -76,11 +76,13 @@ def proxy(
         forward = UpstreamProxy(upstream, timeout=timeout, connect_timeout=connect_timeout,
                                 max_connections=max_connections)
         rules = Policy.from_file(policy)
+        guarded = GuardMiddleware(forward, policy=rules)
     except (ValueError, OSError) as error:
         typer.echo(f"guard proxy: {error}", err=True)
         raise typer.Exit(2) from error
     typer.echo(f"guarding {upstream} ({len(rules.routes)} routes) on http://{host}:{port}")
-    uvicorn.run(GuardMiddleware(forward, policy=rules), host=host, port=port, log_config=uvicorn_log_config())
+    # The lifespan on: a guard that cannot start stops the server with its reason, never serves without it.
+    uvicorn.run(guarded, host=host, port=port, lifespan="on", log_config=uvicorn_log_config())
 
 
 @app.command()
@@ -130,14 +132,16 @@ def train_dp(
     target_epsilon: float = typer.Option(..., help="Privacy budget epsilon for the whole run."),
     model: str = typer.Option("mlp", help="mlp, softmax, or module:factory with "
                                           "factory(n_features, n_classes) -> torch.nn.Module."),
-    epochs: int = typer.Option(10, help="Passes over the training data."),
+    epochs: int = typer.Option(None, help="Passes over the training data (default: guard.dp.DP_RECIPE's)."),
     delta: float = typer.Option(None, help="Privacy delta; default min(1e-5, 1/(10 n))."),
-    batch_size: int = typer.Option(128, help="Expected logical (Poisson) batch size."),
+    batch_size: int = typer.Option(None, help="Expected logical (Poisson) batch size (default: "
+                                   "guard.dp.DP_RECIPE's, sized to the data)."),
     physical_batch_size: int = typer.Option(None, help="Largest batch held in memory at once."),
-    max_grad_norm: float = typer.Option(1.0, help="Per-example gradient clipping norm."),
+    max_grad_norm: float = typer.Option(None, help="Per-example gradient clipping norm (default: "
+                                        "guard.dp.DP_RECIPE's)."),
     optimizer: str = typer.Option("adam", parser=Names("guard.dp.checks:OPTIMISERS"),
                                   help="Optimizer (sgd with momentum 0.9)."),
-    lr: float = typer.Option(1e-2, help="Learning rate."),
+    lr: float = typer.Option(None, help="Learning rate (default: guard.dp.DP_RECIPE's)."),
     accountant: str = typer.Option("prv", parser=Names("guard.dp.checks:ACCOUNTANTS"),
                                    help="Privacy accountant."),
     grad_sample_mode: str = typer.Option(None, parser=Names("guard.dp.checks:GRAD_SAMPLE_MODES"),
@@ -150,6 +154,11 @@ def train_dp(
     nproc: int = typer.Option(1, help="Processes (DPDDP over gloo on this machine)."),
     seed: int = typer.Option(None, help="Fix initial weights, sampling and noise seeds "
                                         "(reproducible, and the noise predictable)."),
+    audit: bool = typer.Option(False, help="Audit the run: one more training run with canaries gives an "
+                               "empirical lower bound on epsilon, reported beside the accountant's."),
+    audit_canaries: str = typer.Option("gradient", parser=Names("guard.dp.audit:CANARY_KINDS"),
+                                       help="gradient (white-box, the auditor has the weights) or input "
+                                       "(mislabelled rows, scored by the model's predictions)."),
 ) -> None:
     """Retrain a model with DP-SGD to a target epsilon; write the model, its privacy report and the
     data's preprocessing (min-max scaling, label mapping), which ``guard.dp.load(out, factory)``
@@ -180,18 +189,23 @@ def train_dp(
     if dataset.classes != tuple(range(dataset.n_classes)):
         typer.echo("labels mapped to class indices: " + ", ".join(
             f"{label} -> {index}" for index, label in enumerate(dataset.classes)))
-    options = dict(target_epsilon=target_epsilon, target_delta=delta, epochs=epochs,
-                   batch_size=batch_size, physical_batch_size=physical_batch_size,
-                   max_grad_norm=max_grad_norm, optimizer=optimizer, lr=lr, accountant=accountant,
+    train = (dataset.X[parts.train], dataset.y[parts.train])
+    chosen = dict(epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm, lr=lr)
+    recipe = {**dp.DP_RECIPE.options(len(train[0])), **{k: v for k, v in chosen.items() if v is not None}}
+    options = dict(target_epsilon=target_epsilon, target_delta=delta, **recipe,
+                   physical_batch_size=physical_batch_size, optimizer=optimizer, accountant=accountant,
                    grad_sample_mode=grad_sample_mode or dp.DEFAULT_GRAD_SAMPLE_MODE, fix=fix,
                    test_data=(dataset.X[parts.test], dataset.y[parts.test]),
                    checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=True)
-    train = (dataset.X[parts.train], dataset.y[parts.train])
     try:
         if nproc > 1:
             trained, report = dp.train_private_distributed(nproc, network, train, **options)
         else:
             trained, report = dp.train_private(network, train, **options)
+        if audit:
+            from guard.dp import audit as dp_audit
+
+            report.audit = dp_audit.audit(network, train, kind=audit_canaries, **options).as_dict()
     except dp.DPConfigError as error:
         raise fail(error) from error
     report.classes = list(dataset.classes)
@@ -201,6 +215,10 @@ def train_dp(
                f"{report.steps} steps, noise multiplier {report.noise_multiplier:.3f}); test "
                f"accuracy {report.test_accuracy:.3f} private, "
                f"{report.non_private_test_accuracy:.3f} without DP")
+    for notice in report.notices:
+        typer.echo(f"note: {notice}")
+    if report.audit is not None:
+        typer.echo(report.audit_summary())
     typer.echo(f"wrote {out}/{dp.MODEL_FILE}, {out}/{dp.REPORT_FILE} and {out}/{dp.PREPROCESSING_FILE}; "
                f"serve it with guard.dp.load({out!r}, factory), which takes features as they are in {data}")
 

@@ -84,11 +84,13 @@ class KeyVerifier:
 @dataclass(frozen=True)
 class Identity:
     """``client``: ``key:<hmac hex>`` or ``ip:<address>``; ``network``: ``net:<CIDR>`` of its address;
-    ``rejected``: it sent an API key that is not valid (and the policy refuses those)."""
+    ``rejected``: it sent an API key that is not valid (and the policy refuses those); ``address``:
+    the IP address the request came from (through trusted proxies)."""
 
     client: str
     network: str
     rejected: bool = False
+    address: str = ""
 
 
 class ClientIdentifier:
@@ -157,7 +159,7 @@ class ClientIdentifier:
     def _locate(self, peer: str | None, forwarded: tuple[bytes, ...]) -> tuple[str, str, Identity]:
         address = self.client_address(peer, forwarded)
         network = self.network(address)
-        return address, network, Identity("ip:" + address, network)
+        return address, network, Identity("ip:" + address, network, address=address)
 
     def locate(self, scope: dict) -> tuple[str, str, Identity]:
         """The client's IP address (through trusted proxies only), its network, and its identity
@@ -179,7 +181,7 @@ class ClientIdentifier:
                        None)
             if key is not None:
                 if self._verifier(key):
-                    return Identity(self.hash_key(key), network)
+                    return Identity(self.hash_key(key), network, address=address)
                 if self._reject:
-                    return Identity(by_address.client, network, rejected=True)
+                    return Identity(by_address.client, network, rejected=True, address=address)
         return by_address

@@ -36,7 +36,8 @@ class GuardMetrics:
     ``guard_sanctions_total{level}``, ``guard_middleware_seconds``, ``guard_clients_tracked`` (distinct
     clients seen in the last ``client_window`` seconds, as many as ``max_bytes`` holds), and the
     monitor's ``guard_observations_dropped_total``, ``guard_observations_judged_total`` and
-    ``guard_monitor_cpu_seconds_total``."""
+    ``guard_monitor_cpu_seconds_total``; ``guard_refused_targets_total{reason}`` and
+    ``guard_store_errors_total{reason}``."""
 
     def __init__(self, registry: CollectorRegistry | None = None, client_window: float = 3600.0,
                  max_bytes: int = 16 << 20):
@@ -54,6 +55,12 @@ class GuardMetrics:
                               registry=self.registry)
         self.monitor_cpu = Counter("guard_monitor_cpu_seconds_total", "CPU time the monitor spent judging.",
                                    registry=self.registry)
+        self.refused_targets = Counter("guard_refused_targets_total", "Request targets refused before "
+                                       "routing (not origin-form, malformed, too long), by reason.",
+                                       ["reason"], registry=self.registry)
+        self.store_errors = Counter("guard_store_errors_total", "Admissions the state store failed (the "
+                                    "request got the fail mode), by reason.", ["reason"],
+                                    registry=self.registry)
         self.latency = Histogram("guard_middleware_seconds", "Time the guard itself adds to a request.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.clients = Gauge("guard_clients_tracked", "Distinct clients seen recently.",

@@ -1,14 +1,16 @@
 """``GuardMiddleware``: a pure ASGI middleware (in the shape of Starlette's ``GZipMiddleware``) that
 puts a ``Policy`` in front of a prediction app.
 
-Routes are matched on the path the app routes on (``guard.routing``: root path and mounts accounted
-for, Starlette path templates); a policy the app could serve around refuses to start. A WebSocket on
-a guarded route is closed with 1008 unless the route allows it. A request on a guarded route (any
-method but ``OPTIONS`` and ``HEAD``, which the app answers as it would) goes through
-``GuardedExchange``, one small method per step of the request flow in docs/architecture.md: read the body (at
-most ``max_body_bytes``: ``413``), read the features where the route's ``FeatureSource`` says (bad
-JSON: ``400``; missing or malformed features: ``422``; the app is
-never called), replay the body unchanged to the app, buffer its whole response, rewrite the
+The request target is made canonical once (``guard.target``: origin-form only, percent-decoded, dot
+segments removed; anything else refused with ``400``/``414``) and the app gets that path. Routes are
+matched on it as the app routes on it (``guard.routing``: root path and mounts accounted for,
+Starlette path templates, and spellings a lenient server would fold onto a route); a policy the app
+could serve around refuses to start. A WebSocket on a guarded route is closed with 1008 unless the
+route allows it. A request on a guarded route, whatever its method (``HEAD``, ``OPTIONS`` and unknown
+ones included; only the route's ``free_methods`` pass unguarded), goes through ``GuardedExchange``,
+one small method per step of the request flow in docs/architecture.md: read the body (at most
+``max_body_bytes``: ``413``), read the features where the route's ``FeatureSource`` says (bad JSON:
+``400``; missing or malformed features: ``422``; the app is never called), replay the body unchanged to the app, buffer its whole response, rewrite the
 probabilities with the route's output defences, re-serialise and fix ``Content-Length``.
 
 Fail closed: when a guarded response cannot be parsed or rewritten (not JSON, pointer missing, wrong
@@ -17,6 +19,8 @@ streamed file, any exception inside the guard) the client gets a JSON ``502`` (`
 guard's own errors and for an app that raised) ``{"error": ..., "detail": ...}`` with nothing of the
 original body, and the event is logged on the ``guard`` logger.
 
+A body-less answer (a ``HEAD``'s, a ``204`` or ``304``) carries nothing to defend and passes, without
+the length and tags of the body it stands for; an empty ``2xx`` to any other method fails closed.
 Non-2xx responses pass through untouched when they carry no probabilities (JSON without a value at
 the probabilities pointer, e.g. the app's own ``422``, or a body without a digit); when they do, they
 are defended like a ``2xx``; when they cannot be read (NaN, truncated, nested deeper than the
@@ -65,14 +69,15 @@ from guard.ratelimit import Admission, RouteLimits
 from guard.routing import RouteTable, find_bypasses, get_route_path
 from guard.sanctions import Level, Sanctions
 from guard.store import StoreUnavailable, is_shared, memory_options, store_from_uri
+from guard.target import TargetRefused, canonical_scope
 from guard.watermarks import records_from_uri, records_of
 
 logger = logging.getLogger("guard")
 
 T = TypeVar("T")
 
-# Methods whose answers carry no prediction (a CORS preflight, HEAD): the app answers them as it would.
-PASSING_METHODS = frozenset({"OPTIONS", "HEAD"})
+# Statuses whose answers have no body (RFC 9110 sections 15.3.5 and 15.4.5).
+_BODYLESS_STATUSES = frozenset({204, 304})
 
 # A body without a single digit cannot carry a probability value.
 _DIGIT = re.compile(rb"[0-9]")
@@ -112,6 +117,7 @@ class RouteGuard:
     limits: RouteLimits
     monitored: bool
     websocket: bool
+    free_methods: frozenset[str] = frozenset()
     flat: bool = False
     one_hot: bool = False
     admitted: bool = True  # False: no limits, no sanctions: nothing to read or charge in the store
@@ -129,7 +135,8 @@ class RouteGuard:
                    Pipeline.from_specs(route.output, secret), Pipeline.from_specs(route.degraded_output, secret),
                    tuple(route.labels) if route.labels else None, route.tolerance, path, limits,
                    bool(watching) and route.has_features,  # detectors watch features
-                   route.allow_websocket, route.probabilities_flat, route.label_only_as == "one_hot", admitted)
+                   route.allow_websocket, frozenset(route.free_methods), route.probabilities_flat,
+                   route.label_only_as == "one_hot", admitted)
 
 
 class Monitoring:
@@ -152,7 +159,9 @@ class Monitoring:
         self.store = store_from_uri(policy.store, **memory_options(policy.store, max_bytes=share, evict=False,
                                                                    counter_bytes=2 * share))
         self.sanctions = Sanctions(self.store)
-        self.admission = Admission(self.store, self.sanctions, policy.rate_limit_strategy)
+        self.admission = Admission(self.store, self.sanctions, policy.rate_limit_strategy,
+                                   network_sanctions=any(route.sanctions.scope == "network"
+                                                         for route in policy.routes.values()))
         self.metrics = metrics or GuardMetrics(max_bytes=share)
         token = policy.metrics_token.get_secret_value() if policy.metrics_token else None
         self.metrics_access = MetricsAccess(policy.metrics_networks, token)
@@ -206,6 +215,13 @@ class GuardMiddleware:
             return
         if self.problems:
             await refuse(scope, receive, send, MISCONFIGURED)
+            return
+        try:
+            scope = canonical_scope(scope)
+        except TargetRefused as refused:
+            self.monitoring.metrics.refused_targets.labels(refused.reason).inc()
+            logger.info("guard: request target refused: %s", refused)
+            await refuse(scope, receive, send, GuardError(refused.status, refused.reason, refused.detail))
             return
         if kind == "http" and get_route_path(scope) == self.policy.metrics_path:
             await self.serve_metrics(scope, receive, send)
@@ -309,7 +325,7 @@ class GuardedExchange:
         """The request flow: identify (2), read (3), admit by rate limit and sanction (4, 5), call
         the app and defend its answer (6), hand the observation to the monitor (7) before the
         answer is sent, and count it (8)."""
-        if self.scope["method"] in PASSING_METHODS:
+        if self.scope["method"] in self.route.free_methods:
             await self.app(self.scope, self.receive, self.send)
             return
         started = time.perf_counter()
@@ -403,12 +419,16 @@ class GuardedExchange:
             return self.route.output, "allowed"
         monitoring = self.monitoring
         try:
-            standing, limit = await monitoring.admission.admit(self.route.path, identity.client, self.route.limits,
-                                                               max(queries, 1), identity.network)
-        except StoreUnavailable as error:
-            logger.error("guard: state store unreachable (%s); failing closed (%s)", error, self.policy.fail_mode)
+            standing, limit = await monitoring.admission.admit(
+                self.route.path, identity.client, self.route.limits, max(queries, 1), identity.network,
+                identity.address)
+        except Exception as error:  # StoreUnavailable (with its reason), or anything else the store raised
+            reason = error.reason if isinstance(error, StoreUnavailable) else "error"
+            monitoring.metrics.store_errors.labels(reason).inc()
+            logger.error("guard: state store failed (%s: %s); failing closed (%s)", reason, error,
+                         self.policy.fail_mode, exc_info=not isinstance(error, StoreUnavailable))
             if self.policy.fail_mode == "503":
-                await self.reject(GuardError(503, "unavailable", "the guard's state store is unreachable"),
+                await self.reject(GuardError(503, "unavailable", "the guard's state store is unavailable"),
                                   logged=True)
                 return None, "unavailable"
             return monitoring.fail_output, "fail_closed"
@@ -457,6 +477,11 @@ class GuardedExchange:
             raise GuardError(502, "bad_response", "the app's response is incomplete or not a plain body")
         headers = self.start.get("headers", [])
         raw = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        if not raw and (self.scope["method"] == "HEAD" or self.start["status"] in _BODYLESS_STATUSES):
+            # Nothing to defend; a HEAD answer's length and tags describe the undefended body.
+            headers = [(k, v) for k, v in headers if k.lower() not in _STALE_HEADERS]
+            await self.send_json(self.start["status"], headers, raw, rewritten=False)
+            return decision
         body = decode(raw, header(headers, b"content-encoding"))
         document, found = self.locate(body)
         if found is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import multiprocessing
 import os
+import re
 import secrets
 import sys
 import warnings
@@ -54,6 +55,31 @@ _PROCESS_SECRET = secrets.token_hex(32)
 STORE_SCHEMES = ("memory", "redis", "rediss", "unix")
 
 
+def check_store_uri(uri: str) -> None:
+    """Refuse a state store URI the store could not use, saying what is wrong: ``memory://``,
+    ``redis://[user:password@]host[:port][/db]`` (also ``rediss://``), ``unix:///path/to/socket``."""
+    parts = urlsplit(uri)
+    if parts.scheme not in STORE_SCHEMES:
+        raise ValueError(f"unknown state store URI {uri!r}: use memory:// or redis://host:port/db "
+                         "(also rediss:// and unix://)")
+    if not uri.startswith(f"{parts.scheme}://"):
+        raise ValueError(f"state store URI {uri!r}: write {parts.scheme}:// (two slashes)")
+    if parts.scheme == "memory" and uri != "memory://":
+        raise ValueError(f"state store URI {uri!r}: the in-process store is just memory://")
+    if parts.scheme == "unix" and not parts.path.startswith("/"):
+        raise ValueError(f"state store URI {uri!r}: name the socket's absolute path, "
+                         "unix:///path/to/redis.sock")
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            parts.port  # noqa: B018 (parses it)
+        except ValueError:
+            raise ValueError(f"state store URI {uri!r}: the port is not a number") from None
+        if not parts.hostname:
+            raise ValueError(f"state store URI {uri!r} names no host: redis://host:port/db")
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ValueError(f"state store URI {uri!r}: the database is a number, as in redis://host:port/0")
+
+
 def several_workers() -> bool:
     """Whether this process looks like one of several serving workers: a ``multiprocessing`` child
     (``uvicorn --workers``, ``--reload``), a gunicorn worker, ``WEB_CONCURRENCY`` above 1, or
@@ -78,6 +104,10 @@ class SanctionPolicy(BaseModel):
     accomplices: bool = Field(default=False, description="a cross-client alarm also sanctions the clients "
                               "whose queries it matched (Sybil keys); lets a client who can guess "
                               "another's queries frame it")
+    scope: Literal["client", "network"] = Field(default="client", description="network: a block of an "
+                                                "address also blocks its /24 (IPv4) or /64 (IPv6), whatever "
+                                                "key comes from there; blocks everyone behind the same NAT "
+                                                "or mobile carrier range with it")
 
     @model_validator(mode="after")
     def _valid(self) -> SanctionPolicy:
@@ -85,7 +115,8 @@ class SanctionPolicy(BaseModel):
         return self
 
     def rules(self) -> SanctionRules:
-        return SanctionRules.parse(self.ladder, self.floors, self.memory, self.min_interval, self.accomplices)
+        return SanctionRules.parse(self.ladder, self.floors, self.memory, self.min_interval, self.accomplices,
+                                   self.scope == "network")
 
 
 class IdentityPolicy(BaseModel):
@@ -231,6 +262,9 @@ class RoutePolicy(BaseModel):
     detectors: list[str] | None = Field(default=None, description="names of the policy's detectors that "
                                         "watch this route; None: all of them")
     sanctions: SanctionPolicy = Field(default_factory=SanctionPolicy)
+    free_methods: list[str] = Field(default_factory=list, description="methods whose requests and answers "
+                                    "pass unguarded on this route (e.g. ['OPTIONS'] for CORS preflights "
+                                    "the app answers); every other method's answer is defended")
     allow_websocket: bool = Field(default=False, description="let WebSocket connections on this route "
                                   "through, unguarded (default: closed with 1008)")
 
@@ -239,6 +273,15 @@ class RoutePolicy(BaseModel):
     def _limits(cls, limits: list[str]) -> list[str]:
         parse_limits(limits)
         return limits
+
+    @field_validator("free_methods")
+    @classmethod
+    def _methods(cls, methods: list[str]) -> list[str]:
+        for method in methods:
+            if not re.fullmatch(r"[A-Z]+", method):
+                raise ValueError(f"free_methods: {method!r} is not an HTTP method in upper case "
+                                 "(e.g. 'OPTIONS')")
+        return methods
 
     @field_validator("probabilities")
     @classmethod
@@ -391,9 +434,7 @@ class Policy(BaseModel):
     @field_validator("store")
     @classmethod
     def _store_uri(cls, uri: str) -> str:
-        if urlsplit(uri).scheme not in STORE_SCHEMES:
-            raise ValueError(f"unknown state store URI {uri!r}: use memory:// or redis://host:port/db "
-                             "(also rediss:// and unix://)")
+        check_store_uri(uri)
         return uri
 
     @model_validator(mode="after")

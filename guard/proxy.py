@@ -2,11 +2,12 @@
 servers such as MLServer and Triton, TorchServe, TF Serving, MLflow, BentoML): ``guard proxy``
 serves ``GuardMiddleware(UpstreamProxy(upstream), policy)``.
 
-Every HTTP request is forwarded to ``upstream`` with its method, path, query, headers (less the
-hop-by-hop ones, RFC 9110 section 7.6.1) and body, streamed both ways over one pooled
+Every HTTP request is forwarded to ``upstream`` with its method, canonical path (``guard.target``:
+the path the guard matched, sent unchanged after the configured origin and prefix), query, headers
+(less the hop-by-hop ones, RFC 9110 section 7.6.1) and body, streamed both ways over one pooled
 ``httpx.AsyncClient``; the guard in front buffers only the routes it guards. An upstream that cannot
 be reached answers ``502``, one that times out ``504``, both as JSON without any upstream bytes; a
-failure after the answer started aborts the response (the guard then sends its own ``500``).
+failure after the answer started leaves it incomplete (the guard then fails closed with ``502``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from guard.payload import dumps
+from guard.target import TargetRefused, canonical_scope
 
 logger = logging.getLogger("guard")
 
@@ -33,9 +35,11 @@ class UpstreamProxy:
     def __init__(self, upstream: str, *, timeout: float = 30.0, connect_timeout: float = 5.0,
                  max_connections: int = 100) -> None:
         url = httpx.URL(upstream)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"upstream {upstream!r} must be an http(s) URL")
-        self.upstream = upstream.rstrip("/")
+        if url.scheme not in ("http", "https") or not url.host or url.userinfo or url.query or url.fragment:
+            raise ValueError(f"upstream {upstream!r} must be an http(s) URL: scheme, host, port and "
+                             "optionally a path prefix")
+        self.origin = url.copy_with(raw_path=b"/")
+        self.prefix = url.raw_path.rstrip(b"/")
         self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client: httpx.AsyncClient | None = None
@@ -70,10 +74,23 @@ class UpstreamProxy:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def upstream_request(self, scope: Scope, receive: Receive) -> httpx.Request:
-        path = scope.get("raw_path") or scope["path"].encode()
+    def upstream_url(self, scope: Scope) -> httpx.URL:
+        """The configured origin and prefix, the canonical path, the query: nothing in the request
+        can name another host, port, scheme or user-info, and the URL is sent as built
+        (``TargetRefused`` for a target the guard refuses or one the client library would change)."""
+        scope = canonical_scope(scope)
         query = scope.get("query_string", b"")
-        url = self.upstream + path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+        raw_path = self.prefix + scope["raw_path"] + (b"?" + query if query else b"")
+        try:
+            url = self.origin.copy_with(raw_path=raw_path)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.raw_path != raw_path or url.netloc != self.origin.netloc:
+            raise TargetRefused(400, "bad_target", "the request target cannot be forwarded unchanged")
+        return url
+
+    def upstream_request(self, scope: Scope, receive: Receive) -> httpx.Request:
+        url = self.upstream_url(scope)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP_BY_HOP]
         client = scope.get("client")
         if client:
@@ -86,13 +103,20 @@ class UpstreamProxy:
                                          content=request_body(receive) if has_body else None)
 
     async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = self.upstream_request(scope, receive)
+        """Send the request upstream and stream its answer back. Nothing raises to the server, so a
+        refusal keeps the client's connection: a failure before the answer starts is a JSON error;
+        one after it leaves the answer incomplete (the guard in front then fails closed)."""
+        try:
+            request = self.upstream_request(scope, receive)
+        except TargetRefused as refused:
+            await self.refuse(send, refused.status, refused.reason, refused.detail)
+            return
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TimeoutException as error:
             await self.refuse(send, 504, "upstream_timeout", f"the model server did not answer in time ({error!r})")
             return
-        except httpx.TransportError as error:
+        except httpx.HTTPError as error:
             await self.refuse(send, 502, "upstream_unavailable", f"cannot reach the model server ({error!r})")
             return
         try:
@@ -101,6 +125,8 @@ class UpstreamProxy:
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as error:
+            logger.error("guard proxy: the model server's answer broke off: %r", error)
         finally:
             await response.aclose()
 

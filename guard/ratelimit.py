@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 from limits import RateLimitItem, parse_many
 
-from guard.sanctions import Level, Sanctions, Standing
+from guard.sanctions import Level, Sanctions, Standing, network_of
 from guard.store.base import Charge, StateStore, WindowCount, WindowLimit
 
 Strategy = Literal["sliding-window-counter", "fixed-window"]
@@ -112,30 +112,34 @@ class Admission:
     is charged nothing; a throttled one is charged its route's throttle limits too; a query that
     would exceed any limit is charged to none (a refused client cannot spend the overall budget).
     Counters are sliding windows (``sliding-window-counter``, the default: constant memory per key,
-    no burst at window edges; the count weighs the previous window by its overlap) or fixed ones."""
+    no burst at window edges; the count weighs the previous window by its overlap) or fixed ones.
+    With ``network_sanctions``, the standing of the client address's network applies when higher."""
 
     def __init__(self, store: StateStore, sanctions: Sanctions, strategy: str = "sliding-window-counter",
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, network_sanctions: bool = False):
         if strategy not in STRATEGIES:
             raise ValueError(f"rate-limit strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
         self._store = store
         self._sanctions = sanctions
         self._sliding = strategy == "sliding-window-counter"
         self._clock = clock
+        self._network_sanctions = network_sanctions
 
     async def admit(self, route: str, client: str, limits: RouteLimits, cost: int = 1,
-                    network: str | None = None) -> tuple[Standing, LimitDecision | None]:
-        """The client's standing, and the refusing limit's decision, else the one with the least
-        remaining (None: no limit applied, or blocked). ``StoreUnavailable`` when the store is
-        unreachable or the standing unreadable."""
+                    network: str | None = None, address: str = "") -> tuple[Standing, LimitDecision | None]:
+        """The client's standing (or its address's network's), and the refusing limit's decision,
+        else the one with the least remaining (None: no limit applied, or blocked).
+        ``StoreUnavailable`` when the store fails or the standing is unreadable."""
         counters = limits.counters(route)
         applied = [counter.limit(client) for counter in counters.per_client]
         if network and counters.per_network:
             applied += [counter.limit(network) for counter in counters.per_network]
         applied += counters.overall
         throttled = [counter.limit(client) for counter in counters.throttled] if counters.throttled else []
+        covering = network_of(address) if self._network_sanctions and address else None
         admitted = await self._store.admit(Charge(
-            Sanctions.key(client), applied, throttled, cost, self._sliding, self._clock(), THROTTLE, BLOCK))
+            Sanctions.key(client), applied, throttled, cost, self._sliding, self._clock(), THROTTLE, BLOCK,
+            Sanctions.key(covering) if covering else None))
         standing = self._sanctions.read(admitted.standing)
         if admitted.blocked or not admitted.counts:
             return standing, None

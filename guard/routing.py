@@ -17,6 +17,7 @@ route that another, unguarded route also serves. The middleware refuses to start
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from re import Pattern
@@ -145,19 +146,40 @@ def overlap(first: str, second: str) -> str | None:
     return None
 
 
+def fold(path: str) -> str:
+    """What a lenient server might take ``path`` for: lower case, each segment without its ``;``
+    parameters and trailing dots and spaces, empty segments (doubled and trailing slashes) dropped."""
+    segments = (segment.split(";", 1)[0].rstrip(". ") for segment in path.lower().split("/"))
+    return "/" + "/".join(segment for segment in segments if segment)
+
+
 class RouteTable(Generic[T]):
-    """Policy routes (path or template -> ``T``) matched on a scope's route path."""
+    """Policy routes (path or template -> ``T``) matched on a scope's route path: as Starlette
+    matches it, else folded (``fold``), so a spelling that a case-insensitive or slash-merging server
+    would route onto a guarded route is guarded too."""
 
     def __init__(self, routes: Mapping[str, T]) -> None:
         self.exact = {path: value for path, value in routes.items() if not is_template(path)}
         self.templates = [(template_regex(path), value) for path, value in routes.items() if is_template(path)]
+        self.folded = {fold(path): value for path, value in self.exact.items()}
+        self.folded_templates = [(template_regex(fold(path)), value) for path, value in routes.items()
+                                 if is_template(path)]
+
+        self._lookup = functools.lru_cache(maxsize=4096)(self._find)  # paths seen lately keep their route
 
     def match(self, scope: Scope) -> T | None:
-        path = get_route_path(scope)
+        return self._lookup(get_route_path(scope))
+
+    def _find(self, path: str) -> T | None:
         found = self.exact.get(path)
-        if found is not None:
-            return found
-        return next((value for regex, value in self.templates if regex.match(path)), None)
+        if found is None:
+            found = next((value for regex, value in self.templates if regex.match(path)), None)
+        if found is None:
+            path = fold(path)
+            found = self.folded.get(path)
+        if found is None:
+            found = next((value for regex, value in self.folded_templates if regex.match(path)), None)
+        return found
 
 
 def find_router(app: ASGIApp) -> object | None:

@@ -7,9 +7,13 @@ In process that store is their own, apart from detector state, and never drops a
 when it is full, a client without a standing is degraded rather than an old block forgotten. A
 record that cannot be read raises ``MalformedStanding`` (a ``StoreUnavailable``: the fail mode).
 The middleware enforces them: ``log`` only logs, ``degrade`` selects the route's degraded output,
-``throttle`` adds the route's throttle limits, ``block`` answers ``403``."""
+``throttle`` adds the route's throttle limits, ``block`` answers ``403``. Under rules with
+``network`` scope, a block of an address client also blocks its network (``network_of``: its /24 or
+/64), for as long: every request from there is refused, whatever its key."""
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import time
 from datetime import datetime, timezone
@@ -36,6 +40,17 @@ class Level(IntEnum):
 
 
 DEFAULT_LADDER = {Level.LOG: 300.0, Level.DEGRADE: 900.0, Level.THROTTLE: 3600.0, Level.BLOCK: 86400.0}
+NETWORK_PREFIXES = {4: 24, 6: 64}  # what a network-wide block covers around an address
+
+
+@functools.lru_cache(maxsize=4096)
+def network_of(address: str) -> str | None:
+    """``net:<CIDR>``: the /24 (IPv4) or /64 (IPv6) around ``address``; None when it is not one."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return f"net:{ipaddress.ip_network(f'{parsed}/{NETWORK_PREFIXES[parsed.version]}', strict=False)}"
 
 
 @dataclass(frozen=True)
@@ -46,17 +61,21 @@ class SanctionRules:
     escalation renew the current level instead of raising it. With ``accomplices``, an alarm raised
     across clients also climbs the ladder for the other clients whose queries it matched (a Sybil
     attacker's other keys). It is off by default: a client who can guess another's queries (public
-    images, say) could then push that client up the ladder."""
+    images, say) could then push that client up the ladder. With ``network``, a block of an address
+    client covers its whole network (``network_of``): every user behind the same NAT or carrier
+    address range is blocked with it."""
 
     ladder: Mapping[Level, float] = field(default_factory=lambda: dict(DEFAULT_LADDER))
     floors: Mapping[str, Level] = field(default_factory=dict)
     memory: float = 86400.0
     min_interval: float = 0.0
     accomplices: bool = False
+    network: bool = False
 
     @classmethod
     def parse(cls, ladder: Mapping[str, float] | None = None, floors: Mapping[str, str] | None = None,
-              memory: float = 86400.0, min_interval: float = 0.0, accomplices: bool = False) -> SanctionRules:
+              memory: float = 86400.0, min_interval: float = 0.0, accomplices: bool = False,
+              network: bool = False) -> SanctionRules:
         """From plain configuration, e.g. ``ladder={"degrade": 600, "block": 3600}``,
         ``floors={"similarity": "degrade"}``."""
         ladder = DEFAULT_LADDER if ladder is None else ladder
@@ -64,7 +83,7 @@ class SanctionRules:
         if not steps or Level.NONE in steps:
             raise ValueError("a sanction ladder needs at least one level above 'none'")
         return cls(dict(sorted(steps.items())), {d: Level.named(v) for d, v in (floors or {}).items()},
-                   float(memory), float(min_interval), accomplices)
+                   float(memory), float(min_interval), accomplices, network)
 
     def next_level(self, reached: Level, detector: str, renew: bool) -> Level:
         """The level an alarm from ``detector`` imposes on a client that last reached ``reached``."""
@@ -99,7 +118,7 @@ class Standing:
             level, until, reached, since = sanction_record.decode(raw)
             return cls(Level(level) if now < until else Level.NONE, until, Level(reached), since)
         except (ValueError, TypeError) as error:  # bad JSON, wrong shape, unknown level
-            raise MalformedStanding(f"malformed sanction record: {error}") from None
+            raise MalformedStanding(f"malformed sanction record: {error}", "malformed") from None
 
 
 NO_STANDING = Standing(Level.NONE)
@@ -149,10 +168,27 @@ class Sanctions:
 
         raw = await self._store.update(self.key(client), raise_standing, ttl=self._ttl(rules))
         new = Standing.decode(raw, self._clock())
+        network = network_of(client[3:]) if rules.network and client.startswith("ip:") else None
+        if network is not None and new.level == Level.BLOCK:
+            await self.cover(network, new)
         if new.level != before[-1]:
             log.warning("client %s sanctioned: %s until %s after an alarm from %s", client, new.level.name.lower(),
                         datetime.fromtimestamp(new.until, timezone.utc).isoformat(timespec="seconds"), detector)
         return before[-1], new
+
+    async def cover(self, network: str, block: Standing) -> None:
+        """Block ``network`` until ``block`` lapses (a longer block in force there stays)."""
+        def extend(raw: bytes | None) -> bytes:
+            try:
+                old = Standing.decode(raw, self._clock())
+            except MalformedStanding:
+                old = NO_STANDING
+            if old.level == Level.BLOCK and old.until >= block.until:
+                return raw
+            return Standing(Level.BLOCK, block.until, Level.BLOCK, block.since).encode()
+
+        await self._store.update(self.key(network), extend, ttl=max(1.0, block.until - self._clock()))
+        log.warning("network %s blocked with one of its addresses", network)
 
     @staticmethod
     def _ttl(rules: SanctionRules) -> float:

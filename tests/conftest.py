@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,20 @@ import pytest
 from torch import nn
 
 from guard import data, models
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bench_cache(tmp_path_factory) -> Iterator[Path]:
+    """``guard bench``'s default cache in a fresh folder: tests never read a user's cache (nor an
+    earlier session's results)."""
+    root = tmp_path_factory.mktemp("xdg-cache")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(root)
+    yield root
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,9 @@ from benchmarks import models
 from guard.outputs import Pipeline
 
 VICTIMS = np.arange(5)  # the classes inverted; the attacker holds records of the others only
+# The inverse model's identification accuracy moves by up to 0.2 between its own seeds (0.55 to 0.765
+# undefended), so each figure is the mean over these seeds of the inverse model.
+SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +38,12 @@ def _defended(model, specs: list[str]) -> CallableTarget:
 
 
 def _identified(target: Target, game) -> float:
+    """Mean identification accuracy of the inverse model over ``SEEDS`` (the victims queried once)."""
     victims_X, victims_y, aux_X, judge = game
     observed = target.predict_proba(victims_X)
-    result = InverseModel(epochs=60).run(target, aux_X, observed, victims_X, victims_y, judge)
-    return result.metrics["identification_accuracy"]
+    return float(np.mean([InverseModel(epochs=60, seed=seed).run(target, aux_X, observed, victims_X, victims_y,
+                                                                  judge).metrics["identification_accuracy"]
+                          for seed in SEEDS]))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def test_inverting_the_reverse_sigmoid_gives_the_inverse_model_back(digits_mlp, 
     assert inverted.learnt["gamma"] == pytest.approx(0.4, rel=0.08)  # 0.426: estimated on members, confident rows
     assert inverted.learnt["inverted"] > 0.9  # 0.95 at the estimate; the rest at gamma lowered by 1% steps
     victims, aux = len(inversion_game[0]), len(inversion_game[2])
-    assert inverted.queries == inverted.target.queries == victims + aux + 2 * victims  # + 2 scaled copies
+    assert inverted.queries == inverted.target.queries == victims + len(SEEDS) * aux + 2 * victims  # + 2 scaled copies
 
 
 @pytest.mark.parametrize("model, beta, gamma", [("digits_mlp", 0.7, 0.4), ("digits_softmax", 0.7, 0.4),

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from benchmarks import models, report
 from benchmarks.audit import audit
-from benchmarks.run import ISSUED_KEYS, policy
+from benchmarks.endpoint import ISSUED_KEYS, policy
 from benchmarks.scenarios import DEFENCES
 from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy

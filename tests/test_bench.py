@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from benchmarks import models, report
 from benchmarks.audit import AuditError, audit, check_host
-from benchmarks.run import BENIGN_KEY, http_target, policy
+from benchmarks.endpoint import BENIGN_KEY, http_target, policy
 from benchmarks.scenarios import DEFENCES
 from guard.serving import prediction_app
 from guard import GuardMiddleware
@@ -175,3 +175,15 @@ def test_summary_names_the_cheapest_defence_to_chance_or_says_none_does():
     assert line["cheapest"] == "none does" and line["closest"] == "label_only"
     assert line["still"].startswith("members are still found at TPR 0.060")
     assert line["client_loss"] == "every confidence (labels only)"
+
+
+def test_dp_rows_show_the_audited_epsilon_of_the_strongest_attack():
+    def measure(value):
+        return {"mean": value, "std": 0.0, "values": [value]}
+
+    rows = [{"dataset": "d", "model": "m", "family": "membership", "defence": "dp-eps1", "attack": attack,
+             "status": "ok", "metrics": {"advantage": measure(0.1), "epsilon_lower_bound": measure(bound)}}
+            for attack, bound in (("lira", 0.4), ("threshold", 0.2))]
+    config = {"defence_specs": {"dp-eps1": {"dp_epsilon": 1.0}}, "dp_delta": {"d": 1e-5}}
+    [header, line] = report._dp_table(config, rows)
+    assert header[-1].startswith("audited epsilon >=") and line[-1] == "0.400 (n=1) (lira)"

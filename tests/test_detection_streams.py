@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 
 from guard import models
-from benchmarks.perf.detectors import (
-    DIGITS_SIMILARITY,
-    benign_streams,
-    first_alarm,
-    jacobian_stream,
-    line_search_stream,
-    spread,
-)
+from benchmarks.perf.detectors import DIGITS_SIMILARITY, first_alarm
+from benchmarks.traffic import benign_streams, jacobian_stream, line_search_stream, spread
 from guard.detectors import build_detector
 from guard.detectors.calibration import calibrate, interleave
 from guard.store.memory import MemoryStore

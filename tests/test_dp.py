@@ -194,3 +194,16 @@ def test_bad_input_is_refused_before_training(small, change, message):
 
 def _fail_if_called(epoch: int, epsilon: float) -> None:
     raise AssertionError("training started")
+
+
+def test_noise_multiplier_is_opacus_search_computed_once_per_arguments(monkeypatch):
+    from opacus.accountants.utils import get_noise_multiplier
+    from guard.dp import checks
+
+    arguments = (3.0, 1e-5, 0.05, 137, "rdp", checks.MAX_NOISE_MULTIPLIER)
+    expected = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.05, steps=137,
+                                    accountant="rdp")
+    checks.noise_multiplier_for.cache_clear()
+    assert checks.noise_multiplier_for(*arguments) == expected
+    monkeypatch.setattr(checks, "get_noise_multiplier", lambda **_: pytest.fail("searched twice"))
+    assert checks.noise_multiplier_for(*arguments) == expected

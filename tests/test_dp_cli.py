@@ -27,10 +27,13 @@ def test_train_dp_on_bundled_data_writes_model_and_report(tmp_path):
     result = CliRunner().invoke(app, [
         "train-dp", "--data", "breast_cancer", "--model", "softmax", "--target-epsilon", "2",
         "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--accountant", "rdp", "--seed", "0",
-        "--out", str(tmp_path)])
+        "--audit", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "epsilon=" in result.output  # the progress bar shows the budget spent so far
     report = json.loads((tmp_path / dp.REPORT_FILE).read_text())
+    assert f"audited epsilon >= {report['audit']['epsilon_lower_bound']:.2f}" in result.output
+    assert report["audit"]["canaries"] == 62 and report["audit"]["confidence"] == 0.95  # one per weight
+    assert 0 <= report["audit"]["epsilon_lower_bound"] <= report["audit"]["epsilon"]
     assert report["epsilon"] <= 2.0 and report["target_epsilon"] == 2.0
     assert report["dataset_size"] == 427 and report["epochs"] == 3  # 75% of 569 rows
     model = models.make_model("softmax", 30, 2)

@@ -347,3 +347,27 @@ async def test_non_http_scopes_pass_through(model):
         "probabilities": "/probabilities", "features": "/features"}}))
     await guard({"type": "lifespan"}, None, None)
     assert seen == ["lifespan"]
+
+
+@pytest.mark.parametrize("free", [[], ["OPTIONS"]])
+async def test_every_method_of_a_guarded_route_is_defended_unless_listed_free(free):
+    """An endpoint that answers OPTIONS, HEAD and unknown methods with probabilities: each answer
+    is defended; a HEAD answer tells nothing of the raw one's length; a method the policy lists as
+    free is the app's own (its answer passes as it is)."""
+    app = FastAPI()
+
+    @app.api_route("/predict", methods=["POST", "OPTIONS", "HEAD", "PROPFIND"])
+    async def predict() -> dict:
+        return {"probabilities": RAW}
+
+    policy = Policy(routes={"/predict": {"probabilities": "/probabilities", "output": ["round:2"],
+                                         "free_methods": free}})
+    app.add_middleware(GuardMiddleware, policy=policy)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        answers = {method: await client.request(method, "/predict", json={"features": [1]})
+                   for method in ("POST", "OPTIONS", "PROPFIND", "HEAD")}
+    assert answers["POST"].json() == answers["PROPFIND"].json() == {"probabilities": ROUNDED}
+    assert answers["OPTIONS"].json() == {"probabilities": RAW if free else ROUNDED}
+    assert answers["HEAD"].status_code == 200 and answers["HEAD"].content == b""
+    # The app sent a HEAD body (the server drops it): defended, so a length names the defended body.
+    assert answers["HEAD"].headers.get("content-length") in (None, str(len(answers["POST"].content)))

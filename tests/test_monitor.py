@@ -248,3 +248,29 @@ def test_with_array_converts_listed_feature_rows_once_and_keeps_arrays():
     assert converted.features.dtype == np.float64 and converted.features.tolist() == [[1.0, 2.5], [3.0, 4.0]]
     assert (converted.client, converted.predicted, converted.route) == ("c", [0, 1], "/p")
     assert with_array(converted) is converted
+
+
+def test_a_monitor_outliving_the_servers_event_loop_ends_without_a_traceback(caplog):
+    """Without a lifespan nothing stops the monitor: the server's event loop may close while the
+    worker thread still judges. Its alarms then write no sanction (an error line, no traceback) and
+    the thread ends."""
+    client, app = guarded({"max_pending": 64, "max_delay": 5.0})
+    release = None
+
+    async def queries() -> None:
+        nonlocal release
+        async with client:
+            await client.post("/predict", json={"features": query(0)})
+            release = stall(app)  # the next batch waits until the loop has closed
+            for i in range(8):
+                await client.post("/predict", json={"features": near(query(1), i)})
+
+    asyncio.run(queries())
+    monitor = guard_in(app).monitoring.monitor
+    monitor.idle = 0.05
+    thread = monitor._thread
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert not [r for r in caplog.records if r.exc_info or "Event loop is closed" in r.getMessage()]
+    assert any("no sanction was written" in r.getMessage() for r in caplog.records)

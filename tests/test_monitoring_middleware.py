@@ -287,3 +287,20 @@ async def test_the_store_is_read_only_where_a_limit_or_a_sanction_can_apply(sett
         answer = await predict(client, query(0))
     assert answer.status_code == 200 and len(answer.json()["probabilities"]) == K
     assert bool(calls) == reads
+
+
+async def test_a_network_scoped_block_refuses_the_whole_network():
+    route = {"sanctions": {"scope": "network", "ladder": {"block": 600}}}
+    async with client_for(peer="203.0.113.7", route=route, detectors=SIMILARITY) as blocked:
+        assert full(await predict(blocked, query(0)))
+        guard = guard_in(blocked.guarded_app)
+        rules = guard.policy.routes["/predict"].sanctions.rules()
+        await guard.monitoring.sanctions.escalate("ip:203.0.113.7", rules, "similarity")
+        answers = {}
+        for peer in ("203.0.113.7", "203.0.113.99", "203.0.114.7"):
+            transport = httpx.ASGITransport(app=blocked.guarded_app, client=(peer, 4000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://guarded") as client:
+                answers[peer] = await client.post("/predict", json={"features": query(1)},
+                                                  headers={"X-API-Key": "alice"} if peer.endswith("99") else {})
+    assert answers["203.0.113.7"].status_code == answers["203.0.113.99"].status_code == 403  # a key too
+    assert full(answers["203.0.114.7"])

@@ -111,6 +111,13 @@ def test_unknown_file_types_are_refused(tmp_path):
 @pytest.mark.parametrize("settings, message", [
     ({"store": "memcached://localhost"}, "unknown state store URI"),
     ({"store": "localhost:6379"}, "unknown state store URI"),
+    ({"store": "redis:/localhost"}, "two slashes"),
+    ({"store": "redis://"}, "names no host"),
+    ({"store": "redis://localhost:63x9/0"}, "port is not a number"),
+    ({"store": "redis://localhost/zero"}, "database is a number"),
+    ({"store": "unix://redis.sock"}, "absolute path"),
+    ({"store": "memory://big"}, "just memory://"),
+    ({"routes": {"/predict": {**ROUTE, "free_methods": ["options"]}}}, "upper case"),
     ({"metrics_path": "metrics"}, "metrics_path"),
     ({"metrics_path": "/predict"}, "not a guarded route"),
 ])

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from guard.ratelimit import Admission, LimitDecision, RouteLimits, parse_limits
-from guard.sanctions import Level, Sanctions, Standing
+from guard.sanctions import Level, SanctionRules, Sanctions, Standing
 from guard.store import MemoryStore, StoreUnavailable, store_from_uri
 from guard.store.base import WindowCount, WindowLimit
 
@@ -207,3 +207,27 @@ async def test_memory_sliding_windows_weigh_the_previous_window_and_forget_older
     for _ in range(9):
         await admission.admit("/p", "alice", limits)
     assert not (await admission.admit("/p", "alice", limits))[1].allowed  # 10 in this window: refused
+
+
+@pytest.mark.parametrize("scope", ["network", "client"])
+async def test_a_network_scoped_block_covers_the_addresses_network(stores, scope):
+    """With network scope, blocking one address blocks its /24 (IPv4) or /64 (IPv6), whatever the
+    client's name there (another address, an API key); the next network and other clients are not."""
+    sanctions = Sanctions(stores[0])
+    rules = SanctionRules.parse(ladder={"block": 600}, network=scope == "network")
+    await sanctions.escalate("ip:203.0.113.7", rules, "similarity")
+    await sanctions.escalate("ip:2001:db8:1:2::7", rules, "similarity")
+    admission = Admission(stores[1], Sanctions(stores[1]), network_sanctions=True)
+    limits = RouteLimits.parse(per_client="100/minute")
+
+    async def level(client: str, address: str) -> Level:
+        return (await admission.admit("/p", client, limits, address=address))[0].level
+
+    neighbours = [("ip:203.0.113.200", "203.0.113.200"), ("key:abc", "203.0.113.9"),
+                  ("ip:2001:db8:1:2::ffff", "2001:db8:1:2::ffff")]
+    strangers = [("ip:203.0.114.7", "203.0.114.7"), ("ip:2001:db8:1:3::7", "2001:db8:1:3::7")]
+    assert await level("ip:203.0.113.7", "203.0.113.7") == Level.BLOCK
+    for client, address in neighbours:
+        assert await level(client, address) == (Level.BLOCK if scope == "network" else Level.NONE)
+    for client, address in strangers:
+        assert await level(client, address) == Level.NONE

@@ -137,15 +137,18 @@ async def test_batches_of_objects_and_bare_labels(iris_model):
 
 async def test_get_with_query_parameters_and_cors_preflight(iris_model):
     route = {**NAMED, "features": FIELDS, "features_in": "query", "output": ["top_k:1"]}
-    async with guarded(iris_model, {"/predict": route}) as client:
+    preflight_headers = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    async with guarded(iris_model, {"/predict": {**route, "free_methods": ["OPTIONS"]}}) as client:
         answer = (await client.get("/predict", params=SETOSA)).json()
         missing = await client.get("/predict", params={"sepal_length": 5.1})
-        preflight = await client.options("/predict", headers={
-            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        preflight = await client.options("/predict", headers=preflight_headers)
+    async with guarded(iris_model, {"/predict": route}) as client:
+        guarded_preflight = await client.options("/predict", headers=preflight_headers)
     assert answer["probabilities"] == {"setosa": 1.0, "versicolor": 0.0, "virginica": 0.0}
     assert missing.status_code == 422 and "sepal_width" in missing.json()["detail"]
-    assert preflight.status_code == 200
+    assert preflight.status_code == 200  # the policy lists OPTIONS as free: the app answers it
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert guarded_preflight.status_code == 422  # not free: guarded like any method, features required
 
 
 async def test_a_route_without_features_still_rounds(iris_model):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from attacks.inversion import descend
 from attacks.scoring import Judge
-from benchmarks import datasets, run
+from benchmarks import datasets, endpoint
 from benchmarks.tabular import sensitive_breast_cancer
 from harness_cli import app
 
@@ -51,10 +51,10 @@ def test_a_sensitive_column_is_named_and_must_be_discrete(tmp_path):
 
 
 def test_request_batches_fit_the_body_limit():
-    worst = json.dumps({"features": [[-0.00012345678901234567] * 1024] * run.rows_per_request(1024, 1 << 20)})
+    worst = json.dumps({"features": [[-0.00012345678901234567] * 1024] * endpoint.rows_per_request(1024, 1 << 20)})
     assert len(worst) <= 1 << 20
-    assert run.rows_per_request(1024, 1 << 20) < 512 and run.rows_per_request(10, 1 << 20) == 512
-    assert run.rows_per_request(100_000, 4096) == 1
+    assert endpoint.rows_per_request(1024, 1 << 20) < 512 and endpoint.rows_per_request(10, 1 << 20) == 512
+    assert endpoint.rows_per_request(100_000, 4096) == 1
 
 
 def test_the_stopping_rule_lets_a_plateau_run_a_whole_window():

@@ -1,14 +1,16 @@
 """DP-SGD cost and utility on digits: the benchmark MLP for one epoch without DP and with DP-SGD
 under each Opacus grad-sample mode (epoch time and peak memory as ratios to non-private, medians
-of interleaved repetitions), then test accuracy against epsilon.
+of interleaved repetitions), test accuracy against epsilon with the DP recipe, and the search that
+chose the recipe (``search``, run only when named: it trains 51 models).
 
-Run: ``python -m benchmarks.perf.dp [--quick] [--threads N] [--only overhead accuracy]``.
+Run: ``python -m benchmarks.perf.dp [--quick] [--threads N] [--only overhead accuracy search]``.
 The non-private baseline uses the same model, optimiser, Poisson data loader and batch size; it
 only skips per-example gradients, clipping, noise and ``BatchMemoryManager``.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -106,32 +108,64 @@ def overhead(quick: bool) -> Rows:
 
 
 def accuracy_vs_epsilon(quick: bool) -> Rows:
-    """Test accuracy of DP-SGD at each epsilon (PRV, default delta), beside non-private training."""
+    """Test accuracy of DP-SGD with ``guard.dp.DP_RECIPE`` at each epsilon (PRV, default delta),
+    beside the non-DP recipe of the bench's undefended target (``models.recipe``) on the same rows."""
     data, parts = _digits()
     train = (data.X[parts.train], data.y[parts.train])
-    test = (data.X[parts.test], data.y[parts.test])
+    X_test, y_test = data.X[parts.test], data.y[parts.test]
     seeds = range(1 if quick else 3)
-    epochs = 10 if quick else 20
+    plain = models.recipe("digits", "mlp").sized(len(parts.train))
+    non_dp = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = models.make_model("mlp", data.n_features, data.n_classes)
+        non_dp.append(models.accuracy(models.train_recipe(model, plain, *train, seed), X_test, y_test))
     rows = []
     for epsilon in EPSILONS:
         runs = []
         for seed in seeds:
             torch.manual_seed(seed)
             model = models.make_model("mlp", data.n_features, data.n_classes)
-            _, report = dp.train_private(model, train, target_epsilon=epsilon, epochs=epochs,
-                                         seed=seed, test_data=test)
-            runs.append(report)
-        rows.append({"target_epsilon": epsilon, "epsilon_spent": max(r.epsilon for r in runs),
-                     "delta": runs[0].delta, "noise_multiplier": runs[0].noise_multiplier,
-                     "epochs": epochs, "seeds": len(runs),
-                     "dp_accuracy": statistics.mean(r.test_accuracy for r in runs),
-                     "dp_accuracy_sd": statistics.pstdev(r.test_accuracy for r in runs),
-                     "non_private_accuracy": statistics.mean(r.non_private_test_accuracy
-                                                             for r in runs)})
+            trained, report = dp.train_private(model, train, target_epsilon=epsilon, seed=seed,
+                                               **dp.DP_RECIPE.options(len(parts.train)))
+            runs.append((report, models.accuracy(trained, X_test, y_test)))
+        accuracy = statistics.mean(a for _, a in runs)
+        rows.append({"target_epsilon": epsilon, "epsilon_spent": max(r.epsilon for r, _ in runs),
+                     "delta": runs[0][0].delta, "noise_multiplier": runs[0][0].noise_multiplier,
+                     "seeds": len(runs), "dp_accuracy": accuracy,
+                     "dp_accuracy_sd": statistics.pstdev(a for _, a in runs),
+                     "non_dp_recipe_accuracy": statistics.mean(non_dp),
+                     "cost_points": 100 * (statistics.mean(non_dp) - accuracy)})
     return rows
 
 
-SECTIONS = {"overhead": overhead, "accuracy": accuracy_vs_epsilon}
+SEARCH = ({"sample_rate": (0.1, 0.25, 0.5), "epochs": (20, 50, 100), "lr": (1e-3, 3e-3, 1e-2),
+           "max_grad_norm": (1.0,)},
+          {"sample_rate": (0.1, 0.25), "epochs": (100, 200), "lr": (1e-2, 2e-2, 5e-2),
+           "max_grad_norm": (0.1, 1.0)})
+"""The two stages of the recipe search: a coarse grid, then one around its best (rate 0.1-0.25,
+100 epochs, lr 1e-2) with a longer run, larger steps and a smaller clipping norm."""
+
+
+def search(quick: bool) -> Rows:
+    """The search behind ``guard.dp.DP_RECIPE``: DP-SGD at epsilon 8 on the target part of split 0,
+    accuracy on its auxiliary part (the test part is never looked at); quick: the second stage."""
+    data, parts = _digits()
+    train = (data.X[parts.train], data.y[parts.train])
+    rows = []
+    for stage in SEARCH[1:] if quick else SEARCH:
+        for values in itertools.product(*stage.values()):
+            recipe = dp.DPRecipe(**dict(zip(stage, values)))
+            torch.manual_seed(0)
+            model = models.make_model("mlp", data.n_features, data.n_classes)
+            trained, report = dp.train_private(model, train, target_epsilon=8.0, seed=0,
+                                               **recipe.options(len(parts.train)))
+            rows.append({**dict(zip(stage, values)), "noise_multiplier": report.noise_multiplier,
+                         "aux_accuracy": models.accuracy(trained, data.X[parts.aux], data.y[parts.aux])})
+    return rows
+
+
+SECTIONS = {"overhead": overhead, "accuracy": accuracy_vs_epsilon, "search": search}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {BATCH_SIZE}")
-    for name in args.only or SECTIONS:
+    for name in args.only or ("overhead", "accuracy"):
         print_table(f"{name}: {SECTIONS[name].__doc__.splitlines()[0]}", SECTIONS[name](args.quick))
 
 

@@ -52,7 +52,7 @@ class LimitsAdmission:
         self._strategy = SlidingWindowCounterRateLimiter(storage_from_string("async+memory://"))
 
     async def admit(self, route: str, client: str, limits: RouteLimits, cost: int = 1,
-                    network: str | None = None) -> tuple[Standing, LimitDecision | None]:
+                    network: str | None = None, address: str = "") -> tuple[Standing, LimitDecision | None]:
         standing = await self._sanctions.standing(client)
         checks = [(item, ("client", route, client)) for item in limits.per_client]
         checks += [(item, ("network", route, network)) for item in limits.per_network]

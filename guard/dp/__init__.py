@@ -21,6 +21,7 @@ from guard.dp.checks import (
                              prepare_model,
 )
 from guard.dp.distributed import train_private_distributed
+from guard.dp.recipe import DP_RECIPE, DPRecipe
 from guard.dp.preprocessing import PREPROCESSING_FILE, Preprocessing, RawFeatureModel
 from guard.dp.report import PrivacyReport
 from guard.dp.training import (
@@ -33,7 +34,7 @@ from guard.dp.training import (
                              train_private,
 )
 
-__all__ = ["ACCOUNTANTS", "DEFAULT_GRAD_SAMPLE_MODE", "GRAD_SAMPLE_MODES", "MAX_NOISE_MULTIPLIER",
+__all__ = ["ACCOUNTANTS", "DEFAULT_GRAD_SAMPLE_MODE", "DP_RECIPE", "DPRecipe", "GRAD_SAMPLE_MODES", "MAX_NOISE_MULTIPLIER",
            "MODEL_FILE", "PREPROCESSING_FILE", "REPORT_FILE", "DPConfigError", "Preprocessing",
            "PrivacyReport", "RawFeatureModel", "UnsupportedLayersError", "accuracy", "as_tensors",
            "default_delta", "load", "load_state_dict", "make_private",

@@ -3,6 +3,7 @@ the privacy target is reachable; each failure a :class:`DPConfigError`."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -120,12 +121,14 @@ def check_shards(batch_size: int, world: int, smallest: int = 16) -> None:
                             "processes")
 
 
+@functools.lru_cache(maxsize=256)
 def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                          accountant: str, max_noise_multiplier: float) -> float:
     """Opacus's search (what ``make_private_with_epsilon`` does), but for the exact step count:
     ``make_private_with_epsilon`` passes ``epochs`` and Opacus computes
     ``int(epochs / sample_rate)``, which floors e.g. 3 epochs of 75 batches to 224 steps, so the
-    run would overshoot its target."""
+    run would overshoot its target. The search evaluates the accountant dozens of times (seconds
+    with PRV), so its answer is kept per argument tuple for the life of the process."""
     ceiling = create_accountant(accountant)
     ceiling.history = [(max_noise_multiplier, sample_rate, steps)]
     if ceiling.get_epsilon(delta) > target_epsilon:

@@ -13,7 +13,8 @@ class PrivacyReport:
 
     ``epsilon`` is the accountant's bound on the privacy loss of the whole run at ``delta``, read
     after training; ``history`` is the accountant's raw composition, ``[noise_multiplier,
-    sample_rate, steps]`` segments, from which anyone can recompute it.
+    sample_rate, steps]`` segments, from which anyone can recompute it. ``audit`` is an empirical
+    lower bound on epsilon (``guard.dp.audit``), read with :meth:`audit_summary`.
     """
 
     epsilon: float
@@ -40,6 +41,23 @@ class PrivacyReport:
     test_accuracy: float | None = None
     non_private_test_accuracy: float | None = None
     classes: list | None = None  # the original label of each class index, when labels were mapped
+    audit: dict | None = None  # guard.dp.audit.EpsilonAudit.as_dict() of an audit of this run's settings
+    notices: list[str] = field(default_factory=list)  # the accountant's warnings about epsilon, one line each
+
+    def audit_summary(self) -> str:
+        """The audited lower bound beside the accountant's epsilon, and what it means."""
+        if self.audit is None:
+            return "not audited"
+        a = self.audit
+        verdict = ("ABOVE the accountant's epsilon: this training does not deliver the privacy it "
+                   "reports (a bug in clipping, noise, sampling or accounting)"
+                   if a["epsilon_lower_bound"] > a["epsilon"] else
+                   "at or below the accountant's epsilon, as it must be; a bound far below it is "
+                   "expected (one attack, one run), a bound above it would mean a bug")
+        return (f"audited epsilon >= {a['epsilon_lower_bound']:.2f} at delta {a['delta']:.2g} with "
+                f"{a['confidence']:.0%} confidence ({a['method']}; {a['correct']} of {a['guesses']} "
+                f"guesses right on {a['canaries']} canaries), beside the accountant's epsilon "
+                f"{a['epsilon']:.2f} at that delta: {verdict}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

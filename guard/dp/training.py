@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import distributed as dist
 from torch import nn
@@ -60,6 +61,7 @@ def train_private(
     max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
     progress: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
+    instrument: Callable[[DPOptimizer, float], None] | None = None,
 ) -> tuple[nn.Module, PrivacyReport]:
     """Train ``model`` on ``train_data = (X, y)`` with DP-SGD to ``(target_epsilon, delta)``.
 
@@ -72,6 +74,8 @@ def train_private(
     seed makes the run reproducible and the noise predictable to whoever knows it. ``test_data``
     adds the test accuracy of the private model and of the same architecture trained the same way
     without DP. Run inside an initialised ``torch.distributed`` group, it trains with ``DPDDP``.
+    ``instrument(optimiser, sample_rate)`` is called once before training with Opacus's
+    ``DPOptimizer``: an auditor's hook (:mod:`guard.dp.audit`).
     """
     X, y = as_tensors(train_data)
     check_data(model, X, y)
@@ -89,8 +93,12 @@ def train_private(
     state = load_checkpoint(checkpoint_dir, model) if resume else None
     planned_steps = epochs * len(loader)
     if state is None:
-        noise_multiplier = noise_multiplier_for(target_epsilon, delta, 1 / len(loader),
-                                                planned_steps, accountant, max_noise_multiplier)
+        with warnings.catch_warnings():
+            # the search tries noise multipliers far from the answer, whose RDP curves peak at the
+            # largest order; the reported epsilon is computed afresh (``_spent``)
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            noise_multiplier = noise_multiplier_for(target_epsilon, delta, 1 / len(loader),
+                                                    planned_steps, accountant, max_noise_multiplier)
         start_epoch = 0
     else:
         check_resumable(state, len(X), batch_size, max_grad_norm, epochs, accountant, delta)
@@ -104,6 +112,8 @@ def train_private(
         engine, DPDDP(model) if world > 1 else model, optimiser, loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         grad_sample_mode=grad_sample_mode, noise_generator=noise_rng)
+    if instrument is not None:
+        instrument(dp_optimiser, 1 / len(loader))
     if state is not None:
         engine.accountant.history = [tuple(segment) for segment in state["history"]]
 
@@ -125,7 +135,7 @@ def train_private(
             save_checkpoint(Path(checkpoint_dir), model, dp_optimiser.original_optimizer,
                             engine.accountant.history, noise_multiplier, epoch + 1, settings)
         if bar is not None or on_epoch is not None:  # the accountant takes ~0.1-0.5 s a call
-            spent = engine.get_epsilon(delta)
+            spent, _ = _spent(engine, delta)
             if bar is not None:
                 bar.set_postfix(epsilon=f"{spent:.3f}", refresh=False)
                 bar.update(1)
@@ -138,13 +148,14 @@ def train_private(
     trained.load_state_dict(model.state_dict())
     trained.eval()
     history = [list(segment) for segment in engine.accountant.history]
+    epsilon, notices = _spent(engine, delta)
     report = PrivacyReport(
-        epsilon=float(engine.get_epsilon(delta)), delta=delta, target_epsilon=target_epsilon,
+        epsilon=epsilon, delta=delta, target_epsilon=target_epsilon,
         accountant=accountant, noise_multiplier=float(noise_multiplier),
         max_grad_norm=max_grad_norm, sample_rate=1 / len(loader),
         expected_batch_size=len(X) / len(loader), steps=int(sum(s for *_, s in history)),
         epochs=epochs, dataset_size=len(X), history=history, grad_sample_mode=grad_sample_mode,
-        world_size=world, model_changes=changes)
+        world_size=world, model_changes=changes, notices=notices)
     if test_data is not None and rank == 0:
         X_test, y_test = as_tensors(test_data)
         baseline = train_non_private(copy.deepcopy(initial), (X, y), epochs=epochs,
@@ -202,6 +213,17 @@ def run_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, criterion: Cal
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(X).argmax(dim=1) == y).float().mean())
+
+
+def _spent(engine: PrivacyEngine, delta: float) -> tuple[float, list[str]]:
+    """The accountant's epsilon, and its warnings as one line each: they concern the reported
+    epsilon (e.g. an RDP bound at the largest order is looser than the analysis allows)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epsilon = float(engine.get_epsilon(delta))
+    lines = (f"{w.category.__name__} from the {engine.accountant.mechanism()} accountant: "
+             f"{str(w.message).splitlines()[0]}" for w in caught)
+    return epsilon, list(dict.fromkeys(lines))
 
 
 def _epoch_seed(seed: int, epoch: int, stream: str, rank: int = 0) -> int:

@@ -318,8 +318,15 @@ class InProcessMonitor:
         self._progress.set()
 
     async def _escalate(self, client: str, rules: SanctionRules, detector: str) -> tuple[Level, Standing]:
-        """``Sanctions.escalate`` run on the requests' event loop, awaited from the worker thread."""
-        work = asyncio.run_coroutine_threadsafe(self._escalate_here(client, rules, detector), self._loop)
+        """``Sanctions.escalate`` run on the requests' event loop, awaited from the worker thread;
+        ``StoreUnavailable`` once that loop has closed (a server stopped without a lifespan)."""
+        escalation = self._escalate_here(client, rules, detector)
+        try:
+            work = asyncio.run_coroutine_threadsafe(escalation, self._loop)
+        except RuntimeError:  # the requests' event loop is closed
+            escalation.close()
+            raise StoreUnavailable("the server's event loop has closed; no sanction was written",
+                                   "closed") from None
         return await asyncio.wrap_future(work)
 
     async def _escalate_here(self, client: str, rules: SanctionRules, detector: str) -> tuple[Level, Standing]:

@@ -57,8 +57,9 @@ class Admitted:
 class Charge:
     """One admission: the standing's key; the limits to charge, and those charged only while the
     standing is ``throttle_level``; ``cost`` queries; ``sliding`` (else fixed) windows; ``now`` (wall
-    seconds) to read the standing's expiry with. A standing record starts ``[level, until, ...]``
-    (``guard.sanction_record``)."""
+    seconds) to read the standing's expiry with; ``network_key``: the standing of the client's
+    network, which applies instead when it is higher (None: not read). A standing record starts
+    ``[level, until, ...]`` (``guard.sanction_record``)."""
 
     standing_key: str
     limits: Sequence[WindowLimit]
@@ -68,6 +69,7 @@ class Charge:
     now: float
     throttle_level: int
     block_level: int
+    network_key: str | None = None
 
     def exceeds(self, limit: WindowLimit, count: WindowCount) -> bool:
         return count.used() + self.cost > limit.amount
@@ -78,7 +80,12 @@ class Charge:
 
 
 class StoreUnavailable(RuntimeError):
-    """The backing store cannot be reached; the guard then follows its configured fail mode."""
+    """The backing store failed a call (``reason``: unreachable, timeout, oom, wrongtype, malformed,
+    ...); the guard then follows its configured fail mode."""
+
+    def __init__(self, message: str, reason: str = "unreachable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StateStore(Protocol):
@@ -112,6 +119,6 @@ class StateStore(Protocol):
         so there a field may be forgotten after half its ttl."""
 
     async def admit(self, charge: Charge) -> Admitted:
-        """In one round trip: read the standing at ``charge.standing_key``; unless a block is in
-        force, charge ``cost`` to every limit (the throttle limits too while throttled) if none
-        would be exceeded, else to none."""
+        """In one round trip: read the standing at ``charge.standing_key`` (or at ``network_key``
+        when that one is higher); unless a block is in force, charge ``cost`` to every limit (the
+        throttle limits too while throttled) if none would be exceeded, else to none."""

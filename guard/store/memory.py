@@ -257,6 +257,10 @@ class MemoryStore:
         Counter windows are numbered on the wall clock, as in Redis (server time)."""
         standing = self._keys.get(charge.standing_key, time.monotonic())
         level = charge.level(standing)
+        if charge.network_key is not None:
+            covering = self._keys.get(charge.network_key, time.monotonic())
+            if charge.level(covering) > level:
+                standing, level = covering, charge.level(covering)
         if level >= charge.block_level:
             return Admitted(standing, blocked=True)
         limits = list(charge.limits)

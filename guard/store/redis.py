@@ -1,6 +1,8 @@
 """Redis state store: shared by every worker and replica, so limits, detector state and sanctions
-are one per deployment. Built on ``redis.asyncio`` with short timeouts; a connection error raises
-``StoreUnavailable`` (the guard then follows its fail mode) and the next call reconnects by itself."""
+are one per deployment. Built on ``redis.asyncio`` with short timeouts; any failed call (unreachable,
+timed out, an error reply such as ``OOM`` or ``WRONGTYPE``, an unreadable reply) raises
+``StoreUnavailable`` with its reason (the guard then follows its fail mode) and the next call
+reconnects by itself."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -81,10 +84,11 @@ return struct.pack('>I4', #found) .. found .. table.concat(previous)
 # The admissions (``StateStore.admit``) made in one turn of the event loop, each in turn: read the
 # standing; unless a block is in force, read each limit's counters (current and, for sliding windows,
 # previous window, numbered on the server's clock) and charge them all only if none would be exceeded.
-# KEYS: per admission, its standing, then one counter prefix per limit (the throttle limits last). ARGV:
-# per admission one string of numbers: the caller's wall time (s), cost, sliding (1/0), throttle level,
-# block level, the number of limits applied when not throttled, the number of limits, then amount and
-# window (ms) per limit. Returns per admission its standing and a string of numbers, each packed
+# KEYS: per admission, its standing, its network's standing when read (the higher one applies), then one
+# counter prefix per limit (the throttle limits last). ARGV: per admission one string of numbers: the
+# caller's wall time (s), cost, sliding (1/0), throttle level, block level, the number of limits applied
+# when not throttled, the number of limits, whether the network's standing is read (1/0), then amount
+# and window (ms) per limit. Returns per admission its standing and a string of numbers, each packed
 # (``pack``): refused (-1: blocked, 0: none, i: the i-th limit), then per limit read: current, previous,
 # elapsed fraction.
 _ADMIT = """
@@ -94,15 +98,22 @@ local function packed(item)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function level_of(standing, wall)
+  if not standing then return 0 end
+  local ok, record = pcall(cjson.decode, standing)
+  if ok and type(record) == 'table' and tonumber(record[1]) and tonumber(record[2])
+      and tonumber(record[2]) > wall then
+    return tonumber(record[1])
+  end
+  return 0
+end
 local function admit(keys, args)
   local standing = redis.call('GET', KEYS[keys])
-  local level = 0
-  if standing then
-    local ok, record = pcall(cjson.decode, standing)
-    if ok and type(record) == 'table' and tonumber(record[1]) and tonumber(record[2])
-        and tonumber(record[2]) > args[1] then
-      level = tonumber(record[1])
-    end
+  local level = level_of(standing, args[1])
+  local first = keys + args[8]  -- the key before the first limit's
+  if args[8] == 1 then
+    local covering = redis.call('GET', KEYS[keys + 1])
+    if level_of(covering, args[1]) > level then standing, level = covering, level_of(covering, args[1]) end
   end
   if level >= args[5] then return packed(standing) .. packed('-1') end
   local cost, sliding = args[2], args[3] == 1
@@ -111,13 +122,13 @@ local function admit(keys, args)
   local out = {'0'}
   local charged = {}
   for i = 1, n do
-    local amount, window = args[6 + 2 * i], args[7 + 2 * i]
+    local amount, window = args[7 + 2 * i], args[8 + 2 * i]
     local index = math.floor(now / window)
     local elapsed = (now - index * window) / window
-    local key = KEYS[keys + i] .. ':' .. index
+    local key = KEYS[first + i] .. ':' .. index
     local current = tonumber(redis.call('GET', key) or '0')
     local previous = 0
-    if sliding then previous = tonumber(redis.call('GET', KEYS[keys + i] .. ':' .. (index - 1)) or '0') end
+    if sliding then previous = tonumber(redis.call('GET', KEYS[first + i] .. ':' .. (index - 1)) or '0') end
     out[#out + 1] = current .. ' ' .. previous .. ' ' .. tostring(elapsed)
     if previous * (1 - elapsed) + current + cost > amount then
       out[1] = tostring(i)
@@ -136,7 +147,7 @@ for a = 1, #ARGV do
   local args = {}
   for number in string.gmatch(ARGV[a], '%S+') do args[#args + 1] = tonumber(number) end
   replies[a] = admit(keys, args)
-  keys = keys + 1 + args[7]
+  keys = keys + 1 + args[8] + args[7]
 end
 return table.concat(replies)
 """
@@ -173,7 +184,23 @@ UNREAD = "?"  # the state of a key not read: no key ever has it
 ADMIT_BATCH = 256  # admissions sent in one script call, at most
 SCRIPT_BATCH = 64  # script calls sent in one round trip, at most
 
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+def store_error(error: Exception) -> StoreUnavailable:
+    """A failed Redis call as the store's error, with its reason: ``timeout``, ``unreachable``,
+    ``oom`` (full under ``noeviction``), ``wrongtype`` (a key holding another type), ``response_error``
+    (any other error reply), ``malformed`` (a reply that cannot be read)."""
+    if isinstance(error, StoreUnavailable):
+        return error
+    if isinstance(error, (RedisTimeoutError, TimeoutError)):
+        reason = "timeout"
+    elif isinstance(error, (RedisConnectionError, OSError)):
+        reason = "unreachable"
+    elif isinstance(error, ResponseError):
+        text = str(error)
+        reason = ("oom" if isinstance(error, OutOfMemoryError) or "OOM " in text or "'maxmemory'" in text
+                  else "wrongtype" if "WRONGTYPE" in text else "response_error")
+    else:
+        reason = "malformed"
+    return StoreUnavailable(f"redis {reason}: {error}", reason)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -185,9 +212,9 @@ class Coalescer(Generic[Item, Result]):
     the event loop it was made in has run, sends the calls made so far; the calls made while a batch
     is in flight go together as soon as its reply is in. So a busy worker pays one round trip for
     many calls, an idle one no more than one per call, and no call waits for a later one. Each
-    caller waits for its own result; calls go in the order they were made. A failure to reach
-    Redis is ``StoreUnavailable`` for every call of the batch; any other error is raised to each of
-    them; a result that is an exception is raised to its own caller."""
+    caller waits for its own result; calls go in the order they were made. Any failure of the batch
+    is ``StoreUnavailable`` (``store_error``) for every call of it; a result that is an exception is
+    raised to its own caller, as ``StoreUnavailable`` too."""
 
     def __init__(self, send: Callable[[list[Item]], Awaitable[list[Result]]], most: int):
         self._send, self._most = send, most
@@ -223,19 +250,17 @@ class Coalescer(Generic[Item, Result]):
         """Send ``batch`` and give each caller its result (a caller cancelled meanwhile needs none)."""
         try:
             results = await self._send([item for item, _ in batch])
-        except _UNREACHABLE as error:
-            _fail(batch, StoreUnavailable(f"redis unreachable: {error}"))
         except asyncio.CancelledError:
             _fail(batch, StoreUnavailable("redis calls were cancelled"))
             raise
-        except Exception as error:  # e.g. a script error: every caller of the batch sees it
-            _fail(batch, error)
+        except Exception as error:  # unreachable, a script's error, an unreadable reply
+            _fail(batch, store_error(error))
         else:
             for (_, waiting), result in zip(batch, results, strict=True):
                 if waiting.done():
                     continue
                 if isinstance(result, Exception):
-                    waiting.set_exception(result)
+                    waiting.set_exception(store_error(result))
                 else:
                     waiting.set_result(result)
 
@@ -280,8 +305,8 @@ class RedisStore:
     async def _reachable(self) -> AsyncIterator[None]:
         try:
             yield
-        except _UNREACHABLE as error:
-            raise StoreUnavailable(f"redis unreachable: {error}") from error
+        except (RedisError, OSError) as error:
+            raise store_error(error) from error
 
     async def _script(self, script: AsyncScript, keys: list, args: list) -> object:
         """``script``'s reply; the scripts called in one turn of the event loop (a monitor's detectors
@@ -363,9 +388,12 @@ class RedisStore:
         for charge in charges:
             limits = [*charge.limits, *charge.throttle_limits]
             keys.append(self._prefix + charge.standing_key)
+            if charge.network_key is not None:
+                keys.append(self._prefix + charge.network_key)
             keys += [self._prefix + limit.key for limit in limits]
             numbers = [repr(charge.now), str(charge.cost), "1" if charge.sliding else "0", str(charge.throttle_level),
-                       str(charge.block_level), str(len(charge.limits)), str(len(limits))]
+                       str(charge.block_level), str(len(charge.limits)), str(len(limits)),
+                       "0" if charge.network_key is None else "1"]
             for limit in limits:
                 numbers += [str(limit.amount), str(_ms(limit.seconds))]
             args.append(" ".join(numbers))

@@ -1,0 +1,285 @@
+"""One cell of the grid: the target of one defence, its utility, and every attack on it through the
+real middleware, with the models it needs made once and kept in ``benchmarks.cache``.
+
+``run_cell`` is what an executor runs; it returns (row key, per-seed outcome) pairs, and ``row``
+summarises a row's outcomes over seeds for ``benchmarks.report``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from attacks.ensemble import TrainingConfig
+from attacks.targets import HTTPTarget, OutputUnavailable, TargetBlocked, TargetThrottled
+from benchmarks import datasets, models, report
+from benchmarks.cache import Cache, digest
+from benchmarks.endpoint import BENIGN_KEY, ISSUED_KEYS, SYBIL_KEYS, guarded_app, http_target
+from benchmarks.grid import BenchConfig, Cell, attacks_on, recipe
+from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, AttackSpec, Context, Defence
+from benchmarks.tabular import sensitive_breast_cancer
+from benchmarks.traffic import benign_rows, benign_streams
+
+Outcomes = list[tuple[tuple, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class CellTask:
+    """What an executor ships to a worker: the run's configuration, the cache folder, the cell."""
+
+    config: BenchConfig
+    cache: Path
+    cell: Cell
+
+
+def cell_key(config: BenchConfig, cell: Cell, *detail: Any) -> str:
+    """The cache key of ``cell`` (and ``detail``: an attack and its key count) under ``config``: the
+    whole recipe of the run, the cell and the content of its data."""
+    return digest("cell", recipe(config), cell, data_digest(cell.dataset, config.sensitive), *detail)
+
+
+def run_cell(task: CellTask) -> Outcomes:
+    """Every attack of the run on the cell's defence: (row key, per-seed outcome) pairs."""
+    config, cell = task.config, task.cell
+    store = Cache(task.cache)
+    group = digest("group", recipe(config), cell.model, cell.seed, data_digest(cell.dataset, config.sensitive))
+
+    def shared(key: tuple, make: Callable[[], Any]) -> Any:
+        return store.model(digest(group, key), make)
+
+    defence = DEFENCES[cell.defence]
+    context = _context(config, cell, defence, shared)
+    undefended = context.model if defence.dp_epsilon is None else _target(config, cell, DEFENCES["none"], shared)
+    utility = _utility(context, undefended, config)
+    results, chosen = [], attacks_on(config, defence.name)
+    for spec in (ATTACK_SPECS[a] for a in config.attacks):
+        reason = spec.requires(context)
+        if reason and defence.name == config.defences[0]:
+            results.append(((cell.dataset, cell.model, defence.name, spec.name),
+                            {**_not_applicable(reason), "utility": utility, "seed": cell.seed, "chance": 0.0,
+                             "adaptive": False}))
+        if reason or not spec.applies(context) or spec.name not in chosen:
+            continue
+        for keys in _key_counts(spec, defence):
+            key = (cell.dataset, cell.model, defence.name, spec.name if keys == 1 else f"{spec.name} ({keys} keys)")
+            outcome = store.outcome_or(cell_key(config, cell, spec.name, keys),
+                                       lambda: _attack(spec, context, config, keys))
+            chance = outcome["metrics"].get(f"reference_{spec.primary}")  # the no-model reference
+            results.append((key, {**outcome, "utility": utility, "seed": cell.seed,
+                                  "chance": spec.chance(context) if chance is None else chance,
+                                  "adaptive": spec.adaptive(context) or keys > 1}))
+    return results
+
+
+def _key_counts(spec: AttackSpec, defence: Defence) -> tuple[int, ...]:
+    """Against monitoring, every attack that queries the API also runs spread over many API keys
+    (the Sybil attacker that per-client detectors such as PRADA cannot see), so monitoring is never
+    credited for stopping an attacker who would simply have used more keys."""
+    return (1, SYBIL_KEYS) if defence.monitoring and not spec.white_box else (1,)
+
+
+def _not_applicable(reason: str) -> dict[str, Any]:
+    """The outcome of an attack the data set cannot support, with the reason the report states."""
+    return {"status": "not-applicable", "reason": reason, "metrics": {}, "queries": 0, "flagged_at": None,
+            "blocked_at": None, "wall_time_s": 0.0, "curves": {}, "images": {}}
+
+
+def calibrated_detectors(dataset: datasets.Dataset, X_own: np.ndarray, labeller, seed: int,
+                         quick: bool) -> dict[str, dict[str, Any]]:
+    """Both detectors with thresholds calibrated to 0.1% false positives on benign traffic: natural
+    variations of the defender's own data (``X_own``) sent by several simulated clients."""
+    import asyncio
+
+    from guard.detectors.calibration import calibrate
+
+    config = {"prada": {}, "similarity": {"quantization": 0.25, "window": min(8, dataset.n_features),
+                                          "stride": 1, "top_n": 20}}
+    clients, per_client = (8, 200) if quick else (20, 500)
+    if dataset.image_shape is not None:
+        streams = benign_streams(labeller, X_own, dataset.image_shape, clients, per_client, seed=seed)
+    else:
+        streams = benign_rows(labeller, X_own, clients, per_client, seed=seed)
+    thresholds = asyncio.run(calibrate(streams, config))
+    return {name: {**config[name], **thresholds[name]} for name in config}
+
+
+def _context(config: BenchConfig, cell: Cell, defence: Defence, shared: Callable) -> Context:
+    """The cell's data and models; ``shared`` makes each model of the cell's group once."""
+    dataset, sensitive = load_dataset(cell.dataset, config.sensitive)
+    split = datasets.split(dataset, cell.seed)
+    X_train = dataset.X[split.train]
+    recipe = target_recipe(config, cell.dataset, cell.model, len(split.train))
+    model = _target(config, cell, defence, shared)
+    held_out = split.held_out
+    evaluator_model = shared(("evaluator",), lambda: models.train_target(
+        "mlp", dataset.X[held_out], dataset.y[held_out], dataset.n_classes, seed=cell.seed + 1000,
+        epochs=models.Recipe("mlp").sized(len(held_out)).epochs))
+    context = Context(dataset, split, cell.model, recipe.hidden, TrainingConfig(**config.training), defence,
+                      cell.seed, config.quick, model, _labeller(model), _labeller(evaluator_model), sensitive,
+                      activation=recipe.activation, shared=shared)
+    if defence.monitoring:
+        context.detectors = shared(("detectors",), lambda: calibrated_detectors(
+            dataset, X_train, context.labels_of, cell.seed, config.quick))
+    return context
+
+
+def _target(config: BenchConfig, cell: Cell, defence: Defence, shared: Callable) -> torch.nn.Module:
+    dataset, _ = load_dataset(cell.dataset, config.sensitive)
+    split = datasets.split(dataset, cell.seed)
+    recipe = target_recipe(config, cell.dataset, cell.model, len(split.train))
+    return shared(("target", defence.dp_epsilon), lambda: _train_target(
+        dataset, cell.model, recipe, dataset.X[split.train], dataset.y[split.train], defence, cell.seed, config))
+
+
+def target_recipe(config: BenchConfig, name: str, kind: str, n_train: int) -> models.Recipe:
+    """The target's architecture and training: the zoo's recipe for the data set, with the user's
+    choices (``--hidden``, ``--activation``, ``--lr``, ``--epochs``) over it; without ``--epochs``,
+    sized to the data (``models.MIN_STEPS``)."""
+    chosen = {"hidden": config.hidden, "activation": config.activation, "lr": config.lr, "epochs": config.epochs}
+    recipe = replace(models.recipe(name, kind), **{k: v for k, v in chosen.items() if v is not None})
+    return recipe if config.epochs else recipe.sized(n_train)
+
+
+@cache
+def load_dataset(name: str, sensitive: str | None = None) -> tuple[datasets.Dataset, tuple[int, np.ndarray] | None]:
+    """The records of dataset ``name`` and its sensitive attribute (column, values), if it has one
+    (breast cancer: the coded "worst concave points" level; a user's file: ``sensitive``, or the one
+    its NPZ names)."""
+    if name == "breast_cancer" and sensitive is None:
+        table = sensitive_breast_cancer()
+        return table.dataset, (table.attribute, table.values)
+    dataset = datasets.load(name, sensitive)
+    return dataset, None if dataset.sensitive is None else (dataset.sensitive, dataset.sensitive_values)
+
+
+@cache
+def data_digest(name: str, sensitive: str | None = None) -> str:
+    """The content hash of data set ``name`` as loaded (records, labels, image shape, sensitive attribute)."""
+    dataset, attribute = load_dataset(name, sensitive)
+    return digest(dataset.X, dataset.y, dataset.image_shape, attribute)
+
+
+def _labeller(model: torch.nn.Module):
+    return lambda X: models.predict_proba(model, X).argmax(axis=1)
+
+
+def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X: np.ndarray, y: np.ndarray,
+                  defence: Defence, seed: int, config: BenchConfig) -> torch.nn.Module:
+    """The target of one cell; refused (``models.Underfit``) when, trained without DP, it does not fit
+    its own training set (DP-SGD's lower fit is its privacy cost, reported as utility). DP-SGD trains with
+    its own recipe (``guard.dp.DP_RECIPE``), not the non-private one."""
+    torch.manual_seed(seed)
+    model = (_user_model(config.model, dataset) if kind == "user"
+             else recipe.build(dataset.n_features, dataset.n_classes))
+    if defence.dp_epsilon is None:
+        models.train_recipe(model, recipe, X, y, seed)
+        models.require_fit(model, X, y, config.min_train_accuracy, f"the {kind} target on {dataset.name} (seed {seed})")
+        return model
+    from guard.dp import DP_RECIPE, train_private
+
+    private, _ = train_private(model, (X, y), target_epsilon=defence.dp_epsilon, seed=seed, **DP_RECIPE.options(len(X)))
+    return private.eval()
+
+
+def _user_model(factory: str, dataset: datasets.Dataset) -> torch.nn.Module:
+    """``module:function`` called with ``(n_features, n_classes)``."""
+    from guard.references import import_function
+
+    return import_function(factory)(dataset.n_features, dataset.n_classes)
+
+
+def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig) -> dict[str, float]:
+    """Test accuracy of the defended answers, how often their top label differs from the undefended
+    model's (for DP, the undefended model is the same architecture trained without DP), and whether
+    the benign client asking for them was flagged (degraded, throttled or blocked: a false alarm)."""
+    X_test, y_test = context.part("test")
+    app = guarded_app(context, config.max_body_bytes)
+    with http_target(app, context.dataset.n_classes, context.dataset.n_features, config.live,
+                     [BENIGN_KEY], config.max_body_bytes) as target:
+        labels = target.predict(X_test)
+        flagged = any(value is not None for value in target.events.values())
+    reference = models.predict_proba(undefended, X_test).argmax(axis=1)
+    (X_train, y_train), held_out = context.part("train"), context.split.held_out
+    return {"test_accuracy": float((labels == y_test).mean()),
+            "label_change_rate": float((labels != reference).mean()), "benign_flagged": float(flagged),
+            "target_train_accuracy": models.accuracy(context.model, X_train, y_train),
+            "target_held_out_accuracy": models.accuracy(context.model, context.dataset.X[held_out],
+                                                        context.dataset.y[held_out])}
+
+
+def _attack(spec: AttackSpec, context: Context, config: BenchConfig, keys: int) -> dict[str, Any]:
+    """One attack on one fresh guarded server."""
+    api_keys = list(ISSUED_KEYS[1:keys + 1])
+    with http_target(guarded_app(context, config.max_body_bytes), context.dataset.n_classes,
+                     context.dataset.n_features, config.live, api_keys, config.max_body_bytes) as target:
+        return attempt(spec, context, target)
+
+
+def attempt(spec: AttackSpec, context: Context, target: HTTPTarget) -> dict[str, Any]:
+    """Run one attack against ``target``: its measures, or why it could not finish ("stopped" when
+    the endpoint throttled, degraded or blocked it; "not-applicable" when it lacks what it needs)."""
+    started = time.perf_counter()
+    try:
+        result = spec.run(target, context)
+        status, reason, metrics, artefacts = "ok", "", result.metrics, result.artefacts
+    except (OutputUnavailable, TargetBlocked, TargetThrottled) as error:
+        stopped = any(value is not None for value in target.events.values())
+        status, reason, metrics, artefacts = "stopped" if stopped else "not-applicable", str(error), {}, {}
+    events = target.events
+    return {"status": status, "reason": reason, "metrics": {k: float(v) for k, v in metrics.items()},
+            "queries": target.queries, "flagged_at": events["degraded_at"] if events["degraded_at"] is not None
+            else events["throttled_at"], "blocked_at": events["blocked_at"],
+            "wall_time_s": time.perf_counter() - started, "curves": _curves(artefacts),
+            "images": _images(artefacts)}
+
+
+def _curves(artefacts: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    curves = {}
+    if "fpr" in artefacts:
+        fpr, tpr = np.asarray(artefacts["fpr"]), np.asarray(artefacts["tpr"])
+        keep = np.unique(np.searchsorted(fpr, np.logspace(-4, 0, 200)).clip(0, len(fpr) - 1))
+        curves["roc"] = {"x": fpr[keep].tolist(), "y": tpr[keep].tolist()}
+    if "curve" in artefacts:
+        curve = artefacts["curve"]
+        curves["agreement_vs_queries"] = {"x": list(map(float, curve["queries"])),
+                                          "y": list(map(float, curve["agreement"]))}
+    return curves
+
+
+def _images(artefacts: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """The first ten reconstructions, and the images the attack put beside them (the victims' photos,
+    the no-model reference)."""
+    if "reconstructions" not in artefacts:
+        return {}
+    shown = {**artefacts.get("images", {}), "reconstructions": artefacts["reconstructions"]}
+    return {name: np.asarray(images)[:10].round(3).tolist() for name, images in shown.items()}
+
+
+def row(key: tuple, spec: AttackSpec, results: list[dict[str, Any]]) -> report.Row:
+    """The report row of one (dataset, model, defence, attack) over its per-seed outcomes."""
+    dataset, model, defence, attack = key
+    done = [r for r in results if r["status"] == "ok"]
+    names = sorted({name for r in done for name in r["metrics"]})
+    first = done[0] if done else results[0]
+    return {
+        "dataset": dataset, "model": model, "defence": defence, "attack": attack, "family": spec.family,
+        "adaptive": any(r["adaptive"] for r in results),
+        "status": "ok" if done else results[0]["status"],
+        "reason": "" if done else results[0]["reason"],
+        "primary": spec.primary, "chance": float(np.mean([r["chance"] for r in results])),
+        "seeds": [r["seed"] for r in results],
+        "metrics": {name: report.summarise([r["metrics"].get(name) for r in done]) for name in names},
+        "queries": report.summarise([r["queries"] for r in results]),
+        "flagged_at": [r["flagged_at"] for r in results],
+        "blocked_at": [r["blocked_at"] for r in results],
+        "utility": {name: report.summarise([r["utility"].get(name) for r in results])
+                    for name in ("test_accuracy", "label_change_rate", "benign_flagged", "target_train_accuracy",
+                                 "target_held_out_accuracy")},
+        "wall_time_s": report.summarise([r["wall_time_s"] for r in results]),
+        "curves": first["curves"], "images": first["images"],
+    }

@@ -1,0 +1,135 @@
+"""The cells of a bench run: its configuration, the named grids (``quick``, ``default``, ``full``),
+and the (dataset, model, seed, defence) cells a run is made of.
+
+A cell is the unit of work an executor runs: every attack on one defence of one target. Cells of one
+(dataset, model, seed) share the target, the evaluator and the attacker's reference models through
+``benchmarks.cache``; their keys are derived from the whole configuration (``recipe``), never from a
+hand-written list of fields.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from attacks.ensemble import TrainingConfig
+from benchmarks.scenarios import ATTACK_SPECS, DEFENCES
+
+TARGETS = {"digits": ("softmax", "mlp"), "breast_cancer": ("mlp",), "faces": ("softmax", "mlp"),
+           "faces64": ("softmax", "mlp")}
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # the guard's default request-body limit
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run; ``asdict`` of it is recorded in ``results.json``. Its defaults are the whole
+    grid (``--full``)."""
+
+    datasets: tuple[str, ...] = ("digits", "breast_cancer")  # faces on request: its MLP and black-box MI-Face are slow
+    defences: tuple[str, ...] = tuple(DEFENCES)
+    attacks: tuple[str, ...] = tuple(ATTACK_SPECS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    quick: bool = False
+    live: bool = False
+    epochs: int | None = None  # None: the target recipe's epochs, sized to the data (models.Recipe.sized)
+    model: str | None = None  # a user model factory "module:function" (n_features, n_classes) -> nn.Module
+    hidden: int | None = None  # the target MLP's hidden units (None: the recipe's)
+    activation: str | None = None  # the target MLP's activation (None: the recipe's)
+    lr: float | None = None  # the target's learning rate (None: the recipe's)
+    min_train_accuracy: float = 0.8  # refuse a target that fits its training set worse than this
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # the guard's request-body limit; batches are sized to it
+    sensitive: str | None = None  # the sensitive column of users' data sets (attribute inference)
+    command: str = ""
+    training: dict[str, Any] = field(default_factory=lambda: asdict(TrainingConfig()))
+    against: dict[str, tuple[str, ...]] | None = None  # per defence, the attacks run on it (None: all)
+
+
+SELECTORS = ("datasets", "defences", "attacks", "seeds", "command", "against")
+"""The fields that choose which cells a run holds (or only describe it), not what a cell computes."""
+
+STRONGEST: dict[str, tuple[str, ...]] = {
+    "none": ("copycat-k-center", "equation-solving", "lira-online", "map-attribute", "mi-face"),
+    "round:2": ("equation-solving-rounding-aware", "inverse-model", "knockoff-adaptive", "lira-offline",
+                "lira-rounding-aware", "map-attribute"),
+    "round:1": ("inverse-model", "knockoff-adaptive", "lira-online", "lira-rounding-aware", "map-attribute-label-only"),
+    "top_k:1": ("copycat", "equation-solving", "inverse-model", "knockoff-adaptive", "label-only-calibrated-offline",
+                "lira-offline", "map-attribute"),
+    "label_only": ("copycat", "copycat-k-center", "inverse-model", "knockoff-adaptive",
+                   "label-only-calibrated-offline", "map-attribute-label-only"),
+    "noise": ("equation-solving", "inverse-model", "knockoff-adaptive", "lira-averaged-noise", "lira-online",
+              "map-attribute-label-only", "mi-face-blackbox"),
+    "reverse_sigmoid": ("copycat", "copycat-k-center", "equation-solving", "inverse-model-inverted-reverse-sigmoid",
+                        "lira-inverted-reverse-sigmoid", "lira-online", "map-attribute-label-only"),
+    "monitoring": ("equation-solving", "inverse-model", "knockoff-adaptive", "lira-online", "map-attribute"),
+    "dp-eps1": ("equation-solving", "knockoff-adaptive", "lira-online", "map-attribute", "mi-face"),
+    "dp-eps8": ("equation-solving", "lira-offline", "lira-online", "map-attribute", "mi-face", "threshold"),
+}
+"""The default grid's attacks on each defence: those that were the strongest of their family against
+it on some target (digits softmax and MLP, breast cancer MLP) in the full grid's seed 0, so that the
+default's verdicts and summary are the full run's on that seed, at the full run's budgets and
+reference counts. ``python -m benchmarks.perf.strongest results.json`` derives it from a full run."""
+
+GRIDS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "default": {"seeds": (0,), "against": STRONGEST,
+                "attacks": tuple(a for a in ATTACK_SPECS if any(a in chosen for chosen in STRONGEST.values()))},
+    "quick": {"datasets": ("digits",), "seeds": (0,), "quick": True,
+              "defences": ("none", "round:1", "label_only", "monitoring", "dp-eps8"),
+              "attacks": ("equation-solving", "equation-solving-rounding-aware", "knockoff-adaptive",
+                          "lira-online", "lira-rounding-aware", "label-only-calibrated")},
+}
+"""What ``guard bench``, ``--quick`` and ``--full`` run. ``quick`` (a smoke test in under a minute)
+also halves the attacks' training and reference counts; ``default`` and ``full`` run every attack at
+the same strength."""
+
+
+def configure(grid: str = "default", **options: Any) -> BenchConfig:
+    """The configuration of the named grid with ``options`` (those not None) over it; attacks chosen
+    by name run on every defence."""
+    chosen = {name: value for name, value in options.items() if value is not None}
+    if "attacks" in chosen:
+        chosen["against"] = None
+    return replace(BenchConfig(), **{**GRIDS[grid], **chosen})
+
+
+def attacks_on(config: BenchConfig, defence: str) -> tuple[str, ...]:
+    """The attacks of ``config`` run on ``defence``."""
+    return config.attacks if config.against is None else tuple(
+        a for a in config.attacks if a in config.against.get(defence, ()))
+
+
+def from_recorded(recorded: dict[str, Any]) -> BenchConfig:
+    """The configuration a ``results.json`` recorded (lists back to tuples)."""
+    names = {f.name for f in fields(BenchConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in names}
+    return BenchConfig(**values)
+
+
+def recipe(config: BenchConfig) -> dict[str, Any]:
+    """Every field of ``config`` that can change what a cell computes (all but ``SELECTORS``)."""
+    return {name: value for name, value in asdict(config).items() if name not in SELECTORS}
+
+
+def targets(config: BenchConfig, dataset: str) -> tuple[str, ...]:
+    """The model kinds attacked on ``dataset``: the zoo's, or the user's model."""
+    return ("user",) if config.model else TARGETS.get(dataset, ("mlp",))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Every attack of the run on one defence of one (dataset, model kind, seed) target."""
+
+    dataset: str
+    model: str
+    seed: int
+    defence: str
+
+    @property
+    def group(self) -> tuple[str, str, int]:
+        """The (dataset, model, seed) whose models the cell shares with its other defences."""
+        return self.dataset, self.model, self.seed
+
+
+def cells(config: BenchConfig) -> list[Cell]:
+    """The run's cells in the report's order: by dataset, model, seed, then defence."""
+    return [Cell(name, kind, seed, defence) for name in config.datasets for kind in targets(config, name)
+            for seed in config.seeds for defence in config.defences]
