@@ -141,3 +141,12 @@ def test_the_filtering_attacker_drops_isolated_wrong_labels():
     labels = np.where(flipped, (y + 1) % 4, y)
     keep = consistent_answers(X, labels, 4, Architecture("softmax"), TrainingConfig(epochs=20))
     assert (~keep[flipped]).mean() > 0.9 and keep[~flipped].mean() > 0.95
+
+
+def test_guard_verify_needs_exactly_one_suspect(tmp_path):
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"kind": "watermark", "client": "c", "time": 1.0, "features": [0.5], "label": 1, '
+                       '"model_label": 0}\n')
+    for options in ([], ["--url", "http://127.0.0.1:1/predict", "--weights", "w.pt"]):
+        result = CliRunner().invoke(cli, ["verify", "--records", str(records), *options])
+        assert result.exit_code == 2 and "name one suspect" in result.output

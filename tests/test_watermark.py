@@ -156,3 +156,8 @@ def test_export_writes_the_redis_records(redis_url, tmp_path):
     expected = records_of(marks, rows, [0] * 200, mine[0]["client"])
     assert sorted((r.kind, r.label, tuple(r.features)) for r in expected) == \
         sorted((m["kind"], m["label"], tuple(m["features"])) for m in mine)
+
+
+def test_export_refuses_a_memory_store(tmp_path):
+    result = CliRunner().invoke(cli, ["watermarks", "export", "--store", "memory://", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "memory://" in result.output
