@@ -1,4 +1,4 @@
-"""The harness's ``guard`` commands, ``bench`` and ``audit``: ``register`` adds them to the ``guard``
+"""The harness's ``guard`` commands, ``bench``, ``audit`` and ``verify``: ``register`` adds them to the ``guard``
 command through the ``predguard.commands`` entry-point group. Heavy imports happen inside each
 command, so ``guard --help`` stays fast."""
 from __future__ import annotations
@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``bench`` and ``audit`` to the ``guard`` command ``app``."""
+    """Add ``bench``, ``audit`` and ``verify`` to the ``guard`` command ``app``."""
     app.command("bench", cls=ListsChoices)(bench)
     app.command("audit", cls=ListsChoices)(audit)
+    app.command("verify")(verify)
 
 
 def bench(
@@ -167,6 +168,62 @@ def audit(
         raise typer.Exit(2) from error
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")
+
+
+def verify(
+    records: str = typer.Option(..., help="The watermark records (`guard watermarks export`), JSON lines."),
+    url: str | None = typer.Option(None, help="The suspect's prediction endpoint."),
+    model: str | None = typer.Option(None, help="A local suspect: module:function returning its torch module "
+                                     "(with --weights)."),
+    weights: str | None = typer.Option(None, help="The local suspect's state dict, or a TorchScript file "
+                                       "without --model."),
+    classes: int | None = typer.Option(None, min=2, help="Classes the endpoint answers (default: the number "
+                                       "of --labels, else the largest recorded label + 1)."),
+    policy: str | None = typer.Option(None, help="A policy file whose --route describes the endpoint's "
+                                      "request and answer shapes, as for `guard audit`."),
+    route: str | None = typer.Option(None, help="The policy route the endpoint is on."),
+    request_example: str | None = typer.Option(None, help="JSON of the rest of a request body."),
+    features_path: str | None = typer.Option(None, help="JSON pointer to the feature rows (default /features)."),
+    fields: str | None = typer.Option(None, help="Send each row as an object of these named fields."),
+    probabilities_path: str | None = typer.Option(None, help="JSON pointer to the answers (default "
+                                                  "/probabilities)."),
+    labels: str | None = typer.Option(None, help="The endpoint's class names, comma-separated, in the "
+                                      "recorded class order."),
+    batch_size: int | None = typer.Option(None, min=1, help="Rows per request (1: single rows)."),
+    api_key: list[str] | None = typer.Option(None, help="API key(s) to send."),
+    allow_host: list[str] | None = typer.Option(None, help="A non-loopback host you may query."),
+    alpha: float = typer.Option(1e-6, help="False-accusation level of the verdict."),
+    max_queries: int = typer.Option(2000, min=1, help="Records queried at most (a seeded random subset)."),
+) -> None:
+    """Test whether a suspect model was trained on the watermarked answers (DAWN's test)."""
+    import json
+
+    from attacks.ownership import OwnershipTest, Records
+    from benchmarks.audit import AuditError, check_host, route_from_options
+    from benchmarks.verify import endpoint_suspect, local_suspect, report_lines
+    from guard.policy import Policy
+
+    if (url is None) == (weights is None):
+        raise typer.BadParameter("name one suspect: --url, or --weights (with --model for a state dict)")
+    try:
+        found = Records.load(records)
+        test = OwnershipTest(alpha, max_queries)
+        if url is None:
+            verification = test.run(local_suspect(weights, model), found)
+        else:
+            check_host(url, tuple(allow_host or ()))
+            shape = (_policy_route(Policy.from_file(policy), route) if policy is not None else
+                     route_from_options(features_path, _list(fields), probabilities_path, _list(labels)))
+            n_classes = classes or (len(shape.labels) if shape.labels else int(found.labels.max()) + 1)
+            example = json.loads(request_example) if request_example is not None else None
+            with endpoint_suspect(url, found, n_classes, shape, example, batch_size,
+                                  tuple(api_key or ())) as suspect:
+                verification = test.run(suspect.predict, found)
+    except (AuditError, ValueError, OSError, KeyError) as error:
+        typer.echo(f"guard verify: {error}", err=True)
+        raise typer.Exit(2) from error
+    for line in report_lines(verification):
+        typer.echo(line)
 
 
 def _policy_route(policy: Policy, path: str | None) -> RoutePolicy:

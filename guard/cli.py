@@ -1,5 +1,5 @@
 """The ``guard`` command: the runtime commands (``proxy``, ``monitor``, ``calibrate``, ``train-dp``,
-``demo``), and those installed packages register under the ``predguard.commands`` entry-point group
+``demo``, ``watermarks export``), and those installed packages register under the ``predguard.commands`` entry-point group
 (the harness's ``bench`` and ``audit``). Heavy imports (torch, uvicorn) happen inside each command,
 so ``guard --help`` stays fast."""
 from __future__ import annotations
@@ -313,6 +313,43 @@ def monitor(
         await consumer.run(stop)
 
     asyncio.run(serve())
+
+
+watermarks = typer.Typer(help="The watermark defence's records (DAWN), for `guard verify`.",
+                         no_args_is_help=True)
+app.add_typer(watermarks, name="watermarks")
+
+
+@watermarks.command("export")
+def export_watermarks(
+    store: str = typer.Option(..., help="The policy's state store: redis://host:port/db (a memory:// store's "
+                              "records live in the server process: GuardMiddleware.monitoring.watermarks)."),
+    out: str = typer.Option(..., help="File to write, as JSON lines (one record an object)."),
+    prefix: str = typer.Option("predguard:", help="The store's key prefix."),
+) -> None:
+    """Write every client's watermark and control records from the store to a file."""
+    import asyncio
+
+    from guard.policy import WatermarkRecordsPolicy
+    from guard.watermarks import RedisRecords, write_lines
+
+    if store.startswith("memory:"):
+        raise typer.BadParameter("a memory:// store lives inside the server; export from a Redis store",
+                                 param_hint="--store")
+
+    async def export() -> list:
+        bounds = WatermarkRecordsPolicy()
+        records = RedisRecords(store, bounds.per_client, bounds.retention, prefix=prefix, timeout=30.0)
+        try:
+            return await records.export()
+        finally:
+            await records.close()
+
+    found = asyncio.run(export())
+    write_lines(found, out)
+    kinds = {kind: sum(record.kind == kind for record in found) for kind in ("watermark", "control")}
+    typer.echo(f"wrote {kinds['watermark']} watermark and {kinds['control']} control records of "
+               f"{len({record.client for record in found})} clients to {out}")
 
 
 def add_commands(app: typer.Typer) -> None:

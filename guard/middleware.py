@@ -50,7 +50,7 @@ from guard.metrics import GuardMetrics, MetricsAccess
 from guard.detectors.base import Observation
 from guard.monitoring.monitor import InProcessMonitor, Queued
 from guard.monitoring.stream import ObservationStream
-from guard.outputs import Pipeline
+from guard.outputs import Marks, Pipeline, Watermark
 from guard.payload import (
     NO_FEATURES,
     EachRow,
@@ -70,6 +70,7 @@ from guard.routing import RouteTable, find_bypasses, get_route_path
 from guard.sanctions import Level, Sanctions
 from guard.store import StoreUnavailable, is_shared, memory_options, store_from_uri
 from guard.target import TargetRefused, canonical_scope
+from guard.watermarks import records_from_uri, records_of
 
 logger = logging.getLogger("guard")
 
@@ -165,6 +166,7 @@ class Monitoring:
         token = policy.metrics_token.get_secret_value() if policy.metrics_token else None
         self.metrics_access = MetricsAccess(policy.metrics_networks, token)
         self.fail_output = Pipeline.from_specs(["label_only"], secret)
+        self.watermarks = records_from_uri(policy.store, policy.watermark_records) if policy.watermarked else None
         self.monitor: InProcessMonitor | ObservationStream | None = None
         if policy.detectors and policy.monitor.deployment == "streams":
             self.monitor = ObservationStream(policy.store, policy.monitor)
@@ -490,7 +492,10 @@ class GuardedExchange:
                              f"{len(features)} feature rows")
         if self.route.monitored and len(features):
             output, decision = await self.observe(client, features, found.predicted(), output, decision)
-        defended = output(found.rows, features if len(features) else None)
+        marks = None
+        if output.watermark is not None:
+            marks = await self.record(output.watermark, found, features, client)
+        defended = output(found.rows, features if len(features) else None, client, marks)
         rendered = found.render(defended, output.label_only, self.route.one_hot)
         document = self.route.probabilities.replace(document, rendered)
         try:
@@ -499,6 +504,19 @@ class GuardedExchange:
             raise GuardError(502, "bad_response", "the app's response cannot be re-serialised") from None
         await self.send_json(self.start["status"], headers, body)
         return decision
+
+    async def record(self, watermark: Watermark, found: Probabilities, features: FeatureRows,
+                     client: str) -> Marks:
+        """The watermark's marks on this answer; the rows it marked are kept for ``guard verify`` (a
+        store failure is logged, the answer still sent)."""
+        predicted = found.predicted()
+        marks = watermark.marks(predicted, features, client, len(found.rows[0]))
+        if marks.watermarked.any() or marks.controls.any():
+            try:
+                await self.monitoring.watermarks.add(records_of(marks, features, predicted, client))
+            except Exception:
+                logger.exception("guard: watermark records not kept on %s", self.scope["path"])
+        return marks
 
     # Step 7: the observation (client, features, the model's own labels) goes to the monitor,
     # which judges it off the request path (guard.monitoring.monitor). When it cannot be queued (the

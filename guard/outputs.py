@@ -15,6 +15,10 @@ several in order.
 | ``label_only`` | ``LabelOnly()``: only the predicted label survives (must come last) |
 | ``noise:S`` | ``Noise(S, secret)``: keyed log-normal perturbation, identical for a repeated query |
 | ``reverse_sigmoid:BETA:GAMMA`` | ``ReverseSigmoid(BETA, GAMMA)`` (Lee et al. 2019) |
+| ``watermark:R`` | ``Watermark(R, secret)``: a keyed fraction R of answers gets a keyed wrong label (DAWN) |
+
+``Watermark`` is the one defence that changes a row's top label, and the one keyed by the client
+too: ``Pipeline`` hands it the ``client`` its caller names.
 """
 from __future__ import annotations
 
@@ -146,12 +150,18 @@ class LabelOnly(OutputDefence):
         return one_hot
 
 
-def row_seeds(secret: bytes, features: np.ndarray) -> list[int]:
-    """One 256-bit seed per feature row: HMAC-SHA256(secret, the row as little-endian float32), the
-    precision the model computes in: queries that differ below it (``x + 1e-12``) reach the model
-    as the same input and must get the same noise, or averaging them would strip it."""
+def row_digests(secret: bytes, features: np.ndarray, prefix: bytes = b"") -> list[bytes]:
+    """One HMAC-SHA256(secret, prefix + the row as little-endian float32) per feature row: float32 is
+    the precision the model computes in, so queries that differ below it (``x + 1e-12``) reach the
+    model as the same input and get the same digest."""
     rows = np.ascontiguousarray(features, dtype="<f4") + np.float32(0)  # + 0 maps -0.0 to 0.0
-    return [int.from_bytes(hmac.digest(secret, row.tobytes(), hashlib.sha256), "little") for row in rows]
+    return [hmac.digest(secret, prefix + row.tobytes(), hashlib.sha256) for row in rows]
+
+
+def row_seeds(secret: bytes, features: np.ndarray) -> list[int]:
+    """One 256-bit seed per feature row (``row_digests``): a repeated query, or one perturbed below
+    float32, must get the same noise, or averaging them would strip it."""
+    return [int.from_bytes(digest, "little") for digest in row_digests(secret, features)]
 
 
 @dataclass(frozen=True)
@@ -215,6 +225,80 @@ class ReverseSigmoid(OutputDefence):
 
 
 @dataclass(frozen=True)
+class Marks:
+    """Which rows a ``Watermark`` picks: ``watermarked`` rows are answered with ``labels`` (keyed
+    wrong labels); ``controls`` (about ``CONTROLS`` times as many) are answered truthfully and
+    recorded with the label they would have got, for the verifier's null rate."""
+
+    watermarked: np.ndarray
+    controls: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Watermark(OutputDefence):
+    """DAWN (Szyller, Atli, Marchal, Asokan, "DAWN: Dynamic Adversarial Watermarking of Neural
+    Networks", ACM MM 2021), Section 4: a keyed hash (HMAC-SHA256 with the server ``secret``) of the
+    client and the query's features at float32 selects the query with probability ``rate``; a
+    selected query's answer gets a wrong label chosen by the same hash, uniform over the other
+    classes, so a repeated query gets the same answer and nothing the client sees without the
+    secret tells which answers are watermarked. A probability row is rewritten by swapping its top
+    entry with the wrong label's (rows still sum to one, the wrong label is on top, the vector keeps
+    its shape); later stages (``round``, ``label_only``) keep that top label. The hash also picks
+    ``CONTROLS`` times as many control queries, answered truthfully (``marks``)."""
+
+    rate: float
+    secret: bytes
+
+    CONTROLS = 9
+    """Control queries recorded per watermarked one: the verifier measures a suspect's own rate of
+    agreeing with keyed wrong labels on them (``attacks.ownership``)."""
+
+    def __post_init__(self) -> None:
+        self.check(self.rate)
+        if not self.secret:
+            raise ValueError("watermark needs a non-empty server secret")
+
+    @staticmethod
+    def check(rate: float) -> None:
+        if not 0 < rate <= 1 / (1 + Watermark.CONTROLS):
+            raise ValueError(f"watermark: rate must be in (0, {1 / (1 + Watermark.CONTROLS):g}], got {rate}")
+
+    def marks(self, top: np.ndarray | list[int], features: np.ndarray | list[list[float]], client: str,
+              n_classes: int) -> Marks:
+        """The rows ``client``'s query ``features`` (whose model labels among ``n_classes`` are
+        ``top``) watermarks, its control rows, and each row's keyed wrong label. Row by row in plain
+        Python: an answer holds a few rows, where each numpy call costs microseconds."""
+        if features is None or len(features) != len(top):
+            raise ValueError("watermark needs one feature row per probability row")
+        low, high = self.rate * 2.0**64, self.rate * (1 + self.CONTROLS) * 2.0**64
+        others = max(n_classes - 1, 1)
+        marked, controls, labels = [], [], []
+        for digest, label in zip(row_digests(self.secret, features, b"watermark\0" + client.encode() + b"\0"), top):
+            draw = int.from_bytes(digest[:8], "little")
+            marked.append(draw < low)
+            controls.append(low <= draw < high)
+            labels.append((int(label) + 1 + int.from_bytes(digest[8:16], "little") % others) % n_classes)
+        return Marks(np.array(marked, dtype=bool), np.array(controls, dtype=bool), np.array(labels, dtype=np.int64))
+
+    def __call__(self, probabilities: np.ndarray | list[list[float]], features: np.ndarray | None = None,
+                 client: str = "", marks: Marks | None = None) -> np.ndarray | list[list[float]]:
+        """The answers with the marked rows rewritten (``marks``: this query's, if already known);
+        the input itself, lists or an array, when no row is marked."""
+        p = np.asarray(probabilities, dtype=np.float64)
+        top = p.argmax(axis=1)
+        marks = marks or self.marks(top, features, client, p.shape[1])
+        rows = np.flatnonzero(marks.watermarked)
+        if not len(rows):
+            return probabilities
+        p = p.copy()
+        wrong, right = marks.labels[rows], top[rows]
+        p[rows, right], p[rows, wrong] = p[rows, wrong], p[rows, right]
+        p[rows] = keep_top(p[rows], wrong)
+        return p
+
+
+@dataclass(frozen=True)
 class Pipeline:
     """Output defences applied in order; ``label_only`` says whether the result is a bare label."""
 
@@ -231,9 +315,17 @@ class Pipeline:
     def label_only(self) -> bool:
         return bool(self.stages) and isinstance(self.stages[-1], LabelOnly)
 
-    def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+    @functools.cached_property
+    def watermark(self) -> Watermark | None:
+        """The pipeline's ``Watermark`` stage, if any (the middleware records what it marks)."""
+        return next((stage for stage in self.stages if isinstance(stage, Watermark)), None)
+
+    def __call__(self, probabilities: np.ndarray, features: np.ndarray | None = None,
+                 client: str = "", marks: Marks | None = None) -> np.ndarray:
+        """The stages applied in order; ``client`` keys the watermark (``marks``: its marks, if known)."""
         for stage in self.stages:
-            probabilities = stage(probabilities, features)
+            probabilities = (stage(probabilities, features, client, marks) if stage is self.watermark
+                             else stage(probabilities, features))
         return probabilities
 
 
@@ -256,12 +348,13 @@ _GRAMMAR: dict[str, tuple[Callable[..., OutputDefence], tuple[Callable[[str], fl
     "label_only": (LabelOnly, ()),
     "noise": (Noise, (float,)),
     "reverse_sigmoid": (ReverseSigmoid, (float, float)),
+    "watermark": (Watermark, (float,)),
 }
 
 
 def read_spec(spec: str) -> tuple[str, tuple[float | int, ...]]:
     """The defence name and the arguments of a spec string (``round:D``, ``top_k:K``, ``label_only``,
-    ``noise:S`` or ``reverse_sigmoid:BETA:GAMMA``), checked against the defence's ranges; builds nothing."""
+    ``noise:S``, ``reverse_sigmoid:BETA:GAMMA`` or ``watermark:R``), checked against the defence's ranges; builds nothing."""
     name, *arguments = spec.strip().split(":")
     if name not in _GRAMMAR:
         raise ValueError(f"unknown output spec {spec!r}: use one of {', '.join(_GRAMMAR)}")
@@ -279,9 +372,10 @@ def check_specs(specs: list[str]) -> None:
 
 
 def parse(spec: str, secret: bytes | None = None) -> OutputDefence:
-    """The defence a spec string names (``read_spec``); ``noise`` needs the server ``secret``."""
+    """The defence a spec string names (``read_spec``); ``noise`` and ``watermark`` need the server
+    ``secret``."""
     name, values = read_spec(spec)
     build = _GRAMMAR[name][0]
-    if build is Noise:
-        return Noise(*values, secret=secret or b"")
+    if build in (Noise, Watermark):
+        return build(*values, secret=secret or b"")
     return build(*values)

@@ -174,6 +174,19 @@ class MonitorPolicy(BaseModel):
                          "without renewing it; a dead monitor's partitions pass on after this")
 
 
+class WatermarkRecordsPolicy(BaseModel):
+    """Where the watermark defence's records are kept (``guard.watermarks``): in the memory store, at
+    most ``max_bytes`` in all, oldest dropped first; in Redis, a stream per client capped at
+    ``per_client`` records, kept ``retention`` seconds after the client's last record."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: int = Field(default=16 << 20, ge=1 << 16, description="memory store: bytes of records, at most")
+    per_client: int = Field(default=10_000, ge=1, description="Redis: records kept per client, at most")
+    retention: float = Field(default=365 * 86400.0, gt=0, description="Redis: seconds a client's records "
+                             "are kept after its last one")
+
+
 def _valid_pointer(text: str) -> str:
     Pointer.parse(text)
     return text
@@ -296,8 +309,9 @@ class RoutePolicy(BaseModel):
         if self.probabilities_flat and self.labels is None:
             raise ValueError("probabilities_flat needs `labels` (the number of classes)")
         if not self.has_features:
-            if any(read_spec(spec)[0] == "noise" for spec in self.output + self.degraded_output):
-                raise ValueError("noise is seeded by the features: name the route's `features`")
+            for keyed in ("noise", "watermark"):
+                if any(read_spec(spec)[0] == keyed for spec in self.output + self.degraded_output):
+                    raise ValueError(f"{keyed} is seeded by the features: name the route's `features`")
             if self.detectors:
                 raise ValueError("detectors watch features: name the route's `features`")
         return self
@@ -378,6 +392,7 @@ class Policy(BaseModel):
                                                     "unreachable: answer label-only, or refuse with 503")
     memory_limit: int = Field(default=256 << 20, ge=1 << 20, description="bytes of in-process state "
                               "(memory:// store): detector state, rate-limit counters, sanctions, metrics")
+    watermark_records: WatermarkRecordsPolicy = Field(default_factory=lambda: WatermarkRecordsPolicy())
     metrics_path: str | None = Field(default=None, description="serve Prometheus metrics here (e.g. /metrics)")
     monitor: MonitorPolicy = Field(default_factory=MonitorPolicy)
     metrics_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"],
@@ -476,7 +491,15 @@ class Policy(BaseModel):
         if any(read_spec(spec)[0] == "noise" for route in self.routes.values()
                for spec in route.output + route.degraded_output):
             reasons.append("noise is seeded by a keyed hash and must not change across restarts")
+        if self.watermarked:
+            reasons.append("watermarks are chosen by a keyed hash and must be verifiable after restarts")
         return reasons
+
+    @property
+    def watermarked(self) -> bool:
+        """Whether a route's output defences include the watermark (whose records the store keeps)."""
+        return any(read_spec(spec)[0] == "watermark" for route in self.routes.values()
+                   for spec in route.output + route.degraded_output)
 
     @property
     def secret_bytes(self) -> bytes:

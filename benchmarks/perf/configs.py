@@ -11,6 +11,7 @@ from guard import GuardMiddleware, Policy
 
 HOST = "127.0.0.1"
 ROUND2 = "guard round:2"
+WATERMARKED = "guard watermark:0.005 + round:2"
 ALL_ON = "all on, in process"
 STREAMS = "all on, streams + 1 monitor"
 FLOOR = "floor: minimal rewrite"
@@ -29,6 +30,8 @@ def configurations(redis_url: str | None = None) -> list[tuple[str, Policy | Non
                   "metrics_path": "/metrics"}
     configs = [("bare", None),
                (ROUND2, Policy(secret="overhead benchmark secret", routes={"/predict": round2})),
+               (WATERMARKED, Policy(secret="overhead benchmark secret", routes={"/predict": {
+                   **round2, "output": ["watermark:0.005", "round:2"]}})),
                (ALL_ON, Policy(**everything))]
     if redis_url is not None:
         configs.append((STREAMS, Policy(**everything, store=redis_url, monitor={"deployment": "streams"})))
