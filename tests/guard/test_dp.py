@@ -15,17 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from guard import models
 from guard import dp
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order")
+pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order"),
+              pytest.mark.usefixtures("one_torch_thread")]
 SMALL = dict(epochs=2, batch_size=40, lr=0.05, seed=0)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train far faster on one thread, above all on a machine shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,9 @@ from guard import models
 from guard import dp
 from guard.dp import audit
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RUN = dict(target_epsilon=1.0, epochs=4, batch_size=40, lr=0.05)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
