@@ -3,14 +3,12 @@ copy made through the real middleware, served live and loaded locally, beside an
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
+from conftest import served_in_thread
 from harness_cli import app as cli
 from typer.testing import CliRunner
 
@@ -113,20 +111,9 @@ def test_guard_verify_accuses_the_local_copy_not_the_independent_model(stolen):
 def test_guard_verify_queries_a_live_suspect(stolen):
     folder, _, copy, _ = stolen
     suspect = prediction_app(lambda X: models.predict_proba(copy, X), n_features=64)
-    server = uvicorn.Server(uvicorn.Config(suspect, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the suspect did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with served_in_thread(suspect) as port:
         output = verify("--records", str(folder / "records.jsonl"), "--url", f"http://127.0.0.1:{port}/predict",
                         "--classes", "10")
-    finally:
-        server.should_exit = True
-        thread.join(5)
     line = output.split("overall:")[1].splitlines()[1]
     assert "ACCUSED" in line, output
     assert float(line.split("p = ")[1].split()[0]) <= 1e-6

@@ -3,19 +3,16 @@ a small FastAPI upstream under uvicorn, and MLServer (KServe v2) serving a sciki
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from guard import GuardMiddleware, Policy
 from guard.proxy import UpstreamProxy
-from conftest import free_port
+from conftest import free_port, served_in_thread
 
 SECRET = "proxy test secret value"
 RAW = [0.61234, 0.28766, 0.1]
@@ -50,17 +47,8 @@ def upstream_app() -> FastAPI:
 @pytest.fixture(scope="module")
 def upstream() -> str:
     """The upstream under uvicorn in a thread, on a free port."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(upstream_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the upstream did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
+    with served_in_thread(upstream_app()) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def guarded_proxy(upstream: str, routes: dict, **options) -> httpx.AsyncClient:

@@ -16,17 +16,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 import guard
-from conftest import free_port, wait_until_serving
+from conftest import free_port, served_in_thread, wait_until_serving
 
 SECRET = "proxy attack test secret"
 RAW = [0.61234, 0.28766, 0.1]
@@ -112,30 +110,24 @@ def tripwire() -> Tripwire:
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory, tripwire) -> int:
     """``guard proxy`` in a process of its own, in front of the lenient upstream: its port."""
-    upstream_port = free_port()
-    server = uvicorn.Server(uvicorn.Config(upstream_app(), host="127.0.0.1", port=upstream_port,
-                                           log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    route = {"probabilities": "/probabilities", "features": "/features", "output": ["round:1"]}
-    policy = {"secret": SECRET, "metrics_path": "/metrics",
-              "routes": {path: route for path in ("/predict", "/models/{name}/predict", "/broken", "/cut")}}
-    path = tmp_path_factory.mktemp("proxy") / "guard.toml"
-    path.write_text("\n".join(toml_lines(policy)))
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "guard.cli", "proxy", "--upstream",
-                                f"http://127.0.0.1:{upstream_port}", "--policy", str(path), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=path.parent, env=same_guard())
-    output: list[bytes] = []
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}", 60, process)
-        threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()  # never a full pipe
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
-        server.should_exit = True
-        thread.join(5)
+    with served_in_thread(upstream_app(), log_level="critical") as upstream_port:
+        route = {"probabilities": "/probabilities", "features": "/features", "output": ["round:1"]}
+        policy = {"secret": SECRET, "metrics_path": "/metrics",
+                  "routes": {path: route for path in ("/predict", "/models/{name}/predict", "/broken", "/cut")}}
+        path = tmp_path_factory.mktemp("proxy") / "guard.toml"
+        path.write_text("\n".join(toml_lines(policy)))
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "guard.cli", "proxy", "--upstream",
+                                    f"http://127.0.0.1:{upstream_port}", "--policy", str(path), "--port", str(port)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=path.parent, env=same_guard())
+        output: list[bytes] = []
+        try:
+            wait_until_serving(f"http://127.0.0.1:{port}", 60, process)
+            threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()  # never a full pipe
+            yield port
+        finally:
+            process.terminate()
+            process.wait(10)
     assert b"Traceback" not in b"".join(output), b"".join(output).decode(errors="replace")[-3000:]
 
 
