@@ -1,6 +1,6 @@
 """Membership inference: was this record in the target's training set?
 
-Four attacks, each scoring every candidate (higher means "member"); when ``is_member`` is given,
+Five attacks, each scoring every candidate (higher means "member"); when ``is_member`` is given,
 ``scoring.membership_measures`` turns the scores into AUC and TPR at low FPR (Carlini et al. 2022,
 sec. III-B: report the low-FPR regime, not average accuracy). Each attack is told the API's public
 output format (``OutputFormat``) and passes its own shadow/reference models' outputs through it.
@@ -8,6 +8,7 @@ output format (``OutputFormat``) and passes its own shadow/reference models' out
 - ``threshold``: loss or confidence threshold (Yeom et al., CSF 2018, sec. 3);
 - ``shadow``: shadow models and per-class attack models (Shokri et al., S&P 2017, sec. IV-V);
 - ``lira``: the likelihood-ratio attack, online and offline (Carlini et al., S&P 2022, sec. IV, Alg. 1);
+- ``rmia``: the relative membership attack, online and offline (Zarifzadeh, Liu, Shokri, ICML 2024, sec. 3);
 - ``label-only``: robustness to augmentation/noise and distance to the boundary
   (Choquette-Choo et al., ICML 2021, sec. 4).
 """
@@ -23,7 +24,7 @@ from attacks.base import Attack, AttackResult
 from attacks.ensemble import Architecture, Ensemble, TrainingConfig, random_halves, train_ensemble
 from attacks.observations import (Published, Statistic, boundary_distances, labels, observe, scaled_logit,
                                   unit_directions)
-from attacks.targets import OutputFormat, Target
+from attacks.targets import OutputFormat, OutputUnavailable, Target
 
 Data = tuple[np.ndarray, np.ndarray]
 
@@ -186,8 +187,7 @@ class LiRA(Attack):
                          population: Data | None = None) -> Ensemble:
         """The reference models ``run`` trains: random halves of the candidates plus ``population``.
         They depend only on the attacker's data, so one set serves every target and output format."""
-        X_pool, y_pool = (X, y) if population is None else (np.concatenate([X, population[0]]),
-                                                              np.concatenate([y, population[1]]))
+        X_pool, y_pool = _pooled(X, y, population)
         return train_ensemble(X_pool, y_pool, random_halves(len(y_pool), self.n_references, self.seed),
                               n_classes, architecture=self.architecture, config=self.training, seed=self.seed)
 
@@ -205,6 +205,133 @@ class LiRA(Attack):
         variance = (squares.sum(axis=1, keepdims=True) / count.sum(axis=1, keepdims=True)
                     if self.global_variance else squares / count)
         return mean, np.maximum(np.sqrt(variance), 1e-3) * np.ones_like(mean)
+
+
+class RMIA(Attack):
+    """The relative membership inference attack (Zarifzadeh, Liu, Shokri, ICML 2024, sec. 3, Alg. 1).
+
+    A candidate ``x`` is compared with population records ``z`` by the pairwise likelihood ratio
+    ``LR(x, z) = (Pr(x|target) / Pr(x)) / (Pr(z|target) / Pr(z))``, where ``Pr(.|model)`` is the
+    model's (published) probability of the record's true label and ``Pr(.)`` its mean over the
+    reference models; the score is the fraction of ``z`` with ``LR(x, z) > gamma`` (sec. 3, eq. 4-5).
+
+    Online, ``Pr(x)`` averages every reference model (each candidate IN for half of them, as LiRA's
+    references). Offline (``offline=True``) it is estimated from the OUT models only by the paper's
+    linear approximation ``Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2`` (sec. 3, "offline"), and the
+    same for each ``z``; ``a`` (``None``: tuned) is the value in 0, 0.1, ..., 1 with the highest AUC
+    when one reference model is attacked with the others, as ML Privacy Meter tunes it, or 0.3 (its
+    default) with a single reference model. Offline references train on random halves of the
+    population only (every candidate OUT), so one model suffices.
+
+    The ``z`` are the attacker's ``population`` records, or ``z_index`` (rows of the references'
+    pool: the candidates, then the population) when the population is among the candidates. The
+    count over a fixed set of ``z`` is monotone in ``Pr(x|target) / Pr(x)``, so on one target the
+    pairwise test ranks candidates by that ratio, at the resolution of ``1 / len(z)``.
+    """
+
+    name = "rmia"
+    DEFAULT_A = 0.3
+
+    def __init__(self, n_references: int = 4, offline: bool = False, a: float | None = None, gamma: float = 1.0,
+                 architecture: Architecture = Architecture(), training: TrainingConfig = TrainingConfig(),
+                 output: OutputFormat = OutputFormat(), seed: int = 0):
+        if gamma <= 0:
+            raise ValueError(f"gamma must be positive, got {gamma}")
+        self.n_references = n_references
+        self.offline = offline
+        self.a = a
+        self.gamma = gamma
+        self.architecture = architecture
+        self.training = training
+        self.output = output
+        self.seed = seed
+
+    def run(self, target: Target, X: np.ndarray, y: np.ndarray, *, population: Data | None = None,
+            z_index: np.ndarray | None = None, is_member: np.ndarray | None = None,
+            references: Ensemble | None = None) -> AttackResult:
+        if self.output.label_only or not target.returns_probabilities:
+            raise OutputUnavailable("RMIA needs probabilities; against labels only use the label-only attacks")
+        X_pool, y_pool = _pooled(X, y, population)
+        if references is None:
+            references = self.train_references(X, y, target.n_classes, population)
+        masks = references.masks
+        if masks.shape[1] == len(y) and len(y_pool) > len(y):  # population outside the references' pool
+            masks = np.concatenate([masks, np.zeros((len(masks), len(y_pool) - len(y)), dtype=bool)], axis=1)
+        if masks.shape[1] != len(y_pool):
+            raise ValueError("the references were trained on a different pool of records")
+        if z_index is None:
+            if population is None:
+                raise ValueError("RMIA compares candidates with population records: give population or z_index")
+            z_index = np.arange(len(y), len(y_pool))
+        asked = np.union1d(np.arange(len(y)), z_index)
+        start = target.queries
+        observed = np.full(len(y_pool), np.nan)
+        observed[asked] = self._true_label(observe(target, X_pool[asked], self.output), y_pool[asked])
+        outputs = as_published(references.predict_proba(X_pool[asked]), self.output)
+        reference = np.full((len(references), len(y_pool)), np.nan)
+        reference[:, asked] = self._true_label(outputs, y_pool[asked])
+        a = (self.a if self.a is not None else self.tune_a(reference[:, asked], masks[:, asked])) if self.offline else None
+        marginal = self._marginal(reference, masks, a)
+        if np.isnan(marginal[: len(y)]).any():
+            raise ValueError("offline RMIA needs a reference model trained without each candidate")
+        ratio = observed / marginal
+        ratio_z = np.sort(ratio[z_index][np.isfinite(ratio[z_index])])
+        if not len(ratio_z):
+            raise ValueError("no population record z has a reference model to compare with")
+        # LR(x, z) > gamma  <=>  ratio_z < ratio_x / gamma: counted for all z at once on the sorted ratios
+        scores = np.searchsorted(ratio_z, ratio[: len(y)] / self.gamma, side="left") / len(ratio_z)
+        learnt = {"a": a} if a is not None else {}
+        return _result(self.name, scores, is_member, target.queries - start, learnt=learnt, references=references,
+                       ratios=ratio[: len(y)], mode="offline" if self.offline else "online")
+
+    def train_references(self, X: np.ndarray, y: np.ndarray, n_classes: int,
+                         population: Data | None = None) -> Ensemble:
+        """Online: random halves of the candidates plus ``population`` (each record IN for half of the
+        models, as ``LiRA.train_references``). Offline: each model on its own random half of the
+        ``population`` only, every candidate OUT."""
+        X_pool, y_pool = _pooled(X, y, population)
+        if not self.offline:
+            masks = random_halves(len(y_pool), self.n_references, self.seed)
+        elif population is None:
+            raise ValueError("offline RMIA trains its references on population records: give population")
+        else:
+            n_population = len(population[1])
+            ranks = np.random.default_rng(self.seed).random((self.n_references, n_population)).argsort(axis=1)
+            masks = np.zeros((self.n_references, len(y_pool)), dtype=bool)
+            masks[:, len(y):] = ranks < max(1, n_population // 2)
+        return train_ensemble(X_pool, y_pool, masks, n_classes, architecture=self.architecture,
+                              config=self.training, seed=self.seed)
+
+    def tune_a(self, reference: np.ndarray, masks: np.ndarray) -> float:
+        """The offline ``a`` with the highest AUC when reference model 0 is attacked with the others
+        (its members: its own training records), over the records some other model is OUT of;
+        ``DEFAULT_A`` with fewer than two models."""
+        if len(reference) < 2:
+            return self.DEFAULT_A
+        members, others, other_masks = masks[0], reference[1:], masks[1:]
+        usable = (~other_masks).any(axis=0)
+        if members[usable].all() or not members[usable].any():
+            return self.DEFAULT_A
+        grid = np.round(np.arange(0.0, 1.01, 0.1), 1)
+        aucs = [scoring.membership_measures(reference[0, usable] / self._marginal(others, other_masks, a)[usable],
+                                            members[usable])["auc"] for a in grid]
+        return float(grid[int(np.argmax(aucs))])
+
+    def _marginal(self, reference: np.ndarray, masks: np.ndarray, a: float | None) -> np.ndarray:
+        """``Pr(record)``: the mean over every reference model (online), or the offline approximation
+        from the OUT models' mean (NaN where no model is OUT)."""
+        if a is None:
+            return reference.mean(axis=0)
+        out = ~masks
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_out = np.where(out, reference, 0.0).sum(axis=0) / out.sum(axis=0)
+        return ((1 + a) * mean_out + (1 - a)) / 2
+
+    def _true_label(self, probabilities: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The probability of each record's true label, floored at half a rounding step (or 1e-30)."""
+        floor = 0.5 * 10.0 ** -self.output.rounding if self.output.rounding is not None else 1e-30
+        index = np.broadcast_to(y, probabilities.shape[:-1])[..., None]
+        return np.maximum(np.take_along_axis(probabilities, index, axis=-1)[..., 0], floor)
 
 
 class LabelOnlyAttack(Attack):
@@ -269,6 +396,13 @@ def _log_mass(low: np.ndarray, high: np.ndarray, mean: np.ndarray, std: np.ndarr
     return np.where(point, density, np.maximum(mass, -1e4))
 
 
+def _pooled(X: np.ndarray, y: np.ndarray, population: Data | None) -> Data:
+    """The reference models' pool: the candidates, then the attacker's ``population`` if any."""
+    if population is None:
+        return np.asarray(X), np.asarray(y)
+    return np.concatenate([X, population[0]]), np.concatenate([y, population[1]])
+
+
 def _result(name: str, scores: np.ndarray, is_member: np.ndarray | None, queries: int,
             learnt: dict[str, float] | None = None, **artefacts) -> AttackResult:
     """Scores and their measures; ``learnt``: what the attack found out about the defence (metrics)."""
@@ -282,5 +416,6 @@ MEMBERSHIP_ATTACKS: dict[str, type[Attack]] = {
     ThresholdAttack.name: ThresholdAttack,
     ShadowModelAttack.name: ShadowModelAttack,
     LiRA.name: LiRA,
+    RMIA.name: RMIA,
     LabelOnlyAttack.name: LabelOnlyAttack,
 }
