@@ -282,7 +282,7 @@ class RMIA(Attack):
         scores = np.searchsorted(ratio_z, ratio[: len(y)] / self.gamma, side="left") / len(ratio_z)
         learnt = {"a": a} if a is not None else {}
         return _result(self.name, scores, is_member, target.queries - start, learnt=learnt, references=references,
-                       ratios=ratio[: len(y)], mode="offline" if self.offline else "online")
+                       ratios=ratio[: len(y)], z_ratios=ratio_z, mode="offline" if self.offline else "online")
 
     def train_references(self, X: np.ndarray, y: np.ndarray, n_classes: int,
                          population: Data | None = None) -> Ensemble:

@@ -15,7 +15,7 @@ from attacks.base import AttackResult
 from attacks.ensemble import Architecture, TrainingConfig
 from attacks.extraction import Copycat, EquationSolving, JacobianAugmentation, Knockoff
 from attacks.inversion import InverseModel, MAPAttribute, MAPAttributeLabelOnly, MIFace, MIFaceBlackBox
-from attacks.membership import LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
+from attacks.membership import RMIA, LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
 from attacks.scoring import Judge
 from attacks.observations import (AveragedNoise, InvertedReverseSigmoid, LabelRobustness, RoundedInterval, Statistic,
                                   observe)
@@ -126,8 +126,16 @@ class Context:
         candidate IN and OUT."""
         index = np.concatenate([self.split.train, self.split.test, self.split.aux])
         is_member = np.arange(len(index)) < len(self.split.train)
-        order = np.random.default_rng(self.seed).permutation(len(index))
+        order = self._candidate_order()
         return self.dataset.X[index[order]].astype(np.float64), self.dataset.y[index[order]], is_member[order]
+
+    def population_in_candidates(self) -> np.ndarray:
+        """Where the attacker's population (the auxiliary part) lies among ``candidates()``."""
+        return np.flatnonzero(self._candidate_order() >= len(self.split.train) + len(self.split.test))
+
+    def _candidate_order(self) -> np.ndarray:
+        return np.random.default_rng(self.seed).permutation(len(self.split.train) + len(self.split.test)
+                                                            + len(self.split.aux))
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,24 @@ def _lira(offline: bool, statistic: Callable[[Context], Statistic | None] = lamb
             X, y, context.dataset.n_classes))
         return _with_epsilon_bound(attack.run(target, X, y, is_member=is_member, references=references), is_member,
                                    context)
+    return run
+
+
+def _rmia(offline: bool) -> Callable[[Target, Context], AttackResult]:
+    """RMIA on LiRA's references (shared by every defence of the cell's target), its population
+    records z the attacker's auxiliary part, which lies among the candidates; offline, each
+    candidate's OUT references (half of them)."""
+    def run(target: Target, context: Context) -> AttackResult:
+        X, y, is_member = context.candidates()
+        lira = LiRA(_references(context), architecture=context.architecture, training=context.training,
+                    seed=context.seed)
+        references = context.reuse(("lira", lira.n_references), lambda: lira.train_references(
+            X, y, context.dataset.n_classes))
+        attack = RMIA(lira.n_references, offline=offline, architecture=context.architecture,
+                      training=context.training, output=context.defence.public_format, seed=context.seed)
+        result = attack.run(target, X, y, z_index=context.population_in_candidates(), is_member=is_member,
+                            references=references)
+        return _with_epsilon_bound(result, is_member, context)
     return run
 
 
@@ -463,6 +489,10 @@ ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
     AttackSpec("lira-online", "membership", "tpr_at_1pct_fpr", _lira(False),
                lambda c: 0.01, applies=lambda c: not c.defence.public_format.label_only, adaptive=_knows_format),
     AttackSpec("lira-offline", "membership", "tpr_at_1pct_fpr", _lira(True),
+               lambda c: 0.01, applies=lambda c: not c.defence.public_format.label_only, adaptive=_knows_format),
+    AttackSpec("rmia-online", "membership", "tpr_at_1pct_fpr", _rmia(False),
+               lambda c: 0.01, applies=lambda c: not c.defence.public_format.label_only, adaptive=_knows_format),
+    AttackSpec("rmia-offline", "membership", "tpr_at_1pct_fpr", _rmia(True),
                lambda c: 0.01, applies=lambda c: not c.defence.public_format.label_only, adaptive=_knows_format),
     AttackSpec("lira-rounding-aware", "membership", "tpr_at_1pct_fpr",
                _lira(False, lambda c: RoundedInterval(c.defence.public_format.rounding)), lambda c: 0.01,

@@ -457,6 +457,69 @@ def extraction_budget(quick: bool) -> Rows:
              "agreement_max": float(np.max(values))} for (selection, budget), values in results.items()]
 
 
+@section("rmia")
+def rmia(quick: bool) -> Rows:
+    """RMIA (Zarifzadeh et al. 2024) against LiRA (Carlini et al. 2022) at equal reference-model counts,
+    in RMIA's game on digits: a seeded half of the records is the target's pool (the candidates; the
+    target, an MLP of 64 units or a softmax regression, 60 epochs, trains on a random half of it), the
+    other half the attacker's population (RMIA's z and the offline references' data). Online, both
+    attacks share references trained on random halves of the candidates (the target's training size);
+    offline, references trained on random halves of the population (every candidate OUT). TPR at 1% and
+    0.1% FPR: mean over target seeds 0-2 (0 with ``--quick``), per seed, and the 95% Clopper-Pearson
+    interval at 1% pooled over the seeds' members; chance (no model) is TPR = FPR."""
+    import numpy as np
+
+    from attacks.ensemble import Architecture
+    from attacks.membership import RMIA, LiRA
+    from attacks.scoring import clopper_pearson
+    from attacks.targets import TorchTarget
+    from benchmarks import datasets, models
+
+    digits = datasets.load("digits")
+    X, y = digits.X.astype(np.float64), digits.y
+    seeds = range(1 if quick else 3)
+    counts = (1, 2, 4) if quick else (1, 2, 4, 8, 32)
+    results: dict[tuple[str, str, int, str], list[tuple[dict[str, float], int]]] = {}
+    for kind in ("mlp", "softmax"):
+        architecture = Architecture(kind)
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            order = rng.permutation(len(y))
+            pool, population = order[: len(y) // 2], order[len(y) // 2:]
+            candidates = (X[pool], y[pool])
+            member = np.zeros(len(pool), dtype=bool)
+            member[rng.permutation(len(pool))[: len(pool) // 2]] = True
+            model = models.train_target(kind, X[pool][member], y[pool][member], 10, seed=seed, epochs=60)
+            target = TorchTarget(model, 10)
+            z = (X[population], y[population])
+            for count in counts:
+                for offline in (False, True):
+                    if count < 2 and not offline:
+                        continue  # online needs an IN and an OUT model for every candidate
+                    mode = "offline" if offline else "online"
+                    attack = RMIA(count, offline=offline, architecture=architecture, seed=seed)
+                    pooled = z if offline else None  # online: references on halves of the candidates only
+                    references = attack.train_references(*candidates, 10, pooled)
+                    outcomes = {
+                        "rmia": attack.run(target, *candidates, population=z, is_member=member, references=references),
+                        "lira": LiRA(count, offline=offline, architecture=architecture, seed=seed).run(
+                            target, *candidates, population=pooled, is_member=member, references=references)}
+                    for name, outcome in outcomes.items():
+                        results.setdefault((kind, mode, count, name), []).append((outcome.metrics, int(member.sum())))
+    rows: Rows = []
+    for (kind, mode, count, name), runs in results.items():
+        tprs = [metrics["tpr_at_1pct_fpr"] for metrics, _ in runs]
+        members = sum(size for _, size in runs)
+        low, high = clopper_pearson(sum(t * size for t, (_, size) in zip(tprs, runs)), members)
+        rows.append({"model": kind, "mode": mode, "references": count, "attack": name,
+                     "tpr_at_1pct_fpr": float(np.mean(tprs)), "ci_low": low, "ci_high": high,
+                     "per_seed": " ".join(f"{t:.3f}" for t in tprs),
+                     "tpr_at_0.1pct_fpr": float(np.mean([m["tpr_at_0.1pct_fpr"] for m, _ in runs])),
+                     "auc": float(np.mean([m["auc"] for m, _ in runs])),
+                     "a": float(np.mean([m.get("a", np.nan) for m, _ in runs]))})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")

@@ -8,7 +8,7 @@ import torch
 from scipy.stats import mannwhitneyu
 
 from attacks import ATTACKS
-from attacks.membership import (LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack, scaled_logit,
+from attacks.membership import (RMIA, LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack, scaled_logit,
                                 translations)
 from attacks.targets import OutputFormat, OutputUnavailable, TorchTarget
 from benchmarks import models
@@ -22,8 +22,8 @@ def lira_online(digits, membership_game):
     return LiRA(REFERENCES).run(TorchTarget(model, 10), digits.X, digits.y, is_member=member)
 
 
-def test_all_four_attacks_are_registered():
-    assert {"threshold", "shadow", "lira", "label-only"} <= set(ATTACKS)
+def test_all_five_attacks_are_registered():
+    assert {"threshold", "shadow", "lira", "rmia", "label-only"} <= set(ATTACKS)
 
 
 def test_lira_is_several_times_the_threshold_attack_at_low_fpr(digits, membership_game, lira_online):
@@ -89,6 +89,8 @@ def test_every_attack_is_near_chance_when_the_members_were_never_trained_on(digi
         LiRA(8, offline=True).run(full, X, y, population=(digits.X[trained], digits.y[trained]),
                                   is_member=is_member, references=lira.artefacts["references"]),
         ShadowModelAttack(n_shadows=2).run(full, X, y, population=(digits.X, digits.y), is_member=is_member),
+        RMIA(8).run(full, X, y, population=(digits.X[trained], digits.y[trained]), is_member=is_member,
+                    references=lira.artefacts["references"]),
         LabelOnlyAttack("noise").run(labels, X, y, is_member=is_member),
     ]
     for result in results:
