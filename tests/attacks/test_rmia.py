@@ -47,7 +47,7 @@ def test_rmia_beats_chance_clearly_on_an_overfit_target(online, offline):
 
 
 def test_online_references_hold_each_candidate_in_half_offline_references_none(game, online, offline):
-    _, X, y, _, population = game
+    _, _, y, _, population = game
     online_masks, offline_masks = online.artefacts["references"].masks, offline.artefacts["references"].masks
     assert online_masks.shape == (4, len(y) + len(population[1]))
     assert (online_masks.sum(axis=0) == 2).all()
@@ -57,7 +57,7 @@ def test_online_references_hold_each_candidate_in_half_offline_references_none(g
 
 
 def test_score_is_the_fraction_of_z_whose_pairwise_ratio_exceeds_gamma(game, online):
-    target, X, y, is_member, population = game
+    target, X, y, _, population = game
     for result, gamma in ((online, 1.0), (RMIA(4, gamma=2.0, seed=1).run(
             target, X, y, population=population, references=online.artefacts["references"]), 2.0)):
         pairwise = result.artefacts["ratios"][:, None] / result.artefacts["z_ratios"][None, :] > gamma
