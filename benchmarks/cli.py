@@ -106,7 +106,8 @@ def _list(value: str | None) -> tuple[str, ...] | None:
 
 
 def audit(
-    url: str = typer.Option(..., help="The prediction endpoint, e.g. http://127.0.0.1:8000/predict."),
+    url: str | None = typer.Option(None, help="The prediction endpoint, e.g. http://127.0.0.1:8000/predict "
+                                   "(required unless a member audit names a local model with --weights)."),
     data: str = typer.Option("digits", help="The attacker's data: digits, breast_cancer, or a .csv/.npz file "
                              "whose features the endpoint takes."),
     out: str = typer.Option("guard-audit", help="Folder for the report."),
@@ -144,8 +145,23 @@ def audit(
     max_wait: float = typer.Option(60.0, min=0, help="Seconds an attack waits out rate limits before it stops."),
     allow_host: list[str] | None = typer.Option(None, help="A non-loopback host you own and may attack."),
     seed: int = typer.Option(0, help="Seed of the data split and the attacks."),
+    members: str | None = typer.Option(None, help="Member audit: the records your model was trained on "
+                                       "(.csv with the label last, or .npz); with --non-members."),
+    non_members: str | None = typer.Option(None, help="Member audit: records of the same kind your model "
+                                           "never saw."),
+    population: str | None = typer.Option(None, help="Member audit: other records of the same distribution "
+                                          "for the reference models and RMIA (default: the candidates "
+                                          "themselves)."),
+    model: str | None = typer.Option(None, help="Member audit: module:function(n_features, n_classes) building "
+                                     "your model (returning logits): the reference models' architecture, and "
+                                     "with --weights the model audited instead of --url."),
+    weights: str | None = typer.Option(None, help="Member audit: your model's state dict (with --model)."),
+    references: int = typer.Option(8, min=2, help="Member audit: reference models to train."),
+    epochs: int = typer.Option(60, min=1, help="Member audit: epochs the reference models train (your recipe)."),
+    lr: float = typer.Option(1e-2, min=0.0, help="Member audit: the reference models' learning rate (Adam)."),
 ) -> None:
-    """Black-box attacks against a live prediction endpoint you run, with the same report as bench."""
+    """Black-box attacks against a live prediction endpoint you run, with the same report as bench; with
+    --members and --non-members, a member audit of your trained model (LiRA, RMIA)."""
     import json
     from pathlib import Path
 
@@ -153,6 +169,15 @@ def audit(
     from benchmarks.audit import audit as run_audit
     from guard.policy import Policy
 
+    if members is not None or non_members is not None:
+        _member_audit(members, non_members, out, url=url, population=population, model=model, weights=weights,
+                      policy=policy, route=route, request_example=request_example, features_path=features_path,
+                      fields=fields, probabilities_path=probabilities_path, labels=labels, batch_size=batch_size,
+                      scale=bool(scale), api_keys=tuple(api_key or ()), allowed_hosts=tuple(allow_host or ()),
+                      references=references, epochs=epochs, lr=lr, seed=seed)
+        return
+    if url is None:
+        raise typer.BadParameter("give the endpoint's --url", param_hint="--url")
     try:
         shape = _policy_route(Policy.from_file(policy), route) if policy is not None else None
         example = json.loads(request_example) if request_example is not None else None
@@ -163,6 +188,40 @@ def audit(
                           allowed_hosts=tuple(allow_host or ()), fields=_list(fields), labels=_list(labels),
                           batch_size=batch_size, scale=scale, baseline=baseline, max_wait=max_wait,
                           echo=typer.echo)
+    except (AuditError, ValueError, OSError) as error:
+        typer.echo(f"guard audit: {error}", err=True)
+        raise typer.Exit(2) from error
+    for kind, path in paths.items():
+        typer.echo(f"{kind}: {path}")
+
+
+def _member_audit(members: str | None, non_members: str | None, out: str, *, url: str | None,
+                  population: str | None, model: str | None, weights: str | None, policy: str | None,
+                  route: str | None, request_example: str | None, features_path: str | None, fields: str | None,
+                  probabilities_path: str | None, labels: str | None, batch_size: int | None, scale: bool,
+                  api_keys: tuple[str, ...], allowed_hosts: tuple[str, ...], references: int, epochs: int,
+                  lr: float, seed: int) -> None:
+    """``guard audit --members --non-members``: ``benchmarks.member_audit.member_audit``."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from attacks.ensemble import TrainingConfig
+    from benchmarks.audit import AuditError
+    from benchmarks.member_audit import member_audit
+    from guard.policy import Policy
+
+    if members is None or non_members is None:
+        raise typer.BadParameter("a member audit needs both --members and --non-members")
+    try:
+        shape = _policy_route(Policy.from_file(policy), route) if policy is not None else None
+        paths = member_audit(members, non_members, Path(out), population=population, url=url, model=model,
+                             weights=weights, route=shape,
+                             example=json.loads(request_example) if request_example is not None else None,
+                             features_path=features_path, probabilities_path=probabilities_path,
+                             fields=_list(fields), labels=_list(labels), batch_size=batch_size, scale=scale,
+                             api_keys=api_keys, allowed_hosts=allowed_hosts, n_references=references,
+                             training=replace(TrainingConfig(), epochs=epochs, lr=lr), seed=seed, echo=typer.echo)
     except (AuditError, ValueError, OSError) as error:
         typer.echo(f"guard audit: {error}", err=True)
         raise typer.Exit(2) from error
