@@ -302,9 +302,11 @@ def markdown(audit: MemberAudit, measures: dict[str, dict[str, Any]], strongest:
                  f"-{entry[f'tpr_at_{label}_fpr']['interval'][1]:.3f}; no model {rate:g})"
                  for label, rate in LOW_FPRS.items()]
         lines.append(f"| {name} | {entry['auc']:.3f} | {cells[0]} | {cells[1]} |")
-    if counts["non-member"] < 100:
-        lines += ["", f"With {counts['non-member']} non-members, 1% FPR lies between two of them: the TPR there "
-                  "is interpolated on the ROC curve; give at least 100 (1000 for 0.1%) for a measured value."]
+    for label, rate in LOW_FPRS.items():
+        if counts["non-member"] * rate < 1:
+            lines += ["", f"With {counts['non-member']} non-members, {rate:.1%} FPR lies between two of them: the TPR "
+                      f"there is interpolated on the ROC curve; give at least {round(1 / rate)} non-members for a "
+                      "measured value."]
     lines += ["", f"Strongest attack: {strongest}. `record_scores.csv` lists every record, most exposed first: "
               "`exposure_fpr` is the false-positive rate at which that attack calls the record a member."]
     return "\n".join(lines) + "\n"
