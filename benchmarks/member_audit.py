@@ -302,7 +302,7 @@ def markdown(audit: MemberAudit, measures: dict[str, dict[str, Any]], strongest:
                  f"-{entry[f'tpr_at_{label}_fpr']['interval'][1]:.3f}; no model {rate:g})"
                  for label, rate in LOW_FPRS.items()]
         lines.append(f"| {name} | {entry['auc']:.3f} | {cells[0]} | {cells[1]} |")
-    for label, rate in LOW_FPRS.items():
+    for rate in LOW_FPRS.values():
         if counts["non-member"] * rate < 1:
             lines += ["", f"With {counts['non-member']} non-members, {rate:.1%} FPR lies between two of them: the TPR "
                       f"there is interpolated on the ROC curve; give at least {round(1 / rate)} non-members for a "

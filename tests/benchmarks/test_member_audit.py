@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from harness_cli import app as cli
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
@@ -17,7 +18,6 @@ from attacks.ensemble import TrainingConfig
 from benchmarks.member_audit import member_audit
 from guard import models
 from guard.serving import prediction_app
-from harness_cli import app as cli
 
 
 def digits_mlp_factory(n_features: int, n_classes: int) -> torch.nn.Module:
