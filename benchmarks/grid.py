@@ -47,26 +47,30 @@ SELECTORS = ("datasets", "defences", "attacks", "seeds", "command", "against")
 """The fields that choose which cells a run holds (or only describe it), not what a cell computes."""
 
 STRONGEST: dict[str, tuple[str, ...]] = {
-    "none": ("copycat-k-center", "equation-solving", "lira-online", "map-attribute", "mi-face"),
+    "none": ("copycat-k-center", "equation-solving", "lira-online", "map-attribute", "mi-face", "rmia-online"),
     "round:2": ("equation-solving-rounding-aware", "inverse-model", "knockoff-adaptive", "lira-offline",
-                "lira-rounding-aware", "map-attribute"),
-    "round:1": ("inverse-model", "knockoff-adaptive", "lira-online", "lira-rounding-aware", "map-attribute-label-only"),
+                "lira-rounding-aware", "map-attribute", "rmia-online"),
+    "round:1": ("inverse-model", "knockoff-adaptive", "lira-online", "lira-rounding-aware", "map-attribute-label-only",
+                "rmia-online"),
     "top_k:1": ("copycat", "equation-solving", "inverse-model", "knockoff-adaptive", "label-only-calibrated-offline",
-                "lira-offline", "map-attribute"),
+                "lira-offline", "map-attribute", "rmia-online"),
     "label_only": ("copycat", "copycat-k-center", "inverse-model", "knockoff-adaptive",
                    "label-only-calibrated-offline", "map-attribute-label-only"),
     "noise": ("equation-solving", "inverse-model", "knockoff-adaptive", "lira-averaged-noise", "lira-online",
-              "map-attribute-label-only", "mi-face-blackbox"),
+              "map-attribute-label-only", "mi-face-blackbox", "rmia-online"),
     "reverse_sigmoid": ("copycat", "copycat-k-center", "equation-solving", "inverse-model-inverted-reverse-sigmoid",
-                        "lira-inverted-reverse-sigmoid", "lira-online", "map-attribute-label-only"),
+                        "lira-inverted-reverse-sigmoid", "lira-online", "map-attribute-label-only", "rmia-offline"),
     "monitoring": ("equation-solving", "inverse-model", "knockoff-adaptive", "lira-online", "map-attribute"),
-    "dp-eps1": ("equation-solving", "knockoff-adaptive", "lira-online", "map-attribute", "mi-face"),
-    "dp-eps8": ("equation-solving", "lira-offline", "lira-online", "map-attribute", "mi-face", "threshold"),
+    "dp-eps1": ("equation-solving", "knockoff-adaptive", "lira-online", "map-attribute", "mi-face", "rmia-offline"),
+    "dp-eps8": ("equation-solving", "lira-offline", "lira-online", "map-attribute", "mi-face", "rmia-offline",
+                "rmia-online", "threshold"),
 }
 """The default grid's attacks on each defence: those that were the strongest of their family against
 it on some target (digits softmax and MLP, breast cancer MLP) in the full grid's seed 0, so that the
 default's verdicts and summary are the full run's on that seed, at the full run's budgets and
-reference counts. ``python -m benchmarks.perf.strongest results.json`` derives it from a full run."""
+reference counts. ``python -m benchmarks.perf.strongest results.json`` derives it from a full run.
+The RMIA entries come from a membership-only run of seed 0 (every membership attack on every defence
+but label_only and monitoring): RMIA was the strongest there on at least one target of each."""
 
 GRIDS: dict[str, dict[str, Any]] = {
     "full": {},
