@@ -178,6 +178,12 @@ def audit(
         return
     if url is None:
         raise typer.BadParameter("give the endpoint's --url", param_hint="--url")
+    from benchmarks.scenarios import ATTACK_SPECS
+
+    membership = [name for name in split_names(attacks) or () if ATTACK_SPECS[name].family == "membership"]
+    if membership:
+        raise typer.BadParameter(f"{', '.join(membership)} need records of known membership: run a member audit "
+                                 "with --members and --non-members", param_hint="--attacks")
     try:
         shape = _policy_route(Policy.from_file(policy), route) if policy is not None else None
         example = json.loads(request_example) if request_example is not None else None

@@ -89,3 +89,8 @@ def test_member_audit_cli_refuses_half_a_request(tmp_path, user_files):
     result = CliRunner().invoke(cli, ["audit", "--members", str(folder / "members.csv"), "--non-members",
                                       str(folder / "non_members.csv"), "--weights", str(folder / "model.pt")])
     assert result.exit_code == 2 and "--model" in result.output
+
+
+def test_endpoint_audit_sends_membership_attacks_to_the_member_audit():
+    result = CliRunner().invoke(cli, ["audit", "--url", "http://127.0.0.1:9/p", "--attacks", "rmia-online,copycat"])
+    assert result.exit_code == 2 and "--members" in result.output
