@@ -296,9 +296,9 @@ class RMIA(Attack):
             raise ValueError("offline RMIA trains its references on population records: give population")
         else:
             n_population = len(population[1])
-            ranks = np.random.default_rng(self.seed).random((self.n_references, n_population)).argsort(axis=1)
+            shuffled = np.random.default_rng(self.seed).random((self.n_references, n_population)).argsort(axis=1)
             masks = np.zeros((self.n_references, len(y_pool)), dtype=bool)
-            masks[:, len(y):] = ranks < max(1, n_population // 2)
+            masks[:, len(y):] = shuffled < max(1, n_population // 2)  # a random permutation's first half
         return train_ensemble(X_pool, y_pool, masks, n_classes, architecture=self.architecture,
                               config=self.training, seed=self.seed)
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from attacks.base import AttackResult
-from attacks.ensemble import Architecture, TrainingConfig
+from attacks.ensemble import Architecture, Ensemble, TrainingConfig
 from attacks.extraction import Copycat, EquationSolving, JacobianAugmentation, Knockoff
 from attacks.inversion import InverseModel, MAPAttribute, MAPAttributeLabelOnly, MIFace, MIFaceBlackBox
 from attacks.membership import RMIA, LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
@@ -231,11 +231,18 @@ def _lira(offline: bool, statistic: Callable[[Context], Statistic | None] = lamb
                       training=context.training, image_shape=context.dataset.image_shape,
                       output=context.defence.public_format, statistic=statistic(context),
                       seed=context.seed)
-        references = context.reuse(("lira", attack.n_references), lambda: attack.train_references(
-            X, y, context.dataset.n_classes))
+        references = _shared_references(context, X, y)
         return _with_epsilon_bound(attack.run(target, X, y, is_member=is_member, references=references), is_member,
                                    context)
     return run
+
+
+def _shared_references(context: Context, X: np.ndarray, y: np.ndarray) -> Ensemble:
+    """LiRA's reference models of the cell's target (random halves of the candidates), trained once and
+    shared by every defence and by RMIA."""
+    lira = LiRA(_references(context), architecture=context.architecture, training=context.training,
+                seed=context.seed)
+    return context.reuse(("lira", lira.n_references), lambda: lira.train_references(X, y, context.dataset.n_classes))
 
 
 def _rmia(offline: bool) -> Callable[[Target, Context], AttackResult]:
@@ -244,14 +251,10 @@ def _rmia(offline: bool) -> Callable[[Target, Context], AttackResult]:
     candidate's OUT references (half of them)."""
     def run(target: Target, context: Context) -> AttackResult:
         X, y, is_member = context.candidates()
-        lira = LiRA(_references(context), architecture=context.architecture, training=context.training,
-                    seed=context.seed)
-        references = context.reuse(("lira", lira.n_references), lambda: lira.train_references(
-            X, y, context.dataset.n_classes))
-        attack = RMIA(lira.n_references, offline=offline, architecture=context.architecture,
+        attack = RMIA(_references(context), offline=offline, architecture=context.architecture,
                       training=context.training, output=context.defence.public_format, seed=context.seed)
         result = attack.run(target, X, y, z_index=context.population_in_candidates(), is_member=is_member,
-                            references=references)
+                            references=_shared_references(context, X, y))
         return _with_epsilon_bound(result, is_member, context)
     return run
 
