@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,6 +33,22 @@ def default_delta(n: int) -> float:
     """``min(1e-5, 1/(10 n))``: well below ``1/n``, the rate at which a mechanism that publishes
     random whole records would still be "(0, delta)-private"; 1e-5 is the customary ceiling."""
     return min(1e-5, 1.0 / (10 * n))
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (torch's shape and state-dict errors span several)."""
+    return " ".join(str(error).split())
+
+
+def model_from(factory: Callable[..., nn.Module], *arguments: int) -> nn.Module:
+    """``factory(*arguments)``, which must be the network itself (``TypeError`` otherwise: say, a
+    factory that returns ``(model, optimiser)``)."""
+    model = factory(*arguments)
+    if not isinstance(model, nn.Module):
+        name = getattr(factory, "__name__", type(factory).__name__)
+        raise TypeError(f"the model factory {name} returned a {type(model).__name__}, not a "
+                        "torch.nn.Module: return the network itself")
+    return model
 
 
 def prepare_model(model: nn.Module, fix: bool = True) -> tuple[nn.Module, list[str]]:
@@ -83,8 +100,16 @@ def check_data(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
                             f"{tuple(y.shape)}")
     if not torch.isfinite(X).all():
         raise DPConfigError("the features contain NaN or infinity")
-    with torch.no_grad():
-        n_classes = int(copy.deepcopy(model).eval()(X[:1]).shape[-1])
+    try:
+        with torch.no_grad():
+            outputs = copy.deepcopy(model).eval()(X[:1])
+    except RuntimeError as error:
+        raise DPConfigError(f"the model cannot take the data's rows of shape {tuple(X.shape[1:])}: "
+                            f"{one_line(error)}") from None
+    if outputs.ndim != 2:
+        raise DPConfigError(f"the model answers a row with shape {tuple(outputs.shape[1:])}: it must "
+                            "return one logit per class, (n, classes)")
+    n_classes = int(outputs.shape[-1])
     if int(y.min()) < 0 or int(y.max()) >= n_classes:
         raise DPConfigError(f"labels must lie in 0..{n_classes - 1} (the model's {n_classes} "
                             "outputs), "
