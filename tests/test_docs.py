@@ -17,7 +17,11 @@ import numpy as np
 import orjson
 import pytest
 from markdown.extensions.toc import slugify
+from pydantic import BaseModel
 from typer.testing import CliRunner
+
+from guard import policy
+from guard.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -92,6 +96,35 @@ def test_the_readme_example_guards_the_app_as_it_says():
     answer, as_string, refused = asyncio.run(ask())
     assert answer.json() == promised == as_string.json()
     assert refused.status_code == 422 and refused.json()["error"] == "invalid_features"
+
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+def test_every_policy_example_in_the_docs_loads(tmp_path, monkeypatch):
+    """Each TOML block is a policy (or a part of one) that ``Policy`` accepts as written; a user's
+    feature function the example names is given to it as a module."""
+    (tmp_path / "my_service").mkdir()
+    (tmp_path / "my_service" / "__init__.py").write_text("")
+    (tmp_path / "my_service" / "guarding.py").write_text("def features(document, query):\n    return [0.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    blocks = [block for page in DOCS for block in code_blocks(page.read_text(), "toml")]
+    assert len(blocks) >= 6
+    for number, block in enumerate(blocks):
+        path = tmp_path / f"example{number}.toml"
+        path.write_text(block if block.startswith("secret") else f'secret = "a docs test secret"\n{block}')
+        Policy.from_file(path)
+
+
+def test_the_docs_name_every_policy_setting():
+    documented = "\n".join(page.read_text() for page in DOCS)
+    models = [model for model in vars(policy).values()
+              if isinstance(model, type) and issubclass(model, BaseModel) and model.__module__ == policy.__name__]
+    settings = {name for model in models for name in model.model_fields}
+    assert len(settings) > 40
+    spellings = ("`{}`", ".{}`", "{} =", "[{}]", "[{}.", ".{}]")
+    missing = sorted(name for name in settings if not any(form.format(name) in documented for form in spellings))
+    assert missing == []
 
 
 @pytest.mark.usefixtures("one_torch_thread")
