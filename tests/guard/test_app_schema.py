@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
-from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from starlette.testclient import TestClient
 
@@ -32,12 +31,6 @@ class Flower(BaseModel):
 class Rows(BaseModel):
     features: list[list[float]]
     label: str = ""
-
-
-@pytest.fixture(scope="module")
-def iris_model() -> LogisticRegression:
-    iris = load_iris()
-    return LogisticRegression(max_iter=500).fit(iris.data, iris.target)
 
 
 def iris_app(model: LogisticRegression) -> FastAPI:
