@@ -146,9 +146,13 @@ _LAX_FLOAT = TypeAdapter(float)
 def feature_number(value: Json) -> float:
     """A request's feature value read as the app's pydantic model reads a ``float`` field in its
     default (lax) mode: a number, a boolean (1.0 or 0.0) or a numeric string (``"5.9"``, ``" 1e3 "``,
-    ``"1_000"``); ``TypeError`` for anything pydantic refuses. A non-finite value (``"nan"``,
-    ``"inf"``, which pydantic's ``float`` takes) is refused with ``PayloadError``: the detectors
-    cannot judge it."""
+    ``"1_000"``); ``TypeError`` for anything pydantic refuses (``OverflowError`` for an integer
+    beyond float64). A string of a non-finite value (``"nan"``, ``"inf"``, which pydantic's
+    ``float`` takes) is refused with ``PayloadError``: the detectors cannot judge it (JSON numbers
+    are finite: the parser refuses NaN and infinities)."""
+    kind = type(value)
+    if kind is float or kind is int:  # JSON numbers, as pydantic reads them, without its call
+        return float(value)  # OverflowError beyond float64, where pydantic refuses too
     try:
         number = _LAX_FLOAT.validate_python(value)
     except ValidationError:
@@ -279,11 +283,9 @@ class NamedFields:
 
     @staticmethod
     def _number(field: Pointer, value: Json) -> float:
-        if type(value) is float:
-            return value
         try:
             return feature_number(value)
-        except TypeError:
+        except (TypeError, OverflowError):
             raise PayloadError(f"features: {field.text!r} holds {value!r}, not a number") from None
 
     def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
