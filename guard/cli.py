@@ -182,7 +182,7 @@ def train_dp(
 
             torch.manual_seed(seed)  # the model's initial weights too
         factory = import_function(model) if ":" in model else functools.partial(models.make_model, model)
-        network = dp.model_from(factory, dataset.n_features, dataset.n_classes)
+        network = models.model_from(factory, dataset.n_features, dataset.n_classes)
     except (ValueError, OSError, ImportError, KeyError, TypeError) as error:
         raise fail(error) from error
     parts = datasets.split(dataset, seed=0, train=1 - test_fraction, test=test_fraction)

@@ -18,7 +18,6 @@ from guard.dp.checks import (
                              UnsupportedLayersError,
                              as_tensors,
                              default_delta,
-                             model_from,
                              prepare_model,
 )
 from guard.dp.distributed import train_private_distributed
@@ -38,6 +37,6 @@ from guard.dp.training import (
 __all__ = ["ACCOUNTANTS", "DEFAULT_GRAD_SAMPLE_MODE", "DP_RECIPE", "DPRecipe", "GRAD_SAMPLE_MODES", "MAX_NOISE_MULTIPLIER",
            "MODEL_FILE", "PREPROCESSING_FILE", "REPORT_FILE", "DPConfigError", "Preprocessing",
            "PrivacyReport", "RawFeatureModel", "UnsupportedLayersError", "accuracy", "as_tensors",
-           "default_delta", "load", "load_state_dict", "make_private", "model_from",
+           "default_delta", "load", "load_state_dict", "make_private",
            "prepare_model", "privacy_engine", "run_epoch", "save", "train_non_private",
            "train_private", "train_private_distributed"]

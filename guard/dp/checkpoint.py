@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guard.dp.checks import DPConfigError, model_from, one_line, prepare_model
+from guard.dp.checks import DPConfigError, one_line, prepare_model
 from guard.dp.preprocessing import PREPROCESSING_FILE, Preprocessing, RawFeatureModel
 from guard.dp.report import PrivacyReport, write_atomic
+from guard.models import model_from
 
 MODEL_FILE, REPORT_FILE = "model.pt", "privacy_report.json"
 _CKPT_MODEL, _CKPT_OPTIMISER, _CKPT_STATE = "model.pt", "optimizer.pt", "state.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,17 +37,6 @@ def default_delta(n: int) -> float:
 def one_line(error: BaseException) -> str:
     """An exception's message on one line (torch's shape and state-dict errors span several)."""
     return " ".join(str(error).split())
-
-
-def model_from(factory: Callable[..., nn.Module], *arguments: int) -> nn.Module:
-    """``factory(*arguments)``, which must be the network itself (``TypeError`` otherwise: say, a
-    factory that returns ``(model, optimiser)``)."""
-    model = factory(*arguments)
-    if not isinstance(model, nn.Module):
-        name = getattr(factory, "__name__", type(factory).__name__)
-        raise TypeError(f"the model factory {name} returned a {type(model).__name__}, not a "
-                        "torch.nn.Module: return the network itself")
-    return model
 
 
 def prepare_model(model: nn.Module, fix: bool = True) -> tuple[nn.Module, list[str]]:
