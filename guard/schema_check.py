@@ -60,14 +60,18 @@ def feature_mismatches(app: ASGIApp, routes: Mapping[str, RoutePolicy]) -> list[
     problems = []
     for path, route in routes.items():
         source = route.feature_source()
-        for method, operation in _operations(document.get("paths", {}), path):
-            where = f"{method.upper()} {path}"
-            if isinstance(source, QueryFields):
-                problems += schema.query_mismatches(where, operation, source.names)
-            elif isinstance(source, (VectorAt, NamedFields)):
-                body = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
-                if "schema" in body:
-                    problems += schema.body_mismatches(where, body["schema"], source)
+        try:
+            for method, operation in _operations(document.get("paths", {}), path):
+                where = f"{method.upper()} {path}"
+                if isinstance(source, QueryFields):
+                    problems += schema.query_mismatches(where, operation, source.names)
+                elif isinstance(source, (VectorAt, NamedFields)):
+                    body = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+                    if "schema" in body:
+                        problems += schema.body_mismatches(where, body["schema"], source)
+        except Exception as error:  # noqa: BLE001 (a schema this reader does not follow: say so, serve)
+            logger.info("guard: the app's OpenAPI schema at %s cannot be read (%s: %s); its features not "
+                        "checked against it", path, type(error).__name__, error)
     return problems
 
 
@@ -76,6 +80,12 @@ def _operations(paths: Mapping[str, Schema], policy_path: str) -> list[tuple[str
     return [(method, operation) for path, item in paths.items()
             if path == policy_path or (is_template(path) and template_regex(path).match(policy_path))
             for method, operation in item.items() if isinstance(operation, dict)]
+
+
+def types(schema: Schema) -> set[str]:
+    """The JSON types a schema names (``"type"`` is one name or a list of them)."""
+    named = schema.get("type")
+    return set(named) if isinstance(named, list) else {named} if named else set()
 
 
 class _Schemas:
@@ -98,7 +108,7 @@ class _Schemas:
         if alternatives is not None:
             found = [branch for alternative in alternatives for branch in self.branches(alternative)]
             return ANY if any(branch is ANY[0] for branch in found) else found
-        if schema.get("type") == "null":
+        if types(schema) == {"null"}:
             return []
         if not {"type", "properties", "items", "prefixItems"} & schema.keys():
             return ANY
@@ -110,11 +120,11 @@ class _Schemas:
             return ANY
         found: list[Schema] = []
         for schema in schemas:
-            if schema.get("type") == "array" and token.isdigit():
+            if "array" in types(schema) and token.isdigit():
                 prefix = schema.get("prefixItems", [])
                 items = prefix[int(token)] if int(token) < len(prefix) else schema.get("items", {})
                 found += self.branches(items)
-            elif schema.get("type") == "object" or "properties" in schema:
+            elif "object" in types(schema) or "properties" in schema:
                 extra = schema.get("additionalProperties", "properties" not in schema)
                 if token in schema.get("properties", {}):
                     found += self.branches(schema["properties"][token])
@@ -135,17 +145,17 @@ class _Schemas:
         if schemas is ANY:
             return ANY
         found = [branch for schema in schemas
-                 for branch in (self.branches(schema.get("items", {})) if schema.get("type") == "array"
+                 for branch in (self.branches(schema.get("items", {})) if "array" in types(schema)
                                 else [schema])]
         return ANY if any(branch is ANY[0] for branch in found) else found
 
     @staticmethod
     def numeric(schemas: list[Schema]) -> bool:
-        return schemas is ANY or any(schema.get("type") in NUMERIC for schema in schemas)
+        return schemas is ANY or any(types(schema) & NUMERIC for schema in schemas)
 
     @staticmethod
     def describe(schemas: list[Schema]) -> str:
-        return " or ".join(sorted({str(schema.get("type", "object")) for schema in schemas}))
+        return " or ".join(sorted(set().union(*(types(schema) or {"object"} for schema in schemas))))
 
     def body_mismatches(self, where: str, body: Schema, source: VectorAt | NamedFields) -> list[str]:
         top = self.branches(body)
@@ -154,7 +164,7 @@ class _Schemas:
             if not found:
                 return [f"{where}: the policy's features {source.pointer.text!r} are not in the app's "
                         + "request schema"]
-            vectors = ANY if found is ANY else [schema for schema in found if schema.get("type") == "array"]
+            vectors = ANY if found is ANY else [schema for schema in found if "array" in types(schema)]
             rows = self.elements(vectors)
             if self.numeric(rows) or (source.width is None and self.numeric(self.elements(rows))):
                 return []

@@ -150,3 +150,27 @@ def test_the_schema_is_read_from_a_fastapi_app_wrapped_directly(iris_model, capl
         GuardMiddleware(iris_app(iris_model), policy=policy)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and "'/petals' is not a field" in warnings[0]
+
+
+def test_a_hand_written_schema_is_read_as_json_schema_and_never_stops_the_app(iris_model, caplog):
+    """A custom ``app.openapi`` (FastAPI's documented override): type lists are JSON Schema's; a
+    reference to nothing is reported as unreadable, and the app still starts."""
+    app = iris_app(iris_model)
+    body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Listed"}}}}
+    broken = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Missing"}}}}
+    schema = {"paths": {"/predict": {"post": {"requestBody": body}}, "/rows": {"post": {"requestBody": broken}}},
+              "components": {"schemas": {"Listed": {"type": "object", "properties": {
+                  "sepal_length": {"type": ["number", "null"]}, "name": {"type": ["string", "null"]}}}}}}
+    app.openapi = lambda: schema
+    policy = Policy(secret=SECRET, routes={"/predict": {**NAMED, "features": ["/sepal_length", "/name"]},
+                                           "/rows": {"probabilities": "/probabilities", "features": "/features"}})
+    with caplog.at_level(logging.INFO, logger="guard"):
+        guarded = GuardMiddleware(app, policy=policy)
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m for m in messages if "declared as" in m] == [
+        ("guard: POST /predict: the policy's feature '/name' is declared as null or string in the app's request "
+         "schema, not a number")]
+    assert any("schema at /rows cannot be read" in m for m in messages)
+    with TestClient(guarded) as client:  # it serves; the route the warning named refuses every request
+        assert client.post("/rows", json={"features": [list(SETOSA.values())]}).status_code == 200
+        assert client.post("/predict", json=SETOSA).status_code == 422
