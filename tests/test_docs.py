@@ -68,6 +68,7 @@ def test_the_readme_is_short_and_its_links_resolve():
 def test_the_quick_start_commands_are_the_ones_ci_runs():
     commands = code_blocks(section(README, "## Quick start"), "bash")[0]
     install, tests = [line.strip() for line in commands.splitlines()]
+    assert commands in (ROOT / "docs" / "index.md").read_text()  # the site's home page gives the same two
     ci = (ROOT / ".ci" / "run").read_text()
     ci_install = shlex.split(re.search(r"^python3 -m (pip install .*)$", ci, re.MULTILINE).group(1))
     ci_install.remove("-q")
