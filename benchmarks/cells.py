@@ -188,9 +188,10 @@ def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X
 
 def _user_model(factory: str, dataset: datasets.Dataset) -> torch.nn.Module:
     """``module:function`` called with ``(n_features, n_classes)``."""
+    from guard.models import model_from
     from guard.references import import_function
 
-    return import_function(factory)(dataset.n_features, dataset.n_classes)
+    return model_from(import_function(factory), dataset.n_features, dataset.n_classes)
 
 
 def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig) -> dict[str, float]:

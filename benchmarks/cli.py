@@ -284,7 +284,7 @@ def verify(
             with endpoint_suspect(url, found, n_classes, shape, example, batch_size,
                                   tuple(api_key or ())) as suspect:
                 verification = test.run(suspect.predict, found)
-    except (AuditError, ValueError, OSError, KeyError) as error:
+    except (AuditError, ValueError, OSError, KeyError, TypeError) as error:
         typer.echo(f"guard verify: {error}", err=True)
         raise typer.Exit(2) from error
     for line in report_lines(verification):

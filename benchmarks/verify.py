@@ -13,6 +13,7 @@ from attacks.ownership import Records, Verification
 from attacks.targets import HTTPTarget
 from benchmarks.audit import Endpoint
 from guard.data import Dataset
+from guard.models import model_from
 from guard.policy import RoutePolicy
 from guard.references import import_function
 
@@ -35,7 +36,7 @@ def local_suspect(weights: str | Path, factory: str | None = None) -> Callable[[
     if factory is None:
         model = torch.jit.load(str(weights), map_location="cpu")
     else:
-        model = import_function(factory)()
+        model = model_from(import_function(factory))
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
 

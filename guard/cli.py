@@ -163,6 +163,8 @@ def train_dp(
     """Retrain a model with DP-SGD to a target epsilon; write the model, its privacy report and the
     data's preprocessing (min-max scaling, label mapping), which ``guard.dp.load(out, factory)``
     applies so the loaded model predicts on features as they are in the file."""
+    import functools
+
     import numpy as np
 
     from guard import data as datasets
@@ -179,10 +181,8 @@ def train_dp(
             import torch
 
             torch.manual_seed(seed)  # the model's initial weights too
-        if ":" in model:
-            network = import_function(model)(dataset.n_features, dataset.n_classes)
-        else:
-            network = models.make_model(model, dataset.n_features, dataset.n_classes)
+        factory = import_function(model) if ":" in model else functools.partial(models.make_model, model)
+        network = models.model_from(factory, dataset.n_features, dataset.n_classes)
     except (ValueError, OSError, ImportError, KeyError, TypeError) as error:
         raise fail(error) from error
     parts = datasets.split(dataset, seed=0, train=1 - test_fraction, test=test_fraction)
@@ -219,8 +219,13 @@ def train_dp(
         typer.echo(f"note: {notice}")
     if report.audit is not None:
         typer.echo(report.audit_summary())
-    typer.echo(f"wrote {out}/{dp.MODEL_FILE}, {out}/{dp.REPORT_FILE} and {out}/{dp.PREPROCESSING_FILE}; "
-               f"serve it with guard.dp.load({out!r}, factory), which takes features as they are in {data}")
+    module, build = ("guard.models", f"guard.models.make_model({model!r}, ") if ":" not in model else (
+        model.split(":")[0], model.replace(":", ".") + "(")
+    typer.echo(f"wrote {out}/{dp.MODEL_FILE}, {out}/{dp.REPORT_FILE} and {out}/{dp.PREPROCESSING_FILE}; serve "
+               f"it from Python (predict_proba takes rows of {dataset.n_features} features as they are in {data}):\n"
+               f"  import guard.dp, {module}\n"
+               f"  served = guard.dp.load({out!r}, lambda: {build}{dataset.n_features}, {dataset.n_classes}))\n"
+               f"  served.predict_proba(X)  # or served.predict(X): the labels as in {data}")
 
 
 @app.command(cls=ListsChoices)

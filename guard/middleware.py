@@ -5,7 +5,8 @@ The request target is made canonical once (``guard.target``: origin-form only, p
 segments removed; anything else refused with ``400``/``414``) and the app gets that path. Routes are
 matched on it as the app routes on it (``guard.routing``: root path and mounts accounted for,
 Starlette path templates, and spellings a lenient server would fold onto a route); a policy the app
-could serve around refuses to start. A WebSocket on a guarded route is closed with 1008 unless the
+could serve around refuses to start; a policy feature that the app's OpenAPI schema says is missing
+or not a number is logged as a warning (``guard.schema_check``). A WebSocket on a guarded route is closed with 1008 unless the
 route allows it. A request on a guarded route, whatever its method (``HEAD``, ``OPTIONS`` and unknown
 ones included; only the route's ``free_methods`` pass unguarded), goes through ``GuardedExchange``,
 one small method per step of the request flow in docs/architecture.md: read the body (at most
@@ -68,6 +69,7 @@ from guard.policy import Policy, RoutePolicy
 from guard.ratelimit import Admission, RouteLimits
 from guard.routing import RouteTable, find_bypasses, get_route_path
 from guard.sanctions import Level, Sanctions
+from guard.schema_check import feature_mismatches
 from guard.store import StoreUnavailable, is_shared, memory_options, store_from_uri
 from guard.target import TargetRefused, canonical_scope
 from guard.watermarks import records_from_uri, records_of
@@ -201,6 +203,8 @@ class GuardMiddleware:
         self.problems = find_bypasses(app, list(policy.routes))
         for problem in self.problems:
             logger.error("guard: %s; refusing to serve", problem)
+        for mismatch in feature_mismatches(app, policy.routes):
+            logger.warning("guard: %s", mismatch)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -2,12 +2,26 @@
 softmax regression and one-hidden-layer MLPs, minibatch Adam, and their predictions as numpy."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
 KINDS = ("softmax", "mlp")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+def model_from(factory: Callable[..., nn.Module], *arguments: int) -> nn.Module:
+    """``factory(*arguments)`` (a user's ``module:function``, or ``lambda: ...`` for ``guard.dp.load``),
+    which must be the network itself: ``TypeError`` otherwise, one line (say, for a factory that
+    returns ``(model, optimiser)``)."""
+    model = factory(*arguments)
+    if not isinstance(model, nn.Module):
+        name = getattr(factory, "__name__", type(factory).__name__)
+        raise TypeError(f"the model factory {name} returned a {type(model).__name__}, not a "
+                        "torch.nn.Module: return the network itself")
+    return model
 
 
 def make_model(kind: str, n_features: int, n_classes: int, hidden: int = 64,

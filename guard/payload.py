@@ -8,9 +8,10 @@ back in the same form (label-only: the predicted labels, or one-hot rows that ke
 
 Features come from a ``FeatureSource``: a vector or batch at one pointer (``VectorAt``), named
 fields of one object or of each object in a list (``NamedFields``), query parameters (``QueryFields``)
-or a user function (``FeatureFunction``). The same description also *writes* requests (``write``)
-and cuts answers into rows (``answer_rows``), so ``guard audit`` talks to an endpoint in exactly the
-shape the guard reads.
+or a user function (``FeatureFunction``); each value is read as the app's pydantic model reads a
+``float`` field (numeric strings and booleans included: ``feature_number``). The same description
+also *writes* requests (``write``) and cuts answers into rows (``answer_rows``), so ``guard audit``
+talks to an endpoint in exactly the shape the guard reads.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
+from pydantic import TypeAdapter, ValidationError
 
 from guard.references import import_function
 
@@ -131,10 +133,41 @@ class EachRow:
 _FLOATS = {float}
 
 
-def number_rows(value: Json, what: str) -> tuple[list[list[float]], bool]:
+def _number(value: Json) -> float:
+    """A JSON number as a float (a probability in an answer: strict, no strings or booleans)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)
+
+
+_LAX_FLOAT = TypeAdapter(float)
+
+
+def feature_number(value: Json) -> float:
+    """A request's feature value read as the app's pydantic model reads a ``float`` field in its
+    default (lax) mode: a number, a boolean (1.0 or 0.0) or a numeric string (``"5.9"``, ``" 1e3 "``,
+    ``"1_000"``); ``TypeError`` for anything pydantic refuses (``OverflowError`` for an integer
+    beyond float64). A string of a non-finite value (``"nan"``, ``"inf"``, which pydantic's
+    ``float`` takes) is refused with ``PayloadError``: the detectors cannot judge it (JSON numbers
+    are finite: the parser refuses NaN and infinities)."""
+    kind = type(value)
+    if kind is float or kind is int:  # JSON numbers, as pydantic reads them, without its call
+        return float(value)  # OverflowError beyond float64, where pydantic refuses too
+    try:
+        number = _LAX_FLOAT.validate_python(value)
+    except ValidationError:
+        raise TypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise PayloadError(f"features: {value!r} is not a finite number")
+    return number
+
+
+def number_rows(value: Json, what: str, number: Callable[[Json], float] = _number
+                ) -> tuple[list[list[float]], bool]:
     """A JSON vector or list of equal-length vectors of numbers as rows of floats, and whether it
-    was a single vector. Plain Python, no numpy: requests and answers hold a few short rows, where
-    each numpy call costs several microseconds on the request path."""
+    was a single vector; values that are not floats are read by ``number`` (``TypeError``: not a
+    number). Plain Python, no numpy: requests and answers hold a few short rows, where each numpy
+    call costs several microseconds on the request path."""
     single = isinstance(value, list) and bool(value) and not isinstance(value[0], list)
     if single and set(map(type, value)) == _FLOATS:  # the common case, checked without generators
         return [value], True
@@ -146,16 +179,10 @@ def number_rows(value: Json, what: str) -> tuple[list[list[float]], bool]:
         raise PayloadError(f"{what}: rows of different lengths")
     if not all(set(map(type, row)) == _FLOATS for row in rows):  # ints, or something else
         try:
-            rows = [[_number(v) for v in row] for row in rows]
+            rows = [[number(v) for v in row] for row in rows]
         except (TypeError, OverflowError):
             raise PayloadError(f"{what}: expected a non-empty list of numbers or a list of such lists") from None
     return rows, single
-
-
-def _number(value: Json) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{value!r} is not a number")
-    return float(value)
 
 
 FeatureRows = list[list[float]]
@@ -165,10 +192,11 @@ microseconds; the in-process monitor converts each observation's once (``detecto
 
 
 def json_features(value: Json, width: int | None = None) -> FeatureRows:
-    """The feature vectors (one vector or a batch) in parsed JSON as rows; with ``width``, a flat
-    row-major list of ``n * width`` numbers is read as ``n`` rows. Finite without a check: the
-    JSON parser refuses NaN, infinities and numbers beyond float64."""
-    rows = number_rows(value, "features")[0]
+    """The feature vectors (one vector or a batch) in parsed JSON as rows, each value read as the
+    app's pydantic model would read a ``float`` (``feature_number``); with ``width``, a flat
+    row-major list of ``n * width`` numbers is read as ``n`` rows. Finite: the JSON parser refuses
+    NaN, infinities and numbers beyond float64, and ``feature_number`` non-finite strings."""
+    rows = number_rows(value, "features", feature_number)[0]
     if width is not None:
         values = rows[0] if len(rows) == 1 else [v for row in rows for v in row]
         if len(values) % width:
@@ -251,9 +279,14 @@ class NamedFields:
             values = [[field.get(row) for field in self.fields] for row in objects]
         except PayloadError as error:
             raise PayloadError(f"features: {error}") from None
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for row in values for v in row):
-            raise PayloadError("features: every named field must hold a number")
-        return json_features(values)
+        return json_features([[self._number(field, v) for field, v in zip(self.fields, row)] for row in values])
+
+    @staticmethod
+    def _number(field: Pointer, value: Json) -> float:
+        try:
+            return feature_number(value)
+        except (TypeError, OverflowError):
+            raise PayloadError(f"features: {field.text!r} holds {value!r}, not a number") from None
 
     def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
         if rows.shape[1] != len(self.fields):
@@ -280,10 +313,9 @@ class QueryFields:
         if missing:
             raise PayloadError(f"features: query parameters {missing} missing")
         try:
-            row = [float(query[name][-1]) for name in self.names]
-        except ValueError:
+            return [[feature_number(query[name][-1]) for name in self.names]]
+        except TypeError:
             raise PayloadError("features: every feature parameter must be a number") from None
-        return read_features([row])
 
     def write(self, rows: np.ndarray, single: bool, example: Json = None) -> Json:
         raise ValueError("features in the query string: only requests with a JSON body can be written")

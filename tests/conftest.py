@@ -42,6 +42,16 @@ def digits() -> data.Dataset:
 
 
 @pytest.fixture(scope="session")
+def iris_model():
+    """A logistic regression on iris: the model of the tutorial servers the request-shape tests guard."""
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    iris = load_iris()
+    return LogisticRegression(max_iter=500).fit(iris.data, iris.target)
+
+
+@pytest.fixture(scope="session")
 def digits_split(digits) -> data.Split:
     return data.split(digits, seed=0)
 

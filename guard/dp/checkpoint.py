@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guard.dp.checks import DPConfigError, prepare_model
+from guard.dp.checks import DPConfigError, one_line, prepare_model
 from guard.dp.preprocessing import PREPROCESSING_FILE, Preprocessing, RawFeatureModel
 from guard.dp.report import PrivacyReport, write_atomic
+from guard.models import model_from
 
 MODEL_FILE, REPORT_FILE = "model.pt", "privacy_report.json"
 _CKPT_MODEL, _CKPT_OPTIMISER, _CKPT_STATE = "model.pt", "optimizer.pt", "state.json"
@@ -31,21 +32,35 @@ def save(model: nn.Module, report: PrivacyReport, directory: str | Path,
         preprocessing.save(directory / PREPROCESSING_FILE)
 
 
-def load(directory: str | Path, factory: Callable[[], nn.Module]) -> nn.Module:
-    """The trained model of a ``save``d run, ready to serve (eval mode): ``factory()`` builds the
-    architecture as it was given to training; the layers DP-SGD replaced (the report's
-    ``model_changes``) are replaced again, the weights loaded, and, when the run saved its
-    preprocessing, the model is wrapped to take raw features (``RawFeatureModel``, whose
-    ``classes`` map output indices to the original labels)."""
+def load(directory: str | Path, factory: Callable[[], nn.Module]) -> RawFeatureModel:
+    """The trained model of a ``save``d run, ready to serve (eval mode). ``factory()`` builds the
+    architecture as it was given to training: for ``guard train-dp --model mlp`` (or ``softmax``),
+    ``lambda: guard.models.make_model("mlp", n_features, n_classes)``; for ``--model
+    module:build``, ``lambda: module.build(n_features, n_classes)`` (``train-dp`` prints the line).
+    The layers DP-SGD replaced (the report's ``model_changes``) are replaced again and the weights
+    loaded into it; the result (``RawFeatureModel``) takes the features as they are in the training
+    file when the run saved its preprocessing. ``served(tensor)`` gives logits,
+    ``served.predict_proba(X)`` probabilities, ``served.predict(X)`` the original labels.
+    A directory without a run, or weights that do not fit the factory's model: one-line
+    ``FileNotFoundError`` or ``ValueError``; a factory that returns anything but the network:
+    ``TypeError``."""
     directory = Path(directory)
+    for name in (REPORT_FILE, MODEL_FILE):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"{directory / name} is missing: load the --out directory of guard "
+                                    "train-dp (or of guard.dp.save)")
     report = PrivacyReport.load(directory / REPORT_FILE)
-    model = factory()
+    model = model_from(factory)
     if report.model_changes:
         model, _ = prepare_model(model, fix=True)
-    model.load_state_dict(load_state_dict(directory / MODEL_FILE))
-    if (directory / PREPROCESSING_FILE).exists():
-        model = RawFeatureModel(model, Preprocessing.load(directory / PREPROCESSING_FILE))
-    return model.eval()
+    try:
+        model.load_state_dict(load_state_dict(directory / MODEL_FILE))
+    except RuntimeError as error:
+        raise ValueError(f"the weights in {directory / MODEL_FILE} do not fit the model the factory builds "
+                         f"(build the architecture given to training): {one_line(error)}") from None
+    preprocessing = (Preprocessing.load(directory / PREPROCESSING_FILE)
+                     if (directory / PREPROCESSING_FILE).exists() else None)
+    return RawFeatureModel(model, preprocessing, report.classes).eval()
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

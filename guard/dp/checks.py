@@ -34,6 +34,11 @@ def default_delta(n: int) -> float:
     return min(1e-5, 1.0 / (10 * n))
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (torch's shape and state-dict errors span several)."""
+    return " ".join(str(error).split())
+
+
 def prepare_model(model: nn.Module, fix: bool = True) -> tuple[nn.Module, list[str]]:
     """Check ``model`` with Opacus's ``ModuleValidator``; return a DP-trainable copy and a line per
     change made, or raise :class:`UnsupportedLayersError` listing the offending layers."""
@@ -83,8 +88,16 @@ def check_data(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
                             f"{tuple(y.shape)}")
     if not torch.isfinite(X).all():
         raise DPConfigError("the features contain NaN or infinity")
-    with torch.no_grad():
-        n_classes = int(copy.deepcopy(model).eval()(X[:1]).shape[-1])
+    try:
+        with torch.no_grad():
+            outputs = copy.deepcopy(model).eval()(X[:1])
+    except RuntimeError as error:
+        raise DPConfigError(f"the model cannot take the data's rows of shape {tuple(X.shape[1:])}: "
+                            f"{one_line(error)}") from None
+    if outputs.ndim != 2:
+        raise DPConfigError(f"the model answers a row with shape {tuple(outputs.shape[1:])}: it must "
+                            "return one logit per class, (n, classes)")
+    n_classes = int(outputs.shape[-1])
     if int(y.min()) < 0 or int(y.max()) >= n_classes:
         raise DPConfigError(f"labels must lie in 0..{n_classes - 1} (the model's {n_classes} "
                             "outputs), "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
-import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
@@ -44,12 +43,6 @@ class Tensor(BaseModel):
 
 class InferenceRequest(BaseModel):
     inputs: list[Tensor]
-
-
-@pytest.fixture(scope="module")
-def iris_model() -> LogisticRegression:
-    iris = load_iris()
-    return LogisticRegression(max_iter=500).fit(iris.data, iris.target)
 
 
 def iris_app(model: LogisticRegression) -> FastAPI:
