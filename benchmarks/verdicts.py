@@ -156,8 +156,9 @@ def summary(findings: list[Row], config: dict[str, Any]) -> list[Row]:
     """Per dataset, model and attack family with findings: the cheapest defence (least accuracy lost,
     then fewest labels changed) credited with bringing the strongest attack to chance; when none is,
     the closest one worth naming: among those that reduce it beyond the intervals, the one that
-    leaves the attacker least, with its cost; when none does, what the attacker gets undefended;
-    when the family has no verdict, why."""
+    leaves the attacker least, with its cost; when none does, what the attacker gets undefended (and,
+    when a single defence was judged, what it costs clients all the same); when the family has no
+    verdict, why."""
     lines = []
     for (dataset, model, family), judged in group(findings, ("dataset", "model", "family")).items():
         line = {"dataset": dataset, "model": model, "family": family, "cheapest": "none does", "closest": None,
@@ -183,6 +184,8 @@ def summary(findings: list[Row], config: dict[str, Any]) -> list[Row]:
                               "still": _still(family, best["defended"], best["interval"], best["chance"])})
             continue
         strongest_undefended = max(verdicted, key=lambda f: f["undefended"])
+        if len(verdicted) == 1:  # one defence judged (an audited endpoint): what it costs all the same
+            line["client_loss"] = client_loss(verdicted[0]["defence"], config)
         lines.append({**line, "attack": strongest_undefended["baseline_attack"],
                       "still": "no defence lowers it beyond the intervals; undefended " + _still(
                           family, strongest_undefended["undefended"], strongest_undefended["undefended_interval"],
