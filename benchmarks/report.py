@@ -75,7 +75,8 @@ def _summary_table(lines: list[Row]) -> list[list[str]]:
               "what legitimate clients lose", "benign client flagged"]]
     for line in lines:
         cheapest = (f"none does (closest: {line['closest']})" if line["closest"]
-                    else line["cheapest"] + (" (indicative: one seed)" if line["indicative"] else ""))
+                    else line["cheapest"] + (" (indicative: one seed)" if line["indicative"]
+                                             and line["cheapest"] != "no verdict" else ""))
         flagged, cost = line["benign_flagged"], line["accuracy_cost"]
         table.append([line["dataset"], line["model"], line["family"], cheapest,
                       f"{line['still']} [{line['attack']}]" if line["still"] != "–" else "–",
@@ -134,8 +135,10 @@ def _rows_table(rows: list[Row]) -> list[list[str]]:
               "blocked at", "test accuracy", "labels changed", "wall s"]
     lines = [header]
     for r in rows:
-        success = (_fmt(r["metrics"].get(r["primary"])) + _bounds(interval(r)) if r["status"] == "ok"
-                   else r["reason"])
+        bounds = _bounds(interval(r)) if r["status"] == "ok" else ""
+        if bounds and r["family"] in REFERENCED_FAMILIES:
+            bounds = f" (advantage{bounds})"
+        success = _fmt(r["metrics"].get(r["primary"])) + bounds if r["status"] == "ok" else r["reason"]
         lines.append([r["dataset"], r["model"], r["defence"], r["attack"] + (" (adaptive)" if r["adaptive"] else ""),
                       r["status"], f"{r['primary']} {success}", _fmt(r["queries"]), _first_event(r["flagged_at"]),
                       _first_event(r["blocked_at"]), _fmt(r["utility"]["test_accuracy"]),
