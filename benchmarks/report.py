@@ -28,11 +28,13 @@
         "wall_time_s": {...},
         "curves": {name: {"x": [...], "y": [...]}}  # ROC (fpr, tpr), agreement against queries
         "images": {name: [[...], ...]}  # inversion reconstructions, one flattened image per class
+        "samples": [{name: [float, ...]}, ...]  # per seed, per-item values the verdict's interval
+                                       # resamples (inversion: each reconstruction's advantage, its victim)
       }, ...]
     }
 
-Every number comes with its seed count and spread; the verdict never credits a defence against an
-attack that also fails on the undefended model.
+Every number comes with its seed count and spread; the verdicts and the summary, each with its 95%
+interval, are ``benchmarks.verdicts``'s.
 """
 from __future__ import annotations
 
