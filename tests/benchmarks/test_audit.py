@@ -13,8 +13,9 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
-from benchmarks import models, report
+from benchmarks import models
 from benchmarks.audit import audit
+from benchmarks.verdicts import verdicts
 from benchmarks.endpoint import ISSUED_KEYS, policy
 from benchmarks.scenarios import DEFENCES
 from guard.serving import prediction_app
@@ -92,7 +93,7 @@ def test_audit_cli_options_reach_the_audit(tmp_path, iris_csv):
 
 
 def _verdict(rows: list[dict], defence: str) -> tuple[str, float, float]:
-    [finding] = [f for f in report.verdicts(rows) if f["defence"] == defence]
+    [finding] = [f for f in verdicts(rows) if f["defence"] == defence]
     return finding["outcome"], finding["undefended"], finding["defended"]
 
 
@@ -179,7 +180,7 @@ def test_audit_reads_one_hot_answers_as_labels(tmp_path, iris_csv):
     assert rows["endpoint", "copycat"]["status"] == "ok"
     assert results["config"]["defence_specs"]["endpoint"]["output"] == ["label_only"]
     assert any("one-hot" in line for line in lines)
-    [finding] = report.verdicts(results["rows"])
+    [finding] = verdicts(results["rows"])
     assert finding["baseline_attack"] == finding["strongest_attack"] == "copycat"
     assert "equation-solving" in finding["not_run"] and finding["interval"] is not None
     markdown = paths["markdown"].read_text()

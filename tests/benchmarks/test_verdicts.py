@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.verdicts import chance_interval, interval, summary, verdicts
+from benchmarks import grid
+from benchmarks.verdicts import base_attack, chance_interval, interval, summary, verdicts
 
 
 def _measure(values: list[float]) -> dict:
@@ -151,3 +152,10 @@ def test_summary_names_the_cheapest_defence_to_chance():
 def test_every_family_with_findings_gets_a_summary_line_even_without_a_verdict():
     [line] = summary(verdicts([_row("none", 0.11, trials=100), _row("x", 0.1, trials=100)]), {})
     assert line["cheapest"] == "no verdict" and "fails undefended" in line["still"]
+
+
+def test_the_default_grid_runs_undefended_every_attack_a_defence_is_compared_with():
+    config = grid.configure()
+    undefended = set(grid.attacks_on(config, "none"))
+    for defence in config.defences:
+        assert {base_attack(a) for a in grid.attacks_on(config, defence)} <= undefended, defence
