@@ -76,9 +76,9 @@ def _summary_table(lines: list[Row]) -> list[list[str]]:
               "what the attacker still gets (95% CI)", "accuracy cost", "labels changed",
               "what legitimate clients lose", "benign client flagged"]]
     for line in lines:
-        cheapest = (f"none does (closest: {line['closest']})" if line["closest"]
-                    else line["cheapest"] + (" (indicative: one seed)" if line["indicative"]
-                                             and line["cheapest"] != "no verdict" else ""))
+        cheapest = f"none does (closest: {line['closest']})" if line["closest"] else line["cheapest"]
+        if line["indicative"] and line["cheapest"] != "no verdict":
+            cheapest += " (indicative: one seed)"
         flagged, cost = line["benign_flagged"], line["accuracy_cost"]
         table.append([line["dataset"], line["model"], line["family"], cheapest,
                       f"{line['still']} [{line['attack']}]" if line["still"] != "–" else "–",

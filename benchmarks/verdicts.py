@@ -124,17 +124,19 @@ def strongest(rows: list[Row]) -> Row | None:
 
 
 def verdicts(rows: list[Row]) -> list[Row]:
-    """Per dataset, model, attack family and defence: the strongest attack against the defence beside
-    the strongest of the same attacks undefended (``base_attack``: those that ran on both sides), with
-    both intervals, the outcome and the utility cost.
+    """Per dataset, model, attack family and defence: the strongest attack against the defence, set
+    against the same attack undefended (``base_attack``: adaptations to the output format count as
+    the attack they adapt), with both intervals, the outcome and the utility cost.
 
-    Outcomes: "no verdict" (the attack fails undefended: its interval reaches chance; or no
-    comparable attack ran undefended; or a row lacks an interval), "stops every attack" (every
-    comparable attack was degraded or blocked), "does not help" (the intervals overlap), "brings it
-    to chance" / "brings it to the no-model reference" (separated, and within the interval an
-    attacker at chance would get) and "reduces" (separated). Undefended attacks that could not run
-    against the defence (e.g. equation solving against labels only) are listed in ``not_run``, never
-    compared with another attack."""
+    Outcomes: "no verdict" (the strongest undefended attack among those that ran against the defence
+    fails: its interval reaches chance; or none of them ran undefended; or a row lacks an interval),
+    "stops every attack" (every one was degraded or blocked), "brings it to chance" / "brings it to
+    the no-model reference" (the strongest attack against the defence is within the interval an
+    attacker at chance would get, below the strongest undefended one), "reduces" (the strongest
+    attack against the defence lies below its own undefended interval) and "does not help" (their
+    intervals overlap). Two different attacks are never compared: an undefended attack stronger than
+    the one that is strongest against the defence is named in ``lowered`` (its value on each side),
+    one that could not run against the defence in ``not_run``."""
     findings = []
     for (dataset, model, family), rows_of_family in group(rows, ("dataset", "model", "family")).items():
         by_defence = {defence: members for (defence,), members in group(rows_of_family, ("defence",)).items()}
@@ -145,10 +147,14 @@ def verdicts(rows: list[Row]) -> list[Row]:
             ran = [r for r in members if r["status"] in ("ok", "stopped")]
             if defence == "none" or not ran:
                 continue
-            compared = {base_attack(r["attack"]) for r in ran}
-            baseline = strongest([r for r in undefended if base_attack(r["attack"]) in compared])
-            findings.append(_finding(dataset, model, family, defence, baseline, strongest(ran), ran, {
-                u["attack"]: _why_not_run(u, members) for u in undefended if base_attack(u["attack"]) not in compared}))
+            by_attack = {a: [r for r in undefended if base_attack(r["attack"]) == a]
+                         for a in {base_attack(r["attack"]) for r in ran}}
+            strongest_undefended = strongest([r for rows_of in by_attack.values() for r in rows_of])
+            defended = strongest(ran)
+            own = strongest(by_attack[base_attack(defended["attack"])]) if defended else None
+            findings.append(_finding(dataset, model, family, defence, strongest_undefended, own, defended, ran,
+                                     _lowered(by_attack, ran, own), {
+                u["attack"]: _why_not_run(u, members) for u in undefended if base_attack(u["attack"]) not in by_attack}))
     return findings
 
 
@@ -216,18 +222,18 @@ def bounds_text(bounds: tuple[float, float] | None) -> str:
     return "(no interval)" if bounds is None else f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
-def _finding(dataset: str, model: str, family: str, defence: str, baseline: Row | None, defended: Row | None,
-             ran: list[Row], not_run: dict[str, str]) -> Row:
+def _finding(dataset: str, model: str, family: str, defence: str, strongest_undefended: Row | None,
+             own: Row | None, defended: Row | None, ran: list[Row], lowered: dict[str, str],
+             not_run: dict[str, str]) -> Row:
     """One verdict row: both sides with their intervals, the outcome and its sentence, the cost."""
+    outcome, sentence, baseline = _outcome(family, strongest_undefended, own, defended)
     reference = defended or ran[0]
     chance_row = defended or baseline or ran[0]
-    base_bounds = interval(baseline) if baseline else None
-    bounds = interval(defended) if defended else None
-    chance_bounds = chance_interval(chance_row) if chance_row["status"] == "ok" else None
     seeds = min(len(r["seeds"]) for r in [reference] + ([baseline] if baseline else []))
-    outcome, sentence = _outcome(family, baseline, defended, base_bounds, bounds, chance_bounds)
     if seeds < 2:
         sentence += " (indicative: one seed)"
+    if lowered:
+        sentence += "; stronger undefended, lowered: " + ", ".join(f"{a} {text}" for a, text in lowered.items())
     if not_run:
         sentence += "; not run against it: " + ", ".join(f"{a} ({why})" for a, why in not_run.items())
     utility = reference["utility"]
@@ -238,37 +244,67 @@ def _finding(dataset: str, model: str, family: str, defence: str, baseline: Row 
         "strongest_attack": reference["attack"], "baseline_attack": baseline["attack"] if baseline else None,
         "metric": (f"advantage in {reference['primary']} over the no-model reference"
                    if family in REFERENCED_FAMILIES else reference["primary"]),
-        "chance": chance_level(chance_row), "chance_interval": chance_bounds,
-        "undefended": measure(baseline) if baseline else None, "undefended_interval": base_bounds,
-        "defended": measure(defended) if defended else None, "interval": bounds,
-        "outcome": outcome, "verdict": sentence, "seeds": seeds, "indicative": seeds < 2, "not_run": not_run,
+        "chance": chance_level(chance_row),
+        "chance_interval": chance_interval(chance_row) if chance_row["status"] == "ok" else None,
+        "undefended": measure(baseline) if baseline else None,
+        "undefended_interval": interval(baseline) if baseline else None,
+        "defended": measure(defended) if defended else None, "interval": interval(defended) if defended else None,
+        "outcome": outcome, "verdict": sentence, "seeds": seeds, "indicative": seeds < 2, "lowered": lowered,
+        "not_run": not_run,
         "accuracy_cost": None if base_accuracy is None or accuracy is None else base_accuracy - accuracy,
         "label_change_rate": utility["label_change_rate"]["mean"],
         "benign_flagged": (utility.get("benign_flagged") or {}).get("mean"),
     }
 
 
-def _outcome(family: str, baseline: Row | None, defended: Row | None, base_bounds: tuple[float, float] | None,
-             bounds: tuple[float, float] | None, chance_bounds: tuple[float, float] | None) -> tuple[str, str]:
-    """(outcome, the sentence the report prints, intervals included)."""
-    if baseline is None:
-        return "no verdict", "no verdict: none of these attacks ran undefended"
-    undefended = f"{measure(baseline):.3f} {bounds_text(base_bounds)}"
-    if base_bounds is None:
-        return "no verdict", f"no verdict: no interval for the undefended {undefended}"
-    if base_bounds[0] <= chance_level(baseline):
-        return "no verdict", f"no verdict: the attack fails undefended ({undefended} reaches chance)"
+def _outcome(family: str, strongest_undefended: Row | None, own: Row | None,
+             defended: Row | None) -> tuple[str, str, Row | None]:
+    """(outcome, the sentence the report prints with its intervals, the undefended row it compares)."""
+    if strongest_undefended is None:
+        return "no verdict", "no verdict: none of these attacks ran undefended", None
+    best, best_bounds = _valued(strongest_undefended), interval(strongest_undefended)
+    if best_bounds is None:
+        return "no verdict", f"no verdict: no interval for the undefended {best}", strongest_undefended
+    if best_bounds[0] <= chance_level(strongest_undefended):
+        return "no verdict", f"no verdict: the attack fails undefended ({best} reaches chance)", strongest_undefended
     if defended is None:
-        return "stops every attack", f"stops every attack (degraded or blocked the attacker; undefended {undefended})"
-    against = f"{measure(defended):.3f} {bounds_text(bounds)}"
+        return ("stops every attack", f"stops every attack (degraded or blocked the attacker; undefended {best})",
+                strongest_undefended)
+    bounds, against = interval(defended), _valued(defended)
     if bounds is None:
-        return "no verdict", f"no verdict: no interval for the defended {against}"
-    if bounds[1] >= base_bounds[0]:
-        return "does not help", f"does not help: {against} against {undefended} undefended (the intervals overlap)"
-    if chance_bounds is not None and bounds[1] <= chance_bounds[1]:
+        return "no verdict", f"no verdict: no interval for the defended {against}", own
+    chance_bounds = chance_interval(defended)
+    if chance_bounds is not None and bounds[1] <= chance_bounds[1] and bounds[1] < best_bounds[0]:
         outcome = "brings it to the no-model reference" if family in REFERENCED_FAMILIES else "brings it to chance"
-        return outcome, f"{outcome}: {against} (chance {bounds_text(chance_bounds)}) from {undefended}"
-    return "reduces", f"reduces it from {undefended} to {against}"
+        return (outcome, f"{outcome}: {against} (chance {bounds_text(chance_bounds)}) from {best}",
+                strongest_undefended)
+    own_bounds = interval(own) if own else None
+    if own_bounds is None:
+        return "no verdict", f"no verdict: {defended['attack']} has no undefended interval", own
+    if bounds[1] < own_bounds[0]:
+        return "reduces", f"reduces it from {_valued(own)} to {against}", own
+    return "does not help", f"does not help: {against} against {_valued(own)} undefended (the intervals overlap)", own
+
+
+def _valued(row: Row) -> str:
+    """A row's attack with its measure and interval, as a verdict names them."""
+    return f"{row['attack']} {measure(row):.3f} {bounds_text(interval(row))}"
+
+
+def _lowered(by_attack: dict[str, list[Row]], ran: list[Row], own: Row | None) -> dict[str, str]:
+    """The attacks stronger undefended than the one strongest against the defence: each one's
+    undefended and defended value ("stopped" when it did not finish against the defence)."""
+    if own is None:
+        return {}
+    lowered = {}
+    for attack, undefended in by_attack.items():
+        before = strongest(undefended)
+        if before is None or before is own or measure(before) <= measure(own):
+            continue
+        after = strongest([r for r in ran if base_attack(r["attack"]) == attack])
+        lowered[attack] = (f"from {measure(before):.3f} {bounds_text(interval(before))} to "
+                           + ("stopped" if after is None else f"{measure(after):.3f} {bounds_text(interval(after))}"))
+    return lowered
 
 
 def _why_not_run(undefended: Row, members: list[Row]) -> str:

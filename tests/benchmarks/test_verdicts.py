@@ -53,7 +53,7 @@ def test_reduces_only_where_the_intervals_separate():
     separated = _only(verdicts([undefended, _row("x", 0.70)]), "x")
     assert separated["interval"][1] < separated["undefended_interval"][0]
     assert separated["outcome"] == "reduces"
-    assert separated["verdict"].startswith("reduces it from 0.900 [") and "to 0.700 [" in separated["verdict"]
+    assert separated["verdict"].startswith("reduces it from copycat 0.900 [") and "to copycat 0.700 [" in separated["verdict"]
 
 
 def test_chance_is_credited_only_within_a_chance_attacker_s_interval():
@@ -80,6 +80,29 @@ def test_an_attack_the_defence_blocks_is_not_compared_with_another_attack():
     assert finding["baseline_attack"] == "copycat" and finding["strongest_attack"] == "copycat"
     assert finding["outcome"] == "does not help"
     assert "equation-solving (needs probabilities" in finding["verdict"] and "1.000 undefended" in finding["verdict"]
+
+
+def test_an_attack_the_defence_weakens_is_named_but_not_compared_with_another_attack():
+    """Rounding lowers equation solving below a learned copy, which it does not lower: the verdict
+    compares the copy with itself ("does not help") and names what equation solving lost."""
+    rows = [_row("none", 1.0, attack="equation-solving"), _row("none", 0.978, attack="knockoff-adaptive"),
+            _row("round:1", 0.80, attack="equation-solving-rounding-aware"),
+            _row("round:1", 0.973, attack="knockoff-adaptive")]
+    finding = _only(verdicts(rows), "round:1")
+    assert finding["baseline_attack"] == finding["strongest_attack"] == "knockoff-adaptive"
+    assert finding["outcome"] == "does not help" and finding["undefended"] == pytest.approx(0.978)
+    assert finding["lowered"]["equation-solving"].startswith("from 1.000 [")
+    assert "to 0.800 [" in finding["lowered"]["equation-solving"]
+
+
+def test_chance_is_judged_against_the_strongest_undefended_attack():
+    """DP brings LiRA to chance; the threshold attack, weak undefended, is at chance too."""
+    membership = {"family": "membership", "primary": "tpr_at_1pct_fpr", "trials": 900, "chance": 0.01}
+    rows = [_row("none", 0.20, attack="lira-online", **membership), _row("none", 0.015, attack="threshold", **membership),
+            _row("dp-eps1", 0.009, attack="lira-online", **membership),
+            _row("dp-eps1", 0.010, attack="threshold", **membership)]
+    finding = _only(verdicts(rows), "dp-eps1")
+    assert finding["outcome"] == "brings it to chance" and finding["baseline_attack"] == "lira-online"
 
 
 def test_an_adapted_attack_is_compared_with_the_attack_it_adapts():
