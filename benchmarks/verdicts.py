@@ -5,9 +5,9 @@ Every judgement rests on a 95% interval of the attack's measure (``interval``), 
 sources of chance in a run: the seeds (split, training, attacker's randomness) and, within each seed,
 the points the measure is taken on (test points for extraction, candidates for membership, records
 for attribute inference, victims for inversion). A defence "reduces" an attack only when the two
-intervals separate, and the two sides are always the strongest attack of the same family that ran on
-both (an attack adapted to the defence's output format counts as the attack it adapts), on the same
-test points. How to read them: ``docs/verdicts.md``.
+intervals separate, and the two sides are always one attack: the strongest against the defence, and
+the same attack undefended (an attack adapted to the defence's output format counts as the attack it
+adapts), on the same test points. How to read them: ``docs/verdicts.md``.
 """
 from __future__ import annotations
 
