@@ -104,10 +104,10 @@ def chance_interval(row: Row) -> tuple[float, float] | None:
     interval's half-width around 0); None where ``interval`` is None."""
     metrics, primary = row["metrics"], row["primary"]
     trials = (metrics.get(TRIALS.get(primary, ""), {}) or {}).get("values")
-    if row["status"] == "ok" and trials:
-        if row["family"] in REFERENCED_FAMILIES:
-            rate = metrics[f"reference_{primary}"]["mean"]
-            return _shift(_jeffreys(rate, float(np.sum(trials))), -rate)
+    reference = metrics.get(f"reference_{primary}") if row["family"] in REFERENCED_FAMILIES else None
+    if row["status"] == "ok" and trials and reference:
+        return _shift(_jeffreys(reference["mean"], float(np.sum(trials))), -reference["mean"])
+    if row["status"] == "ok" and trials and row["family"] not in REFERENCED_FAMILIES:
         return _jeffreys(row["chance"], float(np.sum(trials)))
     bounds = interval(row)
     if bounds is None:
@@ -333,8 +333,8 @@ def _seed_draws(row: Row) -> list[Callable[[np.random.Generator, tuple[int, ...]
     rates = metrics.get(primary, {}).get("values") or []
     trials = (metrics.get(TRIALS.get(primary, ""), {}) or {}).get("values") or []
     referenced = row["family"] in REFERENCED_FAMILIES
-    if rates and len(trials) == len(rates):
-        offsets = metrics[f"reference_{primary}"]["values"] if referenced else [0.0] * len(rates)
+    offsets = (metrics.get(f"reference_{primary}") or {}).get("values") if referenced else [0.0] * len(rates)
+    if rates and len(trials) == len(rates) and offsets and len(offsets) == len(rates):
         return [partial(_rate_draws, rate, n, offset) for rate, n, offset in zip(rates, trials, offsets)]
     name = f"advantage_{primary}"
     samples = [s for s in row.get("samples") or [] if s.get(name)]
