@@ -12,6 +12,7 @@ from benchmarks import models, report
 from benchmarks.audit import AuditError, audit, check_host
 from benchmarks.endpoint import BENIGN_KEY, http_target, policy
 from benchmarks.scenarios import DEFENCES
+from benchmarks.verdicts import verdicts
 from guard.serving import prediction_app
 from guard import GuardMiddleware
 from harness_cli import app
@@ -80,6 +81,20 @@ def test_defences_change_what_the_attacks_get(quick_report):
     for row in results["rows"]:
         if row["defence"] in ("round:1", "label_only"):
             assert row["utility"]["label_change_rate"]["mean"] == 0.0  # output defences keep the top label
+
+
+def test_every_verdict_carries_its_intervals_and_reduces_only_where_they_separate(quick_report):
+    out, results = quick_report
+    findings = verdicts(results["rows"])
+    assert {f["family"] for f in findings} >= {"extraction", "membership", "inversion"}
+    for finding in findings:
+        if finding["outcome"] != "no verdict":
+            stops = finding["outcome"] == "stops every attack"
+            assert finding["interval"] is not None or stops
+            assert finding["verdict"].count(" [") >= 2 - stops and finding["verdict"] in (out / "report.md").read_text()
+        if finding["outcome"] == "reduces":
+            assert finding["interval"][1] < finding["undefended_interval"][0]
+        assert finding["indicative"] and finding["verdict"].count("(indicative: one seed)") == 1
 
 
 def test_dp_advantage_bound():
