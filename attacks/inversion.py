@@ -356,7 +356,8 @@ class MAPAttribute(Attack):
 
     The measures sit beside the no-model reference (``attribute_reference``): the best predictor of
     the attribute the attacker can train on its own data from the other attributes and the label,
-    without the model; ``baseline_*`` is the prior's mode."""
+    without the model, ``advantage_*`` the attack's gain over it, ``records`` the records inferred (the
+    trials of accuracy's binomial interval); ``baseline_*`` is the prior's mode."""
 
     name = "map-attribute"
 
@@ -428,9 +429,13 @@ class MAPAttribute(Attack):
         metrics = {}
         for prefix, rows in groups.items():
             if rows.any():
-                for name, values in (("", guesses), ("reference_", reference)):
-                    measures = scoring.attribute_inference_measures(values[rows], truth[rows], positive)
+                measured = {name: scoring.attribute_inference_measures(values[rows], truth[rows], positive)
+                            for name, values in (("", guesses), ("reference_", reference))}
+                for name, measures in measured.items():
                     metrics.update({prefix + name + key: value for key, value in measures.items()})
+                metrics.update({f"{prefix}advantage_{key}": value - measured["reference_"][key]
+                                for key, value in measured[""].items()})
+                metrics[prefix + "records"] = float(rows.sum())
                 metrics[prefix + "baseline_accuracy"] = float(np.mean(baseline[rows] == truth[rows]))
                 metrics[prefix + "baseline_precision"] = float(np.mean(truth[rows] == positive))
         return metrics

@@ -21,11 +21,13 @@ def extraction_measures(stolen: Callable, oracle: Callable, X_test: np.ndarray, 
                         n_uniform: int = 10_000, seed: int = 1) -> dict[str, float]:
     """Fidelity of a stolen model to the target (Tramèr et al. 2016, sec. 3: agreement on test inputs
     and on uniform random inputs of the [0, 1] box) and, given labels, the stolen model's test
-    accuracy. ``stolen`` and ``oracle`` map a batch to labels."""
+    accuracy; ``test_points`` counts the test inputs (the trials of agreement's binomial interval).
+    ``stolen`` and ``oracle`` map a batch to labels."""
     uniform = uniform_inputs(n_uniform, np.shape(X_test)[1], seed)
     measures = {
         "agreement_test": agreement(stolen(X_test), oracle(X_test)),
         "agreement_uniform": agreement(stolen(uniform), oracle(uniform)),
+        "test_points": float(len(X_test)),
     }
     if y_test is not None:
         measures["accuracy_test"] = agreement(stolen(X_test), y_test)
@@ -159,7 +161,7 @@ class Judge:
     def measures(self, reconstructions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         reconstructions, labels = np.asarray(reconstructions, dtype=np.float64), np.asarray(labels)
         measures = {"identification_accuracy": float(np.mean(self.identify(reconstructions) == labels)),
-                    "lineup_accuracy": self._lineup_accuracy(reconstructions, labels)}
+                    "lineup_accuracy": float(self.lineup_hits(reconstructions, labels).mean())}
         own = [np.flatnonzero(self.labels == label) for label in labels]
         pairs = np.concatenate(own)
         repeated = np.repeat(reconstructions, [len(rows) for rows in own], axis=0)
@@ -168,7 +170,9 @@ class Judge:
             measures["ssim"] = float(ssim(repeated, self.photos[pairs], self.image_shape).mean())
         return measures
 
-    def _lineup_accuracy(self, reconstructions: np.ndarray, labels: np.ndarray) -> float:
+    def lineup_hits(self, reconstructions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Per reconstruction, the fraction of its line-ups the judge wins; the line-ups depend on the
+        judge's seed only, so two sets of reconstructions of the same labels meet the same line-ups."""
         rng = np.random.default_rng(self.seed)
         photos = standardise(self.photos)
         faces = {label: photos[self.labels == label].mean(axis=0) for label in self.classes}
@@ -179,4 +183,4 @@ class Judge:
                 people = rng.permutation(np.r_[label, rng.choice(others, self.lineup - 1, replace=False)])
                 shown = np.stack([faces[person] for person in people])
                 hits.append(people[np.argmax(shown @ reconstruction)] == label)
-        return float(np.mean(hits))
+        return np.asarray(hits, dtype=float).reshape(len(labels), self.lineups).mean(axis=1)

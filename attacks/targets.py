@@ -178,7 +178,8 @@ class HTTPTarget(Target):
     (e.g. back to the endpoint's own feature scale) just before they are sent. ``write_body(rows,
     single) -> JSON`` and ``read_answers(document, n, single) -> list`` replace the pointers
     altogether, for request and answer shapes a pointer cannot describe (``guard audit`` builds
-    them from the guard's own description of the route).
+    them from the guard's own description of the route). ``one_hot_labels``: probability-shaped
+    answers are one-hot encodings of labels (a label-only API answering vectors), read as labels.
 
     Requests are paced by the endpoint's ``RateLimit-Remaining``/``RateLimit-Reset`` headers (or
     their ``X-RateLimit-`` forms): when none remain, the next request waits for the reset.
@@ -201,8 +202,9 @@ class HTTPTarget(Target):
                  fields: Sequence[str] | None = None, encode: Callable[[np.ndarray], np.ndarray] | None = None,
                  progress: Callable[[int], None] | None = None,
                  write_body: Callable[[np.ndarray, bool], Any] | None = None,
-                 read_answers: Callable[[Any, int, bool], list] | None = None):
+                 read_answers: Callable[[Any, int, bool], list] | None = None, one_hot_labels: bool = False):
         super().__init__(n_classes, budget)
+        self.one_hot_labels = one_hot_labels
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.url = url
@@ -382,7 +384,7 @@ class HTTPTarget(Target):
             raise fail(str(error)) from error
         if rows.shape != (n, self.n_classes) or not np.isfinite(rows).all():
             raise fail(f"expected {n} finite rows of {self.n_classes} probabilities, got shape {rows.shape}")
-        return rows
+        return rows.argmax(axis=1) if self.one_hot_labels else rows
 
     def _class_order(self, example: dict) -> list[str]:
         if self.class_labels is None:

@@ -35,7 +35,7 @@ from attacks.ensemble import TrainingConfig
 from attacks.targets import HTTPTarget, TargetError
 from benchmarks import datasets, models, report
 from benchmarks.cells import attempt, row
-from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, AttackSpec, Context
+from benchmarks.scenarios import ATTACK_SPECS, THREAT_MODELS, AttackSpec, Context, Defence
 from guard.payload import answer_rows
 from guard.policy import RoutePolicy
 
@@ -44,7 +44,7 @@ DEFAULT_BATCH = 256
 
 # Why an attack's ``applies`` rule refuses an audit context, by attack name.
 _NEEDS = {
-    "equation-solving-rounding-aware": "knowledge of the endpoint's rounding, which an audit does not assume",
+    "equation-solving-rounding-aware": "rounded probabilities (the endpoint's answers are not rounded)",
     "mi-face": "white-box access to the model",
     "mi-face-blackbox": "image data and probabilities",
     "inverse-model": "image data (a dataset with an image shape, e.g. digits)",
@@ -86,6 +86,7 @@ class Endpoint:
     batch_size: int | None = None
     scale: bool = False
     max_wait: float = 60.0
+    one_hot_labels: bool = False  # its vectors are one-hot labels (``observed_output``): read as labels
 
     def check(self, n_features: int) -> None:
         """``AuditError`` unless requests of rows of ``n_features`` can be written for the route."""
@@ -112,7 +113,8 @@ class Endpoint:
         return HTTPTarget(self.url, dataset.n_classes, batch_size=batch, single_rows=batch == 1,
                           class_labels=self.route.labels, encode=None if self.scale else dataset.raw,
                           n_features=dataset.n_features, client=client, max_wait=self.max_wait,
-                          progress=progress, write_body=write_body, read_answers=read_answers, **options)
+                          progress=progress, write_body=write_body, read_answers=read_answers,
+                          one_hot_labels=self.one_hot_labels, **options)
 
 
 def check_host(url: str, allowed_hosts: tuple[str, ...]) -> None:
@@ -184,14 +186,18 @@ def audit(url: str, data: str, out: Path, *, route: RoutePolicy | None = None, e
         servers.insert(0, ("none", replace(endpoint, url=baseline), baseline_client))
     X_test, y_test = dataset.X[split.test].astype(np.float64), dataset.y[split.test]
     evaluator = Evaluator(dataset, split, seed, echo)
-    rows, measurements, oracle = [], [], None
+    rows, measurements, oracle, specs = [], [], None, {}
     progress = Progress(echo)
     with contextlib.ExitStack() as open_targets:
         for defence, server, server_client in servers:
             measurement = open_targets.enter_context(server.target(dataset, server_client, api_keys=measuring))
             measurements.append(measurement)
-            endpoint_labels = _probe(measurement, X_test)
-            label_only = not measurement.returns_probabilities
+            answers = _probe(measurement, X_test)
+            output, format_seen = observed_output(answers)
+            echo(f"{server.url} answers {format_seen}")
+            specs[defence] = {"output": list(output), "answers": format_seen}
+            server = replace(server, one_hot_labels=answers.ndim == 2 and output == ("label_only",))
+            endpoint_labels = answers.argmax(axis=1) if answers.ndim == 2 else answers
             measured = {X_test.tobytes(): endpoint_labels}
 
             def labels_of(X: np.ndarray, measured=measured, measurement=measurement) -> np.ndarray:
@@ -203,9 +209,8 @@ def audit(url: str, data: str, out: Path, *, route: RoutePolicy | None = None, e
             oracle = oracle or labels_of
             accuracy = float((endpoint_labels == y_test).mean())
             _warn_if_implausible(echo, server.url, endpoint_labels, accuracy, dataset.n_classes, scale)
-            context = Context(dataset, split, "unknown", 64, TrainingConfig(),
-                              DEFENCES["label_only" if label_only else "none"], seed, False, None, oracle,
-                              evaluator)
+            context = Context(dataset, split, "unknown", 64, TrainingConfig(), Defence(defence, output), seed,
+                              False, None, oracle, evaluator)
             utility = {"test_accuracy": accuracy, "label_change_rate": None}
             for name in attacks:
                 progress.label = f"{defence} {name}"
@@ -218,8 +223,28 @@ def audit(url: str, data: str, out: Path, *, route: RoutePolicy | None = None, e
     measurement_queries = sum(measurement.queries for measurement in measurements)
     config = {"command": "guard audit", "url": url, "baseline": baseline, "data": data, "seeds": [seed],
               "datasets": [dataset.name], "attacks": list(attacks), "budget": budget, "api_keys": len(api_keys),
-              "batch_size": endpoint.batch_size, "scaled": scale, "measurement_queries": measurement_queries}
+              "batch_size": endpoint.batch_size, "scaled": scale, "measurement_queries": measurement_queries,
+              "defence_specs": specs, "threat_models": THREAT_MODELS}
     return report.write(out, config, rows)
+
+
+ROUNDINGS = range(1, 7)
+"""Decimals an answer format is tested for being rounded to (``observed_output``)."""
+
+
+def observed_output(answers: np.ndarray) -> tuple[tuple[str, ...], str]:
+    """The endpoint's output format as its answers to the test part show it, as the guard's output
+    specs (what a client loses, and what an adaptive attacker is told: ``Defence.public_format``),
+    and in words: labels, or vectors that are all one-hot (labels only, e.g. ``top_k:1``), vectors
+    rounded to a few decimals, or probabilities."""
+    if answers.ndim == 1:
+        return ("label_only",), "labels only"
+    if np.isin(answers, (0.0, 1.0)).all() and (answers.sum(axis=1) == 1).all():
+        return ("label_only",), "labels only (one-hot vectors, read as labels)"
+    for decimals in ROUNDINGS:
+        if np.allclose(answers, answers.round(decimals), rtol=0.0, atol=1e-9):
+            return (f"round:{decimals}",), f"probabilities rounded to {decimals} decimals"
+    return (), "probabilities"
 
 
 class Evaluator:
@@ -295,9 +320,9 @@ def _warn_if_implausible(echo: Callable[[str], None], url: str, labels: np.ndarr
 
 
 def _probe(target: HTTPTarget, X: np.ndarray) -> np.ndarray:
-    """The endpoint's labels on ``X``, or a clear ``AuditError``."""
+    """The endpoint's answers to ``X`` (vectors, or labels), or a clear ``AuditError``."""
     try:
-        return target.predict(X)
+        return target.answer(X)
     except httpx.TransportError as error:
         raise AuditError(f"cannot reach {target.url}: {error}") from error
     except (TargetError, ValueError) as error:

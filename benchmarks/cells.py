@@ -236,7 +236,13 @@ def attempt(spec: AttackSpec, context: Context, target: HTTPTarget) -> dict[str,
             "queries": target.queries, "flagged_at": events["degraded_at"] if events["degraded_at"] is not None
             else events["throttled_at"], "blocked_at": events["blocked_at"],
             "wall_time_s": time.perf_counter() - started, "curves": _curves(artefacts),
-            "images": _images(artefacts)}
+            "images": _images(artefacts), "samples": _samples(artefacts)}
+
+
+def _samples(artefacts: dict[str, Any]) -> dict[str, list[float]]:
+    """Per-item values the verdict's interval resamples (``benchmarks.verdicts``): e.g. each
+    reconstruction's advantage over the no-model reference and its victim."""
+    return {name: np.asarray(values, dtype=float).tolist() for name, values in artefacts.get("samples", {}).items()}
 
 
 def _curves(artefacts: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
@@ -283,4 +289,5 @@ def row(key: tuple, spec: AttackSpec, results: list[dict[str, Any]]) -> report.R
                                  "target_held_out_accuracy")},
         "wall_time_s": report.summarise([r["wall_time_s"] for r in results]),
         "curves": first["curves"], "images": first["images"],
+        "samples": [r.get("samples", {}) for r in done],  # per seed, as "metrics" values are
     }

@@ -98,7 +98,16 @@ def configure(grid: str = "default", **options: Any) -> BenchConfig:
 def attacks_on(config: BenchConfig, defence: str) -> tuple[str, ...]:
     """The attacks of ``config`` run on ``defence``."""
     return config.attacks if config.against is None else tuple(
-        a for a in config.attacks if a in config.against.get(defence, ()))
+        a for a in config.attacks if a in with_undefended(config.against).get(defence, ()))
+
+
+def with_undefended(against: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """``against`` with every attack run on some defence also run undefended (the attack it adapts,
+    for an adapted one), so that each verdict compares the same attacks on both sides
+    (``benchmarks.verdicts``)."""
+    undefended = set(against.get("none", ())) | {ATTACK_SPECS[a].adapts or a for chosen in against.values()
+                                                  for a in chosen}
+    return {**against, "none": tuple(sorted(undefended))}
 
 
 def from_recorded(recorded: dict[str, Any]) -> BenchConfig:

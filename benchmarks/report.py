@@ -28,11 +28,13 @@
         "wall_time_s": {...},
         "curves": {name: {"x": [...], "y": [...]}}  # ROC (fpr, tpr), agreement against queries
         "images": {name: [[...], ...]}  # inversion reconstructions, one flattened image per class
+        "samples": [{name: [float, ...]}, ...]  # per seed, per-item values the verdict's interval
+                                       # resamples (inversion: each reconstruction's advantage, its victim)
       }, ...]
     }
 
-Every number comes with its seed count and spread; the verdict never credits a defence against an
-attack that also fails on the undefended model.
+Every number comes with its seed count and spread; the verdicts and the summary, each with its 95%
+interval, are ``benchmarks.verdicts``'s.
 """
 from __future__ import annotations
 
@@ -45,8 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from attacks.scoring import clopper_pearson
-from guard.outputs import read_spec
+from benchmarks.verdicts import REFERENCED_FAMILIES, bounds_text, interval, summary, verdicts
+from benchmarks.verdicts import group as _group
+from benchmarks.verdicts import strongest as _strongest
+from benchmarks.verdicts import success as _success
 
 SCHEMA_VERSION = 1
 Row = dict[str, Any]
@@ -67,119 +71,18 @@ def membership_advantage_bound(epsilon: float, delta: float) -> float:
     return float((np.expm1(epsilon) + 2 * delta) / (np.exp(epsilon) + 1))
 
 
-def verdicts(rows: list[Row]) -> list[Row]:
-    """For each dataset, model and attack family: the strongest attack's success without defence, and
-    for each defence whether it brings that family to chance, with its utility cost.
-
-    A family whose strongest undefended attack does not clear chance by more than its spread gets no
-    verdict (a defence is never credited for stopping an attack that fails anyway), and a defence
-    is credited only where the strongest attack against it is lower than the undefended one by more
-    than their spread (``_clearly_lower``) and at chance (``_at_chance``: for a TPR at fixed FPR, the
-    upper end of its 95% Clopper-Pearson interval over candidates and seeds within chance's own
-    interval). For TPR rows the strongest attack is the one with the highest upper bound."""
-    findings = []
-    for key, group in _group(rows, ("dataset", "model", "family")).items():
-        by_defence = {defence: members for (defence,), members in _group(group, ("defence",)).items()}
-        baseline = _strongest(by_defence.get("none", []))
-        if baseline is None:
-            continue
-        if key[2] in REFERENCED_FAMILIES:  # judged on the advantage over the no-model reference
-            measured, metric, chance = advantage, f"advantage in {baseline['primary']} over the no-model reference", 0.0
-        else:
-            measured, metric, chance = _success, baseline["primary"], baseline["chance"]
-        for defence, members in by_defence.items():
-            row = _strongest(members)
-            stopped = [r for r in members if r["status"] == "stopped"]
-            if defence == "none" or (row is None and not stopped):
-                continue
-            reference = row or stopped[0]
-            if not _above_chance(baseline):
-                outcome = "no verdict: the attack fails undefended"
-            elif row is None:
-                outcome = "stops every attack (degraded or blocked the attacker)"
-            elif not _clearly_lower(row, baseline):
-                outcome = "does not help"
-            elif _at_chance(row):
-                outcome = "brings it to chance" if key[2] not in REFERENCED_FAMILIES else "brings it to the no-model reference"
-            else:
-                outcome = f"reduces it from {measured(baseline):.3g} to {measured(row):.3g}"
-            accuracy = reference["utility"]["test_accuracy"]["mean"]
-            base_accuracy = baseline["utility"]["test_accuracy"]["mean"]
-            findings.append({
-                "dataset": key[0], "model": key[1], "family": key[2], "defence": defence,
-                "strongest_attack": reference["attack"], "metric": metric, "chance": chance,
-                "undefended": measured(baseline), "defended": measured(row) if row else None, "outcome": outcome,
-                "accuracy_cost": base_accuracy - accuracy,
-                "label_change_rate": reference["utility"]["label_change_rate"]["mean"],
-                "benign_flagged": (reference["utility"].get("benign_flagged") or {}).get("mean"),
-                "interval": interval(row) if row else None, "chance_interval": chance_interval(reference),
-            })
-    return findings
-
-
-CREDITED = ("brings it to chance", "brings it to the no-model reference",
-            "stops every attack (degraded or blocked the attacker)")
-
-STILL_GETS = {
-    "extraction": "the copy still agrees {value:.1%} with the target (chance {chance:.1%})",
-    "membership": "members are still found at TPR {value:.3f} at 1% FPR{bounds} (chance {chance:.3g})",
-    "inversion": "reconstructions still beat the no-model reference by {value:.3f}",
-    "attribute": "the attribute is still inferred {value:.1%} more often than without the model",
-}
-
-
-def client_loss(defence: str, config: dict[str, Any]) -> str:
-    """What legitimate clients lose under ``defence``, in words."""
-    spec = config.get("defence_specs", {}).get(defence, {})
-    if spec.get("dp_epsilon") is not None:
-        return "nothing in the answers' format; the model is retrained with DP-SGD"
-    if spec.get("monitoring"):
-        return "nothing unless flagged: false alarms calibrated to 0.1% of benign streams"
-    losses = {"round": "confidences beyond {0} decimals", "top_k": "all but the top {0} confidences",
-              "label_only": "every confidence (labels only)", "noise": "exact confidences (noise of scale {0})",
-              "reverse_sigmoid": "faithful confidences (deceptively perturbed)"}
-    parts = []
-    for stage in spec.get("output", ()):
-        kind, arguments = read_spec(stage)
-        parts.append(losses.get(kind, stage).format(*arguments))
-    return "; ".join(parts) or "nothing"
-
-
-def summary(findings: list[Row], config: dict[str, Any]) -> list[Row]:
-    """Per dataset, model and attack family: the cheapest defence (least accuracy lost, then fewest
-    labels changed) that brings the strongest attack to chance, with its whole cost, or, when none
-    does, the defence that got closest and what the attacker still gets against it."""
-    lines = []
-    for (dataset, model, family), group in _group(findings, ("dataset", "model", "family")).items():
-        judged = [f for f in group if not f["outcome"].startswith("no verdict")]
-        if not judged:
-            continue
-        credited = [f for f in judged if f["outcome"] in CREDITED]
-        if credited:
-            best = min(credited, key=lambda f: (f["accuracy_cost"], f["label_change_rate"] or 0.0))
-        else:
-            best = min(judged, key=lambda f: (f["defended"] if f["defended"] is not None else np.inf))
-        still = ("–" if best["defended"] is None or best in credited else
-                 STILL_GETS.get(family, "{value:.3f} (chance {chance:.3g})").format(
-                     value=best["defended"], chance=best["chance"], bounds=_bounds(best["interval"])))
-        lines.append({"dataset": dataset, "model": model, "family": family,
-                      "cheapest": best["defence"] if credited else "none does",
-                      "closest": best["defence"], "attack": best["strongest_attack"], "still": still,
-                      "accuracy_cost": best["accuracy_cost"], "label_change_rate": best["label_change_rate"],
-                      "benign_flagged": best.get("benign_flagged"),
-                      "client_loss": client_loss(best["defence"], config)})
-    return lines
-
-
 def _summary_table(lines: list[Row]) -> list[list[str]]:
-    table = [["dataset", "model", "family", "cheapest defence to chance", "what the attacker still gets",
-              "accuracy cost", "labels changed", "what legitimate clients lose", "benign client flagged"]]
+    table = [["dataset", "model", "family", "cheapest defence to chance (closest that lowers it)",
+              "what the attacker still gets (95% CI)", "accuracy cost", "labels changed",
+              "what legitimate clients lose", "benign client flagged"]]
     for line in lines:
-        cheapest = line["cheapest"] if line["cheapest"] != "none does" else f"none does (closest: {line['closest']})"
-        flagged = line["benign_flagged"]
+        cheapest = f"none does (closest: {line['closest']})" if line["closest"] else line["cheapest"]
+        if line["indicative"] and line["cheapest"] != "no verdict":
+            cheapest += " (indicative: one seed)"
+        flagged, cost = line["benign_flagged"], line["accuracy_cost"]
         table.append([line["dataset"], line["model"], line["family"], cheapest,
                       f"{line['still']} [{line['attack']}]" if line["still"] != "–" else "–",
-                      f"{100 * line['accuracy_cost']:.1f} pts", "–" if line["label_change_rate"] is None
+                      "–" if cost is None else f"{100 * cost:.1f} pts", "–" if line["label_change_rate"] is None
                       else f"{100 * line['label_change_rate']:.1f}%", line["client_loss"],
                       "–" if flagged is None else f"{flagged:.0%} of seeds"])
     return table
@@ -196,99 +99,6 @@ def write(out: Path, config: dict[str, Any], rows: list[Row]) -> dict[str, Path]
     return paths
 
 
-def _group(rows: list[Row], keys: tuple[str, ...]) -> dict[tuple, list[Row]]:
-    groups: dict[tuple, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
-    return groups
-
-
-def _success(row: Row) -> float:
-    return row["metrics"][row["primary"]]["mean"]
-
-
-REFERENCED_FAMILIES = ("inversion", "attribute")
-"""Families measured beside a no-model reference (``benchmarks.scenarios.THREAT_MODELS``)."""
-
-
-def advantage(row: Row) -> float:
-    """What a row's attack gains over what the attacker has without it: for inversion and attribute
-    inference the advantage over the no-model reference (its ``chance``), e.g. a reconstruction's
-    line-up accuracy minus that of the attacker's own mean image; for the other families the margin
-    over chance. The verdict ranks attacks, and judges defences, on it."""
-    if row["family"] in REFERENCED_FAMILIES:
-        measure = row["metrics"].get(f"advantage_{row['primary']}")
-        if measure and measure["mean"] is not None:
-            return measure["mean"]
-    return _success(row) - row["chance"]
-
-
-MINIMAL_MARGIN = 0.02
-"""The smallest difference in a success measure the verdict treats as real, however small the spread."""
-
-
-def _spread(row: Row) -> float:
-    return row["metrics"][row["primary"]]["std"] or 0.0
-
-
-def interval(row: Row) -> tuple[float, float] | None:
-    """95% Clopper-Pearson interval of a TPR at fixed FPR, pooled over candidates and seeds (the
-    members of every seed are the trials); None for other measures."""
-    metrics = row["metrics"]
-    if not row["primary"].startswith("tpr_at") or "members" not in metrics:
-        return None
-    members = metrics["members"]["values"]
-    hits = sum(rate * count for rate, count in zip(metrics[row["primary"]]["values"], members))
-    return clopper_pearson(hits, int(sum(members)))
-
-
-def chance_interval(row: Row) -> tuple[float, float] | None:
-    """The interval a chance attack (TPR = FPR) would get over as many members; None for other measures."""
-    members = row["metrics"].get("members", {}).get("values")
-    if not row["primary"].startswith("tpr_at") or not members:
-        return None
-    return clopper_pearson(row["chance"] * sum(members), int(sum(members)))
-
-
-def _above_chance(row: Row) -> bool:
-    """Success exceeds chance: for a TPR at fixed FPR, the lower end of its interval is above the FPR;
-    otherwise the advantage over chance (the no-model reference) exceeds twice the seed spread and a
-    minimal absolute margin."""
-    bounds = interval(row)
-    if bounds is not None:
-        return bounds[0] > row["chance"]
-    return advantage(row) > max(2 * _spread(row), MINIMAL_MARGIN)
-
-
-def _at_chance(row: Row) -> bool:
-    """No better than chance: for a TPR at fixed FPR, the upper end of its interval is within chance's
-    interval (so a defence is credited only when even the optimistic reading of the attack is chance)."""
-    bounds, chance = interval(row), chance_interval(row)
-    if bounds is not None and chance is not None:
-        return bounds[1] <= chance[1]
-    return not _above_chance(row)
-
-
-def _clearly_lower(row: Row, baseline: Row) -> bool:
-    """``row``'s success is below ``baseline``'s by more than twice their combined seed spread and
-    by the minimal margin."""
-    margin = max(2 * float(np.hypot(_spread(row), _spread(baseline))), MINIMAL_MARGIN)
-    return _success(row) < _success(baseline) - margin
-
-
-def _strength(row: Row) -> float:
-    """How far an attack beats chance: by the upper end of its interval for a TPR at fixed FPR, else
-    by its ``advantage`` (over the no-model reference for inversion and attribute inference)."""
-    bounds = interval(row)
-    return bounds[1] - row["chance"] if bounds is not None else advantage(row)
-
-
-def _strongest(rows: list[Row]) -> Row | None:
-    """The finished attack that beat its chance level by most (``_strength``), or None if none finished."""
-    done = [r for r in rows if r["status"] == "ok"]
-    return max(done, key=_strength) if done else None
-
-
 def _fmt(measure: dict[str, Any] | None) -> str:
     if not measure or measure.get("mean") is None:
         return "–"
@@ -302,17 +112,19 @@ def _first_event(values: list[int | None]) -> str:
 
 
 def _verdict_table(findings: list[Row]) -> list[list[str]]:
-    header = ["dataset", "model", "family", "defence", "strongest attack",
-              "metric (chance or no-model reference, 95% CI)", "undefended", "defended (95% CI)", "verdict",
+    header = ["dataset", "model", "family", "defence", "strongest attack (undefended's)",
+              "metric (chance or no-model reference, 95% CI)", "undefended (95% CI)", "defended (95% CI)", "verdict",
               "accuracy cost", "labels changed"]
     lines = [header]
     for f in findings:
         cost = "–" if f["accuracy_cost"] is None else f"{100 * f['accuracy_cost']:.1f} pts"
         changed = "–" if f["label_change_rate"] is None else f"{100 * f['label_change_rate']:.1f}%"
-        defended = "–" if f["defended"] is None else f"{f['defended']:.3f}" + _bounds(f["interval"])
-        lines.append([f["dataset"], f["model"], f["family"], f["defence"], f["strongest_attack"],
-                      f"{f['metric']} ({f['chance']:.3g}{_bounds(f['chance_interval'])})", f"{f['undefended']:.3f}",
-                      defended, f["outcome"], cost, changed])
+        defended = "–" if f["defended"] is None else f"{f['defended']:.3f} {bounds_text(f['interval'])}"
+        undefended = "–" if f["undefended"] is None else f"{f['undefended']:.3f} {bounds_text(f['undefended_interval'])}"
+        lines.append([f["dataset"], f["model"], f["family"], f["defence"],
+                      f"{f['strongest_attack']} ({f['baseline_attack'] or '–'})",
+                      f"{f['metric']} ({f['chance']:.3g}{_bounds(f['chance_interval'])})", undefended,
+                      defended, f["verdict"], cost, changed])
     return lines
 
 
@@ -325,8 +137,10 @@ def _rows_table(rows: list[Row]) -> list[list[str]]:
               "blocked at", "test accuracy", "labels changed", "wall s"]
     lines = [header]
     for r in rows:
-        success = (_fmt(r["metrics"].get(r["primary"])) + _bounds(interval(r)) if r["status"] == "ok"
-                   else r["reason"])
+        bounds = _bounds(interval(r)) if r["status"] == "ok" else ""
+        if bounds and r["family"] in REFERENCED_FAMILIES:
+            bounds = f" (advantage{bounds})"
+        success = _fmt(r["metrics"].get(r["primary"])) + bounds if r["status"] == "ok" else r["reason"]
         lines.append([r["dataset"], r["model"], r["defence"], r["attack"] + (" (adaptive)" if r["adaptive"] else ""),
                       r["status"], f"{r['primary']} {success}", _fmt(r["queries"]), _first_event(r["flagged_at"]),
                       _first_event(r["blocked_at"]), _fmt(r["utility"]["test_accuracy"]),

@@ -142,7 +142,8 @@ class Context:
 class AttackSpec:
     """One row kind of the grid: ``run(target, context)`` attacks, ``applies(context)`` says when it
     makes sense; ``primary`` names the success metric and ``chance(context)`` its value for an
-    attacker who learns nothing."""
+    attacker who learns nothing. ``adapts`` names the attack this one adapts to a defence's output
+    format (rounding-aware LiRA adapts ``lira-online``): verdicts compare it with that attack undefended."""
 
     name: str
     family: str
@@ -154,6 +155,7 @@ class AttackSpec:
     adaptive: Callable[[Context], bool] = lambda context: False
     white_box: bool = False
     tags: tuple[str, ...] = field(default=())
+    adapts: str | None = None
 
 
 def _majority_agreement(context: Context) -> float:
@@ -320,6 +322,16 @@ class InversionSetting:
             metrics[f"advantage_{name}"] = reference[name] - value if name == "mse" else value - reference[name]
         return metrics
 
+    def judged(self, result: AttackResult, labels: np.ndarray) -> AttackResult:
+        """``result`` with the judge's ``measures`` of its reconstructions of ``labels`` and, for the
+        verdict's bootstrap over victims, each reconstruction's advantage in line-up accuracy over the
+        no-model reference's (``samples``)."""
+        reconstructions = result.artefacts["reconstructions"]
+        result.metrics.update(self.measures(reconstructions, labels))
+        gain = self.judge.lineup_hits(reconstructions, labels) - self.judge.lineup_hits(self.reference(labels), labels)
+        result.artefacts["samples"] = {"advantage_lineup_accuracy": gain, "victims": np.asarray(labels)}
+        return result
+
 
 def inversion_setting(context: Context, shared_classes: bool = False) -> InversionSetting:
     """The inversion threat model of ``context`` (see ``THREAT_MODELS``): victims are a seeded half
@@ -392,7 +404,7 @@ def _mi_face_run(white_box: bool) -> Callable[[Target, Context], AttackResult]:
                                     start=start, image_shape=shape, coarse=4 if min(shape[:2]) >= 32 else 1,
                                     output=context.defence.public_format, seed=context.seed)
         result = attack.run(target, context.dataset.n_features, labels=labels)
-        result.metrics.update(setting.measures(result.artefacts["reconstructions"], labels))
+        setting.judged(result, labels)
         result.artefacts["images"] = {"victims' held-out photos": setting.photos(labels),
                                       "no-model reference": setting.reference(labels)}
         return result
@@ -414,7 +426,7 @@ def _inverse_model(shared_classes: bool, undo: Callable[[Target, Context], Undon
         seen = target if undo is None else undo(target, context)
         observed = observe(seen, victims_X, context.defence.public_format)
         result = attack.run(seen, setting.aux_X, observed, victims_X, victims_y)
-        result.metrics.update(setting.measures(result.artefacts["reconstructions"], victims_y))
+        setting.judged(result, victims_y)
         if undo is not None:
             result.metrics.update(seen.learnt)
         result.artefacts["images"] = {"victims' inputs": victims_X, "no-model reference": setting.reference(victims_y)}
@@ -469,7 +481,7 @@ ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
                applies=lambda c: c.model_kind == "softmax" or not c.quick),
     AttackSpec("equation-solving-rounding-aware", "extraction", "agreement_test", _equation_solving(True),
                _majority_agreement, applies=lambda c: _rounds(c) and (c.model_kind == "softmax" or not c.quick),
-               adaptive=_rounds),
+               adaptive=_rounds, adapts="equation-solving"),
     AttackSpec("copycat", "extraction", "agreement_test",
                _learning(lambda c: Copycat(labels_only=True, **_copy_options(c))), _majority_agreement),
     AttackSpec("copycat-k-center", "extraction", "agreement_test",
@@ -499,20 +511,20 @@ ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
                lambda c: 0.01, applies=lambda c: not c.defence.public_format.label_only, adaptive=_knows_format),
     AttackSpec("lira-rounding-aware", "membership", "tpr_at_1pct_fpr",
                _lira(False, lambda c: RoundedInterval(c.defence.public_format.rounding)), lambda c: 0.01,
-               applies=lambda c: _rounds(c) and not _reveals_label_only(c), adaptive=lambda c: True),
+               applies=lambda c: _rounds(c) and not _reveals_label_only(c), adaptive=lambda c: True, adapts="lira-online"),
     AttackSpec("lira-inverted-reverse-sigmoid", "membership", "tpr_at_1pct_fpr",
                _lira(False, _inverted_reverse_sigmoid), lambda c: 0.01,
                applies=lambda c: defence_arguments(c.defence, "reverse_sigmoid") is not None,
-               adaptive=lambda c: True),
+               adaptive=lambda c: True, adapts="lira-online"),
     AttackSpec("lira-averaged-noise", "membership", "tpr_at_1pct_fpr", _lira(False, _averaged_noise),
                lambda c: 0.01, applies=lambda c: defence_arguments(c.defence, "noise") is not None,
-               adaptive=lambda c: True),
+               adaptive=lambda c: True, adapts="lira-online"),
     AttackSpec("label-only-calibrated", "membership", "tpr_at_1pct_fpr",
                _lira(False, _label_robustness), lambda c: 0.01, applies=_reveals_label_only,
-               adaptive=lambda c: True),
+               adaptive=lambda c: True, adapts="lira-online"),
     AttackSpec("label-only-calibrated-offline", "membership", "tpr_at_1pct_fpr",
                _lira(True, _label_robustness), lambda c: 0.01, applies=_reveals_label_only,
-               adaptive=lambda c: True),
+               adaptive=lambda c: True, adapts="lira-offline"),
     AttackSpec("label-only", "membership", "tpr_at_1pct_fpr",
                _membership(lambda c: LabelOnlyAttack("augmentation" if _is_image(c) else "noise",
                                                      image_shape=c.dataset.image_shape, seed=c.seed), False),
@@ -531,14 +543,14 @@ ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
     AttackSpec("inverse-model-inverted-reverse-sigmoid", "inversion", "lineup_accuracy",
                _inverse_model(False, _inverted_answers), lambda c: 0.2,
                applies=lambda c: _is_image(c) and defence_arguments(c.defence, "reverse_sigmoid") is not None,
-               requires=_needs_images, adaptive=lambda c: True),
+               requires=_needs_images, adaptive=lambda c: True, adapts="inverse-model"),
     AttackSpec("inverse-model-averaged-noise", "inversion", "lineup_accuracy", _inverse_model(False, _averaged_answers),
                lambda c: 0.2, applies=lambda c: _is_image(c) and defence_arguments(c.defence, "noise") is not None,
-               requires=_needs_images, adaptive=lambda c: True),
+               requires=_needs_images, adaptive=lambda c: True, adapts="inverse-model"),
     AttackSpec("map-attribute", "attribute", "accuracy", _map_attribute(False), _prior_accuracy,
                applies=lambda c: c.sensitive is not None and not c.defence.public_format.label_only,
                requires=_needs_sensitive, adaptive=_knows_format),
     AttackSpec("map-attribute-label-only", "attribute", "accuracy", _map_attribute(True), _prior_accuracy,
                applies=lambda c: c.sensitive is not None, requires=_needs_sensitive,
-               adaptive=lambda c: c.defence.public_format.label_only),
+               adaptive=lambda c: c.defence.public_format.label_only, adapts="map-attribute"),
 )}

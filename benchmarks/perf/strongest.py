@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmarks import grid, report
+from benchmarks import grid, verdicts
 
 
-def strongest(rows: list[report.Row]) -> dict[str, set[str]]:
+def strongest(rows: list[verdicts.Row]) -> dict[str, set[str]]:
     """Per defence, the attacks strongest in their (dataset, model, family) against it."""
     chosen: dict[str, set[str]] = {}
-    for (_, _, _, defence), group in report._group(rows, ("dataset", "model", "family", "defence")).items():
-        if (best := report._strongest(group)) is not None:
+    for (_, _, _, defence), group in verdicts.group(rows, ("dataset", "model", "family", "defence")).items():
+        if (best := verdicts.strongest(group)) is not None:
             chosen.setdefault(defence, set()).add(best["attack"].split(" (")[0])
     return chosen
 
@@ -29,8 +29,9 @@ def main() -> None:
     for defence, attacks in chosen.items():
         missing = sorted(attacks - set(grid.STRONGEST.get(defence, ())))
         print(f"{defence}: {sorted(attacks)}" + (f"; not in the default grid: {missing}" if missing else ""))
-    kept = [r for r in rows if r["attack"].split(" (")[0] in chosen.get(r["defence"], ())]
-    print("verdicts from these attacks alone equal the full run's:", report.verdicts(kept) == report.verdicts(rows))
+    kept_attacks = grid.with_undefended({defence: tuple(attacks) for defence, attacks in chosen.items()})
+    kept = [r for r in rows if r["attack"].split(" (")[0] in kept_attacks.get(r["defence"], ())]
+    print("verdicts from these attacks alone equal the full run's:", verdicts.verdicts(kept) == verdicts.verdicts(rows))
 
 
 if __name__ == "__main__":

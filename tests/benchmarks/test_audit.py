@@ -13,8 +13,9 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
-from benchmarks import models, report
+from benchmarks import models
 from benchmarks.audit import audit
+from benchmarks.verdicts import verdicts
 from benchmarks.endpoint import ISSUED_KEYS, policy
 from benchmarks.scenarios import DEFENCES
 from guard.serving import prediction_app
@@ -92,8 +93,8 @@ def test_audit_cli_options_reach_the_audit(tmp_path, iris_csv):
 
 
 def _verdict(rows: list[dict], defence: str) -> tuple[str, float, float]:
-    [finding] = [f for f in report.verdicts(rows) if f["defence"] == defence]
-    return finding["outcome"].split(" from ")[0], finding["undefended"], finding["defended"]
+    [finding] = [f for f in verdicts(rows) if f["defence"] == defence]
+    return finding["outcome"], finding["undefended"], finding["defended"]
 
 
 def test_audit_gives_the_verdicts_bench_gives_in_process(tmp_path, digits, digits_split):
@@ -155,3 +156,34 @@ def test_audit_of_mlserver_bare_and_behind_guard_proxy(tmp_path, iris_csv, mlser
     assert guarded_copy["status"] == "ok" and guarded_copy["metrics"]["agreement_test"]["mean"] > 0.75
     assert guarded_copy["utility"]["test_accuracy"]["mean"] > 0.9  # label-only keeps the answers right
     assert any(line.startswith("none equation-solving: agreement_test") for line in lines)
+
+
+def test_audit_reads_one_hot_answers_as_labels(tmp_path, iris_csv):
+    """A label-only endpoint answering one-hot vectors (issue 26): its answers are read as labels, so
+    equation solving is not applicable rather than "0.921"; the verdict compares the copies on both
+    sides, what clients lose follows the observed format, and the threat model is printed."""
+    path, model = iris_csv
+
+    def one_hot(X: np.ndarray) -> np.ndarray:
+        return np.eye(len(SPECIES))[model.predict_proba(X).argmax(axis=1)]
+
+    bare = prediction_app(model.predict_proba, len(FIELDS))
+    labels_only = prediction_app(one_hot, len(FIELDS))
+    lines = []
+    paths = audit("http://labels/predict", str(path), tmp_path, client=labels_only, baseline="http://bare/predict",
+                  baseline_client=bare, attacks=("equation-solving", "copycat"), budget=150, echo=lines.append)
+    results = json.loads(paths["json"].read_text())
+    rows = {(r["defence"], r["attack"]): r for r in results["rows"]}
+    assert rows["none", "equation-solving"]["status"] == "ok"
+    solving = rows["endpoint", "equation-solving"]
+    assert solving["status"] == "not-applicable" and "labels only" in solving["reason"]
+    assert rows["endpoint", "copycat"]["status"] == "ok"
+    assert results["config"]["defence_specs"]["endpoint"]["output"] == ["label_only"]
+    assert any("one-hot" in line for line in lines)
+    [finding] = verdicts(results["rows"])
+    assert finding["baseline_attack"] == finding["strongest_attack"] == "copycat"
+    assert "equation-solving" in finding["not_run"] and finding["interval"] is not None
+    markdown = paths["markdown"].read_text()
+    assert "every confidence (labels only)" in markdown
+    threat_models = markdown.split("## Threat models and no-model references")[1].split("##")[0]
+    assert "No-model reference" in threat_models

@@ -12,6 +12,7 @@ from benchmarks import models, report
 from benchmarks.audit import AuditError, audit, check_host
 from benchmarks.endpoint import BENIGN_KEY, http_target, policy
 from benchmarks.scenarios import DEFENCES
+from benchmarks.verdicts import verdicts
 from guard.serving import prediction_app
 from guard import GuardMiddleware
 from harness_cli import app
@@ -21,7 +22,8 @@ from harness_cli import app
 pytestmark = pytest.mark.timeout(900)
 
 ROW_KEYS = {"dataset", "model", "defence", "attack", "family", "adaptive", "status", "reason", "primary", "chance",
-            "seeds", "metrics", "queries", "flagged_at", "blocked_at", "utility", "wall_time_s", "curves", "images"}
+            "seeds", "metrics", "queries", "flagged_at", "blocked_at", "utility", "wall_time_s", "curves", "images",
+            "samples"}
 
 
 @pytest.fixture(scope="module")
@@ -81,28 +83,18 @@ def test_defences_change_what_the_attacks_get(quick_report):
             assert row["utility"]["label_change_rate"]["mean"] == 0.0  # output defences keep the top label
 
 
-def _finding(defence, undefended, defended, chance=0.1, std=0.0):
-    def row(name, success):
-        measure = {"mean": success, "std": std, "values": [success]}
-        return {"dataset": "d", "model": "m", "family": "f", "defence": name, "attack": "a", "status": "ok",
-                "primary": "s", "chance": chance, "metrics": {"s": measure},
-                "utility": {"test_accuracy": {"mean": 0.9}, "label_change_rate": {"mean": 0.0}}}
-    return report.verdicts([row("none", undefended), row(defence, defended)])[0]["outcome"]
-
-
-def test_a_defence_is_never_credited_against_an_attack_that_fails_undefended():
-    assert _finding("x", undefended=0.11, defended=0.1).startswith("no verdict")
-    assert _finding("x", undefended=0.9, defended=0.1) == "brings it to chance"
-    assert _finding("x", undefended=0.9, defended=0.5).startswith("reduces it")
-    assert _finding("x", undefended=0.9, defended=0.9) == "does not help"
-    assert _finding("x", undefended=0.3, defended=0.1, std=0.2).startswith("no verdict")  # within the spread
-
-
-def test_a_defence_is_credited_only_for_a_drop_beyond_the_spread():
-    # the undefended attack clears chance, the defended one does not, but the two barely differ
-    assert _finding("x", undefended=0.131, defended=0.119) == "does not help"
-    assert _finding("x", undefended=0.9, defended=0.85, std=0.03) == "does not help"
-    assert _finding("x", undefended=0.9, defended=0.7, std=0.03).startswith("reduces it")
+def test_every_verdict_carries_its_intervals_and_reduces_only_where_they_separate(quick_report):
+    out, results = quick_report
+    findings = verdicts(results["rows"])
+    assert {f["family"] for f in findings} >= {"extraction", "membership", "inversion"}
+    for finding in findings:
+        if finding["outcome"] != "no verdict":
+            stops = finding["outcome"] == "stops every attack"
+            assert finding["interval"] is not None or stops
+            assert finding["verdict"].count(" [") >= 2 - stops and finding["verdict"] in (out / "report.md").read_text()
+        if finding["outcome"] == "reduces":
+            assert finding["interval"][1] < finding["undefended_interval"][0]
+        assert finding["indicative"] and finding["verdict"].count("(indicative: one seed)") == 1
 
 
 def test_dp_advantage_bound():
@@ -144,37 +136,6 @@ def test_live_mode_serves_with_uvicorn_and_answers_like_the_asgi_transport(digit
             answers[live] = target.predict_proba(X)
             assert target.url.startswith("http://127.0.0.1:") == live
     assert (answers[True] == answers[False]).all() and (answers[True] == answers[True].round(1)).all()
-
-
-def _tpr_row(defence, tpr, accuracy=0.9, members=900):
-    def measure(value):
-        return {"mean": value, "std": 0.0, "values": [value]}
-    return {"dataset": "d", "model": "m", "family": "membership", "defence": defence, "attack": "lira",
-            "status": "ok", "primary": "tpr_at_1pct_fpr", "chance": 0.01,
-            "metrics": {"tpr_at_1pct_fpr": measure(tpr), "members": measure(members)},
-            "utility": {"test_accuracy": {"mean": accuracy}, "label_change_rate": {"mean": 0.0}}}
-
-
-def test_a_tpr_is_credited_as_chance_only_when_its_upper_bound_is():
-    findings = report.verdicts([_tpr_row("none", 0.07), _tpr_row("a", 0.016), _tpr_row("b", 0.009)])
-    outcome = {f["defence"]: f for f in findings}
-    assert outcome["a"]["outcome"].startswith("reduces it")  # 14/900: upper bound 0.026 > chance's 0.019
-    assert outcome["b"]["outcome"] == "brings it to chance"  # 8/900: upper bound 0.0175
-    low, high = outcome["b"]["chance_interval"]
-    assert low < 0.01 < high
-
-
-def test_summary_names_the_cheapest_defence_to_chance_or_says_none_does():
-    rows = [_tpr_row("none", 0.07), _tpr_row("dp-eps1", 0.005, accuracy=0.8), _tpr_row("dp-eps8", 0.008, accuracy=0.85),
-            _tpr_row("label_only", 0.06)]
-    config = {"defence_specs": {"dp-eps1": {"dp_epsilon": 1.0}, "dp-eps8": {"dp_epsilon": 8.0},
-                                "label_only": {"output": ["label_only"]}}}
-    [line] = report.summary(report.verdicts(rows), config)
-    assert line["cheapest"] == "dp-eps8" and abs(line["accuracy_cost"] - 0.05) < 1e-9
-    [line] = report.summary(report.verdicts(rows[:1] + rows[3:]), config)
-    assert line["cheapest"] == "none does" and line["closest"] == "label_only"
-    assert line["still"].startswith("members are still found at TPR 0.060")
-    assert line["client_loss"] == "every confidence (labels only)"
 
 
 def test_dp_rows_show_the_audited_epsilon_of_the_strongest_attack():
