@@ -34,9 +34,10 @@ def sentences(findings: list[Row], lines: list[Row]) -> list[str]:
         name = FAMILY_NAMES.get(family, family)
         for (defence,), credited in report._group([m for m in members if m["cheapest"] != "none does"],
                                                   ("cheapest",)).items():
-            costs = "; ".join(f"{_targets([line])}: {_cost(line)}" for line in credited)
+            costs = (_cost(credited[0]) if len(credited) == 1 else
+                     "; ".join(f"on {_targets([line])} {_cost(line)}" for line in credited))
             out.append(f"Against {name} on {_targets(credited)}, turn on {defence}: it brings the strongest attack "
-                       f"({', '.join(sorted({line['attack'] for line in credited}))}) to chance. Cost: {costs}.")
+                       f"({', '.join(sorted({line['attack'] for line in credited}))}) to chance. It costs {costs}.")
         for line in (m for m in members if m["cheapest"] == "none does"):
             out.append(f"Against {name} on {_targets([line])}, no defence of this run brings the strongest attack "
                        f"to chance. The closest, {line['closest']}, costs {_cost(line)}, and the attacker "

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from attacks.scoring import clopper_pearson
 from benchmarks import report
@@ -102,9 +103,10 @@ def tradeoff(rows: list[Row], specs: dict[str, Any]):
         points = [(r, r["utility"]["test_accuracy"]["mean"], *measured(r)) for r in strongest]
         for r, x, y, below, above in points:
             style = defence_style(r["defence"], specs)
-            axis.errorbar([x], [y], yerr=[[below], [above]], markersize=7 if r["defence"] == "none" else 6,
-                          linestyle="none", capsize=2, elinewidth=0.8, markerfacecolor="white" if
-                          r["defence"] == "none" else style["color"], zorder=3, **style)
+            undefended = r["defence"] == "none"  # a hollow ring on top: a point under it stays visible
+            axis.errorbar([x], [y], yerr=[[below], [above]], markersize=9 if undefended else 6, linestyle="none",
+                          capsize=2, elinewidth=0.8, markerfacecolor="none" if undefended else style["color"],
+                          markeredgewidth=1.4 if undefended else 1.0, zorder=4 if undefended else 3, **style)
         first = strongest[0]
         referenced = first["family"] in report.REFERENCED_FAMILIES
         axis.axhline(0.0 if referenced else first["chance"], color="0.4", linestyle=":", linewidth=1.0)
@@ -115,6 +117,7 @@ def tradeoff(rows: list[Row], specs: dict[str, Any]):
         axis.set_xlabel(ACCURACY_AXIS, fontsize=FONT_SIZE)
         axis.set_ylabel(success_axis(first), fontsize=FONT_SIZE)
         axis.tick_params(labelsize=FONT_SIZE - 1)
+        axis.xaxis.set_major_locator(MaxNLocator(5))
         axis.margins(0.25, 0.2)
         placements.append((axis, [defence_label(r["defence"], specs) for r, *_ in points],
                            [p[1] for p in points], [p[2] for p in points]))
@@ -124,8 +127,9 @@ def tradeoff(rows: list[Row], specs: dict[str, Any]):
     return figure
 
 
-LABEL_OFFSETS = tuple((dx * r, dy * r) for r in (6, 14, 24, 36) for dx, dy in
-                      ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)))
+LABEL_OFFSETS = tuple((round(r * np.cos(angle)), round(r * np.sin(angle))) for r in (6, 14, 24, 36, 50, 66)
+                      for angle in np.deg2rad([45, -45, 135, -135, 0, 180, 90, -90, 20, -20, 160, -160]))
+"""Where a label may go, in points from its point: nearest first, twelve directions per distance."""
 
 
 def place_labels(figure, axes, labels: list[str], xs: list[float], ys: list[float]) -> None:
@@ -166,27 +170,29 @@ def place_labels(figure, axes, labels: list[str], xs: list[float], ys: list[floa
 def curves(rows: list[Row], curve: str, specs: dict[str, Any]):
     """The strongest attack's curve per defence: the ROC (log axes, a 95% Clopper-Pearson band on the
     TPR of each point over the members of the seed it was drawn from) or the extraction copy's
-    agreement against queries. Each line has its own marker and dash, lines are nudged apart by a few
-    percent of their queries so that coinciding ones stay visible, and the undefended line is on top."""
+    agreement against queries. The undefended curve is a wide grey band underneath; every other line
+    has its own marker and dash, markers staggered along the line, and agreement curves are nudged
+    apart by a few percent of their queries, so that lines lying on one another stay visible."""
     figure, axes = plt.subplots(figsize=PANEL_SIZE)
-    ordered = sorted(rows, key=lambda row: row["defence"] == "none")
+    ordered = sorted(rows, key=lambda row: row["defence"] != "none")
     roc = curve == "roc"
     for i, row in enumerate(ordered):
         x, y = (np.asarray(row["curves"][curve][k], dtype=float) for k in ("x", "y"))
-        undefended = row["defence"] == "none"
+        label = f"{defence_label(row['defence'], specs)} ({row['attack']})"
         style = defence_style(row["defence"], specs)
         color = style["color"] if style["color"] in ("black", "tab:red") else f"C{i % 10}"
-        if roc:
-            members = int(row["metrics"]["members"]["values"][0]) if "members" in row["metrics"] else 0
-            if members:
-                low, high = np.array([clopper_pearson(rate * members, members) for rate in y]).T
-                axes.fill_between(x, np.maximum(low, 1e-3), high, color=color, alpha=0.12, linewidth=0)
-        else:
+        if roc and "members" in row["metrics"]:
+            members = int(row["metrics"]["members"]["values"][0])
+            low, high = np.array([clopper_pearson(rate * members, members) for rate in y]).T
+            axes.fill_between(x, np.maximum(low, 1e-3), high, color=color, alpha=0.1, linewidth=0)
+        if row["defence"] == "none":
+            axes.plot(x, y, label=label, color="black", alpha=0.35, linewidth=5, solid_capstyle="round", zorder=1)
+            continue
+        if not roc:
             x = x * 1.04 ** (i - len(ordered) / 2)  # a few percent apart on the log axis
-        axes.plot(x, y, label=f"{defence_label(row['defence'], specs)} ({row['attack']})", color=color,
-                  linewidth=2.0 if undefended else 1.2, linestyle="-" if undefended else LINESTYLES[i % len(LINESTYLES)],
-                  marker="o" if undefended else MARKERS[(i + 1) % len(MARKERS)], markersize=4 if roc else 5,
-                  markevery=0.1 if roc else 1, fillstyle="none", zorder=3 if undefended else 2)
+        axes.plot(x, y, label=label, color=color, linewidth=1.2, linestyle=LINESTYLES[i % len(LINESTYLES)],
+                  marker=MARKERS[i % len(MARKERS)], markersize=4 if roc else 5, fillstyle="none", zorder=2,
+                  markevery=(0.1 * i / len(ordered), 0.1) if roc else 1)
     axes.set_xscale("log")
     if roc:
         axes.set_yscale("log")

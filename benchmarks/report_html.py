@@ -18,7 +18,7 @@ h1{font-size:22px;margin:0 0 2px}h2{font-size:17px;margin:14px 0 6px}h3{font-siz
 p.meta{color:#555;margin:0 0 6px;font-size:12px}
 table{border-collapse:collapse;font-size:12px;margin:4px 0 10px}
 td,th{border:1px solid #ccc;padding:2px 5px;text-align:left;vertical-align:top}th{background:#f0f0f0}
-.figures{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}figure img{max-width:100%;height:auto}
+.figures{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}.figures img{max-width:100%;height:auto}
 figcaption{font-size:12px;color:#555}
 details{margin:4px 0 4px 0.5em}details>summary{cursor:pointer;font-weight:600}
 details details{margin-left:1.2em}details details>summary{font-weight:500}
@@ -32,8 +32,8 @@ def _table(lines: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _figure(title: str, png: str, css_class: str = "") -> str:
-    return (f"<figure class='{css_class}'><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
+def _figure(title: str, png: str) -> str:
+    return (f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
             f"<figcaption>{html.escape(title)}</figcaption></figure>")
 
 
@@ -50,7 +50,8 @@ def _tradeoffs(rows: list[Row], specs: dict[str, Any]) -> str:
     return ("<p class='note'>Each point is the strongest attack against one defence (bars: its 95% interval, or "
             "the seeds' spread), over the accuracy of the answers clients get: down is safer, right is cheaper. "
             "The dotted line is what the attacker gets without the model.</p><div class='figures'>" + "".join(
-                _figure(family, figures.encode(figures.tradeoff(members, specs)), "tradeoff")
+                f"<img class='tradeoff' alt='{html.escape(family)}: privacy against utility' "
+                f"src='data:image/png;base64,{figures.encode(figures.tradeoff(members, specs))}'>"
                 for (family,), members in families.items()) + "</div>")
 
 

@@ -52,7 +52,7 @@ def open_page(page: Path, tmp_path: Path) -> dict:
     probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
     dom = subprocess.run([chromium(), *FLAGS, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
                          capture_output=True, text=True, timeout=120, check=True).stdout
-    found = re.search(r"<pre id=\"probe\">(.*?)</pre>", dom, re.S)
+    found = re.search(r"<pre id=\"probe\">(.*?)</pre>", dom, re.DOTALL)
     assert found, f"the probe did not run: {dom[-500:]}"
     return {**json.loads(html.unescape(found.group(1))), "dom": dom}
 

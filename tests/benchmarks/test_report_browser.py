@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from browser import WINDOW, external_references, markdown_leaks, open_page, png_size, screenshot
 from fastapi import FastAPI
+from report_rows import config, rows
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 from benchmarks import report
 from benchmarks.audit import audit
-from browser import WINDOW, external_references, markdown_leaks, open_page, png_size, screenshot
 from guard import GuardMiddleware, Policy
-from report_rows import config, rows
 
 
 def assert_reads_well(page, tmp_path, first_screen: bool = True) -> dict:
@@ -58,7 +58,8 @@ def iris_server(model: LogisticRegression, guarded: bool) -> FastAPI:
         return {"probabilities": model.predict_proba(body["features"]).tolist()}
 
     if guarded:
-        policy = Policy(secret="browser test secret", routes={"/predict": {"output": ["label_only"]}})
+        policy = Policy(secret="browser test secret", routes={"/predict": {
+            "probabilities": "/probabilities", "features": "/features", "output": ["label_only"]}})
         app.add_middleware(GuardMiddleware, policy=policy)
     return app
 
