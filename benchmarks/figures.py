@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from attacks.scoring import clopper_pearson
 from benchmarks import report
@@ -24,7 +24,11 @@ PANEL_SIZE = (3.3, 2.7)
 DPI = 100
 LAYOUT_PAD = 0.3
 FONT_SIZE = 7.5
+LEGEND_INCHES = 2.2
+"""Width beside a curve figure for its legend, so that the legend hides no line."""
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+LINE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+"""Line colours apart from the undefended grey band and the DP-SGD red."""
 LINESTYLES = ("-", "--", "-.", ":")
 SUCCESS_AXIS = {
     "extraction": "copy's agreement with the target",
@@ -173,14 +177,14 @@ def curves(rows: list[Row], curve: str, specs: dict[str, Any]):
     agreement against queries. The undefended curve is a wide grey band underneath; every other line
     has its own marker and dash, markers staggered along the line, and agreement curves are nudged
     apart by a few percent of their queries, so that lines lying on one another stay visible."""
-    figure, axes = plt.subplots(figsize=PANEL_SIZE)
+    figure, axes = plt.subplots(figsize=(PANEL_SIZE[0] + LEGEND_INCHES, PANEL_SIZE[1]))
     ordered = sorted(rows, key=lambda row: row["defence"] != "none")
     roc = curve == "roc"
     for i, row in enumerate(ordered):
         x, y = (np.asarray(row["curves"][curve][k], dtype=float) for k in ("x", "y"))
         label = f"{defence_label(row['defence'], specs)} ({row['attack']})"
         style = defence_style(row["defence"], specs)
-        color = style["color"] if style["color"] in ("black", "tab:red") else f"C{i % 10}"
+        color = style["color"] if style["color"] in ("black", "tab:red") else LINE_COLOURS[i % len(LINE_COLOURS)]
         if roc and "members" in row["metrics"]:
             members = int(row["metrics"]["members"]["values"][0])
             low, high = np.array([clopper_pearson(rate * members, members) for rate in y]).T
@@ -205,7 +209,8 @@ def curves(rows: list[Row], curve: str, specs: dict[str, Any]):
         axes.set_xlabel("queries the attacker sent (log scale)", fontsize=FONT_SIZE)
         axes.set_ylabel("copy's agreement with the target", fontsize=FONT_SIZE)
     axes.tick_params(labelsize=FONT_SIZE - 1)
-    axes.legend(fontsize=FONT_SIZE - 2, loc="lower right", framealpha=0.85)
+    axes.xaxis.set_minor_formatter(NullFormatter())  # powers of ten only: no crowded minor labels
+    axes.legend(fontsize=FONT_SIZE - 1, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     return figure
 
 
