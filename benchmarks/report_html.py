@@ -25,6 +25,9 @@ details details{margin-left:1.2em}details details>summary{font-weight:500}
 .note{color:#444;font-size:12px}.warn{background:#fff3cd;padding:4px 8px}
 """
 
+NO_SUMMARY = ("No attack family has a verdict: a verdict compares each defence with the undefended model "
+              "(guard audit needs --baseline for that), and only where the attack succeeds undefended.")
+
 
 def _table(lines: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in lines[0])
@@ -102,7 +105,9 @@ def render(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
     families = sorted({r["family"] for r in rows})
     unverdicted = report.unverdicted_reasons(rows, findings)
     dp = report._dp_table(config, rows)
-    meta = (f"Seeds {config.get('seeds')}; datasets {config.get('datasets')}; command "
+    sentences = advice.sentences(findings, lines)
+    meta = (f"Seeds {html.escape(str(config.get('seeds')))}; datasets {html.escape(str(config.get('datasets')))}; "
+            "command "
             f"<code>{html.escape(str(config.get('command', '')))}</code>. "
             "Every number is the mean over the seeds; details below the answer.")
     return "".join([
@@ -111,16 +116,18 @@ def render(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
         "<h1>predguard report: which defence to turn on, and what it costs</h1>",
         f"<p class='meta'>{meta}</p>",
         f"<p class='warn'>Partial run: {html.escape(report.PARTIAL_TEXT)}</p>" if config.get("partial") else "",
-        "<section id='summary'><h2>Summary</h2>", _table(report._summary_table(lines)), "</section>",
+        "<section id='summary'><h2>Summary</h2>", _table(report._summary_table(lines)) if lines else
+        f"<p>{html.escape(NO_SUMMARY)}</p>", "</section>",
         "<section id='tradeoffs'><h2>Privacy and utility, per attack family</h2>", _tradeoffs(rows, specs),
         "</section>",
-        "<section id='advice'><h2>What to do</h2>", _list(advice.sentences(findings, lines)), "</section>",
+        "<section id='advice'><h2>What to do</h2>" + _list(sentences) + "</section>" if sentences else "",
         ("<section id='dp'><h2>DP-SGD: what was measured beside what the guarantee allows</h2>" + _table(dp)
          + f"<p class='note'>{html.escape(report.DP_NOTE)}</p></section>") if len(dp) > 1 else "",
         "<section id='details'><h2>Details</h2>",
         _details("Threat models and no-model references", "<dl>" + "".join(
             f"<dt><strong>{html.escape(family)}</strong></dt><dd>{html.escape(threat_models[family])}</dd>"
-            for family in families if family in threat_models) + "</dl>"),
+            for family in families if family in threat_models) + "</dl>") if set(families) & set(threat_models)
+        else "",
         _details("Targets (undefended models)", _table(report._targets_table(rows))),
         _details_by_target(config, rows, findings),
         _details("Families without a verdict, and why", _list(unverdicted)) if unverdicted else "",

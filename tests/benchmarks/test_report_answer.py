@@ -5,7 +5,7 @@ from __future__ import annotations
 from report_rows import MEMBERS, config, membership, rows
 
 from attacks.scoring import clopper_pearson
-from benchmarks import advice, report
+from benchmarks import advice, report, report_html
 
 
 def test_what_to_do_names_the_defence_its_cost_and_what_cannot_help():
@@ -48,3 +48,9 @@ def test_markdown_keeps_the_pages_order_with_the_detail_tables_at_the_end(tmp_pa
                         "## DP-SGD: what was measured beside what the guarantee allows",
                         "## Threat models and no-model references", "## Targets", "## Verdict",
                         "## Inversion and attribute inference beside the no-model reference", "## All rows"]
+
+
+def test_a_run_without_verdicts_says_why_instead_of_an_empty_summary(tmp_path):
+    defended_only = [r for r in rows() if r["defence"] != "none"]
+    page = report.write(tmp_path, config(), defended_only)["html"].read_text()
+    assert report_html.NO_SUMMARY in page and "<section id='advice'>" not in page
