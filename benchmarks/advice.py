@@ -19,35 +19,44 @@ def _targets(lines: list[Row]) -> str:
 
 
 def _cost(line: Row) -> str:
-    changed = line["label_change_rate"]
+    cost, changed = line["accuracy_cost"], line["label_change_rate"]
+    accuracy = "an unmeasured accuracy cost" if cost is None else f"{100 * cost:.1f} accuracy points"
     labels = "" if changed is None else f", {100 * changed:.1f}% of labels changed"
-    return f"{100 * line['accuracy_cost']:.1f} accuracy points{labels}; clients lose {line['client_loss']}"
+    return f"{accuracy}{labels}; clients lose {line['client_loss']}"
+
+
+UNJUDGED = ("none does", "no verdict")
+"""Summary lines that name no defence to turn on."""
 
 
 def sentences(findings: list[Row], lines: list[Row]) -> list[str]:
-    """One sentence per (family, recommended defence), per family without a defence to chance, and
-    per family where defences that were measured change nothing on any target; families whose
-    strongest attack fails undefended are said to need no defence."""
+    """One sentence per (family, recommended defence), per target where no defence brings the family
+    to chance (the closest defence, its cost and what the attacker still gets), per family where the
+    defences judged change nothing on any target, and per family whose attacks fail undefended."""
     out = []
-    by_family = report._group(lines, ("family",))
-    for (family,), members in by_family.items():
+    for (family,), members in report._group(lines, ("family",)).items():
         name = FAMILY_NAMES.get(family, family)
-        for (defence,), credited in report._group([m for m in members if m["cheapest"] != "none does"],
+        for (defence,), credited in report._group([m for m in members if m["cheapest"] not in UNJUDGED],
                                                   ("cheapest",)).items():
             costs = (_cost(credited[0]) if len(credited) == 1 else
                      "; ".join(f"on {_targets([line])} {_cost(line)}" for line in credited))
             out.append(f"Against {name} on {_targets(credited)}, turn on {defence}: it brings the strongest attack "
                        f"({', '.join(sorted({line['attack'] for line in credited}))}) to chance. It costs {costs}.")
         for line in (m for m in members if m["cheapest"] == "none does"):
+            closest = (f"The closest, {line['closest']}, costs {_cost(line)}, and the attacker still gets: "
+                       if line.get("closest") else "The attacker gets: ")
             out.append(f"Against {name} on {_targets([line])}, no defence of this run brings the strongest attack "
-                       f"to chance. The closest, {line['closest']}, costs {_cost(line)}, and the attacker "
-                       f"still gets: {line['still']} ({line['attack']}).")
+                       f"to chance. {closest}{line['still']} ({line['attack']}).")
+        for line in (m for m in members if m["cheapest"] == "no verdict"):
+            out.append(f"No verdict on {name} for {_targets([line])}: {line['still']}.")
         useless = _never_helps([f for f in findings if f["family"] == family])
         if useless:
             out.append(f"{', '.join(useless)} did not reduce {family} on any target of this run: "
                        f"{'it does' if len(useless) == 1 else 'they do'} not protect against it.")
+    summarised = {(line["family"], line["dataset"], line["model"]) for line in lines}
     failing = sorted({(f["family"], f["dataset"], f["model"]) for f in findings
-                      if f["outcome"].startswith("no verdict")})
+                      if f["outcome"].startswith("no verdict") and (f["family"], f["dataset"], f["model"])
+                      not in summarised})
     for family in sorted({f for f, _, _ in failing}):
         targets = ", ".join(f"{d} {m}" for f, d, m in failing if f == family)
         out.append(f"{FAMILY_NAMES.get(family, family).capitalize()} fails on the undefended {targets}: "

@@ -86,17 +86,15 @@ def success_axis(row: Row) -> str:
 
 def measured(row: Row) -> tuple[float, float, float]:
     """A row's plotted success with its error bar ``(value, below, above)``: the advantage over the
-    no-model reference (inversion, attribute) or the success measure; the 95% Clopper-Pearson interval
-    of a TPR at fixed FPR, else the seeds' standard deviation."""
-    if row["family"] in report.REFERENCED_FAMILIES:
-        value = report.advantage(row)
-        spread = (row["metrics"].get(f"advantage_{row['primary']}") or row["metrics"][row["primary"]])["std"] or 0.0
-        return value, spread, spread
-    value = row["metrics"][row["primary"]]["mean"]
+    no-model reference (inversion, attribute) or the success measure, with the verdicts' 95% interval
+    of that value (``report.interval``) where the row has one, else the seeds' standard deviation."""
+    referenced = row["family"] in report.REFERENCED_FAMILIES
+    value = report.advantage(row) if referenced else row["metrics"][row["primary"]]["mean"]
     bounds = report.interval(row)
     if bounds is not None:
         return value, max(value - bounds[0], 0.0), max(bounds[1] - value, 0.0)
-    spread = row["metrics"][row["primary"]]["std"] or 0.0
+    spread = ((row["metrics"].get(f"advantage_{row['primary']}") if referenced else None)
+              or row["metrics"][row["primary"]])["std"] or 0.0
     return value, spread, spread
 
 
