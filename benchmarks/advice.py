@@ -48,7 +48,7 @@ def sentences(findings: list[Row], lines: list[Row]) -> list[str]:
             out.append(f"Against {name} on {_targets([line])}, no defence of this run brings the strongest attack "
                        f"to chance. {closest}{line['still']} ({line['attack']}).")
         for line in (m for m in members if m["cheapest"] == "no verdict"):
-            out.append(f"No verdict on {name} for {_targets([line])}: {line['still']}.")
+            out.append(f"No verdict on {name} for {_targets([line])}: {line['still'].removeprefix('no verdict: ')}.")
         useless = _never_helps([f for f in findings if f["family"] == family])
         if useless:
             out.append(f"{', '.join(useless)} did not reduce {family} on any target of this run: "

@@ -12,6 +12,7 @@ from benchmarks.scenarios import THREAT_MODELS
 
 Row = dict[str, Any]
 MEMBERS = 900
+TEST_POINTS = 360
 SPECS = {"none": {"output": [], "dp_epsilon": None}, "round:1": {"output": ["round:1"]},
          "label_only": {"output": ["label_only"]}, "monitoring": {"monitoring": True},
          "dp-eps8": {"dp_epsilon": 8.0}}
@@ -38,7 +39,7 @@ def extraction(defence: str, agreement: float, accuracy: float = 0.96) -> Row:
     queries = [10.0, 30.0, 100.0, 300.0, 1000.0]
     curve = {"x": queries, "y": [agreement * (1 - 0.5 ** (i + 1)) for i in range(len(queries))]}
     return row(defence, "extraction", "copycat", "agreement_test", agreement, 0.111, accuracy,
-               curves={"agreement_vs_queries": curve})
+               curves={"agreement_vs_queries": curve}, metrics={"test_points": measure(TEST_POINTS)})
 
 
 def membership(defence: str, tpr: float, accuracy: float = 0.96, power: float = 0.5) -> Row:

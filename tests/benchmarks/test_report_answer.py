@@ -23,9 +23,9 @@ def test_what_to_do_names_the_defence_its_cost_and_what_cannot_help():
 def test_what_to_do_says_when_an_attack_fails_undefended():
     failing = [membership("none", 0.011), membership("round:1", 0.01)]
     findings = report.verdicts(failing)
-    assert advice.sentences(findings, report.summary(findings, config())) == [
-        ("Membership inference (was this record in the training set?) fails on the undefended digits softmax: "
-        "nothing to defend against there in this run.")]
+    [sentence] = advice.sentences(findings, report.summary(findings, config()))
+    assert "membership inference" in sentence.lower() and "fails" in sentence and "undefended" in sentence
+    assert "turn on" not in sentence
 
 
 def test_dp_rows_show_the_measured_advantage_with_its_interval_beside_the_bound():
