@@ -112,7 +112,8 @@ def tradeoff(rows: list[Row], specs: dict[str, Any]):
         for r, x, y, below, above in points:
             style = defence_style(r["defence"], specs)
             undefended = r["defence"] == "none"  # a hollow ring on top: a point under it stays visible
-            axis.errorbar([x], [y], yerr=[[below], [above]], markersize=9 if undefended else 6, linestyle="none",
+            bar = [[below], [above]] if below or above else None  # no cap drawn across a point without spread
+            axis.errorbar([x], [y], yerr=bar, markersize=9 if undefended else 6, linestyle="none",
                           capsize=2, elinewidth=0.8, markerfacecolor="none" if undefended else style["color"],
                           markeredgewidth=1.4 if undefended else 1.0, zorder=4 if undefended else 3, **style)
         first = strongest[0]
