@@ -38,9 +38,6 @@ interval, are ``benchmarks.verdicts``'s.
 """
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -95,7 +92,9 @@ def write(out: Path, config: dict[str, Any], rows: list[Row]) -> dict[str, Path]
     paths["json"].write_text(json.dumps({"schema": SCHEMA_VERSION, "config": config, "rows": rows}, indent=1))
     findings = verdicts(rows)
     paths["markdown"].write_text(_markdown(config, rows, findings))
-    paths["html"].write_text(_html(config, rows, findings))
+    from benchmarks import report_html  # it draws with this module's measures
+
+    paths["html"].write_text(report_html.render(config, rows, findings))
     return paths
 
 
@@ -158,13 +157,34 @@ def _markdown_table(lines: list[list[str]]) -> str:
 DP_AUDIT_NOTE = ("The audited epsilon is the largest lower bound a membership attack's ROC proves (Clopper-Pearson, "
                  "95% confidence per seed and attack, at the row's delta): far below epsilon is expected (one attack), "
                  "above it means the training does not deliver the epsilon it reports.")
+DP_NOTE = ("The measured advantage is the strongest membership attack's TPR - FPR at its best threshold (mean over "
+           "seeds; interval: Clopper-Pearson on the TPR over the members and the FPR over the non-members of the "
+           "first seed's best ROC point, 97.5% each). The bound is the most any attack can reach against "
+           "(epsilon, delta)-DP training: close to 1 (large epsilon) it rules nothing out, and the measured "
+           "advantage and the audited epsilon are what the run shows. " + DP_AUDIT_NOTE)
+
+
+def advantage_interval(row: Row) -> tuple[float, float] | None:
+    """95% interval of a membership attack's advantage (TPR - FPR) at the first seed's best ROC point:
+    Clopper-Pearson on its TPR over the members and on its FPR over the non-members, 97.5% each
+    (Bonferroni); None when the row has no ROC or no member counts."""
+    metrics, roc = row["metrics"], row.get("curves", {}).get("roc")
+    if not roc or "members" not in metrics or "non_members" not in metrics:
+        return None
+    fpr, tpr = np.asarray(roc["x"], dtype=float), np.asarray(roc["y"], dtype=float)
+    best = int(np.argmax(tpr - fpr))
+    members, non_members = int(metrics["members"]["values"][0]), int(metrics["non_members"]["values"][0])
+    tpr_low, tpr_high = clopper_pearson(tpr[best] * members, members, 0.975)
+    fpr_low, fpr_high = clopper_pearson(fpr[best] * non_members, non_members, 0.975)
+    return tpr_low - fpr_high, tpr_high - fpr_low
 
 
 def _dp_table(config: dict[str, Any], rows: list[Row]) -> list[list[str]]:
-    """For each DP row: the strongest measured membership advantage beside the (epsilon, delta) bound, and the
-    largest epsilon lower bound an attack proves (``guard.dp.audit.membership_epsilon``) beside epsilon."""
-    lines = [["dataset", "model", "defence", "epsilon", "delta", "measured advantage (attack)", "bound",
-              "audited epsilon >= (attack; 95% each)"]]
+    """For each DP row: the strongest measured membership advantage, with its interval, beside the
+    (epsilon, delta) bound, and the largest epsilon lower bound an attack proves
+    (``guard.dp.audit.membership_epsilon``) beside epsilon."""
+    lines = [["dataset", "model", "defence", "epsilon", "delta", "measured advantage, 95% interval (attack)",
+              "bound: most any attack can reach", "audited epsilon >= (attack; 95% each)"]]
     specs = config.get("defence_specs", {})
     for (dataset, model, defence), group in _group([r for r in rows if r["family"] == "membership"
                                                     and r["status"] == "ok"], ("dataset", "model", "defence")).items():
@@ -176,7 +196,7 @@ def _dp_table(config: dict[str, Any], rows: list[Row]) -> list[list[str]]:
         lower = audited["metrics"].get("epsilon_lower_bound")
         delta = config["dp_delta"][dataset]
         lines.append([dataset, model, defence, f"{epsilon:g}", f"{delta:g}",
-                      f"{_fmt(best['metrics']['advantage'])} ({best['attack']})",
+                      f"{_fmt(best['metrics']['advantage'])}{_bounds(advantage_interval(best))} ({best['attack']})",
                       f"{membership_advantage_bound(epsilon, delta):.3f}",
                       f"{_fmt(lower)} ({audited['attack']})" if lower else "not measured"])
     return lines
@@ -210,15 +230,20 @@ def _inversion_table(rows: list[Row]) -> list[list[str]]:
     return lines
 
 
-def _unverdicted(rows: list[Row], findings: list[Row]) -> str:
-    """Why families have no verdict: attacks that could not run, with their reasons."""
+def unverdicted_reasons(rows: list[Row], findings: list[Row]) -> list[str]:
+    """Why families have no verdict: one line per attack that could not run, with its reason."""
     judged = {(f["dataset"], f["model"], f["family"]) for f in findings}
-    reasons = sorted({f"- {r['dataset']} {r['model']} {r['family']} ({r['attack']}): {r['reason']}" for r in rows
-                      if r["status"] != "ok" and (r["dataset"], r["model"], r["family"]) not in judged})
-    return "\n".join(["Families without a verdict, and why:", *reasons]) if reasons else ""
+    return sorted({f"{r['dataset']} {r['model']} {r['family']} ({r['attack']}): {r['reason']}" for r in rows
+                   if r["status"] != "ok" and (r["dataset"], r["model"], r["family"]) not in judged})
 
 
-PARTIAL = "**Partial run**: interrupted; only the cells that finished are reported (run again with `--resume`)."
+def _unverdicted(rows: list[Row], findings: list[Row]) -> str:
+    reasons = unverdicted_reasons(rows, findings)
+    return "\n".join(["Families without a verdict, and why:", *(f"- {r}" for r in reasons)]) if reasons else ""
+
+
+PARTIAL_TEXT = "interrupted; only the cells that finished are reported (run again with --resume)."
+PARTIAL = f"**Partial run**: {PARTIAL_TEXT}"
 
 
 def summary_markdown(config: dict[str, Any], rows: list[Row]) -> str:
@@ -229,205 +254,22 @@ def summary_markdown(config: dict[str, Any], rows: list[Row]) -> str:
 
 
 def _markdown(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
+    """The same order as ``report.html``: the answer (summary, what to do, DP-SGD), then the details."""
+    from benchmarks import advice  # it reads this module's summary
+
+    dp = _dp_table(config, rows)
     return "\n\n".join(part for part in [
         "# predguard benchmark report",
         f"Seeds: {config.get('seeds')}; datasets: {config.get('datasets')}; command: `{config.get('command', '')}`",
         summary_markdown(config, rows),
+        "The privacy-utility figure of each attack family is in `report.html`.",
+        "## What to do", "\n".join(f"- {line}" for line in advice.sentences(findings, summary(findings, config))),
+        *(["## DP-SGD: what was measured beside what the guarantee allows", _markdown_table(dp), DP_NOTE]
+          if len(dp) > 1 else []),
         "## Threat models and no-model references", "\n".join(_threat_models(config, rows)),
         "## Targets", _markdown_table(_targets_table(rows)),
         "## Verdict", _markdown_table(_verdict_table(findings)), _unverdicted(rows, findings),
         "## Inversion and attribute inference beside the no-model reference", _markdown_table(_inversion_table(rows)),
-        "## DP-SGD: measured membership advantage and its theoretical bound", _markdown_table(_dp_table(config, rows)),
-        DP_AUDIT_NOTE,
         "## All rows", _markdown_table(_rows_table(rows)),
         "Figures are in `report.html`; every number is the mean ± standard deviation over the listed seeds.",
     ] if part) + "\n"
-
-
-def _html(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
-    def table(lines: list[list[str]]) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in lines[0])
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in lines[1:])
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    figures = "".join(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
-                      f"<figcaption>{html.escape(title)}</figcaption></figure>"
-                      for title, png in _figures(rows, config.get("image_shapes", {})))
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
-             "font-size:13px;margin-bottom:2em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}"
-             "th{background:#f0f0f0}figure{display:inline-block;margin:1em;vertical-align:top}img{max-width:640px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>predguard benchmark report</title>"
-            f"<style>{style}</style></head><body><h1>predguard benchmark report</h1>"
-            f"<p>Seeds: {html.escape(str(config.get('seeds')))}; command: <code>{html.escape(str(config.get('command', '')))}</code></p>"
-            f"<h2>Summary: which defence to turn on, and what it costs</h2>"
-            + (f"<p><strong>Partial run</strong>: {html.escape(PARTIAL.split(': ', 1)[1])}</p>" if config.get("partial") else "")
-            + f"{table(_summary_table(summary(findings, config)))}"
-            f"<h2>Threat models and no-model references</h2><ul>"
-            + "".join(f"<li>{html.escape(line[2:])}</li>" for line in _threat_models(config, rows)) + "</ul>"
-            f"<h2>Targets</h2>{table(_targets_table(rows))}"
-            f"<h2>Verdict</h2>{table(_verdict_table(findings))}<p>{html.escape(_unverdicted(rows, findings))}</p>"
-            f"<h2>Inversion and attribute inference beside the no-model reference</h2>{table(_inversion_table(rows))}"
-            f"<h2>DP-SGD: measured membership advantage and its theoretical bound</h2>{table(_dp_table(config, rows))}"
-            f"<p>{html.escape(DP_AUDIT_NOTE)}</p>"
-            f"<h2>Figures</h2>{figures}"
-            f"<h2>All rows</h2>{table(_rows_table(rows))}</body></html>")
-
-
-def _figures(rows: list[Row], image_shapes: dict[str, Any]) -> list[tuple[str, str]]:
-    """(title, base64 PNG) for each figure the rows support."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figures = []
-    for (dataset, model), group in _group(rows, ("dataset", "model")).items():
-        for family, curve, title, log in (("membership", "roc", "membership ROC", True),
-                                          ("extraction", "agreement_vs_queries", "extraction agreement against queries", False)):
-            plotted = [_strongest(members) for members in _group(
-                [r for r in group if r["family"] == family and curve in r.get("curves", {})], ("defence",)).values()]
-            plotted = [r for r in plotted if r is not None]
-            if plotted:
-                figures.append((f"{dataset} {model}: {title} (strongest attack per defence)",
-                                _encode(_curve_figure(plt, plotted, curve, log))))
-        inverted = [r for r in group if r["family"] == "inversion" and r.get("images")]
-        if inverted:
-            figures.append((f"{dataset} {model}: inversion images", _encode(_image_grid(plt, inverted,
-                                                                                         image_shapes.get(dataset)))))
-        for family, members in _group([r for r in group if r["status"] == "ok"], ("family",)).items():
-            figures.append((f"{dataset} {model}: privacy-utility trade-off, {family[0]}",
-                            _encode(_tradeoff(plt, members))))
-    return figures
-
-
-FIGURE_SIZE = (5.0, 3.6)
-DPI = 100
-LAYOUT_PAD = 0.3
-MARKERS = ("o", "s", "^", "v", "D", "x", "P", "*")
-LINESTYLES = ("-", "--", "-.", ":")
-
-
-def _curve_figure(plt, rows: list[Row], curve: str, log: bool):
-    """One line per defence, each with its own marker and dash so that lines lying on one another
-    stay visible; the undefended line is drawn last, on top."""
-    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
-    ordered = sorted(rows, key=lambda row: row["defence"] == "none")
-    for i, row in enumerate(ordered):
-        points = row["curves"][curve]
-        undefended = row["defence"] == "none"
-        axes.plot(points["x"], points["y"], label=f"{row['defence']} ({row['attack']})",
-                  linewidth=2.0 if undefended else 1.1, color="k" if undefended else None,
-                  linestyle="-" if undefended else LINESTYLES[i % len(LINESTYLES)],
-                  marker=MARKERS[i % len(MARKERS)], markersize=3 if log else 5, markevery=0.1 if log else 1,
-                  fillstyle="none", zorder=3 if undefended else 2)
-    if log:
-        axes.set_xscale("log")
-        axes.set_yscale("log")
-        axes.plot([1e-4, 1], [1e-4, 1], "k:", linewidth=0.8, label="chance")
-        axes.set_xlim(1e-3, 1)
-        axes.set_ylim(1e-3, 1)
-        axes.set_xlabel("false-positive rate")
-        axes.set_ylabel("true-positive rate")
-    else:
-        axes.set_xscale("log")
-        axes.set_xlabel("queries (log scale)")
-        axes.set_ylabel("agreement with the target")
-    axes.legend(fontsize=6, loc="lower right")
-    return figure
-
-
-def _image_grid(plt, rows: list[Row], image_shape: list[int] | None = None):
-    """One line per image set, drawn as one mosaic per line (white gaps between images) on a figure
-    sized to the images; a reference set (class means, true inputs) shared by several rows is drawn
-    once, above the reconstructions."""
-    named, seen = [], set()
-    for r in rows:
-        for name, images in sorted(r["images"].items(), key=lambda item: item[0] == "reconstructions"):
-            array = np.asarray(images, dtype=float)
-            if name != "reconstructions" and array.tobytes() in seen:
-                continue
-            seen.add(array.tobytes())
-            title = f"{r['attack']} / {r['defence']}" if name == "reconstructions" else f"{name} ({r['attack']})"
-            named.append((title, array))
-    side = int(round(np.sqrt(named[0][1].shape[1])))
-    shape = tuple(image_shape) if image_shape else (side, side)
-    columns = max(len(images) for _, images in named)
-    gap = max(1, shape[1] // 8)
-    width = columns * (shape[1] + gap) - gap
-    inches = min(0.55, 7.0 / columns)  # per image, at most 7 inches wide in all
-    figure, axes = plt.subplots(len(named), 1, squeeze=False,
-                                figsize=(columns * inches, len(named) * (inches * shape[0] / shape[1] + 0.16)))
-    for (title, images), axis in zip(named, axes[:, 0]):
-        mosaic = np.ones((shape[0], width) + shape[2:])
-        for column, image in enumerate(images):
-            left = column * (shape[1] + gap)
-            mosaic[:, left:left + shape[1]] = np.clip(image.reshape(shape), 0, 1)
-        axis.imshow(mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axis.axis("off")
-        axis.set_title(title, fontsize=6, loc="left", pad=2)
-    return figure
-
-
-def _tradeoff(plt, rows: list[Row]):
-    """One family: the defended answers' test accuracy against the strongest attack's success, per defence."""
-    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
-    strongest = [_strongest(members) for members in _group(rows, ("defence",)).values()]
-    strongest = [row for row in strongest if row is not None]
-    xs = [r["utility"]["test_accuracy"]["mean"] for r in strongest]
-    ys = [_success(r) for r in strongest]
-    axes.scatter(xs, ys, s=14, zorder=3)
-    if strongest:
-        axes.axhline(strongest[0]["chance"], color="k", linestyle=":", linewidth=0.8, label="chance")
-        axes.set_ylabel(f"strongest attack's {strongest[0]['primary']}")
-        axes.legend(fontsize=7)
-    axes.set_xlabel("test accuracy of the defended answers (DP-SGD rows in bold: dp-epsN)")
-    axes.margins(0.15)
-    figure.tight_layout(pad=LAYOUT_PAD)  # the axes where they will be drawn, before measuring labels
-    _place_labels(figure, axes, [row["defence"] for row in strongest], xs, ys)
-    return figure
-
-
-LABEL_OFFSETS = tuple((dx * r, dy * r) for r in (6, 14, 24) for dx, dy in
-                      ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)))
-
-
-def _place_labels(figure, axes, labels: list[str], xs: list[float], ys: list[float]) -> None:
-    """Annotate each point with its label at the first offset (nearest first) where the label
-    overlaps no label placed before and no point, else where it overlaps fewest; a leader line
-    joins a label set far from its point."""
-    renderer = figure.canvas.get_renderer()
-    axes.autoscale_view()
-    points = axes.transData.transform(np.column_stack([xs, ys])) if labels else np.empty((0, 2))
-    placed = []
-
-    def annotate(label: str, x: float, y: float, offset: tuple[int, int], **options):
-        return axes.annotate(label, (x, y), xytext=offset, textcoords="offset points", fontsize=6,
-                             ha="left" if offset[0] >= 0 else "right", va="bottom" if offset[1] >= 0 else "top",
-                             fontweight="bold" if label.startswith("dp-") else "normal", **options)
-
-    for label, x, y in zip(labels, xs, ys):
-        best: tuple[int, tuple[int, int]] | None = None
-        for offset in LABEL_OFFSETS:
-            trial = annotate(label, x, y, offset)
-            box = trial.get_window_extent(renderer).padded(1)
-            trial.remove()
-            clashes = sum(box.overlaps(other) for other in placed) + int(box.count_contains(points) > 0)
-            if best is None or clashes < best[0]:
-                best = (clashes, offset)
-            if clashes == 0:
-                break
-        offset = best[1]
-        far = max(abs(offset[0]), abs(offset[1])) > LABEL_OFFSETS[0][0]
-        text = annotate(label, x, y, offset,
-                        arrowprops={"arrowstyle": "-", "linewidth": 0.4, "color": "0.5"} if far else None)
-        placed.append(text.get_window_extent(renderer).padded(1))
-
-
-def _encode(figure) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.set_layout_engine("tight", pad=LAYOUT_PAD)
-    figure.savefig(buffer, format="png", dpi=DPI)
-    plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
