@@ -22,8 +22,7 @@ from scipy.special import log_ndtr
 from attacks import scoring
 from attacks.base import Attack, AttackResult
 from attacks.ensemble import Architecture, Ensemble, TrainingConfig, random_halves, train_ensemble
-from attacks.observations import (Published, Statistic, boundary_distances, labels, observe, scaled_logit,
-                                  unit_directions)
+from attacks.observations import (Published, Statistic, boundary_distances, labels, observe, unit_directions)
 from attacks.targets import OutputFormat, OutputUnavailable, Target
 
 Data = tuple[np.ndarray, np.ndarray]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks import report
+from benchmarks import verdicts
 
 Row = dict[str, Any]
 FAMILY_NAMES = {"extraction": "model extraction (a copy of the model)",
@@ -34,9 +34,9 @@ def sentences(findings: list[Row], lines: list[Row]) -> list[str]:
     to chance (the closest defence, its cost and what the attacker still gets), per family where the
     defences judged change nothing on any target, and per family whose attacks fail undefended."""
     out = []
-    for (family,), members in report._group(lines, ("family",)).items():
+    for (family,), members in verdicts.group(lines, ("family",)).items():
         name = FAMILY_NAMES.get(family, family)
-        for (defence,), credited in report._group([m for m in members if m["cheapest"] not in UNJUDGED],
+        for (defence,), credited in verdicts.group([m for m in members if m["cheapest"] not in UNJUDGED],
                                                   ("cheapest",)).items():
             costs = (_cost(credited[0]) if len(credited) == 1 else
                      "; ".join(f"on {_targets([line])} {_cost(line)}" for line in credited))
@@ -67,6 +67,6 @@ def sentences(findings: list[Row], lines: list[Row]) -> list[str]:
 def _never_helps(findings: list[Row]) -> list[str]:
     """Defences judged on at least one target of a family and "does not help" on every one."""
     judged = [f for f in findings if not f["outcome"].startswith("no verdict")]
-    outcomes = report._group(judged, ("defence",))
+    outcomes = verdicts.group(judged, ("defence",))
     return sorted(defence for (defence,), group in outcomes.items()
                   if all(f["outcome"] == "does not help" for f in group))

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from attacks.scoring import clopper_pearson
-from benchmarks import report
+from benchmarks import verdicts
 
 Row = dict[str, Any]
 PANEL_SIZE = (3.3, 2.7)
@@ -87,10 +87,10 @@ def success_axis(row: Row) -> str:
 def measured(row: Row) -> tuple[float, float, float]:
     """A row's plotted success with its error bar ``(value, below, above)``: the advantage over the
     no-model reference (inversion, attribute) or the success measure, with the verdicts' 95% interval
-    of that value (``report.interval``) where the row has one, else the seeds' standard deviation."""
-    referenced = row["family"] in report.REFERENCED_FAMILIES
-    value = report.advantage(row) if referenced else row["metrics"][row["primary"]]["mean"]
-    bounds = report.interval(row)
+    of that value (``verdicts.interval``) where the row has one, else the seeds' standard deviation."""
+    referenced = row["family"] in verdicts.REFERENCED_FAMILIES
+    value = verdicts.advantage(row) if referenced else row["metrics"][row["primary"]]["mean"]
+    bounds = verdicts.interval(row)
     if bounds is not None:
         return value, max(value - bounds[0], 0.0), max(bounds[1] - value, 0.0)
     spread = ((row["metrics"].get(f"advantage_{row['primary']}") if referenced else None)
@@ -101,12 +101,12 @@ def measured(row: Row) -> tuple[float, float, float]:
 def tradeoff(rows: list[Row], specs: dict[str, Any]):
     """One attack family: per target (dataset, model) a panel of the strongest attack's success against
     each defence over the accuracy of the defended answers, each point labelled with its defence."""
-    targets = report._group([r for r in rows if r["status"] == "ok"], ("dataset", "model"))
+    targets = verdicts.group([r for r in rows if r["status"] == "ok"], ("dataset", "model"))
     figure, axes = plt.subplots(1, max(len(targets), 1), squeeze=False,
                                 figsize=(PANEL_SIZE[0] * max(len(targets), 1), PANEL_SIZE[1]))
     placements = []
     for ((dataset, model), members), axis in zip(targets.items(), axes[0]):
-        strongest = [report._strongest(group) for group in report._group(members, ("defence",)).values()]
+        strongest = [verdicts.strongest(group) for group in verdicts.group(members, ("defence",)).values()]
         strongest = [r for r in strongest if r is not None]
         points = [(r, r["utility"]["test_accuracy"]["mean"], *measured(r)) for r in strongest]
         for r, x, y, below, above in points:
@@ -117,7 +117,7 @@ def tradeoff(rows: list[Row], specs: dict[str, Any]):
                           capsize=2, elinewidth=0.8, markerfacecolor="none" if undefended else style["color"],
                           markeredgewidth=1.4 if undefended else 1.0, zorder=4 if undefended else 3, **style)
         first = strongest[0]
-        referenced = first["family"] in report.REFERENCED_FAMILIES
+        referenced = first["family"] in verdicts.REFERENCED_FAMILIES
         axis.axhline(0.0 if referenced else first["chance"], color="0.4", linestyle=":", linewidth=1.0)
         axis.annotate("no-model reference" if referenced else "chance", (1.0, 0.0 if referenced else first["chance"]),
                       xycoords=("axes fraction", "data"), xytext=(-2, 2), textcoords="offset points",

@@ -44,10 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from attacks.scoring import clopper_pearson
 from benchmarks.verdicts import REFERENCED_FAMILIES, bounds_text, interval, summary, verdicts
 from benchmarks.verdicts import group as _group
-from benchmarks.verdicts import strongest as _strongest
-from benchmarks.verdicts import success as _success
 
 SCHEMA_VERSION = 1
 Row = dict[str, Any]

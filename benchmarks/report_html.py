@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from benchmarks import advice, figures, report
+from benchmarks import advice, figures, report, verdicts
 
 Row = dict[str, Any]
 STYLE = """
@@ -49,7 +49,7 @@ def _details(summary: str, body: str, open_: bool = False) -> str:
 
 
 def _tradeoffs(rows: list[Row], specs: dict[str, Any]) -> str:
-    families = report._group([r for r in rows if r["status"] == "ok"], ("family",))
+    families = verdicts.group([r for r in rows if r["status"] == "ok"], ("family",))
     return ("<p class='note'>Each point is the strongest attack against one defence (bars: its 95% interval, or "
             "the seeds' spread), over the accuracy of the answers clients get: down is safer, right is cheaper. "
             "The dotted line is what the attacker gets without the model.</p><div class='figures'>" + "".join(
@@ -65,13 +65,13 @@ def _target_figures(rows: list[Row], family: str, specs: dict[str, Any], image_s
     for curve, title in (("roc", "ROC of the strongest attack per defence (bands: 95% interval), first seed"),
                          ("agreement_vs_queries", ("copy's agreement against queries, strongest attack per "
                                                   "defence, first seed"))):
-        plotted = [report._strongest(group) for group in report._group(
+        plotted = [verdicts.strongest(group) for group in verdicts.group(
             [r for r in rows if curve in r.get("curves", {})], ("defence",)).values()]
         plotted = [r for r in plotted if r is not None]
         if plotted:
             parts.append(_figure(title, figures.encode(figures.curves(plotted, curve, specs))))
     if family == "inversion":
-        for (attack,), group in report._group([r for r in rows if r.get("images")], ("attack",)).items():
+        for (attack,), group in verdicts.group([r for r in rows if r.get("images")], ("attack",)).items():
             parts.append(_figure(f"{attack}: victims, the no-model reference and the reconstruction under each "
                                  "defence (first seed)",
                                  figures.encode(figures.inversion_grid(group, image_shape), tight=False)))
@@ -81,11 +81,11 @@ def _target_figures(rows: list[Row], family: str, specs: dict[str, Any], image_s
 def _details_by_target(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
     specs, shapes = config.get("defence_specs", {}), config.get("image_shapes", {})
     sections = []
-    for (dataset, model), group in report._group(rows, ("dataset", "model")).items():
+    for (dataset, model), group in verdicts.group(rows, ("dataset", "model")).items():
         inner = []
-        for (family,), members in report._group(group, ("family",)).items():
-            verdicts = [f for f in findings if (f["dataset"], f["model"], f["family"]) == (dataset, model, family)]
-            body = ("<h3>Verdict per defence</h3>" + _table(report._verdict_table(verdicts)) if verdicts else
+        for (family,), members in verdicts.group(group, ("family",)).items():
+            judged = [f for f in findings if (f["dataset"], f["model"], f["family"]) == (dataset, model, family)]
+            body = ("<h3>Verdict per defence</h3>" + _table(report._verdict_table(judged)) if judged else
                     "<p class='note'>No verdict: see the families without one below.</p>")
             body += "<h3>Every attack</h3>" + _table(report._rows_table(members))
             referenced = report._inversion_table(members)
