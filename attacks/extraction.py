@@ -25,7 +25,7 @@ from attacks.base import Attack, AttackResult
 from attacks.copies import train_copies
 from attacks.ensemble import Architecture
 from attacks.scoring import agreement, extraction_measures, uniform_inputs
-from attacks.targets import OutputUnavailable, Target
+from attacks.targets import OutputUnavailable, QueryBudgetExceeded, Target
 
 Labeller = Callable[[np.ndarray], np.ndarray]
 
@@ -124,6 +124,8 @@ class EquationSolving(Attack):
     so the fit maximises the likelihood of those intervals (``_interval_loss``) instead of matching
     the rounded points. Needs probabilities: against a label-only target it raises
     ``OutputUnavailable`` (having spent no query unless the target only found out by asking).
+    A model with more unknowns than ``max_queries`` (e.g. the faces MLP: 3.2 million) raises
+    ``QueryBudgetExceeded`` before any query: one query per unknown is beyond any budget it is given.
     """
 
     name = "equation-solving"
@@ -132,7 +134,7 @@ class EquationSolving(Attack):
 
     def __init__(self, hidden: int | None = None, *, n_queries: int | None = None, query_factor: float = 1.0,
                  rounding: int | None = None, noise: float = 0.1, restarts: int | None = None,
-                 max_iter: int = 2000, curve_points: int = 3, seed: int = 0):
+                 max_iter: int = 2000, curve_points: int = 3, max_queries: int = 200_000, seed: int = 0):
         self.hidden = hidden
         self.n_queries = n_queries
         self.query_factor = query_factor
@@ -141,12 +143,16 @@ class EquationSolving(Attack):
         self.restarts = restarts if restarts is not None else 1 if hidden is None else 8
         self.max_iter = max_iter
         self.curve_points = curve_points
+        self.max_queries = max_queries
         self.seed = seed
 
     def run(self, target: Target, X_test: np.ndarray, y_test: np.ndarray | None = None, *,
             oracle: Labeller | None = None) -> AttackResult:
         d, k = X_test.shape[1], target.n_classes
         n = self.n_queries or math.ceil(self.query_factor * n_unknowns(d, k, self.hidden))
+        if n > self.max_queries:
+            raise QueryBudgetExceeded(f"{self.name} needs {n} queries for a model with "
+                                      f"{n_unknowns(d, k, self.hidden)} unknowns; its budget is {self.max_queries}")
         start = target.queries
         try:
             if not target.returns_probabilities:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from attacks.ensemble import TrainingConfig
-from attacks.targets import HTTPTarget, OutputUnavailable, TargetBlocked, TargetThrottled
+from attacks.targets import HTTPTarget, OutputUnavailable, QueryBudgetExceeded, TargetBlocked, TargetThrottled
 from benchmarks import datasets, models, report
 from benchmarks.cache import Cache, digest
 from benchmarks.endpoint import BENIGN_KEY, ISSUED_KEYS, SYBIL_KEYS, guarded_app, http_target
@@ -223,12 +223,13 @@ def _attack(spec: AttackSpec, context: Context, config: BenchConfig, keys: int) 
 
 def attempt(spec: AttackSpec, context: Context, target: HTTPTarget) -> dict[str, Any]:
     """Run one attack against ``target``: its measures, or why it could not finish ("stopped" when
-    the endpoint throttled, degraded or blocked it; "not-applicable" when it lacks what it needs)."""
+    the endpoint throttled, degraded or blocked it; "not-applicable" when it lacks what it needs or
+    more queries than its budget)."""
     started = time.perf_counter()
     try:
         result = spec.run(target, context)
         status, reason, metrics, artefacts = "ok", "", result.metrics, result.artefacts
-    except (OutputUnavailable, TargetBlocked, TargetThrottled) as error:
+    except (OutputUnavailable, QueryBudgetExceeded, TargetBlocked, TargetThrottled) as error:
         stopped = any(value is not None for value in target.events.values())
         status, reason, metrics, artefacts = "stopped" if stopped else "not-applicable", str(error), {}, {}
     events = target.events

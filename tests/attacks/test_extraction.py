@@ -9,7 +9,7 @@ import torch
 from attacks import ATTACKS
 from attacks.extraction import (Copycat, EquationSolving, JacobianAugmentation, Knockoff, k_center_order,
                                 n_unknowns)
-from attacks.targets import OutputFormat, OutputUnavailable, TorchTarget
+from attacks.targets import OutputFormat, OutputUnavailable, QueryBudgetExceeded, TorchTarget
 from benchmarks import datasets, models
 
 
@@ -71,6 +71,16 @@ def test_equation_solving_says_it_needs_probabilities(cancer_lr):
     target = TorchTarget(model, 2, output=OutputFormat(label_only=True))
     with pytest.raises(OutputUnavailable, match="equation-solving needs probabilities: .*labels only"):
         EquationSolving().run(target, X_test, oracle=oracle(model))
+    assert target.queries == 0
+
+
+def test_equation_solving_refuses_a_model_with_more_unknowns_than_its_budget(cancer_lr):
+    """One query per unknown: a 3000-unit MLP on 30 features (96k unknowns) is over a 50k budget,
+    refused before any query instead of allocating the queries."""
+    model, X_test, _ = cancer_lr
+    target = TorchTarget(model, 2)
+    with pytest.raises(QueryBudgetExceeded, match="needs 9\\d{4} queries .* budget is 50000"):
+        EquationSolving(hidden=3000, max_queries=50_000).run(target, X_test, oracle=oracle(model))
     assert target.queries == 0
 
 
