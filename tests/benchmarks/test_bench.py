@@ -21,7 +21,7 @@ from harness_cli import app
 pytestmark = pytest.mark.timeout(900)
 
 ROW_KEYS = {"dataset", "model", "defence", "attack", "family", "adaptive", "status", "reason", "primary", "chance",
-            "seeds", "metrics", "queries", "flagged_at", "blocked_at", "utility", "wall_time_s", "curves", "images"}
+            "seeds", "metrics", "queries", "flagged_at", "blocked_at", "attacker_cost", "utility", "wall_time_s", "curves", "images"}
 
 
 @pytest.fixture(scope="module")
