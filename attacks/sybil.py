@@ -129,7 +129,7 @@ class KeyRotatingTarget(Target):
         """``rows`` shuffled among cover records (their share ``natural_share``), and where ``rows`` are."""
         if not self.natural_share:
             return rows, np.arange(len(rows))
-        extra = int(round(len(rows) * self.natural_share / (1.0 - self.natural_share)))
+        extra = round(len(rows) * self.natural_share / (1.0 - self.natural_share))
         cover = self.natural[self._rng.integers(len(self.natural), size=extra)]
         order = self._rng.permutation(len(rows) + extra)
         return np.concatenate([rows, cover])[order], np.argsort(order)[: len(rows)]

@@ -7,10 +7,11 @@ summarises a row's outcomes over seeds for ``benchmarks.report``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +21,16 @@ from attacks.sybil import KeyRotatingTarget
 from attacks.targets import HTTPTarget, OutputUnavailable, TargetBlocked, TargetThrottled
 from benchmarks import datasets, models, report
 from benchmarks.cache import Cache, digest
-from benchmarks.endpoint import (ATTACKER_KEYS, BENIGN_KEY, KEY_POOL, KEY_RATE_PER_HOUR, SYBIL_KEYS, guarded_app,
-                                 http_target, rotating_target)
+from benchmarks.endpoint import (
+    ATTACKER_KEYS,
+    BENIGN_KEY,
+    KEY_POOL,
+    KEY_RATE_PER_HOUR,
+    SYBIL_KEYS,
+    guarded_app,
+    http_target,
+    rotating_target,
+)
 from benchmarks.grid import BenchConfig, Cell, attacks_on, recipe
 from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, AttackSpec, Context, Defence
 from benchmarks.tabular import sensitive_breast_cancer

@@ -7,7 +7,8 @@ import contextlib
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -16,9 +17,9 @@ from attacks.targets import HTTPTarget
 from benchmarks import models
 from benchmarks.grid import DEFAULT_MAX_BODY_BYTES
 from benchmarks.scenarios import Context, Defence
-from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 from guard.identity import key_entry
+from guard.serving import prediction_app
 
 SYBIL_KEYS = 20
 """How many keys the Sybil attacker sends through at once."""
