@@ -98,9 +98,12 @@ class KeyRotatingTarget(Target):
         answered = self.queries - len(X)
         size = min(self.rows_per_request, -(-len(X) // self.active))
         parts = []
-        for rows in np.array_split(X, range(size, len(X), size)):
-            parts.append(self._send(rows, answered))
-            answered += len(rows)
+        try:
+            for rows in np.array_split(X, range(size, len(X), size)):
+                parts.append(self._send(rows, answered))
+                answered += len(rows)
+        finally:
+            self.queries = answered  # the rows answered, should the keys run out
         return np.concatenate(parts)
 
     def _send(self, rows: np.ndarray, answered: int) -> np.ndarray:
