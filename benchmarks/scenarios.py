@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from attacks.attribute import LearnedAttribute, MembershipAttribute
 from attacks.base import AttackResult
 from attacks.ensemble import Architecture, TrainingConfig
 from attacks.extraction import Copycat, EquationSolving, JacobianAugmentation, Knockoff
@@ -245,7 +246,9 @@ THREAT_MODELS = {
                  "alone (the auxiliary mean of the label's class if the attacker holds it, else of all its "
                  "data), judged the same way; verdicts are on the advantage over it.",
     "attribute": "The attacker knows a record's other attributes and its label, and queries the model once per "
-                 "value of the hidden attribute (Fredrikson et al. 2014, 2015). No-model reference: the best "
+                 "value of the hidden attribute (Fredrikson et al. 2014, 2015); the learned attack also queries it "
+                 "so on its own records to train its attack model, the membership-based one scores each "
+                 "completion with a membership attack (Yeom et al. 2018). No-model reference: the best "
                  "predictor of the attribute trained on the attacker's own data (prior's mode, logistic "
                  "regression or random forest, by cross-validation); verdicts are on the advantage over it.",
 }
@@ -403,7 +406,9 @@ def _averaged_answers(target: Target, context: Context) -> UndoneTarget:
     return averaging(target, repeats=16 if context.quick else 32)
 
 
-def _map_attribute(label_only: bool) -> Callable[[Target, Context], AttackResult]:
+def _attribute(build: Callable[[Context, int, np.ndarray], Any]) -> Callable[[Target, Context], AttackResult]:
+    """An attribute-inference attack ``build(context, column, values)`` on the target's training and test
+    records (members and non-members), with the attacker's auxiliary records."""
     def run(target: Target, context: Context) -> AttackResult:
         column, values = context.sensitive
         records, labels = context.part("train")
@@ -412,8 +417,7 @@ def _map_attribute(label_only: bool) -> Callable[[Target, Context], AttackResult
         X = np.concatenate([records, test_records])
         y = np.concatenate([labels, test_labels])
         members = np.concatenate([np.ones(len(labels), bool), np.zeros(len(test_labels), bool)])
-        kind = MAPAttributeLabelOnly if label_only else MAPAttribute
-        attack = kind(column, values, positive=float(values[-1]), seed=context.seed)
+        attack = build(context, column, values)
         return attack.run(target, X, y, aux_X, aux_y, truth=X[:, column].copy(), members=members)
     return run
 
@@ -502,10 +506,23 @@ ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
     AttackSpec("inverse-model-averaged-noise", "inversion", "lineup_accuracy", _inverse_model(False, _averaged_answers),
                lambda c: 0.2, applies=lambda c: _is_image(c) and defence_arguments(c.defence, "noise") is not None,
                requires=_needs_images, adaptive=lambda c: True),
-    AttackSpec("map-attribute", "attribute", "accuracy", _map_attribute(False), _prior_accuracy,
+    AttackSpec("map-attribute", "attribute", "accuracy",
+               _attribute(lambda c, column, values: MAPAttribute(column, values, positive=float(values[-1]),
+                                                                 seed=c.seed)), _prior_accuracy,
                applies=lambda c: c.sensitive is not None and not c.defence.public_format.label_only,
                requires=_needs_sensitive, adaptive=_knows_format),
-    AttackSpec("map-attribute-label-only", "attribute", "accuracy", _map_attribute(True), _prior_accuracy,
+    AttackSpec("map-attribute-label-only", "attribute", "accuracy",
+               _attribute(lambda c, column, values: MAPAttributeLabelOnly(column, values, positive=float(values[-1]),
+                                                                          seed=c.seed)), _prior_accuracy,
                applies=lambda c: c.sensitive is not None, requires=_needs_sensitive,
                adaptive=lambda c: c.defence.public_format.label_only),
+    AttackSpec("learned-attribute", "attribute", "accuracy",
+               _attribute(lambda c, column, values: LearnedAttribute(column, values, positive=float(values[-1]),
+                                                                     seed=c.seed)), _prior_accuracy,
+               applies=lambda c: c.sensitive is not None, requires=_needs_sensitive, adaptive=_knows_format),
+    AttackSpec("membership-attribute", "attribute", "accuracy",
+               _attribute(lambda c, column, values: MembershipAttribute(
+                   column, values, ThresholdAttack("loss", output=c.defence.public_format),
+                   positive=float(values[-1]), seed=c.seed)), _prior_accuracy,
+               applies=lambda c: c.sensitive is not None, requires=_needs_sensitive, adaptive=_knows_format),
 )}
