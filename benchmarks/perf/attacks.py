@@ -457,6 +457,68 @@ def extraction_budget(quick: bool) -> Rows:
              "agreement_max": float(np.max(values))} for (selection, budget), values in results.items()]
 
 
+@section("label-only-boundary")
+def label_only_boundary(quick: bool) -> Rows:
+    """Label-only membership on the digits targets (MLP and softmax regression, each trained on a random
+    half, every record a candidate; seeds 0-2, 0 with ``--quick``; one set of references per model kind):
+    the boundary-distance attack with HopSkipJump (Li & Zhang 2021; ``max_queries`` per candidate),
+    uncalibrated and calibrated per example (online and offline), beside the calibrated noise-robustness
+    attack the bench runs and the calibrated random-direction boundary distance. TPR at 1% FPR, mean over
+    the seeds and per seed, with its 95% Clopper-Pearson interval pooled over the seeds' members."""
+    import time
+
+    import numpy as np
+
+    from attacks.ensemble import Architecture
+    from attacks.hopskipjump import HopSkipJump
+    from attacks.membership import LabelOnlyAttack, LiRA
+    from attacks.observations import BoundaryDistance, HopSkipJumpDistance, LabelRobustness
+    from attacks.scoring import clopper_pearson
+    from attacks.targets import OutputFormat, TorchTarget
+    from benchmarks import datasets, models
+
+    digits = datasets.load("digits")
+    X, y = digits.X.astype(np.float64), digits.y
+    n_references, budget = (16, 300) if quick else (32, 300)
+    search = HopSkipJump(max_queries=budget, initial_samples=25)
+    rows: Rows = []
+    for kind in ("mlp", "softmax"):
+        games = []
+        for seed in range(1 if quick else 3):
+            member = np.zeros(len(y), dtype=bool)
+            member[np.random.default_rng(seed).permutation(len(y))[: len(y) // 2]] = True
+            games.append((models.train_target(kind, X[member], y[member], 10, seed=seed, epochs=60), member))
+        lira = LiRA(n_references, architecture=Architecture(kind))
+        references = lira.train_references(X, y, 10)
+
+        def calibrated(statistic, offline=False):
+            return lambda target, member: LiRA(n_references, offline=offline, architecture=Architecture(kind),
+                                               statistic=statistic).run(target, X, y, is_member=member,
+                                                                        references=references)
+
+        attacks = {
+            "noise robustness (32), calibrated online": calibrated(LabelRobustness(32)),
+            "boundary, random directions, calibrated online": calibrated(BoundaryDistance()),
+            f"hopskipjump boundary ({budget} queries), uncalibrated": lambda target, member: LabelOnlyAttack(
+                "hopskipjump", hopskipjump=search).run(target, X, y, is_member=member),
+            f"hopskipjump boundary ({budget} queries), calibrated online": calibrated(HopSkipJumpDistance(search)),
+            f"hopskipjump boundary ({budget} queries), calibrated offline": calibrated(HopSkipJumpDistance(search),
+                                                                                      offline=True),
+        }
+        for name, run in attacks.items():
+            start = time.perf_counter()
+            results = [run(TorchTarget(model, 10, output=OutputFormat(label_only=True)), member)
+                       for model, member in games]
+            tprs = [result.metrics["tpr_at_1pct_fpr"] for result in results]
+            members = sum(int(member.sum()) for _, member in games)
+            low, high = clopper_pearson(sum(t * member.sum() for t, (_, member) in zip(tprs, games)), members)
+            rows.append({"model": kind, "attack": name, "tpr_at_1pct_fpr": float(np.mean(tprs)),
+                         "per_seed": " ".join(f"{t:.3f}" for t in tprs), "ci_low": low, "ci_high": high,
+                         "auc": float(np.mean([r.metrics["auc"] for r in results])),
+                         "queries": results[0].queries, "seconds": (time.perf_counter() - start) / len(games)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
