@@ -488,13 +488,13 @@ def label_only_boundary(quick: bool) -> Rows:
             member = np.zeros(len(y), dtype=bool)
             member[np.random.default_rng(seed).permutation(len(y))[: len(y) // 2]] = True
             games.append((models.train_target(kind, X[member], y[member], 10, seed=seed, epochs=60), member))
-        lira = LiRA(n_references, architecture=Architecture(kind))
-        references = lira.train_references(X, y, 10)
+        architecture = Architecture(kind)
+        references = LiRA(n_references, architecture=architecture).train_references(X, y, 10)
 
-        def calibrated(statistic, offline=False):
-            return lambda target, member: LiRA(n_references, offline=offline, architecture=Architecture(kind),
-                                               statistic=statistic).run(target, X, y, is_member=member,
-                                                                        references=references)
+        def calibrated(statistic, offline=False, architecture=architecture, references=references):
+            return lambda target, is_member: LiRA(n_references, offline=offline, architecture=architecture,
+                                                  statistic=statistic).run(target, X, y, is_member=is_member,
+                                                                           references=references)
 
         attacks = {
             "noise robustness (32), calibrated online": calibrated(LabelRobustness(32)),
