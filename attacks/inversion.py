@@ -454,29 +454,34 @@ class MAPAttributeLabelOnly(MAPAttribute):
 def attribute_reference(aux_X: np.ndarray, aux_y: np.ndarray, attribute: int, values: np.ndarray,
                         n_classes: int, seed: int = 0) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The no-model reference of attribute inference: the best predictor of column ``attribute``
-    from the other columns and the label that the attacker can train on its own data, chosen by
-    3-fold cross-validated accuracy among the prior's mode, logistic regression and a random forest.
-    Returns ``guess(records, labels) -> values``."""
+    from the other columns and the label that the attacker can train on its own data
+    (``best_classifier``). Returns ``guess(records, labels) -> values``."""
+    def inputs(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.column_stack([np.delete(X, attribute, axis=1), np.eye(n_classes)[y]])
+
+    codes = np.abs(aux_X[:, attribute, None] - values).argmin(axis=1)
+    best = best_classifier(inputs(aux_X, aux_y), codes, seed)
+    return lambda records, labels: values[best.predict(inputs(np.asarray(records, dtype=np.float64),
+                                                              np.asarray(labels)))]
+
+
+def best_classifier(inputs: np.ndarray, codes: np.ndarray, seed: int = 0):
+    """The prior's mode, logistic regression or a random forest, whichever has the best 3-fold
+    cross-validated accuracy at predicting ``codes`` from ``inputs``, fitted on all of them."""
     from sklearn.dummy import DummyClassifier
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
 
-    def inputs(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.column_stack([np.delete(X, attribute, axis=1), np.eye(n_classes)[y]])
-
-    codes = np.abs(aux_X[:, attribute, None] - values).argmin(axis=1)
     candidates = [DummyClassifier(strategy="most_frequent"), LogisticRegression(max_iter=2000),
                   RandomForestClassifier(100, min_samples_leaf=2, random_state=seed)]
     folds = min(3, int(np.bincount(codes).max()))
     if len(np.unique(codes)) < 2 or folds < 2:
         best = candidates[0]
     else:
-        scores = [cross_val_score(model, inputs(aux_X, aux_y), codes, cv=folds).mean() for model in candidates]
+        scores = [cross_val_score(model, inputs, codes, cv=folds).mean() for model in candidates]
         best = candidates[int(np.argmax(scores))]
-    best.fit(inputs(aux_X, aux_y), codes)
-    return lambda records, labels: values[best.predict(inputs(np.asarray(records, dtype=np.float64),
-                                                              np.asarray(labels)))]
+    return best.fit(inputs, codes)
 
 
 def _image_measures(reconstructions: np.ndarray, labels: np.ndarray, references: np.ndarray | None,

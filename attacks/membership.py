@@ -10,7 +10,8 @@ output format (``OutputFormat``) and passes its own shadow/reference models' out
 - ``lira``: the likelihood-ratio attack, online and offline (Carlini et al., S&P 2022, sec. IV, Alg. 1);
 - ``rmia``: the relative membership attack, online and offline (Zarifzadeh, Liu, Shokri, ICML 2024, sec. 3);
 - ``label-only``: robustness to augmentation/noise and distance to the boundary
-  (Choquette-Choo et al., ICML 2021, sec. 4).
+  (Choquette-Choo et al., ICML 2021, sec. 4), the boundary found by HopSkipJump (Li & Zhang, CCS 2021,
+  sec. 3.3; Chen et al., S&P 2020).
 """
 from __future__ import annotations
 
@@ -22,7 +23,15 @@ from scipy.special import log_ndtr
 from attacks import scoring
 from attacks.base import Attack, AttackResult
 from attacks.ensemble import Architecture, Ensemble, TrainingConfig, random_halves, train_ensemble
-from attacks.observations import (Published, Statistic, boundary_distances, labels, observe, unit_directions)
+from attacks.hopskipjump import HopSkipJump
+from attacks.observations import (
+    Published,
+    Statistic,
+    boundary_distances,
+    labels,
+    observe,
+    unit_directions,
+)
 from attacks.targets import OutputFormat, OutputUnavailable, Target
 
 Data = tuple[np.ndarray, np.ndarray]
@@ -338,16 +347,19 @@ class LabelOnlyAttack(Attack):
     ``"augmentation"`` (fraction of shifted copies still classified correctly; needs ``image_shape``),
     ``"noise"`` (fraction of ``n_noise`` Gaussian-noised copies classified correctly), or ``"boundary"``
     (the smallest L2 step along ``n_directions`` random directions that flips the label, found by
-    binary search: a random-direction stand-in for the paper's HopSkipJump; 0 if misclassified).
+    binary search: a random-direction stand-in for the paper's HopSkipJump; 0 if misclassified), or
+    ``"hopskipjump"`` (the distance to the boundary HopSkipJump finds, ``attacks.hopskipjump``: Li & Zhang's
+    decision-boundary attack, CCS 2021, sec. 3.3, with ``hopskipjump``'s query budget per candidate).
     Only the predicted labels are used, so it runs against a label-only API."""
 
     name = "label-only"
 
     def __init__(self, method: str = "noise", *, image_shape: tuple[int, int] | None = None,
                  max_shift: int = 1, n_noise: int = 64, sigma: float = 0.05, n_directions: int = 8,
-                 max_distance: float = 8.0, search_steps: int = 10, seed: int = 0):
-        if method not in ("augmentation", "noise", "boundary"):
-            raise ValueError(f"method must be 'augmentation', 'noise' or 'boundary', got {method!r}")
+                 max_distance: float = 8.0, search_steps: int = 10, hopskipjump: HopSkipJump = HopSkipJump(),
+                 seed: int = 0):
+        if method not in ("augmentation", "noise", "boundary", "hopskipjump"):
+            raise ValueError(f"method must be 'augmentation', 'noise', 'boundary' or 'hopskipjump', got {method!r}")
         if method == "augmentation" and image_shape is None:
             raise ValueError("the augmentation attack shifts images: give image_shape")
         self.method = method
@@ -358,6 +370,7 @@ class LabelOnlyAttack(Attack):
         self.n_directions = n_directions
         self.max_distance = max_distance
         self.search_steps = search_steps
+        self.hopskipjump = hopskipjump
         self.seed = seed
 
     def run(self, target: Target, X: np.ndarray, y: np.ndarray, *,
@@ -367,6 +380,8 @@ class LabelOnlyAttack(Attack):
         rng = np.random.default_rng(self.seed)
         if self.method == "boundary":
             scores = self._boundary_distance(target, X, y, rng)
+        elif self.method == "hopskipjump":
+            scores, _ = self.hopskipjump.distances(partial(labels, target), X, y)
         else:
             views = (translations(X, self.image_shape, self.max_shift) if self.method == "augmentation"
                      else X + self.sigma * rng.standard_normal((self.n_noise, *X.shape)))

@@ -19,6 +19,9 @@ never its secret:
 - ``LabelRobustness``: against labels only, the fraction of noisy copies the target still labels
   correctly (Choquette-Choo et al., ICML 2021, sec. 4), calibrated per example by the references
   computing the same fraction on the same copies.
+- ``BoundaryDistance`` and ``HopSkipJumpDistance``: against labels only, the distance to the decision
+  boundary (along random directions; or found by HopSkipJump, Li & Zhang's decision-boundary attack),
+  each reference model running the same search.
 
 Each returns a ``Measurement``: the observed statistic as an interval ``[low, high]`` per view and
 candidate (``low == high`` for a point), the references' statistic, and what it learnt.
@@ -34,6 +37,7 @@ import numpy as np
 from scipy.special import logit, logsumexp
 
 from attacks.ensemble import Ensemble
+from attacks.hopskipjump import HopSkipJump
 from attacks.reverse_sigmoid import estimate_reverse_sigmoid, invert_reverse_sigmoid
 from attacks.targets import OutputFormat, OutputUnavailable, Target
 from attacks.undoing import STEPS, averaged_answers, fresh_step, log_average, towards_middle
@@ -242,6 +246,27 @@ class BoundaryDistance(Statistic):
         reference = boundary_distances(references.labels_each, views, y, directions, **search,
                                        models=len(references)).mean(axis=1)
         return Measurement(observed, observed, reference)
+
+
+@dataclass(frozen=True)
+class HopSkipJumpDistance(Statistic):
+    """Labels only: the decision-boundary attack of Li & Zhang ("Membership Leakage in Label-Only
+    Exposures", CCS 2021, sec. 3.3): the L2 distance from each view to the boundary that HopSkipJump
+    (``attacks.hopskipjump``, Chen et al., S&P 2020) finds with ``search.max_queries`` label queries per
+    view (0 where the view is misclassified), calibrated per example as in LiRA: each reference model
+    runs the same search on the same views, with the same random starts and probes. The statistic is
+    ``log(distance + floor)``: on the digits MLP (16 references, 300 queries) its Gaussians give TPR 0.051
+    at 1% FPR where the raw distance's give 0.013."""
+
+    search: HopSkipJump = HopSkipJump()
+    floor: float = 1e-3
+
+    def measure(self, target: Target, views: np.ndarray, y: np.ndarray, references: Ensemble) -> Measurement:
+        observed, queries = self.search.distances(partial(labels, target), views, y)
+        reference, _ = self.search.distances(references.labels_each,
+                                             np.broadcast_to(views, (len(references), *views.shape)), y)
+        observed, reference = np.log(observed + self.floor), np.log(reference + self.floor)
+        return Measurement(observed, observed, reference, {"queries_per_candidate": float(queries.mean())})
 
 
 def labels(target: Target, points: np.ndarray) -> np.ndarray:

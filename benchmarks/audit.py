@@ -298,7 +298,7 @@ def _attack(spec: AttackSpec, context: Context, server: Endpoint, dataset: datas
     else:
         why = "needs " + _NEEDS.get(spec.name, "what this endpoint and data do not offer")
     return {"status": "not-applicable", "reason": why, "metrics": {}, "queries": 0, "flagged_at": None,
-            "blocked_at": None, "wall_time_s": 0.0, "curves": {}, "images": {}}
+            "blocked_at": None, "attacker_cost": None, "wall_time_s": 0.0, "curves": {}, "images": {}}
 
 
 def _summary(spec: AttackSpec, outcome: dict[str, Any], context: Context) -> str:

@@ -7,19 +7,30 @@ summarises a row's outcomes over seeds for ``benchmarks.report``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from attacks.ensemble import TrainingConfig
+from attacks.sybil import KeyRotatingTarget
 from attacks.targets import HTTPTarget, OutputUnavailable, QueryBudgetExceeded, TargetBlocked, TargetThrottled
 from benchmarks import datasets, models, report
 from benchmarks.cache import Cache, digest
-from benchmarks.endpoint import BENIGN_KEY, ISSUED_KEYS, SYBIL_KEYS, guarded_app, http_target
+from benchmarks.endpoint import (
+    ATTACKER_KEYS,
+    BENIGN_KEY,
+    KEY_POOL,
+    KEY_RATE_PER_HOUR,
+    SYBIL_KEYS,
+    guarded_app,
+    http_target,
+    rotating_target,
+)
 from benchmarks.grid import BenchConfig, Cell, attacks_on, recipe
 from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, AttackSpec, Context, Defence
 from benchmarks.tabular import sensitive_breast_cancer
@@ -65,28 +76,34 @@ def run_cell(task: CellTask) -> Outcomes:
                              "adaptive": False}))
         if reason or not spec.applies(context) or spec.name not in chosen:
             continue
-        for keys in _key_counts(spec, defence):
-            key = (cell.dataset, cell.model, defence.name, spec.name if keys == 1 else f"{spec.name} ({keys} keys)")
-            outcome = store.outcome_or(cell_key(config, cell, spec.name, keys),
-                                       lambda: _attack(spec, context, config, keys))
+        for attacker in _attackers(spec, defence):
+            name = spec.name if attacker == ONE_KEY else f"{spec.name} ({attacker})"
+            outcome = store.outcome_or(cell_key(config, cell, spec.name, attacker),
+                                       lambda: _attack(spec, context, config, attacker))
             chance = outcome["metrics"].get(f"reference_{spec.primary}")  # the no-model reference
-            results.append((key, {**outcome, "utility": utility, "seed": cell.seed,
-                                  "chance": spec.chance(context) if chance is None else chance,
-                                  "adaptive": spec.adaptive(context) or keys > 1}))
+            results.append(((cell.dataset, cell.model, defence.name, name),
+                            {**outcome, "utility": utility, "seed": cell.seed,
+                             "chance": spec.chance(context) if chance is None else chance,
+                             "adaptive": spec.adaptive(context) or attacker != ONE_KEY}))
     return results
 
 
-def _key_counts(spec: AttackSpec, defence: Defence) -> tuple[int, ...]:
-    """Against monitoring, every attack that queries the API also runs spread over many API keys
-    (the Sybil attacker that per-client detectors such as PRADA cannot see), so monitoring is never
-    credited for stopping an attacker who would simply have used more keys."""
-    return (1, SYBIL_KEYS) if defence.monitoring and not spec.white_box else (1,)
+ONE_KEY = "one key"
+ROTATING = f"rotating {SYBIL_KEYS} of {KEY_POOL} keys"
+
+
+def _attackers(spec: AttackSpec, defence: Defence) -> tuple[str, ...]:
+    """Against monitoring, every attack that queries the API also runs as the key-rotating Sybil attacker
+    (``attacks.sybil``: ``SYBIL_KEYS`` keys at once, each sanctioned one dropped and its rows resent through
+    a fresh key of ``KEY_POOL``), so monitoring is credited with what it makes stealing cost, never with
+    stopping an attacker who would simply have used more keys."""
+    return (ONE_KEY, ROTATING) if defence.monitoring and not spec.white_box else (ONE_KEY,)
 
 
 def _not_applicable(reason: str) -> dict[str, Any]:
     """The outcome of an attack the data set cannot support, with the reason the report states."""
     return {"status": "not-applicable", "reason": reason, "metrics": {}, "queries": 0, "flagged_at": None,
-            "blocked_at": None, "wall_time_s": 0.0, "curves": {}, "images": {}}
+            "blocked_at": None, "attacker_cost": None, "wall_time_s": 0.0, "curves": {}, "images": {}}
 
 
 def calibrated_detectors(dataset: datasets.Dataset, X_own: np.ndarray, labeller, seed: int,
@@ -213,15 +230,20 @@ def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig)
                                                         context.dataset.y[held_out])}
 
 
-def _attack(spec: AttackSpec, context: Context, config: BenchConfig, keys: int) -> dict[str, Any]:
-    """One attack on one fresh guarded server."""
-    api_keys = list(ISSUED_KEYS[1:keys + 1])
-    with http_target(guarded_app(context, config.max_body_bytes), context.dataset.n_classes,
-                     context.dataset.n_features, config.live, api_keys, config.max_body_bytes) as target:
-        return attempt(spec, context, target)
+def _attack(spec: AttackSpec, context: Context, config: BenchConfig, attacker: str) -> dict[str, Any]:
+    """One attack on one fresh guarded server, through one key or as the key-rotating Sybil attacker."""
+    app = guarded_app(context, config.max_body_bytes)
+    shape = (context.dataset.n_classes, context.dataset.n_features, config.live)
+    if attacker == ONE_KEY:
+        with http_target(app, *shape, [ATTACKER_KEYS[0]], config.max_body_bytes) as target:
+            return attempt(spec, context, target)
+    with rotating_target(app, *shape, list(ATTACKER_KEYS), SYBIL_KEYS, config.max_body_bytes) as target:
+        outcome = attempt(spec, context, target)
+    cost = target.cost
+    return {**outcome, "attacker_cost": {**asdict(cost), "hours": cost.hours(KEY_RATE_PER_HOUR, SYBIL_KEYS)}}
 
 
-def attempt(spec: AttackSpec, context: Context, target: HTTPTarget) -> dict[str, Any]:
+def attempt(spec: AttackSpec, context: Context, target: HTTPTarget | KeyRotatingTarget) -> dict[str, Any]:
     """Run one attack against ``target``: its measures, or why it could not finish ("stopped" when
     the endpoint throttled, degraded or blocked it; "not-applicable" when it lacks what it needs or
     more queries than its budget)."""
@@ -235,7 +257,7 @@ def attempt(spec: AttackSpec, context: Context, target: HTTPTarget) -> dict[str,
     events = target.events
     return {"status": status, "reason": reason, "metrics": {k: float(v) for k, v in metrics.items()},
             "queries": target.queries, "flagged_at": events["degraded_at"] if events["degraded_at"] is not None
-            else events["throttled_at"], "blocked_at": events["blocked_at"],
+            else events["throttled_at"], "blocked_at": events["blocked_at"], "attacker_cost": None,
             "wall_time_s": time.perf_counter() - started, "curves": _curves(artefacts),
             "images": _images(artefacts), "samples": _samples(artefacts)}
 
@@ -285,6 +307,7 @@ def row(key: tuple, spec: AttackSpec, results: list[dict[str, Any]]) -> report.R
         "queries": report.summarise([r["queries"] for r in results]),
         "flagged_at": [r["flagged_at"] for r in results],
         "blocked_at": [r["blocked_at"] for r in results],
+        "attacker_cost": _attacker_cost(results),
         "utility": {name: report.summarise([r["utility"].get(name) for r in results])
                     for name in ("test_accuracy", "label_change_rate", "benign_flagged", "target_train_accuracy",
                                  "target_held_out_accuracy")},
@@ -292,3 +315,15 @@ def row(key: tuple, spec: AttackSpec, results: list[dict[str, Any]]) -> report.R
         "curves": first["curves"], "images": first["images"],
         "samples": [r.get("samples", {}) for r in done],  # per seed, as "metrics" values are
     }
+
+
+def _attacker_cost(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The key-rotating attacker's cost over seeds (None for other attackers): keys used and burned, rows
+    spent and lost, hours at ``KEY_RATE_PER_HOUR`` per key with ``SYBIL_KEYS`` keys at once, and in how many
+    seeds it finished."""
+    costs = [r["attacker_cost"] for r in results if r["attacker_cost"] is not None]
+    if not costs:
+        return None
+    summary = {name: report.summarise([c[name] for c in costs]) for name in costs[0]}
+    return {**summary, "finished": sum(r["status"] == "ok" for r in results), "keys": KEY_POOL,
+            "parallel": SYBIL_KEYS, "per_key_per_hour": KEY_RATE_PER_HOUR}

@@ -7,22 +7,31 @@ import contextlib
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from fastapi import FastAPI
 
+from attacks.sybil import KeyRotatingTarget
 from attacks.targets import HTTPTarget
 from benchmarks import models
 from benchmarks.grid import DEFAULT_MAX_BODY_BYTES
 from benchmarks.scenarios import Context, Defence
-from guard.serving import prediction_app
 from guard import GuardMiddleware, Policy
 from guard.identity import key_entry
+from guard.serving import prediction_app
 
 SYBIL_KEYS = 20
+"""How many keys the Sybil attacker sends through at once."""
+KEY_POOL = 200
+"""How many keys the key-rotating attacker holds in all (``attacks.sybil.KeyRotatingTarget``)."""
+KEY_RATE_PER_HOUR = 1000
+"""The per-key rate limit the monitoring rows price the attacker's time at (rows an hour per key): the bench
+does not enforce it (that would conflate rate limiting with detection), it converts queries into hours."""
 BENIGN_KEY = "benign-user"
 # The keys the bench's API has issued: the benign user's and the Sybil attacker's registered accounts.
-ISSUED_KEYS = (BENIGN_KEY, *(f"attacker-{i}" for i in range(SYBIL_KEYS)))
+ATTACKER_KEYS = tuple(f"attacker-{i}" for i in range(KEY_POOL))
+ISSUED_KEYS = (BENIGN_KEY, *ATTACKER_KEYS)
 
 
 
@@ -68,16 +77,38 @@ def http_target(app: FastAPI, n_classes: int, n_features: int, live: bool, api_k
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Iterator[HTTPTarget]:
     """An ``HTTPTarget`` for ``app``: in-process (ASGI transport) or over loopback to uvicorn, its
     requests sized to the guard's body limit."""
-    # An attacker throttled for more than a second gives up: the bench records whether and when
-    # monitoring throttled it, not how long a patient attacker would wait.
-    options = {"n_features": n_features, "api_keys": api_keys, "max_wait": 1.0,
-               "batch_size": rows_per_request(n_features, max_body_bytes)}
-    if not live:
-        with HTTPTarget("http://guarded/predict", n_classes, client=app, **options) as target:
-            yield target
-        return
-    with _serve(app) as port, HTTPTarget(f"http://127.0.0.1:{port}/predict", n_classes, **options) as target:
+    with _endpoint(app, live) as connect, connect(api_keys, n_classes, n_features, max_body_bytes) as target:
         yield target
+
+
+@contextlib.contextmanager
+def rotating_target(app: FastAPI, n_classes: int, n_features: int, live: bool, keys: list[str], active: int,
+                    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Iterator[KeyRotatingTarget]:
+    """The key-rotating Sybil attacker's view of ``app``: ``active`` of ``keys`` at once, each sanctioned
+    key dropped and its rows resent through a fresh one."""
+    with _endpoint(app, live) as connect, KeyRotatingTarget(
+            lambda key: connect([key], n_classes, n_features, max_body_bytes), keys, n_classes, active=active,
+            rows_per_request=rows_per_request(n_features, max_body_bytes)) as target:
+        yield target
+
+
+@contextlib.contextmanager
+def _endpoint(app: FastAPI, live: bool) -> Iterator[Callable[..., HTTPTarget]]:
+    """``connect(api_keys, n_classes, n_features, max_body_bytes)``: a fresh ``HTTPTarget`` on ``app``,
+    in process or over loopback to uvicorn."""
+    def connect(api_keys: list[str], n_classes: int, n_features: int, max_body_bytes: int) -> HTTPTarget:
+        # An attacker throttled for more than a second gives up (the rotating one drops the key): the bench
+        # records whether and when monitoring throttled it, not how long a patient attacker would wait.
+        return HTTPTarget(url, n_classes, client=client, n_features=n_features, api_keys=api_keys, max_wait=1.0,
+                          batch_size=rows_per_request(n_features, max_body_bytes))
+
+    if not live:
+        url, client = "http://guarded/predict", app
+        yield connect
+        return
+    with _serve(app) as port:
+        url, client = f"http://127.0.0.1:{port}/predict", None
+        yield connect
 
 
 @contextlib.contextmanager

@@ -158,8 +158,8 @@ def adaptive_rows(context: Context, independent: Independent, test: OwnershipTes
     app, answers = stolen([run.ISSUED_KEYS[1]])
     plain = copy(X, answers)
     yield verify_copy(context, app, plain, "augmented copycat", len(X), independent, test)
-    sybil_app, sybil_answers = stolen(list(run.ISSUED_KEYS[1:]))
-    yield verify_copy(context, sybil_app, copy(X, sybil_answers), f"… over {len(run.ISSUED_KEYS) - 1} keys",
+    sybil_app, sybil_answers = stolen(list(run.ATTACKER_KEYS[:run.SYBIL_KEYS]))
+    yield verify_copy(context, sybil_app, copy(X, sybil_answers), f"… over {run.SYBIL_KEYS} keys",
                       len(X), independent, test)
     keep = consistent_answers(X, answers, k, context.architecture, TrainingConfig(epochs=60), seed=context.seed)
     yield verify_copy(context, app, copy(X[keep], answers[keep]), f"… dropping {int((~keep).sum())} answers "

@@ -22,6 +22,12 @@
         "queries": {"mean": ..., "std": ..., "values": [...]},
         "flagged_at": [int | null, ...],   # per seed: query count when monitoring first flagged,
         "blocked_at": [int | null, ...],   # ... and first blocked or throttled the attacker
+        "attacker_cost": null | {      # the key-rotating Sybil attacker's rows (monitoring) only:
+            "keys_used": {...}, "keys_burned": {...}, "queries_spent": {...},  # per-seed summaries;
+            "queries_lost": {...}, "natural_queries": {...}, "hours": {...},   # spent = resent rows too
+            "finished": int,           # seeds in which it finished the attack
+            "keys": int, "parallel": int, "per_key_per_hour": int},  # its pool, keys at once, the
+                                       # per-key rate limit that prices its hours
         "utility": {"test_accuracy": {...}, "label_change_rate": {...},   # of the defended answers
                     "benign_flagged": {...},    # 1 when monitoring flagged the benign client
                     "target_train_accuracy": {...}, "target_held_out_accuracy": {...}},  # of the model
@@ -109,6 +115,16 @@ def _first_event(values: list[int | None]) -> str:
     return f"{int(np.median(seen))} ({len(seen)}/{len(values)} seeds)" if seen else "never"
 
 
+def _attacker_cost(cost: dict[str, Any] | None) -> str:
+    """"stealing costs >= N keys and T hours": the key-rotating attacker's burned keys, rows and hours."""
+    if cost is None:
+        return "–"
+    seeds = len(cost["keys_burned"]["values"])
+    return (f"{cost['keys_burned']['mean']:.0f} of {cost['keys']} keys burned, {cost['queries_spent']['mean']:.0f} "
+            f"rows, {cost['hours']['mean']:.2f} h at {cost['per_key_per_hour']}/h per key x {cost['parallel']}; "
+            f"finished {cost['finished']}/{seeds} seeds")
+
+
 def _verdict_table(findings: list[Row]) -> list[list[str]]:
     header = ["dataset", "model", "family", "defence", "strongest attack (undefended's)",
               "metric (chance or no-model reference, 95% CI)", "undefended (95% CI)", "defended (95% CI)", "verdict",
@@ -132,7 +148,7 @@ def _bounds(bounds: tuple[float, float] | None) -> str:
 
 def _rows_table(rows: list[Row]) -> list[list[str]]:
     header = ["dataset", "model", "defence", "attack", "status", "success", "queries", "flagged at",
-              "blocked at", "test accuracy", "labels changed", "wall s"]
+              "blocked at", "attacker cost", "test accuracy", "labels changed", "wall s"]
     lines = [header]
     for r in rows:
         bounds = _bounds(interval(r)) if r["status"] == "ok" else ""
@@ -141,7 +157,8 @@ def _rows_table(rows: list[Row]) -> list[list[str]]:
         success = _fmt(r["metrics"].get(r["primary"])) + bounds if r["status"] == "ok" else r["reason"]
         lines.append([r["dataset"], r["model"], r["defence"], r["attack"] + (" (adaptive)" if r["adaptive"] else ""),
                       r["status"], f"{r['primary']} {success}", _fmt(r["queries"]), _first_event(r["flagged_at"]),
-                      _first_event(r["blocked_at"]), _fmt(r["utility"]["test_accuracy"]),
+                      _first_event(r["blocked_at"]), _attacker_cost(r["attacker_cost"]),
+                      _fmt(r["utility"]["test_accuracy"]),
                       _fmt(r["utility"]["label_change_rate"]), _fmt(r["wall_time_s"])])
     return lines
 

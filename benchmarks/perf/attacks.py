@@ -520,6 +520,122 @@ def rmia(quick: bool) -> Rows:
     return rows
 
 
+@section("label-only-boundary")
+def label_only_boundary(quick: bool) -> Rows:
+    """Label-only membership on the digits targets (MLP and softmax regression, each trained on a random
+    half, every record a candidate; seeds 0-2, 0 with ``--quick``; one set of references per model kind):
+    the boundary-distance attack with HopSkipJump (Li & Zhang 2021; ``max_queries`` per candidate),
+    uncalibrated and calibrated per example (online and offline), beside the calibrated noise-robustness
+    attack the bench runs and the calibrated random-direction boundary distance. TPR at 1% FPR, mean over
+    the seeds and per seed, with its 95% Clopper-Pearson interval pooled over the seeds' members."""
+    import time
+
+    import numpy as np
+
+    from attacks.ensemble import Architecture
+    from attacks.hopskipjump import HopSkipJump
+    from attacks.membership import LabelOnlyAttack, LiRA
+    from attacks.observations import BoundaryDistance, HopSkipJumpDistance, LabelRobustness
+    from attacks.scoring import clopper_pearson
+    from attacks.targets import OutputFormat, TorchTarget
+    from benchmarks import datasets, models
+
+    digits = datasets.load("digits")
+    X, y = digits.X.astype(np.float64), digits.y
+    n_references, budget = (16, 300) if quick else (32, 300)
+    search = HopSkipJump(max_queries=budget, initial_samples=25)
+    rows: Rows = []
+    for kind in ("mlp", "softmax"):
+        games = []
+        for seed in range(1 if quick else 3):
+            member = np.zeros(len(y), dtype=bool)
+            member[np.random.default_rng(seed).permutation(len(y))[: len(y) // 2]] = True
+            games.append((models.train_target(kind, X[member], y[member], 10, seed=seed, epochs=60), member))
+        architecture = Architecture(kind)
+        references = LiRA(n_references, architecture=architecture).train_references(X, y, 10)
+
+        def calibrated(statistic, offline=False, architecture=architecture, references=references):
+            return lambda target, is_member: LiRA(n_references, offline=offline, architecture=architecture,
+                                                  statistic=statistic).run(target, X, y, is_member=is_member,
+                                                                           references=references)
+
+        attacks = {
+            "noise robustness (32), calibrated online": calibrated(LabelRobustness(32)),
+            "boundary, random directions, calibrated online": calibrated(BoundaryDistance()),
+            f"hopskipjump boundary ({budget} queries), uncalibrated": lambda target, member: LabelOnlyAttack(
+                "hopskipjump", hopskipjump=search).run(target, X, y, is_member=member),
+            f"hopskipjump boundary ({budget} queries), calibrated online": calibrated(HopSkipJumpDistance(search)),
+            f"hopskipjump boundary ({budget} queries), calibrated offline": calibrated(HopSkipJumpDistance(search),
+                                                                                      offline=True),
+        }
+        for name, run in attacks.items():
+            start = time.perf_counter()
+            results = [run(TorchTarget(model, 10, output=OutputFormat(label_only=True)), member)
+                       for model, member in games]
+            tprs = [result.metrics["tpr_at_1pct_fpr"] for result in results]
+            members = sum(int(member.sum()) for _, member in games)
+            low, high = clopper_pearson(sum(t * member.sum() for t, (_, member) in zip(tprs, games)), members)
+            rows.append({"model": kind, "attack": name, "tpr_at_1pct_fpr": float(np.mean(tprs)),
+                         "per_seed": " ".join(f"{t:.3f}" for t in tprs), "ci_low": low, "ci_high": high,
+                         "auc": float(np.mean([r.metrics["auc"] for r in results])),
+                         "queries": results[0].queries, "seconds": (time.perf_counter() - start) / len(games)})
+    return rows
+
+
+@section("attribute")
+def attribute(quick: bool) -> Rows:
+    """Attribute inference on the breast-cancer table (``benchmarks.tabular``; MLP targets, 100 epochs, on
+    5 splits, 2 with ``--quick``): MAP, the learned attack model and the membership-based attack, with
+    confidences and with labels only, beside the no-model reference (the best predictor the attacker
+    trains on its own records). Accuracy on all victims and on the members, pooled over the splits, each
+    with its 95% Clopper-Pearson interval."""
+    import numpy as np
+
+    from attacks.attribute import LearnedAttribute, MembershipAttribute
+    from attacks.inversion import MAPAttribute, MAPAttributeLabelOnly
+    from attacks.membership import ThresholdAttack
+    from attacks.scoring import clopper_pearson
+    from attacks.targets import CallableTarget, OutputFormat
+    from benchmarks import datasets, models
+    from benchmarks.tabular import sensitive_breast_cancer
+
+    data = sensitive_breast_cancer()
+    T, labels, column, values = data.dataset.X.astype(np.float64), data.dataset.y, data.attribute, data.values
+    cuts = [datasets.split(data.dataset, seed=seed) for seed in range(2 if quick else 5)]
+    targets = [models.train_target("mlp", T[cut.train], labels[cut.train], 2, seed=seed, epochs=100)
+               for seed, cut in enumerate(cuts)]
+    full, label_only = OutputFormat(), OutputFormat(label_only=True)
+    attacks = {("map", "full"): lambda: MAPAttribute(column, values, positive=1.0),
+               ("map", "label_only"): lambda: MAPAttributeLabelOnly(column, values, positive=1.0),
+               ("learned", "full"): lambda: LearnedAttribute(column, values, positive=1.0),
+               ("learned", "label_only"): lambda: LearnedAttribute(column, values, positive=1.0),
+               ("membership (loss threshold)", "full"): lambda: MembershipAttribute(
+                   column, values, ThresholdAttack("loss"), positive=1.0),
+               ("membership (loss threshold)", "label_only"): lambda: MembershipAttribute(
+                   column, values, ThresholdAttack("loss", output=label_only), positive=1.0)}
+    rows: Rows = []
+    for (name, output), build in attacks.items():
+        counts = {key: [0, 0] for key in ("accuracy", "reference_accuracy", "members_accuracy",
+                                          "members_reference_accuracy")}
+        for cut, model in zip(cuts, targets):
+            records = np.concatenate([cut.train, cut.test])
+            members = np.arange(len(records)) < len(cut.train)
+            target = CallableTarget(lambda X, model=model: models.predict_proba(model, X), 2,
+                                    output=full if output == "full" else label_only)
+            metrics = build().run(target, T[records], labels[records], T[cut.aux], labels[cut.aux],
+                                  truth=T[records, column], members=members).metrics
+            for key, tally in counts.items():
+                n = int(members.sum()) if key.startswith("members") else len(records)
+                tally[0] += metrics[key] * n
+                tally[1] += n
+        row: dict[str, object] = {"attack": name, "output": output}
+        for key, (hits, n) in counts.items():
+            low, high = clopper_pearson(hits, n)
+            row[key] = f"{hits / n:.3f} [{low:.3f}, {high:.3f}]"
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from attacks import scoring
+from attacks.hopskipjump import HopSkipJump
 from attacks.membership import LabelOnlyAttack, LiRA
-from attacks.observations import (AveragedNoise, BoundaryDistance, InvertedReverseSigmoid, LabelRobustness,
-                                  RoundedInterval)
+from attacks.observations import (AveragedNoise, BoundaryDistance, HopSkipJumpDistance, InvertedReverseSigmoid,
+                                  LabelRobustness, RoundedInterval)
 from attacks.reverse_sigmoid import estimate_reverse_sigmoid, invert_reverse_sigmoid, reverse_sigmoid
 from attacks.targets import CallableTarget, OutputFormat
 from benchmarks import models
@@ -64,6 +65,18 @@ def test_calibrated_boundary_distance_beats_the_uncalibrated_one(digits, members
     uncalibrated = LabelOnlyAttack("boundary").run(target, digits.X, digits.y, is_member=member)
     assert _tpr(calibrated) > 2 * max(_tpr(uncalibrated), 0.01)
     assert calibrated.queries == (8 * 10 + 1) * len(digits.y)
+
+
+def test_calibrated_hopskipjump_distance_beats_the_uncalibrated_one(digits, membership_game, references):
+    """Li & Zhang's boundary distance from HopSkipJump, each reference model running the same search."""
+    model, member = membership_game
+    target = _defended(model, ["label_only"], label_only=True)
+    search = HopSkipJump(max_queries=120, initial_samples=20)
+    calibrated = _run(LiRA(REFERENCES, statistic=HopSkipJumpDistance(search)), target, digits, member, references)
+    uncalibrated = LabelOnlyAttack("hopskipjump", hopskipjump=search).run(target, digits.X, digits.y, is_member=member)
+    assert _tpr(calibrated) > 2 * max(_tpr(uncalibrated), 0.01)
+    assert calibrated.queries == uncalibrated.queries == calibrated.metrics["queries_per_candidate"] * len(digits.y)
+    assert calibrated.metrics["queries_per_candidate"] <= 120
 
 
 def test_inverting_the_reverse_sigmoid_gives_back_lira(digits, membership_game, references, undefended):

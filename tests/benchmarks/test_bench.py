@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(900)
 
 ROW_KEYS = {"dataset", "model", "defence", "attack", "family", "adaptive", "status", "reason", "primary", "chance",
             "seeds", "metrics", "queries", "flagged_at", "blocked_at", "utility", "wall_time_s", "curves", "images",
-            "samples"}
+            "samples", "attacker_cost"}
 
 
 @pytest.fixture(scope="module")

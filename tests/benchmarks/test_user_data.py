@@ -119,13 +119,19 @@ def test_a_csv_with_a_named_sensitive_column_runs_end_to_end(tmp_path):
     np.savetxt(path, np.column_stack([table.dataset.X, table.dataset.y]), delimiter=",",
                header=",".join(names), comments="", fmt="%.6g")
     result, results = _bench(tmp_path / "out", "--data", str(path), "--sensitive", "concave_level",
-                             "--defences", "none,label_only", "--attacks", "map-attribute,map-attribute-label-only")
+                             "--defences", "none,label_only",
+                             "--attacks", "map-attribute,map-attribute-label-only,learned-attribute,membership-attribute")
     assert result.exit_code == 0, result.output
     rows = {(r["defence"], r["attack"]): r for r in results["rows"]}
     confidence = rows[("none", "map-attribute")]
     assert confidence["status"] == "ok" and confidence["chance"] == confidence["metrics"]["reference_accuracy"]["mean"]
     assert rows[("label_only", "map-attribute-label-only")]["status"] == "ok"
     assert ("label_only", "map-attribute") not in rows  # confidences are not published there
+    for defence in ("none", "label_only"):  # the learned attacks read labels where there are no confidences
+        for attack in ("learned-attribute", "membership-attribute"):
+            learned = rows[(defence, attack)]
+            assert learned["status"] == "ok" and learned["family"] == "attribute", learned["reason"]
+            assert learned["chance"] == learned["metrics"]["reference_accuracy"]["mean"]
     assert "reference_accuracy" in (tmp_path / "out" / "report.md").read_text() or \
         "no-model reference" in (tmp_path / "out" / "report.md").read_text()
 
