@@ -70,11 +70,11 @@ MIN_TRAIN_ACCURACY = 0.8
 def recipe(dataset: str, kind: str, images: bool = False) -> Recipe:
     """The zoo's recipe for ``kind`` on ``dataset``: on the bundled faces and any user's images,
     Fredrikson's; on a user's table, ``TABLE_RECIPES``; on digits and breast cancer, the default."""
+    if dataset in BUNDLED_TARGETS:
+        return Recipe(kind)
     if (dataset.startswith("faces") or images) and kind in FACES_RECIPES:
         return FACES_RECIPES[kind]
-    if dataset not in BUNDLED_TARGETS and kind in TABLE_RECIPES:
-        return TABLE_RECIPES[kind]
-    return Recipe(kind)
+    return TABLE_RECIPES.get(kind, Recipe(kind))
 
 
 def train_recipe(model: nn.Module, recipe: Recipe, X: np.ndarray, y: np.ndarray, seed: int) -> nn.Module:
