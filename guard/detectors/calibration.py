@@ -134,7 +134,7 @@ def expected_false_alarms(calibrated_on: int, fpr: float) -> float:
     """The expected false-alarm rate on fresh benign clients (PRADA) or queries (similarity) of a
     threshold ``calibrate`` set from ``calibrated_on`` of them: it lies beyond the ``k``-th highest
     benign score, ``k = floor(fpr * n) + 1``, which a fresh exchangeable score exceeds with probability
-    ``k / (n + 1)`` (at most that, with ties). Always above ``fpr``; close to it once ``fpr * n >> 1``."""
+    ``k / (n + 1)`` (at most that, with ties): close to ``fpr`` only once ``fpr * n >> 1``."""
     rank = min(math.floor(fpr * calibrated_on), calibrated_on - 1) + 1
     return rank / (calibrated_on + 1)
 
