@@ -130,7 +130,7 @@ def _context(config: BenchConfig, cell: Cell, defence: Defence, shared: Callable
     dataset, sensitive = load_dataset(cell.dataset, config.sensitive)
     split = datasets.split(dataset, cell.seed)
     X_train = dataset.X[split.train]
-    recipe = target_recipe(config, cell.dataset, cell.model, len(split.train))
+    recipe = target_recipe(config, dataset, cell.model, len(split.train))
     model = _target(config, cell, defence, shared)
     held_out = split.held_out
     evaluator_model = shared(("evaluator",), lambda: models.train_target(
@@ -148,17 +148,18 @@ def _context(config: BenchConfig, cell: Cell, defence: Defence, shared: Callable
 def _target(config: BenchConfig, cell: Cell, defence: Defence, shared: Callable) -> torch.nn.Module:
     dataset, _ = load_dataset(cell.dataset, config.sensitive)
     split = datasets.split(dataset, cell.seed)
-    recipe = target_recipe(config, cell.dataset, cell.model, len(split.train))
+    recipe = target_recipe(config, dataset, cell.model, len(split.train))
     return shared(("target", defence.dp_epsilon), lambda: _train_target(
         dataset, cell.model, recipe, dataset.X[split.train], dataset.y[split.train], defence, cell.seed, config))
 
 
-def target_recipe(config: BenchConfig, name: str, kind: str, n_train: int) -> models.Recipe:
-    """The target's architecture and training: the zoo's recipe for the data set, with the user's
-    choices (``--hidden``, ``--activation``, ``--lr``, ``--epochs``) over it; without ``--epochs``,
-    sized to the data (``models.MIN_STEPS``)."""
+def target_recipe(config: BenchConfig, dataset: datasets.Dataset, kind: str, n_train: int) -> models.Recipe:
+    """The target's architecture and training: the zoo's recipe for the data set and its kind (images or
+    a table), with the user's choices (``--hidden``, ``--activation``, ``--lr``, ``--epochs``) over it;
+    without ``--epochs``, sized to the data (``models.MIN_STEPS``)."""
     chosen = {"hidden": config.hidden, "activation": config.activation, "lr": config.lr, "epochs": config.epochs}
-    recipe = replace(models.recipe(name, kind), **{k: v for k, v in chosen.items() if v is not None})
+    recipe = replace(models.recipe(dataset.name, kind, images=dataset.image_shape is not None),
+                     **{k: v for k, v in chosen.items() if v is not None})
     return recipe if config.epochs else recipe.sized(n_train)
 
 
@@ -187,19 +188,25 @@ def _labeller(model: torch.nn.Module):
 
 def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X: np.ndarray, y: np.ndarray,
                   defence: Defence, seed: int, config: BenchConfig) -> torch.nn.Module:
-    """The target of one cell; refused (``models.Underfit``) when, trained without DP, it does not fit
-    its own training set (DP-SGD's lower fit is its privacy cost, reported as utility). DP-SGD trains with
-    its own recipe (``guard.dp.DP_RECIPE``), not the non-private one."""
-    torch.manual_seed(seed)
-    model = (_user_model(config.model, dataset) if kind == "user"
-             else recipe.build(dataset.n_features, dataset.n_classes))
+    """The target of one cell. Without DP: the recipe, or the first of ``models.fit``'s few variations
+    of its learning rate and epochs (those the user did not set) that fits the training set to the floor
+    (``models.train_accuracy_floor``); refused (``models.Underfit``) if none does. DP-SGD trains with its
+    own recipe (``guard.dp.DP_RECIPE``) sized to the data, never the non-private one, and is not held to
+    the floor (its lower fit is its privacy cost, reported as utility)."""
+    def build() -> torch.nn.Module:
+        return (_user_model(config.model, dataset) if kind == "user"
+                else recipe.build(dataset.n_features, dataset.n_classes))
+
     if defence.dp_epsilon is None:
-        models.train_recipe(model, recipe, X, y, seed)
-        models.require_fit(model, X, y, config.min_train_accuracy, f"the {kind} target on {dataset.name} (seed {seed})")
-        return model
+        fixed = frozenset(name for name in ("lr", "epochs") if getattr(config, name) is not None)
+        floor = models.train_accuracy_floor(X, y, config.min_train_accuracy, dataset.image_shape is not None)
+        return models.fit(build, recipe, X, y, seed, floor,
+                          f"the {kind} target on {dataset.name} (seed {seed})", fixed)
     from guard.dp import DP_RECIPE, train_private
 
-    private, _ = train_private(model, (X, y), target_epsilon=defence.dp_epsilon, seed=seed, **DP_RECIPE.options(len(X)))
+    torch.manual_seed(seed)
+    private, _ = train_private(build(), (X, y), target_epsilon=defence.dp_epsilon, seed=seed,
+                               **DP_RECIPE.options(len(X)))
     return private.eval()
 
 

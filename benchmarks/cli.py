@@ -44,8 +44,9 @@ def bench(
     activation: str | None = typer.Option(None, parser=Names("benchmarks.models:ACTIVATIONS"),
                                           help="Hidden activation of the target MLP."),
     lr: float | None = typer.Option(None, min=0.0, help="Learning rate of the targets (Adam)."),
-    min_train_accuracy: float = typer.Option(0.8, min=0.0, max=1.0, help="Refuse a target that fits its own "
-                                             "training set worse than this."),
+    min_train_accuracy: float | None = typer.Option(None, min=0.0, max=1.0, help="Refuse a target that fits its "
+                                                    "own training set worse than this (default: 0.8, or less "
+                                                    "on noisy data: docs/user-data.md)."),
     defences: list[str] | None = typer.Option(None, parser=Names("benchmarks.scenarios:DEFENCES",
                                                                  several=True),
                                               help="Defence configurations (comma-separated or repeated)."),

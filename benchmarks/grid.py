@@ -35,7 +35,7 @@ class BenchConfig:
     hidden: int | None = None  # the target MLP's hidden units (None: the recipe's)
     activation: str | None = None  # the target MLP's activation (None: the recipe's)
     lr: float | None = None  # the target's learning rate (None: the recipe's)
-    min_train_accuracy: float = 0.8  # refuse a target that fits its training set worse than this
+    min_train_accuracy: float | None = None  # the floor on a target's training-set accuracy (None: models.train_accuracy_floor)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # the guard's request-body limit; batches are sized to it
     sensitive: str | None = None  # the sensitive column of users' data sets (attribute inference)
     command: str = ""

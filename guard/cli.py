@@ -232,61 +232,68 @@ def train_dp(
 def calibrate(
     policy: str = typer.Argument(..., help="TOML or YAML policy file; its `detectors` get the thresholds."),
     data: str = typer.Option(..., help="Benign queries: digits, breast_cancer, or a .csv/.npz file."),
-    clients: int = typer.Option(10, min=1, help="Benign client streams the queries are dealt into."),
-    fpr: float = typer.Option(0.001, min=0.0, max=1.0, help="Target false-positive rate."),
+    clients: int = typer.Option(10, min=1, help="Benign client streams the queries are dealt into (at least 2: "
+                                "some are always held out)."),
+    fpr: float = typer.Option(0.001, min=0.0, max=1.0, help="Target false-positive rate (per client for "
+                              "prada, per query for similarity)."),
     detector: list[str] | None = typer.Option(None, parser=Names("guard.detectors:DETECTORS", several=True),
                                               help="Detectors to calibrate (default: all)."),
-    holdout: float = typer.Option(0.25, min=0.0, max=0.9, help="Share of the clients held out to measure "
-                                  "the false alarms the thresholds cause (0: none)."),
+    holdout: float = typer.Option(0.25, min=0.05, max=0.9, help="Share of the clients (at least one) held out "
+                                  "to measure the false alarms the thresholds cause."),
+    scale: bool | None = typer.Option(None, "--scale/--no-scale", help="Calibrate on features scaled to [0, 1] "
+                                      "(default: scaled for digits and breast_cancer, as the demo serves them; "
+                                      "a file's as they are in it, as clients send them)."),
     force: bool = typer.Option(False, "--force", help="Write thresholds the data cannot support."),
     seed: int = typer.Option(0, help="Seed of the shuffle before dealing the queries."),
 ) -> None:
     """Set detector thresholds from benign data to a target false-positive rate and write them into
     the policy file, keeping its comments (Chen, Carlini & Wagner 2019, section 4). The data set's
     labels stand in for the model's predicted labels, which an accurate model matches on natural
-    data. Held-out benign clients are replayed with the new thresholds and their false alarms shown."""
+    data. Some clients are always held out and replayed with the new thresholds, and their false
+    alarms shown beside the rate expected on fresh benign clients. Data too small for the target rate
+    is refused."""
     import asyncio
     from pathlib import Path
 
-    import numpy as np
-
     from guard import data as datasets
-    from guard.detectors.calibration import adequacy, false_alarms, hold_out, write_policy
+    from guard.detectors.calibration import (adequacy, deal, expected_false_alarms, false_alarms, hold_out,
+                                             write_policy)
     from guard.detectors.calibration import calibrate as fit_thresholds
     from guard.policy import Policy
 
     names = split_names(detector) or ("prada", "similarity")
+    if clients < 2:
+        typer.echo("guard calibrate: one client stream leaves none to hold out, and thresholds set on a single "
+                   "client have no margin for any other; use --clients 2 or more (nothing written)", err=True)
+        raise typer.Exit(2)
     try:
         configured = Policy.from_file(policy).detectors if Path(policy).exists() else {}
         dataset = datasets.load(data)
     except (ValueError, OSError) as error:
         typer.echo(f"guard calibrate: {error}", err=True)
         raise typer.Exit(2) from error
-    order = np.random.default_rng(seed).permutation(len(dataset.X))
-    X, y = dataset.X[order], dataset.y[order]
-    streams = {f"benign-{i}": (X[i::clients], y[i::clients]) for i in range(clients)}
-    fitting, held_out = hold_out(streams, holdout) if holdout > 0 and clients > 1 else (streams, {})
+    served = dataset.X if (data in datasets.BUNDLED if scale is None else scale) else dataset.raw(dataset.X)
+    fitting, held_out = hold_out(deal(served, dataset.y, clients, seed), holdout)
     settings = {name: configured.get(name, {}) for name in names}
-    errors, warnings = adequacy(fitting, settings, fpr)
-    for line in warnings:
-        typer.echo(f"warning: {line}", err=True)
+    errors = adequacy(fitting, settings, fpr)
     for line in errors:
         typer.echo(f"{'warning' if force else 'error'}: {line}", err=True)
     if errors and not force:
-        typer.echo("guard calibrate: the data cannot support these thresholds; nothing written "
-                   "(--force writes them anyway)", err=True)
+        typer.echo(f"guard calibrate: {len(dataset.X)} benign queries in {clients} clients ({len(held_out)} held out) "
+                   "cannot support these thresholds; nothing written (--force writes them anyway)", err=True)
         raise typer.Exit(2)
     thresholds = asyncio.run(fit_thresholds(fitting, settings, fpr=fpr))
     write_policy(policy, thresholds)
     for name, values in thresholds.items():
         typer.echo(f"{name}: " + ", ".join(f"{key} = {value:.6g}" for key, value in values.items()))
-    typer.echo(f"wrote the thresholds for {sum(len(f) for f, _ in fitting.values())} benign queries from "
-               f"{len(fitting)} clients into {policy}")
-    if held_out:
-        rates = asyncio.run(false_alarms(held_out, {n: {**settings[n], **thresholds[n]} for n in names}))
-        for name, rate in rates.items():
-            typer.echo(f"{name} on {len(held_out)} held-out benign clients: {rate['clients']:.1%} of clients "
-                       f"and {rate['queries']:.2%} of queries alarmed (target {fpr:g})")
+    queries = sum(len(f) for f, _ in fitting.values())
+    typer.echo(f"wrote the thresholds for {queries} benign queries from {len(fitting)} clients into {policy}")
+    rates = asyncio.run(false_alarms(held_out, {n: {**settings[n], **thresholds[n]} for n in names}))
+    for name, rate in rates.items():
+        unit, count = ("clients", len(fitting)) if name == "prada" else ("queries", queries)
+        typer.echo(f"{name}: expected false-alarm rate {expected_false_alarms(count, fpr):.2%} of fresh benign "
+                   f"{unit} (target {fpr:g}); on {len(held_out)} held-out benign clients {rate['clients']:.1%} "
+                   f"of clients and {rate['queries']:.2%} of queries alarmed")
 
 
 @app.command()

@@ -106,12 +106,12 @@ async def calibrate(
 
 
 def adequacy(streams: Mapping[str, Stream], config: Mapping[str, Mapping[str, Any]],
-             fpr: float) -> tuple[list[str], list[str]]:
-    """What ``streams`` cannot support: ``(errors, warnings)``. Errors: PRADA streams too short to
-    give it a single ``W`` (its threshold would be meaningless, ``delta = 1``). Warnings: fewer
-    clients (PRADA) or queries (similarity) than ``1 / fpr``, so the rate measured cannot go as
-    low as the target and the threshold is only the most lenient value seen."""
-    errors, warnings = [], []
+             fpr: float) -> list[str]:
+    """What ``streams`` cannot support, one line each: PRADA streams too short to give it a single
+    ``W`` (its threshold would be meaningless, ``delta = 1``); fewer clients (PRADA judges clients) or
+    queries (similarity judges queries) than ``1 / fpr``, so the rate cannot be measured as low as the
+    target and the threshold would only be the most lenient value seen, with no margin."""
+    errors = []
     lengths = [len(features) for features, _ in streams.values()]
     for name, settings in config.items():
         if name == "prada":
@@ -121,13 +121,29 @@ def adequacy(streams: Mapping[str, Stream], config: Mapping[str, Mapping[str, An
                               f"more than {floor + 1} per client to judge it: give more data, fewer "
                               f"--clients, or a smaller min_distances")
             if len(streams) * fpr < 1:
-                warnings.append(f"prada: {len(streams)} benign clients cannot show a false-alarm rate of "
-                                f"{fpr:g} (the least is 1/{len(streams)}); delta is set just below the "
-                                f"worst benign client, with no margin")
+                errors.append(f"prada: {len(streams)} benign clients cannot show a false-alarm rate of "
+                              f"{fpr:g} per client (the least they can show is 1/{len(streams)}): use "
+                              f"--fpr {1 / len(streams):.3g} or more, or more data and --clients")
         elif name == "similarity" and sum(lengths) * fpr < 1:
-            warnings.append(f"similarity: {sum(lengths)} benign queries cannot show a false-alarm rate of "
-                            f"{fpr:g}; the threshold is set just above the most similar benign query")
-    return errors, warnings
+            errors.append(f"similarity: {sum(lengths)} benign queries cannot show a false-alarm rate of "
+                          f"{fpr:g} per query: use --fpr {1 / sum(lengths):.3g} or more, or more data")
+    return errors
+
+
+def expected_false_alarms(calibrated_on: int, fpr: float) -> float:
+    """The expected false-alarm rate on fresh benign clients (PRADA) or queries (similarity) of a
+    threshold ``calibrate`` set from ``calibrated_on`` of them: it lies beyond the ``k``-th highest
+    benign score, ``k = floor(fpr * n) + 1``, which a fresh exchangeable score exceeds with probability
+    ``k / (n + 1)`` (at most that, with ties): close to ``fpr`` only once ``fpr * n >> 1``."""
+    rank = min(math.floor(fpr * calibrated_on), calibrated_on - 1) + 1
+    return rank / (calibrated_on + 1)
+
+
+def deal(X: np.ndarray, y: np.ndarray, clients: int, seed: int = 0) -> dict[str, Stream]:
+    """The rows ``(X, y)`` shuffled (seeded) and dealt round-robin into ``clients`` benign streams."""
+    order = np.random.default_rng(seed).permutation(len(X))
+    X, y = X[order], y[order]
+    return {f"benign-{i}": (X[i::clients], y[i::clients]) for i in range(clients)}
 
 
 def hold_out(streams: Mapping[str, Stream], fraction: float) -> tuple[dict[str, Stream], dict[str, Stream]]:

@@ -97,7 +97,8 @@ def _bench(out, *options):
 def test_a_users_npz_of_images_runs_end_to_end(tmp_path, image_npz):
     result, results = _bench(tmp_path, "--data", str(image_npz), "--defences", "none,round:2",
                              "--attacks", "inverse-model,mi-face,shadow,map-attribute",
-                             "--max-body-bytes", "65536", "--epochs", "120")
+                             "--max-body-bytes", "65536", "--epochs", "120",
+                             "--hidden", "64", "--activation", "relu", "--lr", "0.01")  # small: the test is of the flow
     assert result.exit_code == 0, result.output
     rows = {(r["model"], r["defence"], r["attack"]): r for r in results["rows"]}
     assert results["config"]["image_shapes"] == {"my_faces": [16, 16]}
@@ -140,3 +141,4 @@ def test_an_underfitting_target_is_refused_with_its_accuracy(tmp_path, image_npz
     result, _ = _bench(tmp_path, "--data", str(image_npz), "--defences", "none", "--attacks", "copycat",
                        "--epochs", "1", "--lr", "1e-6")
     assert result.exit_code == 2 and "underfits" in result.output and "accuracy on its own training set" in result.output
+    assert "--min-train-accuracy" in result.output and "--epochs" in result.output  # the options to change

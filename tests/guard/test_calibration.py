@@ -9,8 +9,10 @@ import tomllib
 import yaml
 
 from guard.detectors import build_detector
-from guard.detectors.calibration import adequacy, calibrate, false_alarms, interleave, replay, write_policy
+from guard.detectors.calibration import (adequacy, calibrate, deal, expected_false_alarms, false_alarms,
+                                         hold_out, interleave, replay, write_policy)
 from guard.store.memory import MemoryStore
+from conftest import monitor_drained
 
 
 def streams(
@@ -116,13 +118,19 @@ def test_write_policy_keeps_the_toml_files_comments(tmp_path):
                                                 "similarity": {"threshold": 7.0}}
 
 
-def test_adequacy_refuses_streams_too_short_for_prada_and_warns_on_few_clients(rng):
+def test_adequacy_refuses_streams_too_short_for_prada_and_too_few_for_the_rate(rng):
     short = streams(rng, clients=10, queries=15)
-    errors, warnings = adequacy(short, {"prada": {}, "similarity": {}}, fpr=0.001)
-    assert len(errors) == 1 and "15 queries" in errors[0]
-    assert any("10 benign clients" in line for line in warnings)
-    assert any("150 benign queries" in line for line in warnings)
-    assert adequacy(streams(rng, 4, 130), {"prada": {}}, fpr=0.25) == ([], [])
+    errors = adequacy(short, {"prada": {}, "similarity": {}}, fpr=0.001)
+    assert "15 queries" in errors[0]
+    assert any("10 benign clients" in line and "--fpr 0.1 " in line for line in errors)
+    assert any("150 benign queries" in line and "--fpr" in line for line in errors)
+    assert adequacy(streams(rng, 4, 130), {"prada": {}}, fpr=0.25) == []
+
+
+def test_the_expected_false_alarm_rate_is_the_rank_of_the_threshold_among_fresh_scores():
+    assert expected_false_alarms(9, 0.001) == pytest.approx(1 / 10)  # beyond the worst of 9: 1 in 10
+    assert expected_false_alarms(4, 0.25) == pytest.approx(2 / 5)  # one of 4 alarms: the 2nd highest of 5
+    assert 0.001 < expected_false_alarms(100_000, 0.001) < 0.00101
 
 
 async def test_false_alarms_count_clients_and_queries(rng):
@@ -150,3 +158,86 @@ def test_guard_calibrate_refuses_a_small_data_set_and_reports_held_out_false_ala
                                       "--detector", "similarity", "--fpr", "0.01"])
     assert result.exit_code == 0, result.output
     assert "held-out benign clients" in result.output and "# mine" in path.read_text()
+
+
+def _calibrate(*options: str):
+    from typer.testing import CliRunner
+
+    from guard.cli import app
+
+    return CliRunner().invoke(app, ["calibrate", *options])
+
+
+def test_guard_calibrate_refuses_a_single_client_and_a_rate_the_clients_cannot_show(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text('secret = "a secret of sixteen+"\n')
+    single = _calibrate(str(path), "--data", "breast_cancer", "--clients", "1")
+    assert single.exit_code == 2 and "--clients 2 or more" in single.output
+    too_few = _calibrate(str(path), "--data", "breast_cancer", "--clients", "4", "--detector", "prada")
+    assert too_few.exit_code == 2 and "3 benign clients cannot show a false-alarm rate of 0.001" in too_few.output
+    assert "--fpr 0.333" in too_few.output and "nothing written" in too_few.output
+    assert path.read_text() == 'secret = "a secret of sixteen+"\n'
+    done = _calibrate(str(path), "--data", "breast_cancer", "--clients", "4", "--detector", "prada", "--fpr", "0.34")
+    assert done.exit_code == 0, done.output
+    assert "expected false-alarm rate 50.00% of fresh benign clients" in done.output  # 2nd highest of 3 + 1
+    assert "on 1 held-out benign clients" in done.output
+
+
+async def _sanctioned(policy_file, streams, X_all, y_all) -> list[str]:
+    """The clients blocked when each replays its stream through a guarded server with the policy's
+    detectors (any alarm blocks), one server per client; the model answers each row's own label."""
+    import httpx
+
+    from guard import GuardMiddleware, Policy
+    from guard.serving import prediction_app
+
+    def answer(X: np.ndarray) -> np.ndarray:
+        nearest = ((X[:, None, :] - X_all[None]) ** 2).sum(axis=2).argmin(axis=1)
+        return np.eye(int(y_all.max()) + 1)[y_all[nearest]]
+
+    detectors = Policy.from_file(policy_file).detectors
+    route = {"features": "/features", "probabilities": "/probabilities", "sanctions": {"ladder": {"block": 60}}}
+    blocked = []
+    for client, (features, _) in streams.items():
+        app = prediction_app(answer, X_all.shape[1])
+        app.add_middleware(GuardMiddleware, policy=Policy(secret="a secret of sixteen+", routes={"/predict": route},
+                                                          detectors=detectors))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("203.0.113.9", 4000)),
+                                     base_url="http://guarded") as http:
+            codes = []
+            for row in [*features.tolist(), features[0].tolist()]:  # the last one reads the standing
+                codes.append((await http.post("/predict", json={"features": row})).status_code)
+                await monitor_drained(app)
+        if 403 in codes:
+            blocked.append(client)
+    return blocked
+
+
+def test_a_benign_client_replaying_the_calibration_data_in_its_own_units_is_not_sanctioned(tmp_path):
+    """The issue's case: thresholds calibrated on [0, 1]-scaled features judge clients that send the file's
+    units (delta 0.90 on breast cancer): every benign client replaying the calibration data is blocked.
+    Calibrated on the features as clients send them, the held-out client and all but the calibration
+    clients the target rate lets alarm (floor(0.34 * 3) = 1) replay it untouched."""
+    import asyncio
+
+    from sklearn.datasets import load_breast_cancer
+
+    from guard import data
+
+    bunch = load_breast_cancer()
+    csv = tmp_path / "tumours.csv"
+    np.savetxt(csv, np.column_stack([bunch.data, bunch.target]), delimiter=",", comments="", fmt="%.6g",
+               header=",".join([*(f"x{i}" for i in range(30)), "malignant"]))
+    dataset = data.load(str(csv))
+    X_all, y_all = dataset.raw(dataset.X), dataset.y  # the rows as the file has them
+    for scale, most in (("--scale", 4), ("--no-scale", 1)):
+        path = tmp_path / f"policy{scale}.toml"
+        done = _calibrate(str(path), "--data", str(csv), "--clients", "4", "--detector", "prada", "--fpr", "0.34",
+                          scale)
+        assert done.exit_code == 0, done.output
+        fitting, held_out = hold_out(deal(X_all, y_all, 4), 0.25)
+        blocked = asyncio.run(_sanctioned(path, {**fitting, **held_out}, X_all, y_all))
+        if scale == "--scale":
+            assert len(blocked) == 4  # every benign client, the calibration's own included
+        else:
+            assert len(blocked) <= most and not set(blocked) & set(held_out)

@@ -201,7 +201,8 @@ def test_guard_calibrate_writes_thresholds_the_policy_loads(tmp_path):
 
     path = tmp_path / "policy.toml"
     path.write_text(f'secret = "{SECRET}"\n[detectors.similarity]\nwindow = 20\n')
-    result = CliRunner().invoke(app, ["calibrate", str(path), "--data", "digits", "--clients", "5"])
+    result = CliRunner().invoke(app, ["calibrate", str(path), "--data", "digits", "--clients", "5",
+                                      "--fpr", "0.25"])
     assert result.exit_code == 0, result.output
     detectors = Policy.from_file(path).detectors
     assert detectors["similarity"]["window"] == 20
