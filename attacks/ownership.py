@@ -17,6 +17,7 @@ attacker's queries, or wrong towards the same classes, raises its control rate a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,8 @@ ALPHA = 1e-6
 ASSUMPTIONS = (
     "the records are the owner's, unaltered, and their labels are class indices in the suspect's class order",
     "watermarked and control queries were chosen by a keyed hash the suspect's trainer never had",
-    "an independent model agrees with a watermark label as often as with a control label (exchangeable "
-    "records), so the p-value is exact under that null; it is not a claim about any other model",
+    ("an independent model agrees with a watermark label as often as with a control label (exchangeable "
+     "records), so the p-value is exact under that null; it is not a claim about any other model"),
     "per-client verdicts are taken at alpha divided by the number of clients (Bonferroni)",
 )
 
@@ -108,6 +109,27 @@ def p_value(watermarks: int, reproduced: int, controls: int, agreed: int) -> flo
     if watermarks == 0:
         return 1.0
     return float(hypergeom.sf(reproduced - 1, watermarks + controls, reproduced + agreed, watermarks))
+
+
+def watermarks_needed(null_rate: float, alpha: float = ALPHA, controls_per_mark: int = 9,
+                      most: int = 100_000) -> int:
+    """The fewest watermarks with which ``p_value`` can reach ``alpha``: every watermark reproduced,
+    beside ``controls_per_mark`` controls each agreed with at the suspect's ``null_rate`` (its rate of
+    agreeing with wrong labels, measured on controls). Fewer, and no suspect can be accused at
+    ``alpha``, whatever it reproduces: a statistical limit of the test, not of the copy. ``most`` if
+    even that many do not suffice."""
+    for marks in range(1, most):
+        controls = controls_per_mark * marks
+        if p_value(marks, marks, controls, round(null_rate * controls)) <= alpha:
+            return marks
+    return most
+
+
+def queries_needed(rate: float, null_rate: float, alpha: float = ALPHA, controls_per_mark: int = 9) -> int:
+    """The queries a copier makes, on average, before the answers it trains on hold
+    ``watermarks_needed`` watermarks at the watermark's ``rate``: fewer, and no claim at ``alpha`` is
+    possible against its copy."""
+    return math.ceil(watermarks_needed(null_rate, alpha, controls_per_mark) / rate)
 
 
 def evidence(scope: str, matches: np.ndarray, watermarked: np.ndarray, alpha: float) -> Evidence:

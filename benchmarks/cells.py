@@ -17,7 +17,7 @@ import torch
 
 from attacks.ensemble import TrainingConfig
 from attacks.targets import HTTPTarget, OutputUnavailable, TargetBlocked, TargetThrottled
-from benchmarks import datasets, models, report
+from benchmarks import datasets, models, ownership, report
 from benchmarks.cache import Cache, digest
 from benchmarks.endpoint import BENIGN_KEY, ISSUED_KEYS, SYBIL_KEYS, guarded_app, http_target
 from benchmarks.grid import BenchConfig, Cell, attacks_on, recipe
@@ -45,6 +45,14 @@ def cell_key(config: BenchConfig, cell: Cell, *detail: Any) -> str:
 
 def run_cell(task: CellTask) -> Outcomes:
     """Every attack of the run on the cell's defence: (row key, per-seed outcome) pairs."""
+    return defence_outcomes(task, DEFENCES[task.cell.defence])
+
+
+def defence_outcomes(task: CellTask, defence: Defence, adaptive: bool = True) -> Outcomes:
+    """Every attack of the run on ``defence`` (the cell's, or one built outside ``DEFENCES``, e.g. a
+    watermark at another rate); where it watermarks, the ownership family's rows too: each extraction
+    copy verified (``benchmarks.ownership``) and, for the watermark alone, with ``adaptive`` and
+    outside ``--quick``, the adaptive copiers."""
     config, cell = task.config, task.cell
     store = Cache(task.cache)
     group = digest("group", recipe(config), cell.model, cell.seed, data_digest(cell.dataset, config.sensitive))
@@ -52,10 +60,11 @@ def run_cell(task: CellTask) -> Outcomes:
     def shared(key: tuple, make: Callable[[], Any]) -> Any:
         return store.model(digest(group, key), make)
 
-    defence = DEFENCES[cell.defence]
     context = _context(config, cell, defence, shared)
     undefended = context.model if defence.dp_epsilon is None else _target(config, cell, DEFENCES["none"], shared)
     utility = _utility(context, undefended, config)
+    watermarks = ownership.rate_of(defence) is not None
+    cost = {"accuracy_cost": models.accuracy(undefended, *context.part("test")) - utility["test_accuracy"]}
     results, chosen = [], attacks_on(config, defence.name)
     for spec in (ATTACK_SPECS[a] for a in config.attacks):
         reason = spec.requires(context)
@@ -67,13 +76,29 @@ def run_cell(task: CellTask) -> Outcomes:
             continue
         for keys in _key_counts(spec, defence):
             key = (cell.dataset, cell.model, defence.name, spec.name if keys == 1 else f"{spec.name} ({keys} keys)")
-            outcome = store.outcome_or(cell_key(config, cell, spec.name, keys),
-                                       lambda: _attack(spec, context, config, keys))
+            verify = watermarks and spec.family == "extraction"
+            outcome = store.outcome_or(cell_key(config, cell, spec.name, keys, verify),
+                                       lambda: _attack(spec, context, config, keys, verify))
             chance = outcome["metrics"].get(f"reference_{spec.primary}")  # the no-model reference
             results.append((key, {**outcome, "utility": utility, "seed": cell.seed,
                                   "chance": spec.chance(context) if chance is None else chance,
                                   "adaptive": spec.adaptive(context) or keys > 1}))
+            if outcome.get("ownership"):
+                metrics = {**outcome["ownership"], **cost, "agreement_test": outcome["metrics"]["agreement_test"]}
+                results.append(((*key[:3], ownership.PREFIX + key[3]),
+                                {**ownership.row_outcome(outcome, metrics), "utility": utility, "seed": cell.seed}))
+    if watermarks and adaptive and len(defence.output) == 1 and not config.quick:
+        adaptive = store.outcome_or(cell_key(config, cell, "ownership-adaptive"), lambda: [
+            list(pair) for pair in ownership.adaptive_outcomes(context, config.max_body_bytes)])
+        results += [((cell.dataset, cell.model, defence.name, ownership.PREFIX + name),
+                     {**outcome, "metrics": {**outcome["metrics"], **cost}, "utility": utility, "seed": cell.seed})
+                    for name, outcome in adaptive]
     return results
+
+
+def spec_of(attack: str) -> AttackSpec:
+    """The spec of a row's attack name (``copycat (20 keys)``: copycat; ``ownership: ...``: the family's)."""
+    return ownership.OWNERSHIP if attack.startswith(ownership.PREFIX) else ATTACK_SPECS[attack.split(" (")[0]]
 
 
 def _key_counts(spec: AttackSpec, defence: Defence) -> tuple[int, ...]:
@@ -212,17 +237,22 @@ def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig)
                                                         context.dataset.y[held_out])}
 
 
-def _attack(spec: AttackSpec, context: Context, config: BenchConfig, keys: int) -> dict[str, Any]:
-    """One attack on one fresh guarded server."""
+def _attack(spec: AttackSpec, context: Context, config: BenchConfig, keys: int, verify: bool = False
+            ) -> dict[str, Any]:
+    """One attack on one fresh guarded server; with ``verify``, its copy tested against the
+    watermark records the server kept (``benchmarks.ownership.verifier``)."""
     api_keys = list(ISSUED_KEYS[1:keys + 1])
-    with http_target(guarded_app(context, config.max_body_bytes), context.dataset.n_classes,
-                     context.dataset.n_features, config.live, api_keys, config.max_body_bytes) as target:
-        return attempt(spec, context, target)
+    app = guarded_app(context, config.max_body_bytes)
+    with http_target(app, context.dataset.n_classes, context.dataset.n_features, config.live, api_keys,
+                     config.max_body_bytes) as target:
+        return attempt(spec, context, target, ownership.verifier(context, app) if verify else None)
 
 
-def attempt(spec: AttackSpec, context: Context, target: HTTPTarget) -> dict[str, Any]:
+def attempt(spec: AttackSpec, context: Context, target: HTTPTarget,
+            verify: Callable[[Any], dict[str, float]] | None = None) -> dict[str, Any]:
     """Run one attack against ``target``: its measures, or why it could not finish ("stopped" when
-    the endpoint throttled, degraded or blocked it; "not-applicable" when it lacks what it needs)."""
+    the endpoint throttled, degraded or blocked it; "not-applicable" when it lacks what it needs);
+    with ``verify``, also ``ownership``: what ``verify`` measures of the attack's copy."""
     started = time.perf_counter()
     try:
         result = spec.run(target, context)
@@ -231,7 +261,9 @@ def attempt(spec: AttackSpec, context: Context, target: HTTPTarget) -> dict[str,
         stopped = any(value is not None for value in target.events.values())
         status, reason, metrics, artefacts = "stopped" if stopped else "not-applicable", str(error), {}, {}
     events = target.events
+    verified = verify(artefacts["model"]) if verify is not None and "model" in artefacts else {}
     return {"status": status, "reason": reason, "metrics": {k: float(v) for k, v in metrics.items()},
+            "ownership": {k: float(v) for k, v in verified.items()},
             "queries": target.queries, "flagged_at": events["degraded_at"] if events["degraded_at"] is not None
             else events["throttled_at"], "blocked_at": events["blocked_at"],
             "wall_time_s": time.perf_counter() - started, "curves": _curves(artefacts),

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from attacks.ensemble import TrainingConfig
-from benchmarks.scenarios import ATTACK_SPECS, DEFENCES
+from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, watermark_defences
 
 TARGETS = {"digits": ("softmax", "mlp"), "breast_cancer": ("mlp",), "faces": ("softmax", "mlp"),
            "faces64": ("softmax", "mlp")}
@@ -68,10 +68,17 @@ it on some target (digits softmax and MLP, breast cancer MLP) in the full grid's
 default's verdicts and summary are the full run's on that seed, at the full run's budgets and
 reference counts. ``python -m benchmarks.perf.strongest results.json`` derives it from a full run."""
 
+OWNERSHIP_SUITE = ("copycat", "copycat-k-center", "knockoff-adaptive", "jacobian", "equation-solving")
+"""The default grid's attacks on the watermark defences: every extraction attack, whose copies the
+ownership family verifies (``benchmarks.ownership``)."""
+OWNERSHIP = {defence.name: OWNERSHIP_SUITE for defence in watermark_defences()}
+
+DEFAULT_AGAINST = {**STRONGEST, **OWNERSHIP}
+
 GRIDS: dict[str, dict[str, Any]] = {
     "full": {},
-    "default": {"seeds": (0,), "against": STRONGEST,
-                "attacks": tuple(a for a in ATTACK_SPECS if any(a in chosen for chosen in STRONGEST.values()))},
+    "default": {"seeds": (0,), "against": DEFAULT_AGAINST,
+                "attacks": tuple(a for a in ATTACK_SPECS if any(a in chosen for chosen in DEFAULT_AGAINST.values()))},
     "quick": {"datasets": ("digits",), "seeds": (0,), "quick": True,
               "defences": ("none", "round:1", "label_only", "monitoring", "dp-eps8"),
               "attacks": ("equation-solving", "equation-solving-rounding-aware", "knockoff-adaptive",

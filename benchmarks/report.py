@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from attacks.scoring import clopper_pearson
+from benchmarks import ownership
 from guard.outputs import read_spec
 
 SCHEMA_VERSION = 1
@@ -425,6 +426,8 @@ def _markdown(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> s
         "## Inversion and attribute inference beside the no-model reference", _markdown_table(_inversion_table(rows)),
         "## DP-SGD: measured membership advantage and its theoretical bound", _markdown_table(_dp_table(config, rows)),
         DP_AUDIT_NOTE,
+        "## Ownership: copies proven from the watermark records", _markdown_table(ownership.section(rows)),
+        ownership.NOTE,
         "## All rows", _markdown_table(_rows_table(rows)),
         "Figures are in `report.html`; every number is the mean ± standard deviation over the listed seeds.",
     ] if part) + "\n"
@@ -455,6 +458,8 @@ def _html(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
             f"<h2>Inversion and attribute inference beside the no-model reference</h2>{table(_inversion_table(rows))}"
             f"<h2>DP-SGD: measured membership advantage and its theoretical bound</h2>{table(_dp_table(config, rows))}"
             f"<p>{html.escape(DP_AUDIT_NOTE)}</p>"
+            f"<h2>Ownership: copies proven from the watermark records</h2>{table(ownership.section(rows))}"
+            f"<p>{html.escape(ownership.NOTE)}</p>"
             f"<h2>Figures</h2>{figures}"
             f"<h2>All rows</h2>{table(_rows_table(rows))}</body></html>")
 
