@@ -9,7 +9,8 @@ output defences, and keeps the watermark records. The owner tests each extractio
 attacker's own labelled data, one batched ensemble each) tested against the same records must not be
 accused. Adaptive attackers (Kerckhoffs: they know the scheme and r) on an augmented Copycat of 4,000
 queries: one that spreads its queries over 20 API keys, one that drops the answers its own out-of-fold
-ensemble disputes, one that distils its copy into a fresh model on fresh inputs.
+ensemble disputes, one that distils its copy into a fresh model on fresh inputs, one that fine-tunes
+its copy on its own labelled data.
 
 In ``guard bench`` the family's rows come from the extraction attacks of the cells whose defence
 watermarks (``benchmarks.cells``); ``python -m benchmarks.ownership`` runs the same at other rates
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy as copy_module
 import functools
 import time
 from collections.abc import Callable, Iterator
@@ -42,10 +44,14 @@ from attacks.ownership import (
 from benchmarks.endpoint import ISSUED_KEYS, guarded_app, http_target
 from benchmarks.scenarios import WATERMARK_RATE, AttackSpec, Context, Defence, watermark_defences
 from guard.middleware import GuardMiddleware
+from guard.models import train
 
 AUGMENTED_QUERIES = 4000
 """The augmented Copycat's queries: the attacker's pool and noisy variants of it (the suite's
 attackers spend a few hundred, which carry about one watermark each at r = 0.005)."""
+FINE_TUNING_EPOCHS = 30
+"""Epochs of the fine-tuning attacker: Adam at 1e-3 on the attacker's own labelled data, from the copy
+(fine-tuning as watermark removal, as Adi et al., USENIX Security 2018, test it, applied to a stolen copy)."""
 INDEPENDENT_ARCHITECTURES = (Architecture("softmax"), Architecture("mlp", 64), Architecture("mlp", 256, "tanh"))
 INDEPENDENT_PER_ENSEMBLE = 9
 """Models per (training data, architecture): 2 x 3 x 9 = 54 independent models per target."""
@@ -167,8 +173,8 @@ def adaptive_outcomes(context: Context, max_body_bytes: int) -> Iterator[tuple[s
             answers = target.predict(X)
         return kept_records(app), answers
 
-    def copy(inputs: np.ndarray, labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        return labeller(train_copy(inputs, np.eye(k)[labels], hidden, epochs=100, seed=context.seed))
+    def copy(inputs: np.ndarray, labels: np.ndarray) -> torch.nn.Module:
+        return train_copy(inputs, np.eye(k)[labels], hidden, epochs=100, seed=context.seed)
 
     def outcome(records: Records, predict: Callable[[np.ndarray], np.ndarray], started: float,
                 adaptive: bool) -> dict[str, Any]:
@@ -180,18 +186,23 @@ def adaptive_outcomes(context: Context, max_body_bytes: int) -> Iterator[tuple[s
     started = time.perf_counter()
     records, answers = stolen([ISSUED_KEYS[1]])
     plain = copy(X, answers)
-    yield "augmented copycat", outcome(records, plain, started, False)
+    yield "augmented copycat", outcome(records, labeller(plain), started, False)
     started = time.perf_counter()
     sybil_records, sybil_answers = stolen(list(ISSUED_KEYS[1:]))
     yield f"augmented copycat over {len(ISSUED_KEYS) - 1} keys", outcome(
-        sybil_records, copy(X, sybil_answers), started, True)
+        sybil_records, labeller(copy(X, sybil_answers)), started, True)
     started = time.perf_counter()
     keep = consistent_answers(X, answers, k, context.architecture, TrainingConfig(epochs=60), seed=context.seed)
     yield "augmented copycat dropping the answers its ensemble disputes", outcome(
-        records, copy(X[keep], answers[keep]), started, True)
+        records, labeller(copy(X[keep], answers[keep])), started, True)
     started = time.perf_counter()
     fresh = augmented_queries(context, AUGMENTED_QUERIES, context.seed + 1)
-    yield "augmented copycat distilled on fresh inputs", outcome(records, copy(fresh, plain(fresh)), started, True)
+    yield "augmented copycat distilled on fresh inputs", outcome(
+        records, labeller(copy(fresh, labeller(plain)(fresh))), started, True)
+    started = time.perf_counter()
+    own_X, own_y = context.part("aux")
+    tuned = train(copy_module.deepcopy(plain), own_X, own_y, epochs=FINE_TUNING_EPOCHS, lr=1e-3, seed=context.seed)
+    yield "augmented copycat fine-tuned on its own labelled data", outcome(records, labeller(tuned), started, True)
 
 
 def section(rows: list[dict[str, Any]]) -> list[list[str]]:
