@@ -1,7 +1,11 @@
-"""Ownership verification against watermark records: DAWN's test (Szyller, Atli, Marchal, Asokan,
-"DAWN: Dynamic Adversarial Watermarking of Neural Networks", ACM MM 2021, Section 4): query the
-suspect on the inputs whose answers were watermarked and count how many of the wrong labels it
-reproduces; a model trained on those answers reproduces many, an independent model few.
+"""Ownership verification against watermark records, after DAWN (Szyller, Atli, Marchal, Asokan,
+"DAWN: Dynamic Adversarial Watermarking of Neural Networks", ACM MM 2021; arXiv:1906.00830): query
+the suspect on the inputs whose answers were watermarked and count how many of the wrong labels it
+reproduces; a model trained on those answers reproduces many, an independent model few. DAWN claims
+ownership when a surrogate reproduces more of them than an independent model plausibly could (its
+abstract: confidence above 1 - 2^-64, from watermarks on under 0.5% of the queries); its reference
+code measures the fraction reproduced on a watermark set (250 in its MNIST and CIFAR-10
+configurations) and holds no statistical test. The test below is this module's own.
 
 The records (one JSON object a line, as ``guard watermarks export`` writes them) hold *watermark*
 queries, answered with a keyed wrong label, and *control* queries from the same clients, answered
@@ -140,7 +144,7 @@ def evidence(scope: str, matches: np.ndarray, watermarked: np.ndarray, alpha: fl
 
 
 class OwnershipTest:
-    """DAWN's ownership verification (Section 4) at false-accusation level ``alpha``, on at most
+    """Ownership verification after DAWN at false-accusation level ``alpha``, on at most
     ``max_queries`` records (a random subset, the same for every suspect with the same ``seed``)."""
 
     def __init__(self, alpha: float = ALPHA, max_queries: int = 2000, seed: int = 0) -> None:

@@ -238,7 +238,7 @@ def _pairs(measures: dict[str, list[float]], part: str, whole: str) -> str:
     return ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(measures[part], measures[whole]))
 
 
-NOTE = ("Each copy is tested with DAWN's test (Fisher's exact test of its agreement with the watermark labels "
+NOTE = ("Each copy is tested as DAWN proposes (Fisher's exact test of its agreement with the watermark labels "
         f"against its agreement with the control labels, alpha {ALPHA:g}, at most 2,000 records); 'false "
         "accusations' counts the independent models accused with the same records; 'queries needed' is the "
         "number of queries a copier must make, at the defence's rate, before its answers hold enough watermarks "

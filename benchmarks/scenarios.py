@@ -259,7 +259,7 @@ THREAT_MODELS = {
                  "alone (the auxiliary mean of the label's class if the attacker holds it, else of all its "
                  "data), judged the same way; verdicts are on the advantage over it.",
     "ownership": "Nothing stops the copier; the API watermarks its answers (DAWN, Szyller et al. 2021) and keeps "
-                 "the records. Each extraction attack's copy is tested with DAWN's test (Fisher's exact test of its "
+                 "the records. Each extraction attack's copy is tested as DAWN proposes (here Fisher's exact test of its "
                  "agreement with watermark labels against control labels, alpha 1e-6); adaptive copiers know the "
                  "scheme and r. No-model reference: 54 independent models (3 architectures, trained on the owner's "
                  "data and on the attacker's own labelled data) tested against the same records must not be "
