@@ -8,7 +8,7 @@
                                        # attacks, seeds, query budgets, package versions
       "rows": [{
         "dataset": str, "model": str, "defence": str, "attack": str,
-        "family": "extraction" | "membership" | "inversion" | "attribute",
+        "family": "extraction" | "membership" | "inversion" | "attribute" | "ownership",
         "adaptive": bool,              # the attack was told the defence's public output format
         "status": "ok" | "not-applicable" | "failed",
         "reason": str,                 # why, when status is not "ok"
