@@ -72,13 +72,14 @@ def rate_of(defence: Defence) -> float | None:
     return float(rates[0]) if rates else None
 
 
-def kept_records(app) -> Records:
-    """The watermark records the (built) app's guard kept: the owner's export."""
+def kept_records(app) -> Records | None:
+    """The watermark records the (built) app's guard kept: the owner's export (None if it kept none:
+    a copier of a few queries may draw neither a watermark nor a control)."""
     layer = app.middleware_stack
     while not isinstance(layer, GuardMiddleware):
         layer = layer.app
     kept = asyncio.run(layer.monitoring.watermarks.export())
-    return Records.from_lines([record.encode() for record in kept])
+    return Records.from_lines([record.encode() for record in kept]) if kept else None
 
 
 class Independent:
@@ -112,14 +113,20 @@ def independent_models(context: Context) -> Independent:
                          lambda: Independent(context, context.seed))
 
 
-def verified(records: Records, predict: Callable[[np.ndarray], np.ndarray], independent: Independent,
+def verified(records: Records | None, predict: Callable[[np.ndarray], np.ndarray], independent: Independent,
              rate: float, test: OwnershipTest | None = None) -> dict[str, float]:
     """The family's measures of one copy (``predict``: its labels) against ``records``: the pooled
     test's counts, p-value and verdict, the clients accused one by one (at alpha over their number),
     the independent models accused with the same records, and the queries a copier must make before a
     claim at alpha is possible at ``rate`` (``queries_needed``, at the copy's own measured rate of
-    agreeing with control labels, or the independent models' where it saw none)."""
+    agreeing with control labels, or the independent models' where it saw none). Without records
+    nothing is tested: no copy and no independent model is accused."""
     test = test or OwnershipTest()
+    if records is None:
+        return {"verified": 0.0, "p_value": 1.0, "watermarks": 0, "reproduced": 0, "controls": 0, "agreed": 0,
+                "verification_queries": 0, "clients": 0, "clients_accused": 0, "false_accusations": 0,
+                "independent_models": len(independent), "independent_min_p": 1.0, "null_agreement": 0.0,
+                "queries_needed": queries_needed(rate, 0.0, test.alpha)}
     verification = test.run(predict, records)
     others = independent.judge(test, records)
     e = verification.overall
