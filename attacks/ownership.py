@@ -1,7 +1,11 @@
-"""Ownership verification against watermark records: DAWN's test (Szyller, Atli, Marchal, Asokan,
-"DAWN: Dynamic Adversarial Watermarking of Neural Networks", ACM MM 2021, Section 4): query the
-suspect on the inputs whose answers were watermarked and count how many of the wrong labels it
-reproduces; a model trained on those answers reproduces many, an independent model few.
+"""Ownership verification against watermark records, after DAWN (Szyller, Atli, Marchal, Asokan,
+"DAWN: Dynamic Adversarial Watermarking of Neural Networks", ACM MM 2021; arXiv:1906.00830): query
+the suspect on the inputs whose answers were watermarked and count how many of the wrong labels it
+reproduces; a model trained on those answers reproduces many, an independent model few. DAWN claims
+ownership when a surrogate reproduces more of them than an independent model plausibly could (its
+abstract: confidence above 1 - 2^-64, from watermarks on under 0.5% of the queries); its reference
+code measures the fraction reproduced on a watermark set (250 in its MNIST and CIFAR-10
+configurations) and holds no statistical test. The test below is this module's own.
 
 The records (one JSON object a line, as ``guard watermarks export`` writes them) hold *watermark*
 queries, answered with a keyed wrong label, and *control* queries from the same clients, answered
@@ -17,6 +21,7 @@ attacker's queries, or wrong towards the same classes, raises its control rate a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +37,8 @@ ALPHA = 1e-6
 ASSUMPTIONS = (
     "the records are the owner's, unaltered, and their labels are class indices in the suspect's class order",
     "watermarked and control queries were chosen by a keyed hash the suspect's trainer never had",
-    "an independent model agrees with a watermark label as often as with a control label (exchangeable "
-    "records), so the p-value is exact under that null; it is not a claim about any other model",
+    ("an independent model agrees with a watermark label as often as with a control label (exchangeable "
+     "records), so the p-value is exact under that null; it is not a claim about any other model"),
     "per-client verdicts are taken at alpha divided by the number of clients (Bonferroni)",
 )
 
@@ -110,6 +115,27 @@ def p_value(watermarks: int, reproduced: int, controls: int, agreed: int) -> flo
     return float(hypergeom.sf(reproduced - 1, watermarks + controls, reproduced + agreed, watermarks))
 
 
+def watermarks_needed(null_rate: float, alpha: float = ALPHA, controls_per_mark: int = 9,
+                      most: int = 100_000) -> int:
+    """The fewest watermarks with which ``p_value`` can reach ``alpha``: every watermark reproduced,
+    beside ``controls_per_mark`` controls each agreed with at the suspect's ``null_rate`` (its rate of
+    agreeing with wrong labels, measured on controls). Fewer, and no suspect can be accused at
+    ``alpha``, whatever it reproduces: a statistical limit of the test, not of the copy. ``most`` if
+    even that many do not suffice."""
+    for marks in range(1, most):
+        controls = controls_per_mark * marks
+        if p_value(marks, marks, controls, round(null_rate * controls)) <= alpha:
+            return marks
+    return most
+
+
+def queries_needed(rate: float, null_rate: float, alpha: float = ALPHA, controls_per_mark: int = 9) -> int:
+    """The queries a copier makes, on average, before the answers it trains on hold
+    ``watermarks_needed`` watermarks at the watermark's ``rate``: fewer, and no claim at ``alpha`` is
+    possible against its copy."""
+    return math.ceil(watermarks_needed(null_rate, alpha, controls_per_mark) / rate)
+
+
 def evidence(scope: str, matches: np.ndarray, watermarked: np.ndarray, alpha: float) -> Evidence:
     """The test on ``matches`` (the suspect's answer equals the record's label), by record kind."""
     w, c = int(watermarked.sum()), int((~watermarked).sum())
@@ -118,7 +144,7 @@ def evidence(scope: str, matches: np.ndarray, watermarked: np.ndarray, alpha: fl
 
 
 class OwnershipTest:
-    """DAWN's ownership verification (Section 4) at false-accusation level ``alpha``, on at most
+    """Ownership verification after DAWN at false-accusation level ``alpha``, on at most
     ``max_queries`` records (a random subset, the same for every suspect with the same ``seed``)."""
 
     def __init__(self, alpha: float = ALPHA, max_queries: int = 2000, seed: int = 0) -> None:

@@ -19,7 +19,7 @@ import torch
 from attacks.ensemble import TrainingConfig
 from attacks.sybil import KeyRotatingTarget
 from attacks.targets import HTTPTarget, OutputUnavailable, QueryBudgetExceeded, TargetBlocked, TargetThrottled
-from benchmarks import datasets, models, report
+from benchmarks import datasets, models, ownership, report
 from benchmarks.cache import Cache, digest
 from benchmarks.endpoint import (
     ATTACKER_KEYS,
@@ -56,6 +56,14 @@ def cell_key(config: BenchConfig, cell: Cell, *detail: Any) -> str:
 
 def run_cell(task: CellTask) -> Outcomes:
     """Every attack of the run on the cell's defence: (row key, per-seed outcome) pairs."""
+    return defence_outcomes(task, DEFENCES[task.cell.defence])
+
+
+def defence_outcomes(task: CellTask, defence: Defence, adaptive: bool = True) -> Outcomes:
+    """Every attack of the run on ``defence`` (the cell's, or one built outside ``DEFENCES``, e.g. a
+    watermark at another rate); where it watermarks, the ownership family's rows too: each extraction
+    copy verified (``benchmarks.ownership``) and, for the watermark alone, with ``adaptive`` and
+    outside ``--quick``, the adaptive copiers."""
     config, cell = task.config, task.cell
     store = Cache(task.cache)
     group = digest("group", recipe(config), cell.model, cell.seed, data_digest(cell.dataset, config.sensitive))
@@ -63,10 +71,11 @@ def run_cell(task: CellTask) -> Outcomes:
     def shared(key: tuple, make: Callable[[], Any]) -> Any:
         return store.model(digest(group, key), make)
 
-    defence = DEFENCES[cell.defence]
     context = _context(config, cell, defence, shared)
     undefended = context.model if defence.dp_epsilon is None else _target(config, cell, DEFENCES["none"], shared)
     utility = _utility(context, undefended, config)
+    watermarks = ownership.rate_of(defence) is not None
+    cost = {"accuracy_cost": models.accuracy(undefended, *context.part("test")) - utility["test_accuracy"]}
     results, chosen = [], attacks_on(config, defence.name)
     for spec in (ATTACK_SPECS[a] for a in config.attacks):
         reason = spec.requires(context)
@@ -77,15 +86,32 @@ def run_cell(task: CellTask) -> Outcomes:
         if reason or not spec.applies(context) or spec.name not in chosen:
             continue
         for attacker in _attackers(spec, defence):
-            name = spec.name if attacker == ONE_KEY else f"{spec.name} ({attacker})"
-            outcome = store.outcome_or(cell_key(config, cell, spec.name, attacker),
-                                       lambda: _attack(spec, context, config, attacker))
+            key = (cell.dataset, cell.model, defence.name,
+                   spec.name if attacker == ONE_KEY else f"{spec.name} ({attacker})")
+            verify = watermarks and spec.family == "extraction"
+            outcome = store.outcome_or(cell_key(config, cell, spec.name, attacker, verify),
+                                       lambda: _attack(spec, context, config, attacker, verify))
             chance = outcome["metrics"].get(f"reference_{spec.primary}")  # the no-model reference
-            results.append(((cell.dataset, cell.model, defence.name, name),
-                            {**outcome, "utility": utility, "seed": cell.seed,
-                             "chance": spec.chance(context) if chance is None else chance,
-                             "adaptive": spec.adaptive(context) or attacker != ONE_KEY}))
+            results.append((key, {**outcome, "utility": utility, "seed": cell.seed,
+                                  "chance": spec.chance(context) if chance is None else chance,
+                                  "adaptive": spec.adaptive(context) or attacker != ONE_KEY}))
+            if outcome.get("ownership"):
+                metrics = {**outcome["ownership"], **cost, "agreement_test": outcome["metrics"]["agreement_test"]}
+                results.append(((*key[:3], ownership.PREFIX + key[3]),
+                                {**ownership.row_outcome(outcome, metrics), "utility": utility, "seed": cell.seed}))
+    if watermarks and adaptive and len(defence.output) == 1 and not config.quick:
+        adaptive = store.outcome_or(cell_key(config, cell, "ownership-adaptive"), lambda: [
+            list(pair) for pair in ownership.adaptive_outcomes(context, config.max_body_bytes)])
+        results += [((cell.dataset, cell.model, defence.name, ownership.PREFIX + name),
+                     {**outcome, "metrics": {**outcome["metrics"], **cost}, "utility": utility, "seed": cell.seed})
+                    for name, outcome in adaptive]
     return results
+
+
+def spec_of(attack: str) -> AttackSpec:
+    """The spec of a row's attack name (``copycat (rotating 20 of 200 keys)``: copycat; ``ownership: ...``:
+    the family's)."""
+    return ownership.OWNERSHIP if attack.startswith(ownership.PREFIX) else ATTACK_SPECS[attack.split(" (")[0]]
 
 
 ONE_KEY = "one key"
@@ -237,23 +263,28 @@ def _utility(context: Context, undefended: torch.nn.Module, config: BenchConfig)
                                                         context.dataset.y[held_out])}
 
 
-def _attack(spec: AttackSpec, context: Context, config: BenchConfig, attacker: str) -> dict[str, Any]:
-    """One attack on one fresh guarded server, through one key or as the key-rotating Sybil attacker."""
+def _attack(spec: AttackSpec, context: Context, config: BenchConfig, attacker: str, verify: bool = False
+            ) -> dict[str, Any]:
+    """One attack on one fresh guarded server, through one key or as the key-rotating Sybil attacker; with
+    ``verify``, its copy tested against the watermark records the server kept (``benchmarks.ownership.verifier``)."""
     app = guarded_app(context, config.max_body_bytes)
     shape = (context.dataset.n_classes, context.dataset.n_features, config.live)
+    check = ownership.verifier(context, app) if verify else None
     if attacker == ONE_KEY:
         with http_target(app, *shape, [ATTACKER_KEYS[0]], config.max_body_bytes) as target:
-            return attempt(spec, context, target)
+            return attempt(spec, context, target, check)
     with rotating_target(app, *shape, list(ATTACKER_KEYS), SYBIL_KEYS, config.max_body_bytes) as target:
-        outcome = attempt(spec, context, target)
+        outcome = attempt(spec, context, target, check)
     cost = target.cost
     return {**outcome, "attacker_cost": {**asdict(cost), "hours": cost.hours(KEY_RATE_PER_HOUR, SYBIL_KEYS)}}
 
 
-def attempt(spec: AttackSpec, context: Context, target: HTTPTarget | KeyRotatingTarget) -> dict[str, Any]:
+def attempt(spec: AttackSpec, context: Context, target: HTTPTarget | KeyRotatingTarget,
+            verify: Callable[[Any], dict[str, float]] | None = None) -> dict[str, Any]:
     """Run one attack against ``target``: its measures, or why it could not finish ("stopped" when
     the endpoint throttled, degraded or blocked it; "not-applicable" when it lacks what it needs or
-    more queries than its budget)."""
+    more queries than its budget); with ``verify``, also ``ownership``: what ``verify`` measures of the
+    attack's copy."""
     started = time.perf_counter()
     try:
         result = spec.run(target, context)
@@ -262,7 +293,9 @@ def attempt(spec: AttackSpec, context: Context, target: HTTPTarget | KeyRotating
         stopped = any(value is not None for value in target.events.values())
         status, reason, metrics, artefacts = "stopped" if stopped else "not-applicable", str(error), {}, {}
     events = target.events
+    verified = verify(artefacts["model"]) if verify is not None and "model" in artefacts else {}
     return {"status": status, "reason": reason, "metrics": {k: float(v) for k, v in metrics.items()},
+            "ownership": {k: float(v) for k, v in verified.items()},
             "queries": target.queries, "flagged_at": events["degraded_at"] if events["degraded_at"] is not None
             else events["throttled_at"], "blocked_at": events["blocked_at"], "attacker_cost": None,
             "wall_time_s": time.perf_counter() - started, "curves": _curves(artefacts),

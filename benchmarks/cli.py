@@ -261,7 +261,8 @@ def verify(
     alpha: float = typer.Option(1e-6, help="False-accusation level of the verdict."),
     max_queries: int = typer.Option(2000, min=1, help="Records queried at most (a seeded random subset)."),
 ) -> None:
-    """Test whether a suspect model was trained on the watermarked answers (DAWN's test)."""
+    """Test whether a suspect model was trained on the watermarked answers (after DAWN: Fisher's exact
+    test of the watermark labels it reproduces against the control labels it agrees with)."""
     import json
 
     from attacks.ownership import OwnershipTest, Records

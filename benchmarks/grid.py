@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from attacks.ensemble import TrainingConfig
-from benchmarks.scenarios import ATTACK_SPECS, DEFENCES
+from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, watermark_defences
 
 TARGETS = {"digits": ("softmax", "mlp"), "breast_cancer": ("mlp",), "faces": ("softmax", "mlp"),
            "faces64": ("softmax", "mlp")}
@@ -72,10 +72,17 @@ reference counts. ``python -m benchmarks.perf.strongest results.json`` derives i
 The RMIA entries come from a membership-only run of seed 0 (every membership attack on every defence
 but label_only and monitoring): RMIA was the strongest there on at least one target of each."""
 
+OWNERSHIP_SUITE = ("copycat", "copycat-k-center", "knockoff-adaptive", "jacobian", "equation-solving")
+"""The default grid's attacks on the watermark defences: every extraction attack, whose copies the
+ownership family verifies (``benchmarks.ownership``)."""
+OWNERSHIP = {defence.name: OWNERSHIP_SUITE for defence in watermark_defences()}
+
+DEFAULT_AGAINST = {**STRONGEST, **OWNERSHIP}
+
 GRIDS: dict[str, dict[str, Any]] = {
     "full": {},
-    "default": {"seeds": (0,), "against": STRONGEST,
-                "attacks": tuple(a for a in ATTACK_SPECS if any(a in chosen for chosen in STRONGEST.values()))},
+    "default": {"seeds": (0,), "against": DEFAULT_AGAINST,
+                "attacks": tuple(a for a in ATTACK_SPECS if any(a in chosen for chosen in DEFAULT_AGAINST.values()))},
     "quick": {"datasets": ("digits",), "seeds": (0,), "quick": True,
               "defences": ("none", "round:1", "label_only", "monitoring", "dp-eps8"),
               "attacks": ("equation-solving", "equation-solving-rounding-aware", "knockoff-adaptive",

@@ -8,7 +8,7 @@
                                        # attacks, seeds, query budgets, package versions
       "rows": [{
         "dataset": str, "model": str, "defence": str, "attack": str,
-        "family": "extraction" | "membership" | "inversion" | "attribute",
+        "family": "extraction" | "membership" | "inversion" | "attribute" | "ownership",
         "adaptive": bool,              # the attack was told the defence's public output format
         "status": "ok" | "not-applicable" | "failed",
         "reason": str,                 # why, when status is not "ok"
@@ -53,6 +53,7 @@ import numpy as np
 from attacks.scoring import clopper_pearson
 from benchmarks.verdicts import REFERENCED_FAMILIES, bounds_text, interval, summary, verdicts
 from benchmarks.verdicts import group as _group
+from benchmarks import ownership
 
 SCHEMA_VERSION = 1
 Row = dict[str, Any]
@@ -273,7 +274,7 @@ def _markdown(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> s
     """The same order as ``report.html``: the answer (summary, what to do, DP-SGD), then the details."""
     from benchmarks import advice  # it reads this module's summary
 
-    dp = _dp_table(config, rows)
+    dp, owned = _dp_table(config, rows), ownership.section(rows)
     return "\n\n".join(part for part in [
         "# predguard benchmark report",
         f"Seeds: {config.get('seeds')}; datasets: {config.get('datasets')}; command: `{config.get('command', '')}`",
@@ -282,6 +283,8 @@ def _markdown(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> s
         "## What to do", "\n".join(f"- {line}" for line in advice.sentences(findings, summary(findings, config))),
         *(["## DP-SGD: what was measured beside what the guarantee allows", _markdown_table(dp), DP_NOTE]
           if len(dp) > 1 else []),
+        *(["## Ownership: copies proven from the watermark records", _markdown_table(owned), ownership.NOTE]
+          if len(owned) > 1 else []),
         "## Threat models and no-model references", "\n".join(_threat_models(config, rows)),
         "## Targets", _markdown_table(_targets_table(rows)),
         "## Verdict", _markdown_table(_verdict_table(findings)), _unverdicted(rows, findings),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from benchmarks import advice, figures, report, verdicts
+from benchmarks import advice, figures, ownership, report, verdicts
 
 Row = dict[str, Any]
 STYLE = """
@@ -104,7 +104,7 @@ def render(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
     threat_models = config.get("threat_models", {})
     families = sorted({r["family"] for r in rows})
     unverdicted = report.unverdicted_reasons(rows, findings)
-    dp = report._dp_table(config, rows)
+    dp, owned = report._dp_table(config, rows), ownership.section(rows)
     sentences = advice.sentences(findings, lines)
     meta = (f"Seeds {html.escape(str(config.get('seeds')))}; datasets {html.escape(str(config.get('datasets')))}; "
             "command "
@@ -123,6 +123,8 @@ def render(config: dict[str, Any], rows: list[Row], findings: list[Row]) -> str:
         "<section id='advice'><h2>What to do</h2>" + _list(sentences) + "</section>" if sentences else "",
         ("<section id='dp'><h2>DP-SGD: what was measured beside what the guarantee allows</h2>" + _table(dp)
          + f"<p class='note'>{html.escape(report.DP_NOTE)}</p></section>") if len(dp) > 1 else "",
+        ("<section id='ownership'><h2>Ownership: copies proven from the watermark records</h2>" + _table(owned)
+         + f"<p class='note'>{html.escape(ownership.NOTE)}</p></section>") if len(owned) > 1 else "",
         "<section id='details'><h2>Details</h2>",
         _details("Threat models and no-model references", "<dl>" + "".join(
             f"<dt><strong>{html.escape(family)}</strong></dt><dd>{html.escape(threat_models[family])}</dd>"

@@ -19,10 +19,10 @@ import torch
 
 from benchmarks import datasets, grid, report
 from benchmarks.cache import Cache
-from benchmarks.cells import CellTask, Outcomes, cell_key, load_dataset, row, run_cell
+from benchmarks.cells import CellTask, Outcomes, cell_key, load_dataset, row, run_cell, spec_of
 from benchmarks.executors import Executor
 from benchmarks.grid import BenchConfig, Cell
-from benchmarks.scenarios import ATTACK_SPECS, DEFENCES, THREAT_MODELS
+from benchmarks.scenarios import DEFENCES, THREAT_MODELS
 from guard.dp import default_delta
 
 
@@ -89,7 +89,7 @@ def _rows(finished: list[Outcomes]) -> list[report.Row]:
     for outcomes in finished:
         for key, outcome in outcomes:
             by_key.setdefault(tuple(key), []).append(outcome)
-    return [row(key, ATTACK_SPECS[key[3].split(" (")[0]], results) for key, results in by_key.items()]
+    return [row(key, spec_of(key[3]), results) for key, results in by_key.items()]
 
 
 def _recorded(config: BenchConfig) -> dict[str, Any]:

@@ -55,6 +55,19 @@ class Defence:
         return OutputFormat(rounding=rounding, top_k=top_k, label_only=label_only)
 
 
+WATERMARK_RATE = 0.005
+"""The watermark rate of the bench's watermark defences: DAWN's (its reference code's 5/1000)."""
+
+
+def watermark_defences(rate: float = WATERMARK_RATE) -> tuple[Defence, ...]:
+    """The watermark alone and combined with rounding and with label-only answers (named
+    ``watermark...`` at ``WATERMARK_RATE``, ``watermark:R...`` at another rate)."""
+    mark = f"watermark:{rate:g}"
+    name = "watermark" if rate == WATERMARK_RATE else mark
+    return (Defence(name, (mark,)), Defence(f"{name}+round:2", (mark, "round:2")),
+            Defence(f"{name}+label_only", (mark, "label_only")))
+
+
 DEFENCES: dict[str, Defence] = {d.name: d for d in (
     Defence("none"),
     Defence("round:2", ("round:2",)),
@@ -66,6 +79,7 @@ DEFENCES: dict[str, Defence] = {d.name: d for d in (
     Defence("monitoring", monitoring=True),
     Defence("dp-eps1", dp_epsilon=1.0),
     Defence("dp-eps8", dp_epsilon=8.0),
+    *watermark_defences(),
 )}
 
 
@@ -277,6 +291,12 @@ THREAT_MODELS = {
                  "images, 5-way line-up, SSIM, MSE). No-model reference: the reconstruction from the label "
                  "alone (the auxiliary mean of the label's class if the attacker holds it, else of all its "
                  "data), judged the same way; verdicts are on the advantage over it.",
+    "ownership": "Nothing stops the copier; the API watermarks its answers (DAWN, Szyller et al. 2021) and keeps "
+                 "the records. Each extraction attack's copy is tested as DAWN proposes (here Fisher's exact test of its "
+                 "agreement with watermark labels against control labels, alpha 1e-6); adaptive copiers know the "
+                 "scheme and r. No-model reference: 54 independent models (3 architectures, trained on the owner's "
+                 "data and on the attacker's own labelled data) tested against the same records must not be "
+                 "accused.",
     "attribute": "The attacker knows a record's other attributes and its label, and queries the model once per "
                  "value of the hidden attribute (Fredrikson et al. 2014, 2015); the learned attack also queries it "
                  "so on its own records to train its attack model, the membership-based one scores each "

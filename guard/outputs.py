@@ -238,11 +238,12 @@ class Marks:
 @dataclass(frozen=True)
 class Watermark(OutputDefence):
     """DAWN (Szyller, Atli, Marchal, Asokan, "DAWN: Dynamic Adversarial Watermarking of Neural
-    Networks", ACM MM 2021), Section 4: a keyed hash (HMAC-SHA256 with the server ``secret``) of the
-    client and the query's features at float32 selects the query with probability ``rate``; a
-    selected query's answer gets a wrong label chosen by the same hash, uniform over the other
-    classes, so a repeated query gets the same answer and nothing the client sees without the
-    secret tells which answers are watermarked. A probability row is rewritten by swapping its top
+    Networks", ACM MM 2021; arXiv:1906.00830): a keyed hash (HMAC-SHA256 with the server ``secret``,
+    as in DAWN's reference code, which compares 16 bits of it with ``rate``; 64 here) of the client
+    and the query's features at float32 selects the query with probability ``rate`` (DAWN's default:
+    0.005); a selected query's answer gets a wrong label, uniform over the other classes as in DAWN,
+    chosen by the same hash so a repeated query gets the same answer and nothing the client sees
+    without the secret tells which answers are watermarked. A probability row is rewritten by swapping its top
     entry with the wrong label's (rows still sum to one, the wrong label is on top, the vector keeps
     its shape); later stages (``round``, ``label_only``) keep that top label. The hash also picks
     ``CONTROLS`` times as many control queries, answered truthfully (``marks``)."""

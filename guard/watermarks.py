@@ -1,7 +1,7 @@
 """The watermark defence's records (``guard.outputs.Watermark``): each watermarked or control query
 with the client, the time, its features, the label it got (or would have got) and the model's own
-label, kept for ``guard verify`` (DAWN, Szyller et al., ACM MM 2021, Section 4: the owner keeps the
-watermarked queries and their answers).
+label, kept for ``guard verify`` (DAWN, Szyller et al., ACM MM 2021: the owner keeps the watermarked
+queries and their answers).
 
 Two places, chosen by the policy's store URI as the state store is: ``MemoryRecords`` (one process,
 at most ``max_bytes``, oldest dropped first) and ``RedisRecords`` (a stream per client, capped by

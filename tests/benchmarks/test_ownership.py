@@ -3,6 +3,7 @@ copy made through the real middleware, served live and loaded locally, beside an
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import numpy as np
@@ -13,7 +14,16 @@ from harness_cli import app as cli
 from typer.testing import CliRunner
 
 from attacks.ensemble import Architecture, TrainingConfig
-from attacks.ownership import OwnershipTest, Records, consistent_answers, p_value
+from attacks.ownership import (
+    ALPHA,
+    OwnershipTest,
+    Records,
+    consistent_answers,
+    p_value,
+    queries_needed,
+    watermarks_needed,
+)
+from benchmarks import executors, grid, run
 from guard import models
 from guard.middleware import GuardMiddleware
 from guard.policy import Policy
@@ -137,3 +147,34 @@ def test_guard_verify_needs_exactly_one_suspect(tmp_path):
     for options in ([], ["--url", "http://127.0.0.1:1/predict", "--weights", "w.pt"]):
         result = CliRunner().invoke(cli, ["verify", "--records", str(records), *options])
         assert result.exit_code == 2 and "name one suspect" in result.output
+
+
+def test_a_claim_needs_enough_watermarks_whatever_the_copy_reproduces():
+    """With fewer than ``watermarks_needed`` watermarks, even a copy reproducing all of them and never
+    agreeing with a control label is not accused at alpha; with that many it is; the queries are
+    those watermarks over the rate."""
+    for null in (0.0, 0.05, 0.2):
+        needed = watermarks_needed(null)
+        below, at = ((m, 9 * m, round(null * 9 * m)) for m in (needed - 1, needed))
+        assert p_value(below[0], below[0], *below[1:]) > ALPHA >= p_value(at[0], at[0], *at[1:])
+        assert queries_needed(0.005, null) == pytest.approx(needed / 0.005, abs=1)
+    assert watermarks_needed(0.2) > watermarks_needed(0.0) >= 5  # C(10m, m) must pass 1e6
+
+
+def test_the_bench_verifies_each_extraction_copy_of_a_watermark_cell(tmp_path):
+    """``guard bench`` on a watermark defence: besides the attack's own row, an ownership row whose
+    verdict is its p-value at alpha, tested beside the 54 independent models, and the report's
+    ownership section."""
+    config = grid.configure("quick", datasets=("breast_cancer",), defences=("watermark",), attacks=("copycat",))
+    finished = run.run(config, tmp_path / "out", executors.LocalPool(1), tmp_path / "cache", progress=False)
+    rows = {r["attack"]: r for r in json.loads(finished.paths["json"].read_text())["rows"]}
+    assert rows["copycat"]["family"] == "extraction"
+    owned = rows["ownership: copycat"]
+    metrics = {name: measure["values"][0] for name, measure in owned["metrics"].items()}
+    assert owned["family"] == "ownership" and owned["status"] == "ok"
+    assert metrics["verified"] == float(metrics["p_value"] <= ALPHA)
+    assert metrics["independent_models"] == 54 and metrics["false_accusations"] == 0
+    assert metrics["verification_queries"] == metrics["watermarks"] + metrics["controls"] > 0
+    assert metrics["queries_needed"] == queries_needed(0.005, metrics["null_agreement"])
+    report_text = finished.paths["markdown"].read_text()
+    assert "## Ownership" in report_text and "| breast_cancer | mlp | watermark | copycat |" in report_text
