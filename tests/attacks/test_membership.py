@@ -8,8 +8,8 @@ import torch
 from scipy.stats import mannwhitneyu
 
 from attacks import ATTACKS
-from attacks.membership import (RMIA, LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack, scaled_logit,
-                                translations)
+from attacks.membership import RMIA, LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack, translations
+from attacks.observations import scaled_logit
 from attacks.targets import OutputFormat, OutputUnavailable, TorchTarget
 from benchmarks import models
 
