@@ -56,13 +56,14 @@ def run_cell(task: CellTask) -> Outcomes:
     context = _context(config, cell, defence, shared)
     undefended = context.model if defence.dp_epsilon is None else _target(config, cell, DEFENCES["none"], shared)
     utility = _utility(context, undefended, config)
+    dp_audit = _dp_audit(config, cell, defence, shared)
     results, chosen = [], attacks_on(config, defence.name)
     for spec in (ATTACK_SPECS[a] for a in config.attacks):
         reason = spec.requires(context)
         if reason and defence.name == config.defences[0]:
             results.append(((cell.dataset, cell.model, defence.name, spec.name),
                             {**_not_applicable(reason), "utility": utility, "seed": cell.seed, "chance": 0.0,
-                             "adaptive": False}))
+                             "adaptive": False, "dp_audit": dp_audit}))
         if reason or not spec.applies(context) or spec.name not in chosen:
             continue
         for keys in _key_counts(spec, defence):
@@ -72,7 +73,7 @@ def run_cell(task: CellTask) -> Outcomes:
             chance = outcome["metrics"].get(f"reference_{spec.primary}")  # the no-model reference
             results.append((key, {**outcome, "utility": utility, "seed": cell.seed,
                                   "chance": spec.chance(context) if chance is None else chance,
-                                  "adaptive": spec.adaptive(context) or keys > 1}))
+                                  "adaptive": spec.adaptive(context) or keys > 1, "dp_audit": dp_audit}))
     return results
 
 
@@ -173,9 +174,7 @@ def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X
     """The target of one cell; refused (``models.Underfit``) when, trained without DP, it does not fit
     its own training set (DP-SGD's lower fit is its privacy cost, reported as utility). DP-SGD trains with
     its own recipe (``guard.dp.DP_RECIPE``), not the non-private one."""
-    torch.manual_seed(seed)
-    model = (_user_model(config.model, dataset) if kind == "user"
-             else recipe.build(dataset.n_features, dataset.n_classes))
+    model = _initial_model(dataset, kind, recipe, seed, config)
     if defence.dp_epsilon is None:
         models.train_recipe(model, recipe, X, y, seed)
         models.require_fit(model, X, y, config.min_train_accuracy, f"the {kind} target on {dataset.name} (seed {seed})")
@@ -184,6 +183,32 @@ def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X
 
     private, _ = train_private(model, (X, y), target_epsilon=defence.dp_epsilon, seed=seed, **DP_RECIPE.options(len(X)))
     return private.eval()
+
+
+def _initial_model(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, seed: int,
+                   config: BenchConfig) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return (_user_model(config.model, dataset) if kind == "user"
+            else recipe.build(dataset.n_features, dataset.n_classes))
+
+
+def _dp_audit(config: BenchConfig, cell: Cell, defence: Defence, shared: Callable) -> dict[str, Any] | None:
+    """The one-run canary audit (``guard.dp.audit.audit``, Steinke, Nasr & Jagielski 2023) of the cell's DP-SGD
+    training: one more run from the target's initial weights with its settings and white-box gradient canaries
+    (the bench has the weights). None without DP, and in ``--quick`` (a smoke test: the membership attacks'
+    black-box bound still shows)."""
+    if defence.dp_epsilon is None or config.quick:
+        return None
+    from guard.dp import DP_RECIPE
+    from guard.dp.audit import audit
+
+    dataset, _ = load_dataset(cell.dataset, config.sensitive)
+    split = datasets.split(dataset, cell.seed)
+    recipe = target_recipe(config, cell.dataset, cell.model, len(split.train))
+    X, y = dataset.X[split.train], dataset.y[split.train]
+    return shared(("dp-audit", defence.dp_epsilon), lambda: audit(
+        _initial_model(dataset, cell.model, recipe, cell.seed, config), (X, y), kind="gradient",
+        target_epsilon=defence.dp_epsilon, seed=cell.seed, **DP_RECIPE.options(len(X))).as_dict())
 
 
 def _user_model(factory: str, dataset: datasets.Dataset) -> torch.nn.Module:
@@ -282,4 +307,16 @@ def row(key: tuple, spec: AttackSpec, results: list[dict[str, Any]]) -> report.R
                                  "target_held_out_accuracy")},
         "wall_time_s": report.summarise([r["wall_time_s"] for r in results]),
         "curves": first["curves"], "images": first["images"],
+        "dp_audit": _audit_summary([r.get("dp_audit") for r in results]),
     }
+
+
+def _audit_summary(audits: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The one-run canary audits of a DP row over its seeds: the lower bound and the accountant's epsilon (both at
+    the audit's delta) summarised, and the audit's confidence, delta and method; None when not audited."""
+    done = [a for a in audits if a is not None]
+    if not done:
+        return None
+    return {"epsilon_lower_bound": report.summarise([a["epsilon_lower_bound"] for a in done]),
+            "epsilon": report.summarise([a["epsilon"] for a in done]),
+            **{name: done[0][name] for name in ("confidence", "delta", "method", "canaries")}}

@@ -186,4 +186,9 @@ def test_dp_rows_show_the_audited_epsilon_of_the_strongest_attack():
             for attack, bound in (("lira", 0.4), ("threshold", 0.2))]
     config = {"defence_specs": {"dp-eps1": {"dp_epsilon": 1.0}}, "dp_delta": {"d": 1e-5}}
     [header, line] = report._dp_table(config, rows)
-    assert header[-1].startswith("audited epsilon >=") and line[-1] == "0.400 (n=1) (lira)"
+    assert header[-2].startswith("audited epsilon >=") and line[-2] == "0.400 (n=1) (lira)"
+    assert line[-1] == "not run"
+    rows[1]["dp_audit"] = {"epsilon_lower_bound": measure(0.7), "epsilon": measure(1.9), "delta": 2.5e-8,
+                           "confidence": 0.95, "method": "one-run audit", "canaries": 1000}
+    [_, line] = report._dp_table(config, rows)
+    assert line[-1] == "0.700 (n=1) / 1.90, delta 2.5e-08 (1000 canaries)"
