@@ -177,6 +177,26 @@ def test_summary_names_the_cheapest_defence_to_chance_or_says_none_does():
     assert line["client_loss"] == "every confidence (labels only)"
 
 
+def test_a_dp_row_summarises_its_canary_audits_over_seeds():
+    from benchmarks.cells import row
+    from benchmarks.scenarios import ATTACK_SPECS
+
+    def outcome(seed, audited):
+        return {"status": "ok", "reason": "", "metrics": {"advantage": 0.1}, "queries": 10, "flagged_at": None,
+                "blocked_at": None, "wall_time_s": 1.0, "curves": {}, "images": {}, "utility": {}, "seed": seed,
+                "chance": 0.0, "adaptive": False,
+                "dp_audit": {"epsilon_lower_bound": audited, "epsilon": 10.0, "delta": 2.5e-8, "confidence": 0.95,
+                             "method": "one-run audit", "canaries": 1000}}
+
+    summary = row(("d", "mlp", "dp-eps8", "lira-online"), ATTACK_SPECS["lira-online"],
+                  [outcome(0, 0.5), outcome(1, 1.5)])["dp_audit"]
+    assert summary["epsilon_lower_bound"]["mean"] == 1.0 and summary["epsilon_lower_bound"]["values"] == [0.5, 1.5]
+    assert summary["confidence"] == 0.95 and summary["canaries"] == 1000
+    undefended = outcome(0, 0.0)
+    undefended["dp_audit"] = None
+    assert row(("d", "mlp", "none", "lira-online"), ATTACK_SPECS["lira-online"], [undefended])["dp_audit"] is None
+
+
 def test_dp_rows_show_the_audited_epsilon_of_the_strongest_attack():
     def measure(value):
         return {"mean": value, "std": 0.0, "values": [value]}
