@@ -18,7 +18,9 @@ DP-SGD: bounded (tanh) activations (Papernot et al., AAAI 2021, "Tempered Sigmoi
 Deep Learning with Differential Privacy") and fewer hidden units (less noise in total). Round 1
 changes one setting of the starting recipe at a time (``VARIATIONS``); round 2 combines every
 change that beat the start, tries each of them left out again, and each changed number one step
-further the same way; round 3 doubles the best's expected batch, epochs or learning rate. A
+further the same way; round 3 doubles the best's expected batch, epochs or learning rate, or returns
+a moving average of its weights (De et al. 2022, "Unlocking High-Accuracy Differentially Private
+Image Classification through Scale", §3.2: post-processing, free). A
 non-private row gives the proxy's ceiling (the bench's non-DP recipe on the same folds).
 
 Faces (``--data faces``) have no public data to search on: 280 training photos (7 of each of 40
@@ -45,7 +47,7 @@ from benchmarks.perf.attacks import Rows, print_table
 from guard import dp
 
 START = {"sample_rate": 0.1, "epochs": 100, "lr": 1e-2, "max_grad_norm": 1.0, "optimizer": "adam",
-         "activation": "relu", "hidden": 64}
+         "activation": "relu", "hidden": 64, "average": None}
 """Round 1's starting point: the recipe before this search (the bench's MLP, DP-Adam)."""
 VARIATIONS = ({"activation": "tanh"}, {"hidden": 16}, {"max_grad_norm": 0.1},
               {"sample_rate": 0.25}, {"sample_rate": 0.05, "epochs": 50}, {"epochs": 50}, {"epochs": 200},
@@ -55,6 +57,8 @@ VARIATIONS = ({"activation": "tanh"}, {"hidden": 16}, {"max_grad_norm": 0.1},
 FACES_GRID = [{"sample_rate": q, "epochs": e, "lr": lr, "max_grad_norm": 1.0, "optimizer": "adam"}
               for q in (0.1, 0.5) for e in (30, 100, 300) for lr in (1e-2, 1e-1)]
 """The faces search: expected batch, epochs and Adam's learning rate around the digits recipe."""
+AVERAGES = (0.95, 0.99)
+"""Decays of the weights' moving average tried in round 3 (De et al. 2022, §3.2: free post-processing)."""
 FOLDS = 3
 MARGIN = 1 / 450
 """A change "helps" when it gets at least one more of the 450 validation rows right than the start."""
@@ -86,7 +90,7 @@ def evaluate(setting: dict, epsilon: float | None) -> float:
             trained = models.train_recipe(model, models.recipe("digits", "mlp").sized(len(X)), X, y, fold)
             scores.append(models.accuracy(trained, X_val, y_val))
             continue
-        recipe = dp.DPRecipe(**{k: setting[k] for k in ("sample_rate", "epochs", "lr", "max_grad_norm")})
+        recipe = dp.DPRecipe(**{k: setting[k] for k in ("sample_rate", "epochs", "lr", "max_grad_norm", "average")})
         try:
             trained, _ = dp.train_private(model, (X, y), target_epsilon=epsilon * PRIVATE_ROWS / len(X), seed=fold,
                                           optimizer=setting["optimizer"], **recipe.options(len(X)))
@@ -146,9 +150,10 @@ def combine(start: dict, first: Rows) -> list[dict]:
 
 def neighbours(best: dict, tried: list[dict]) -> list[dict]:
     """Round 3: the best setting so far with its expected batch, epochs or learning rate doubled, where
-    not yet tried (a larger batch is what helped most in round 1)."""
+    not yet tried (a larger batch is what helped most in round 1), and returning a moving average of
+    its weights (``AVERAGES``)."""
     settings = [{**best, "sample_rate": min(2 * best["sample_rate"], 0.5)}, {**best, "epochs": 2 * best["epochs"]},
-                {**best, "lr": 2 * best["lr"]}]
+                {**best, "lr": 2 * best["lr"]}, *({**best, "average": decay} for decay in AVERAGES)]
     return [s for s in settings if s not in tried]
 
 

@@ -19,22 +19,24 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class DPRecipe:
     """Poisson ``sample_rate`` (the expected batch is ``sample_rate * n``, at least
-    ``min_batch_size``), ``epochs``, Adam's ``lr`` and the clipping norm ``max_grad_norm``."""
+    ``min_batch_size``), ``epochs``, Adam's ``lr``, the clipping norm ``max_grad_norm``, and the decay
+    of the weights' moving ``average`` the run returns (None: the last weights)."""
 
     sample_rate: float = 0.25
     epochs: int = 100
     lr: float = 1e-2
     max_grad_norm: float = 1.0
     min_batch_size: int = 16
+    average: float | None = None
 
     def batch_size(self, n: int) -> int:
         """The expected logical batch for ``n`` training rows (always fewer than ``n``)."""
         return min(max(self.min_batch_size, math.ceil(self.sample_rate * n)), n - 1)
 
-    def options(self, n: int) -> dict[str, float | int]:
+    def options(self, n: int) -> dict[str, float | int | None]:
         """Keyword arguments of :func:`guard.dp.train_private` for ``n`` training rows."""
         return {"batch_size": self.batch_size(n), "epochs": self.epochs, "lr": self.lr,
-                "max_grad_norm": self.max_grad_norm}
+                "max_grad_norm": self.max_grad_norm, "average": self.average}
 
 
 DP_RECIPE = DPRecipe()
