@@ -116,7 +116,7 @@ def train_private(
         engine, DPDDP(model) if world > 1 else model, optimiser, loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         grad_sample_mode=grad_sample_mode, noise_generator=noise_rng)
-    averaged = _average_weights(dp_optimiser, model, average) if average is not None else None
+    averaged = _MovingAverage(dp_optimiser, model, average) if average is not None else None
     if instrument is not None:
         instrument(dp_optimiser, 1 / len(loader))
     if state is not None:
@@ -152,9 +152,7 @@ def train_private(
     trained = copy.deepcopy(initial)
     trained.load_state_dict(model.state_dict())
     if averaged is not None:
-        with torch.no_grad():
-            for target, mean in zip((p for p in trained.parameters() if p.requires_grad), averaged):
-                target.copy_(mean)
+        averaged.finish(trained)
     trained.eval()
     history = [list(segment) for segment in engine.accountant.history]
     epsilon, notices = _spent(engine, delta)
@@ -209,22 +207,35 @@ def make_private(engine: PrivacyEngine, model: nn.Module, optimiser: torch.optim
     return dp_model, dp_optimiser, nn.CrossEntropyLoss(), dp_loader
 
 
-def _average_weights(optimiser: DPOptimizer, model: nn.Module, decay: float) -> list[torch.Tensor]:
-    """A running exponential average of ``model``'s trainable weights, updated at every logical step of
-    ``optimiser`` (through its step hook, which keeps the accountant's)."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    means = [p.detach().clone() for p in parameters]
-    recorded = optimiser.step_hook
+class _MovingAverage:
+    """An exponential moving average of ``model``'s trainable weights over the iterates of a run: the
+    optimiser's step hook (which keeps the accountant's) folds in the weights before each logical step,
+    :meth:`finish` the last ones."""
 
-    def step_hook(dp_optimiser: DPOptimizer) -> None:
+    def __init__(self, optimiser: DPOptimizer, model: nn.Module, decay: float) -> None:
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.means = [p.detach().clone() for p in self.parameters]
+        self.decay = decay
+        recorded = optimiser.step_hook
+
+        def step_hook(dp_optimiser: DPOptimizer) -> None:
+            self.fold()
+            if recorded is not None:
+                recorded(dp_optimiser)
+
+        optimiser.attach_step_hook(step_hook)
+
+    def fold(self) -> None:
         with torch.no_grad():
-            for mean, p in zip(means, parameters):
-                mean.lerp_(p, 1 - decay)
-        if recorded is not None:
-            recorded(dp_optimiser)
+            for mean, p in zip(self.means, self.parameters):
+                mean.lerp_(p, 1 - self.decay)
 
-    optimiser.attach_step_hook(step_hook)
-    return means
+    def finish(self, trained: nn.Module) -> None:
+        """Fold in the final weights and write the average into ``trained``."""
+        self.fold()
+        with torch.no_grad():
+            for target, mean in zip((p for p in trained.parameters() if p.requires_grad), self.means):
+                target.copy_(mean)
 
 
 def run_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, criterion: Callable,
