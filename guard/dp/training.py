@@ -99,8 +99,10 @@ def train_private(
     if state is None:
         with warnings.catch_warnings():
             # the search tries noise multipliers far from the answer, whose RDP curves peak at the
-            # largest order; the reported epsilon is computed afresh (``_spent``)
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            # largest or smallest order and whose PRV overflows for tiny noise (a large epsilon);
+            # the reported epsilon is computed afresh (``_spent``), its warnings kept as notices
+            warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+            warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
             noise_multiplier = noise_multiplier_for(target_epsilon, delta, 1 / len(loader),
                                                     planned_steps, accountant, max_noise_multiplier)
         start_epoch = 0
