@@ -76,13 +76,14 @@ def defence_outcomes(task: CellTask, defence: Defence, adaptive: bool = True) ->
     utility = _utility(context, undefended, config)
     watermarks = ownership.rate_of(defence) is not None
     cost = {"accuracy_cost": models.accuracy(undefended, *context.part("test")) - utility["test_accuracy"]}
+    dp_audit = _dp_audit(config, cell, defence, shared)
     results, chosen = [], attacks_on(config, defence.name)
     for spec in (ATTACK_SPECS[a] for a in config.attacks):
         reason = spec.requires(context)
         if reason and defence.name == config.defences[0]:
             results.append(((cell.dataset, cell.model, defence.name, spec.name),
                             {**_not_applicable(reason), "utility": utility, "seed": cell.seed, "chance": 0.0,
-                             "adaptive": False}))
+                             "adaptive": False, "dp_audit": dp_audit}))
         if reason or not spec.applies(context) or spec.name not in chosen:
             continue
         for attacker in _attackers(spec, defence):
@@ -94,7 +95,7 @@ def defence_outcomes(task: CellTask, defence: Defence, adaptive: bool = True) ->
             chance = outcome["metrics"].get(f"reference_{spec.primary}")  # the no-model reference
             results.append((key, {**outcome, "utility": utility, "seed": cell.seed,
                                   "chance": spec.chance(context) if chance is None else chance,
-                                  "adaptive": spec.adaptive(context) or attacker != ONE_KEY}))
+                                  "adaptive": spec.adaptive(context) or attacker != ONE_KEY, "dp_audit": dp_audit}))
             if outcome.get("ownership"):
                 metrics = {**outcome["ownership"], **cost, "agreement_test": outcome["metrics"]["agreement_test"]}
                 results.append(((*key[:3], ownership.PREFIX + key[3]),
@@ -220,8 +221,7 @@ def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X
     own recipe (``guard.dp.DP_RECIPE``) sized to the data, never the non-private one, and is not held to
     the floor (its lower fit is its privacy cost, reported as utility)."""
     def build() -> torch.nn.Module:
-        return (_user_model(config.model, dataset) if kind == "user"
-                else recipe.build(dataset.n_features, dataset.n_classes))
+        return _initial_model(dataset, kind, recipe, seed, config)
 
     if defence.dp_epsilon is None:
         fixed = frozenset(name for name in ("lr", "epochs") if getattr(config, name) is not None)
@@ -230,10 +230,35 @@ def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X
                           f"the {kind} target on {dataset.name} (seed {seed})", fixed)
     from guard.dp import DP_RECIPE, train_private
 
-    torch.manual_seed(seed)
     private, _ = train_private(build(), (X, y), target_epsilon=defence.dp_epsilon, seed=seed,
                                **DP_RECIPE.options(len(X)))
     return private.eval()
+
+
+def _initial_model(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, seed: int,
+                   config: BenchConfig) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return (_user_model(config.model, dataset) if kind == "user"
+            else recipe.build(dataset.n_features, dataset.n_classes))
+
+
+def _dp_audit(config: BenchConfig, cell: Cell, defence: Defence, shared: Callable) -> dict[str, Any] | None:
+    """The one-run canary audit (``guard.dp.audit.audit``, Steinke, Nasr & Jagielski 2023) of the cell's DP-SGD
+    training: one more run from the target's initial weights with its settings and white-box gradient canaries
+    (the bench has the weights). None without DP, and in ``--quick`` (a smoke test: the membership attacks'
+    black-box bound still shows)."""
+    if defence.dp_epsilon is None or config.quick:
+        return None
+    from guard.dp import DP_RECIPE
+    from guard.dp.audit import audit
+
+    dataset, _ = load_dataset(cell.dataset, config.sensitive)
+    split = datasets.split(dataset, cell.seed)
+    recipe = target_recipe(config, dataset, cell.model, len(split.train))
+    X, y = dataset.X[split.train], dataset.y[split.train]
+    return shared(("dp-audit", defence.dp_epsilon), lambda: audit(
+        _initial_model(dataset, cell.model, recipe, cell.seed, config), (X, y), kind="gradient",
+        target_epsilon=defence.dp_epsilon, seed=cell.seed, **DP_RECIPE.options(len(X))).as_dict())
 
 
 def _user_model(factory: str, dataset: datasets.Dataset) -> torch.nn.Module:
@@ -354,6 +379,7 @@ def row(key: tuple, spec: AttackSpec, results: list[dict[str, Any]]) -> report.R
         "wall_time_s": report.summarise([r["wall_time_s"] for r in results]),
         "curves": first["curves"], "images": first["images"],
         "samples": [r.get("samples", {}) for r in done],  # per seed, as "metrics" values are
+        "dp_audit": _audit_summary([r.get("dp_audit") for r in results]),
     }
 
 
@@ -367,3 +393,14 @@ def _attacker_cost(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     summary = {name: report.summarise([c[name] for c in costs]) for name in costs[0]}
     return {**summary, "finished": sum(r["status"] == "ok" for r in results), "keys": KEY_POOL,
             "parallel": SYBIL_KEYS, "per_key_per_hour": KEY_RATE_PER_HOUR}
+
+
+def _audit_summary(audits: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The one-run canary audits of a DP row over its seeds: the lower bound and the accountant's epsilon (both at
+    the audit's delta) summarised, and the audit's confidence, delta and method; None when not audited."""
+    done = [a for a in audits if a is not None]
+    if not done:
+        return None
+    return {"epsilon_lower_bound": report.summarise([a["epsilon_lower_bound"] for a in done]),
+            "epsilon": report.summarise([a["epsilon"] for a in done]),
+            **{name: done[0][name] for name in ("confidence", "delta", "method", "canaries")}}

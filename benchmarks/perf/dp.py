@@ -1,22 +1,24 @@
-"""DP-SGD cost and utility on digits: the benchmark MLP for one epoch without DP and with DP-SGD
-under each Opacus grad-sample mode (epoch time and peak memory as ratios to non-private, medians
-of interleaved repetitions), test accuracy against epsilon with the DP recipe, and the search that
-chose the recipe (``search``, run only when named: it trains 51 models).
+"""DP-SGD's cost: the benchmark MLP for one epoch without DP and with DP-SGD under each Opacus
+grad-sample mode (epoch time and peak memory as ratios to non-private, medians of interleaved
+repetitions; ``ghost`` is ghost clipping), and the test-accuracy cost of ``guard.dp.DP_RECIPE``
+against the bench's non-DP targets at each epsilon, on digits (``accuracy``) and faces (``faces``).
+The recipe itself comes from ``python -m benchmarks.perf.dp_search``.
 
-Run: ``python -m benchmarks.perf.dp [--quick] [--threads N] [--only overhead accuracy search]``.
-The non-private baseline uses the same model, optimiser, Poisson data loader and batch size; it
-only skips per-example gradients, clipping, noise and ``BatchMemoryManager``.
+Run: ``python -m benchmarks.perf.dp [--quick] [--threads N] [--only overhead accuracy faces]``.
+The non-private baseline of ``overhead`` uses the same model, optimiser, Poisson data loader and
+batch size; it only skips per-example gradients, clipping, noise and ``BatchMemoryManager``.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import math
 import statistics
 import time
 
 import numpy as np
 import torch
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from scipy import stats
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,6 +28,9 @@ from benchmarks.perf.attacks import Rows, print_table
 from guard import dp
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
+FACES_EPSILONS = (1.0, 8.0, 64.0)
+FACES_RECIPE = dp.DPRecipe(sample_rate=0.5, epochs=300, lr=1e-2)
+"""The best of ``python -m benchmarks.perf.dp_search --data faces`` (a search on the private faces: see there)."""
 BATCH_SIZE = 128
 
 
@@ -107,65 +112,66 @@ def overhead(quick: bool) -> Rows:
     return rows
 
 
-def accuracy_vs_epsilon(quick: bool) -> Rows:
-    """Test accuracy of DP-SGD with ``guard.dp.DP_RECIPE`` at each epsilon (PRV, default delta),
-    beside the non-DP recipe of the bench's undefended target (``models.recipe``) on the same rows."""
-    data, parts = _digits()
+def _interval(values: list[float]) -> str:
+    """Mean and 95% Student-t interval over seeds."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+
+
+def _dp_cost(name: str, kind: str, epsilons: tuple[float, ...], seeds: range,
+             recipe: dp.DPRecipe = dp.DP_RECIPE) -> Rows:
+    """Test accuracy on split 0 of ``name`` of the bench's non-DP target (``models.recipe``) and of the
+    same architecture trained with DP-SGD and ``recipe`` at each epsilon (PRV, default delta), per
+    training seed (initial weights, sampling, noise), and the paired cost in points."""
+    data = datasets.load(name)
+    parts = datasets.split(data, seed=0)
     train = (data.X[parts.train], data.y[parts.train])
     X_test, y_test = data.X[parts.test], data.y[parts.test]
-    seeds = range(1 if quick else 3)
-    plain = models.recipe("digits", "mlp").sized(len(parts.train))
+    plain = models.recipe(name, kind).sized(len(parts.train))
     non_dp = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = models.make_model("mlp", data.n_features, data.n_classes)
+        model = plain.build(data.n_features, data.n_classes)
         non_dp.append(models.accuracy(models.train_recipe(model, plain, *train, seed), X_test, y_test))
-    rows = []
-    for epsilon in EPSILONS:
-        runs = []
+    rows = [{"data": name, "model": kind, "recipe": "non-DP", "epsilon": "none",
+             "test_accuracy": _interval(non_dp), "cost_points": "", "seeds": len(non_dp)}]
+    for epsilon in epsilons:
+        accuracies, reports = [], []
         for seed in seeds:
             torch.manual_seed(seed)
-            model = models.make_model("mlp", data.n_features, data.n_classes)
+            model = plain.build(data.n_features, data.n_classes)
             trained, report = dp.train_private(model, train, target_epsilon=epsilon, seed=seed,
-                                               **dp.DP_RECIPE.options(len(parts.train)))
-            runs.append((report, models.accuracy(trained, X_test, y_test)))
-        accuracy = statistics.mean(a for _, a in runs)
-        rows.append({"target_epsilon": epsilon, "epsilon_spent": max(r.epsilon for r, _ in runs),
-                     "delta": runs[0][0].delta, "noise_multiplier": runs[0][0].noise_multiplier,
-                     "seeds": len(runs), "dp_accuracy": accuracy,
-                     "dp_accuracy_sd": statistics.pstdev(a for _, a in runs),
-                     "non_dp_recipe_accuracy": statistics.mean(non_dp),
-                     "cost_points": 100 * (statistics.mean(non_dp) - accuracy)})
-    return rows
-
-
-SEARCH = ({"sample_rate": (0.1, 0.25, 0.5), "epochs": (20, 50, 100), "lr": (1e-3, 3e-3, 1e-2),
-           "max_grad_norm": (1.0,)},
-          {"sample_rate": (0.1, 0.25), "epochs": (100, 200), "lr": (1e-2, 2e-2, 5e-2),
-           "max_grad_norm": (0.1, 1.0)})
-"""The two stages of the recipe search: a coarse grid, then one around its best (rate 0.1-0.25,
-100 epochs, lr 1e-2) with a longer run, larger steps and a smaller clipping norm."""
-
-
-def search(quick: bool) -> Rows:
-    """The search behind ``guard.dp.DP_RECIPE``: DP-SGD at epsilon 8 on the target part of split 0,
-    accuracy on its auxiliary part (the test part is never looked at); quick: the second stage."""
-    data, parts = _digits()
-    train = (data.X[parts.train], data.y[parts.train])
-    rows = []
-    for stage in SEARCH[1:] if quick else SEARCH:
-        for values in itertools.product(*stage.values()):
-            recipe = dp.DPRecipe(**dict(zip(stage, values)))
-            torch.manual_seed(0)
-            model = models.make_model("mlp", data.n_features, data.n_classes)
-            trained, report = dp.train_private(model, train, target_epsilon=8.0, seed=0,
                                                **recipe.options(len(parts.train)))
-            rows.append({**dict(zip(stage, values)), "noise_multiplier": report.noise_multiplier,
-                         "aux_accuracy": models.accuracy(trained, data.X[parts.aux], data.y[parts.aux])})
+            accuracies.append(models.accuracy(trained, X_test, y_test))
+            reports.append(report)
+        rows.append({"data": name, "model": kind,
+                     "recipe": f"q {recipe.sample_rate:g}, {recipe.epochs} epochs, lr {recipe.lr:g}",
+                     "epsilon": f"{max(r.epsilon for r in reports):.3g}", "delta": reports[0].delta,
+                     "noise_multiplier": reports[0].noise_multiplier, "test_accuracy": _interval(accuracies),
+                     "cost_points": _interval([100 * (a - b) for a, b in zip(non_dp, accuracies)]),
+                     "seeds": len(accuracies)})
     return rows
 
 
-SECTIONS = {"overhead": overhead, "accuracy": accuracy_vs_epsilon, "search": search}
+def accuracy_vs_epsilon(quick: bool) -> Rows:
+    """Digits MLP: the test-accuracy cost of DP-SGD with guard.dp.DP_RECIPE at each epsilon, against the
+    bench's non-DP target, over training seeds on split 0 (mean and 95% t-interval)."""
+    return _dp_cost("digits", "mlp", EPSILONS, range(1 if quick else 3))
+
+
+def faces(quick: bool) -> Rows:
+    """Faces (40 people, 7 training photos each): the test-accuracy cost of DP-SGD against the bench's non-DP
+    targets; softmax with the faces search's best settings (``FACES_RECIPE``) at each epsilon, and with
+    guard.dp.DP_RECIPE, the MLP's (one seed: a DP run of it costs ~30 CPU-seconds) at epsilon 8."""
+    seeds = range(1 if quick else 3)
+    return (_dp_cost("faces", "softmax", FACES_EPSILONS, seeds, FACES_RECIPE)
+            + _dp_cost("faces", "softmax", (8.0,), seeds)[1:] + _dp_cost("faces", "mlp", (8.0,), range(1)))
+
+
+SECTIONS = {"overhead": overhead, "accuracy": accuracy_vs_epsilon, "faces": faces}
 
 
 def main(argv: list[str] | None = None) -> None:

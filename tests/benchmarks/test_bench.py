@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(900)
 
 ROW_KEYS = {"dataset", "model", "defence", "attack", "family", "adaptive", "status", "reason", "primary", "chance",
             "seeds", "metrics", "queries", "flagged_at", "blocked_at", "utility", "wall_time_s", "curves", "images",
-            "samples", "attacker_cost"}
+            "samples", "attacker_cost", "dp_audit"}
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,26 @@ def test_live_mode_serves_with_uvicorn_and_answers_like_the_asgi_transport(digit
     assert (answers[True] == answers[False]).all() and (answers[True] == answers[True].round(1)).all()
 
 
+def test_a_dp_row_summarises_its_canary_audits_over_seeds():
+    from benchmarks.cells import row
+    from benchmarks.scenarios import ATTACK_SPECS
+
+    def outcome(seed, audited):
+        return {"status": "ok", "reason": "", "metrics": {"advantage": 0.1}, "queries": 10, "flagged_at": None,
+                "blocked_at": None, "wall_time_s": 1.0, "curves": {}, "images": {}, "utility": {}, "seed": seed,
+                "chance": 0.0, "adaptive": False, "attacker_cost": None,
+                "dp_audit": {"epsilon_lower_bound": audited, "epsilon": 10.0, "delta": 2.5e-8, "confidence": 0.95,
+                             "method": "one-run audit", "canaries": 1000}}
+
+    summary = row(("d", "mlp", "dp-eps8", "lira-online"), ATTACK_SPECS["lira-online"],
+                  [outcome(0, 0.5), outcome(1, 1.5)])["dp_audit"]
+    assert summary["epsilon_lower_bound"]["mean"] == 1.0 and summary["epsilon_lower_bound"]["values"] == [0.5, 1.5]
+    assert summary["confidence"] == 0.95 and summary["canaries"] == 1000
+    undefended = outcome(0, 0.0)
+    undefended["dp_audit"] = None
+    assert row(("d", "mlp", "none", "lira-online"), ATTACK_SPECS["lira-online"], [undefended])["dp_audit"] is None
+
+
 def test_dp_rows_show_the_audited_epsilon_of_the_strongest_attack():
     def measure(value):
         return {"mean": value, "std": 0.0, "values": [value]}
@@ -147,4 +167,9 @@ def test_dp_rows_show_the_audited_epsilon_of_the_strongest_attack():
             for attack, bound in (("lira", 0.4), ("threshold", 0.2))]
     config = {"defence_specs": {"dp-eps1": {"dp_epsilon": 1.0}}, "dp_delta": {"d": 1e-5}}
     [header, line] = report._dp_table(config, rows)
-    assert header[-1].startswith("audited epsilon >=") and line[-1] == "0.400 (n=1) (lira)"
+    assert header[-2].startswith("audited epsilon >=") and line[-2] == "0.400 (n=1) (lira)"
+    assert line[-1] == "not run"
+    rows[1]["dp_audit"] = {"epsilon_lower_bound": measure(0.7), "epsilon": measure(1.9), "delta": 2.5e-8,
+                           "confidence": 0.95, "method": "one-run audit", "canaries": 1000}
+    [_, line] = report._dp_table(config, rows)
+    assert line[-1] == "0.700 (n=1) / 1.90, delta 2.5e-08 (1000 canaries)"

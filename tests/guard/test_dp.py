@@ -200,3 +200,17 @@ def test_noise_multiplier_is_opacus_search_computed_once_per_arguments(monkeypat
     assert checks.noise_multiplier_for(*arguments) == expected
     monkeypatch.setattr(checks, "get_noise_multiplier", lambda **_: pytest.fail("searched twice"))
     assert checks.noise_multiplier_for(*arguments) == expected
+
+
+def test_moving_average_of_the_weights(small):
+    """``average=0`` keeps only the last iterate (the plain run's weights); a decay near 1 stays near the
+    initial weights; both are post-processing of the same private run (same epsilon)."""
+    train, _, _ = small
+    last, report = dp.train_private(mlp(small), train, target_epsilon=2.0, **SMALL)
+    same, averaged_report = dp.train_private(mlp(small), train, target_epsilon=2.0, average=0.0, **SMALL)
+    slow, _ = dp.train_private(mlp(small), train, target_epsilon=2.0, average=0.9999, **SMALL)
+    initial = mlp(small)
+    for a, b, c, d in zip(last.parameters(), same.parameters(), slow.parameters(), initial.parameters()):
+        assert torch.equal(a, b)
+        assert (c - d).abs().max() < 0.01 * (a - d).abs().max()
+    assert averaged_report.epsilon == report.epsilon

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -116,3 +117,20 @@ def test_data_errors_are_one_line_messages(tmp_path, content, name, message):
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_train_dp_console_shows_no_third_party_warnings(tmp_path):
+    """The real command, as a user runs it (Python's default warning filters, own process): its console
+    carries the progress bar and the report, never a library's warning."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from guard.cli import main; main()", "train-dp", "--data", "digits",
+               "--model", "mlp", "--target-epsilon", "1", "--epochs", "1", "--seed", "0", "--audit",
+               "--out", str(tmp_path)]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"})
+    assert done.returncode == 0, done.stderr
+    assert "audited epsilon >=" in done.stdout and "DP-SGD" in done.stderr  # the report and the progress bar
+    console = done.stdout + done.stderr
+    assert "Warning" not in console and "warn(" not in console, console
