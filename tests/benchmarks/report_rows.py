@@ -28,7 +28,7 @@ def row(defence: str, family: str, attack: str, primary: str, success: float, ch
     return {"dataset": "digits", "model": "softmax", "defence": defence, "attack": attack, "family": family,
             "adaptive": False, "status": "ok", "reason": "", "primary": primary, "chance": chance, "seeds": [0],
             "metrics": {primary: measure(success), **extra.pop("metrics", {})}, "queries": measure(1000),
-            "flagged_at": [None], "blocked_at": [None], "wall_time_s": measure(1.0),
+            "flagged_at": [None], "blocked_at": [None], "attacker_cost": None, "dp_audit": None, "wall_time_s": measure(1.0),
             "utility": {"test_accuracy": measure(accuracy), "label_change_rate": measure(0.96 - accuracy + 0.001),
                         "benign_flagged": measure(0.0), "target_train_accuracy": measure(0.98),
                         "target_held_out_accuracy": measure(0.96)},
