@@ -387,7 +387,7 @@ def _attacker_cost(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The key-rotating attacker's cost over seeds (None for other attackers): keys used and burned, rows
     spent and lost, hours at ``KEY_RATE_PER_HOUR`` per key with ``SYBIL_KEYS`` keys at once, and in how many
     seeds it finished."""
-    costs = [r["attacker_cost"] for r in results if r["attacker_cost"] is not None]
+    costs = [r["attacker_cost"] for r in results if r.get("attacker_cost") is not None]
     if not costs:
         return None
     summary = {name: report.summarise([c[name] for c in costs]) for name in costs[0]}
