@@ -86,10 +86,11 @@ GRIDS: dict[str, dict[str, Any]] = {
     "quick": {"datasets": ("digits",), "seeds": (0,), "quick": True,
               "defences": ("none", "round:1", "label_only", "monitoring", "dp-eps8"),
               "attacks": ("equation-solving", "equation-solving-rounding-aware", "knockoff-adaptive",
-                          "lira-online", "lira-rounding-aware", "label-only-calibrated")},
+                          "lira-online", "lira-rounding-aware", "label-only-calibrated", "map-attribute",
+                          "map-attribute-label-only")},
 }
-"""What ``guard bench``, ``--quick`` and ``--full`` run. ``quick`` (a smoke test in under a minute)
-also halves the attacks' training and reference counts; ``default`` and ``full`` run every attack at
+"""What ``guard bench``, ``--quick`` and ``--full`` run. ``quick`` (a smoke test in under a minute; its
+attribute attacks run where the data has a sensitive column, ``--sensitive``) also halves the attacks' training and reference counts; ``default`` and ``full`` run every attack at
 the same strength."""
 
 
