@@ -101,11 +101,11 @@ def defence_outcomes(task: CellTask, defence: Defence, adaptive: bool = True) ->
                 results.append(((*key[:3], ownership.PREFIX + key[3]),
                                 {**ownership.row_outcome(outcome, metrics), "utility": utility, "seed": cell.seed}))
     if watermarks and adaptive and len(defence.output) == 1 and not config.quick:
-        adaptive = store.outcome_or(cell_key(config, cell, "ownership-adaptive"), lambda: [
+        copiers = store.outcome_or(cell_key(config, cell, "ownership-adaptive"), lambda: [
             list(pair) for pair in ownership.adaptive_outcomes(context, config.max_body_bytes)])
         results += [((cell.dataset, cell.model, defence.name, ownership.PREFIX + name),
                      {**outcome, "metrics": {**outcome["metrics"], **cost}, "utility": utility, "seed": cell.seed})
-                    for name, outcome in adaptive]
+                    for name, outcome in copiers]
     return results
 
 
@@ -387,7 +387,7 @@ def _attacker_cost(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The key-rotating attacker's cost over seeds (None for other attackers): keys used and burned, rows
     spent and lost, hours at ``KEY_RATE_PER_HOUR`` per key with ``SYBIL_KEYS`` keys at once, and in how many
     seeds it finished."""
-    costs = [r["attacker_cost"] for r in results if r.get("attacker_cost") is not None]
+    costs = [r["attacker_cost"] for r in results if r["attacker_cost"] is not None]
     if not costs:
         return None
     summary = {name: report.summarise([c[name] for c in costs]) for name in costs[0]}

@@ -188,7 +188,7 @@ def adaptive_outcomes(context: Context, max_body_bytes: int) -> Iterator[tuple[s
         metrics = {**verified(records, predict, independent, rate),
                    "agreement_test": float((predict(X_test) == context.labels_of(X_test)).mean())}
         return row_outcome({"status": "ok", "reason": "", "queries": len(X), "flagged_at": None, "blocked_at": None,
-                            "wall_time_s": time.perf_counter() - started}, metrics, adaptive)
+                            "attacker_cost": None, "wall_time_s": time.perf_counter() - started}, metrics, adaptive)
 
     started = time.perf_counter()
     records, answers = stolen([ISSUED_KEYS[1]])
