@@ -4,7 +4,6 @@ target to its training set (``fit``: a short search over learning rate and epoch
 floor) before anything is measured on it."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from collections.abc import Callable
 
@@ -12,11 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.models import (ACTIVATIONS, KINDS, accuracy, make_model, predict_proba,  # noqa: F401
-                          train, train_target)
-
-MIN_STEPS = 300
-"""Fewest optimiser steps a recipe sized to the data trains for (small data sets get more epochs)."""
+from guard.models import (ACTIVATIONS, KINDS, MIN_STEPS, accuracy, make_model,  # noqa: F401
+                          predict_proba, sized_epochs, train, train_target)
 
 
 class Underfit(ValueError):
@@ -41,8 +37,7 @@ class Recipe:
 
     def sized(self, n_train: int) -> Recipe:
         """At least ``MIN_STEPS`` optimiser steps on ``n_train`` records."""
-        batches = math.ceil(n_train / self.batch_size)
-        return replace(self, epochs=max(self.epochs, math.ceil(MIN_STEPS / batches)))
+        return replace(self, epochs=sized_epochs(self.epochs, n_train, self.batch_size))
 
     def build(self, n_features: int, n_classes: int) -> nn.Module:
         return make_model(self.kind, n_features, n_classes, self.hidden, self.activation)

@@ -154,6 +154,9 @@ def train_dp(
     nproc: int = typer.Option(1, help="Processes (DPDDP over gloo on this machine)."),
     seed: int = typer.Option(None, help="Fix initial weights, sampling and noise seeds "
                                         "(reproducible, and the noise predictable)."),
+    public: str = typer.Option(None, help="Public data to pretrain on without privacy before DP-SGD (a file "
+                               "like --data, same columns and labels): every row of it may leak, the "
+                               "guarantee covers --data only."),
     audit: bool = typer.Option(False, help="Audit the run: one more training run with canaries gives an "
                                "empirical lower bound on epsilon, reported beside the accountant's."),
     audit_canaries: str = typer.Option("gradient", parser=Names("guard.dp.audit:CANARY_KINDS"),
@@ -183,6 +186,7 @@ def train_dp(
             torch.manual_seed(seed)  # the model's initial weights too
         factory = import_function(model) if ":" in model else functools.partial(models.make_model, model)
         network = models.model_from(factory, dataset.n_features, dataset.n_classes)
+        public_data = None if public is None else datasets.rows_like(dataset, datasets.load(public))
     except (ValueError, OSError, ImportError, KeyError, TypeError) as error:
         raise fail(error) from error
     parts = datasets.split(dataset, seed=0, train=1 - test_fraction, test=test_fraction)
@@ -190,13 +194,19 @@ def train_dp(
         typer.echo("labels mapped to class indices: " + ", ".join(
             f"{label} -> {index}" for index, label in enumerate(dataset.classes)))
     train = (dataset.X[parts.train], dataset.y[parts.train])
+    if public_data is not None:
+        shared = _shared_rows(train[0], public_data[0])
+        if shared:
+            typer.echo(f"warning: {shared} of the {len(train[0])} private training rows are also in --public: "
+                       "the model learns them without privacy", err=True)
     chosen = dict(epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm, lr=lr)
     recipe = {**dp.DP_RECIPE.options(len(train[0])), **{k: v for k, v in chosen.items() if v is not None}}
     options = dict(target_epsilon=target_epsilon, target_delta=delta, **recipe,
                    physical_batch_size=physical_batch_size, optimizer=optimizer, accountant=accountant,
                    grad_sample_mode=grad_sample_mode or dp.DEFAULT_GRAD_SAMPLE_MODE, fix=fix,
                    test_data=(dataset.X[parts.test], dataset.y[parts.test]),
-                   checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=True)
+                   checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, progress=True,
+                   public_data=public_data)
     try:
         if nproc > 1:
             trained, report = dp.train_private_distributed(nproc, network, train, **options)
@@ -214,7 +224,8 @@ def train_dp(
     typer.echo(f"epsilon {report.epsilon:.3f} at delta {report.delta:.2g} ({report.accountant}, "
                f"{report.steps} steps, noise multiplier {report.noise_multiplier:.3f}); test "
                f"accuracy {report.test_accuracy:.3f} private, "
-               f"{report.non_private_test_accuracy:.3f} without DP")
+               f"{report.non_private_test_accuracy:.3f} without DP"
+               + (f" (both pretrained on {report.public_rows} public rows)" if report.public_rows else ""))
     for notice in report.notices:
         typer.echo(f"note: {notice}")
     if report.audit is not None:
@@ -226,6 +237,15 @@ def train_dp(
                f"  import guard.dp, {module}\n"
                f"  served = guard.dp.load({out!r}, lambda: {build}{dataset.n_features}, {dataset.n_classes}))\n"
                f"  served.predict_proba(X)  # or served.predict(X): the labels as in {data}")
+
+
+def _shared_rows(private, public) -> int:
+    """How many rows of ``private`` also appear in ``public``: equal features to 4 decimals of the
+    scaled [0, 1] units (a public file's rows are rescaled through the private data's box)."""
+    import numpy as np
+
+    seen = {row.tobytes() for row in np.round(public, 4)}
+    return sum(row.tobytes() in seen for row in np.round(private, 4))
 
 
 @app.command(cls=ListsChoices)

@@ -138,6 +138,24 @@ def load_csv(path: str | Path, label_column: str | int = -1) -> Dataset:
     return from_arrays(path.stem, features, labels, columns=tuple(np.delete(header, column)))
 
 
+def rows_like(reference: Dataset, other: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """``other``'s rows as ``reference``'s are given to a model: features taken back to their own units
+    and scaled through ``reference``'s box (values outside it land outside [0, 1]), labels mapped to
+    ``reference``'s class indices. Another number of features, or a label ``reference`` lacks, is a
+    ``ValueError``."""
+    if other.n_features != reference.n_features:
+        raise ValueError(f"{other.name} has {other.n_features} features, {reference.name} {reference.n_features}")
+    index = {label: i for i, label in enumerate(reference.classes or range(reference.n_classes))}
+    labels = other.classes or tuple(range(other.n_classes))
+    missing = [label for label in labels if label not in index]
+    if missing:
+        raise ValueError(f"{other.name} has labels {missing} that {reference.name} lacks")
+    low = 0.0 if reference.low is None else np.asarray(reference.low, dtype=np.float64)
+    high = 1.0 if reference.high is None else np.asarray(reference.high, dtype=np.float64)
+    X = (other.raw(other.X) - low) / np.where(high > low, high - low, 1.0)
+    return X.astype(np.float32), np.array([index[label] for label in labels], dtype=np.int64)[other.y]
+
+
 def split(dataset: Dataset, seed: int, train: float = 0.5, test: float = 0.25) -> Split:
     """A seeded random split into target-train, test and attacker-auxiliary parts; for a data set
     with ``train_per_class``, that many records of each class train and the rest are dealt

@@ -2,6 +2,7 @@
 softmax regression and one-hidden-layer MLPs, minibatch Adam, and their predictions as numpy."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -62,6 +63,15 @@ def train(
             nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
             optimiser.step()
     return model.eval()
+
+
+MIN_STEPS = 300
+"""Fewest optimiser steps a non-private training run sized to its data takes (small data sets get more epochs)."""
+
+
+def sized_epochs(epochs: int, n_train: int, batch_size: int) -> int:
+    """``epochs``, or more where that many passes over ``n_train`` rows make fewer than ``MIN_STEPS`` steps."""
+    return max(epochs, math.ceil(MIN_STEPS / math.ceil(n_train / batch_size)))
 
 
 def train_target(kind: str, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0,

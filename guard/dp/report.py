@@ -38,6 +38,7 @@ class PrivacyReport:
                   "post-processing cannot weaken it")
     noise_rng: str = "torch PRNG (not cryptographically secure)"
     model_changes: list[str] = field(default_factory=list)
+    public_rows: int = 0  # rows of public data the model was pretrained on without privacy (guard.dp.public)
     test_accuracy: float | None = None
     non_private_test_accuracy: float | None = None
     classes: list | None = None  # the original label of each class index, when labels were mapped

@@ -30,6 +30,7 @@ from guard.dp.checks import (
     noise_multiplier_for,
     prepare_model,
 )
+from guard.dp.public import pretrain
 from guard.dp.report import PrivacyReport
 
 #: The fastest correct mode on the benchmark MLP (``python -m benchmarks.perf.dp``).
@@ -63,6 +64,7 @@ def train_private(
     on_epoch: Callable[[int, float], None] | None = None,
     instrument: Callable[[DPOptimizer, float], None] | None = None,
     average: float | None = None,
+    public_data: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor] | None = None,
 ) -> tuple[nn.Module, PrivacyReport]:
     """Train ``model`` on ``train_data = (X, y)`` with DP-SGD to ``(target_epsilon, delta)``.
 
@@ -80,6 +82,9 @@ def train_private(
     moving average of the weights over the steps, with that decay (De et al. 2022, "Unlocking
     High-Accuracy Differentially Private Image Classification through Scale", §3.2): post-processing
     of the private iterates, it costs no privacy (on resume it restarts from the loaded weights).
+    ``public_data = (X, y)``, rows that need no protection, pretrains the model without privacy
+    before DP-SGD fine-tunes it (:mod:`guard.dp.public`); the non-private baseline starts from the
+    same pretrained weights, so the accuracy comparison is like for like.
     """
     X, y = as_tensors(train_data)
     check_data(model, X, y)
@@ -87,10 +92,12 @@ def train_private(
     check_options(len(X), target_epsilon, delta, epochs, batch_size, accountant, grad_sample_mode,
                    optimizer)
     model, changes = prepare_model(copy.deepcopy(model), fix)  # the caller's model stays as it is
-    initial = copy.deepcopy(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     check_shards(batch_size, world)
     seed = secrets.randbits(62) if seed is None else seed
+    if public_data is not None:  # DPDDP starts every process from rank 0's weights
+        model = pretrain(model, public_data, _epoch_seed(seed, 0, "public"))
+    initial = copy.deepcopy(model)
 
     sampling_rng, noise_rng = torch.Generator(), torch.Generator()
     loader = DataLoader(TensorDataset(X, y), batch_size=batch_size, generator=sampling_rng)
@@ -164,7 +171,8 @@ def train_private(
         max_grad_norm=max_grad_norm, sample_rate=1 / len(loader),
         expected_batch_size=len(X) / len(loader), steps=int(sum(s for *_, s in history)),
         epochs=epochs, dataset_size=len(X), history=history, grad_sample_mode=grad_sample_mode,
-        world_size=world, model_changes=changes, notices=notices)
+        world_size=world, model_changes=changes, notices=notices,
+        public_rows=0 if public_data is None else len(public_data[0]))
     if test_data is not None and rank == 0:
         X_test, y_test = as_tensors(test_data)
         baseline = train_non_private(copy.deepcopy(initial), (X, y), epochs=epochs,
