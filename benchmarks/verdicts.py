@@ -159,8 +159,8 @@ def verdicts(rows: list[Row]) -> list[Row]:
 
 
 def summary(findings: list[Row], config: dict[str, Any]) -> list[Row]:
-    """Per dataset, model and attack family with findings: the cheapest defence (least accuracy lost,
-    then fewest labels changed) credited with bringing the strongest attack to chance; when none is,
+    """Per dataset, model and attack family with findings: the cheapest defence (least accuracy lost, a
+    measured gain counting as none, then fewest labels changed) credited with bringing the strongest attack to chance; when none is,
     the closest one worth naming: among those that reduce it beyond the intervals, the one that
     leaves the attacker least, with its cost; when none does, what the attacker gets undefended (and,
     when a single defence was judged, what it costs clients all the same); when the family has no
@@ -178,7 +178,8 @@ def summary(findings: list[Row], config: dict[str, Any]) -> list[Row]:
                           "still": judged[0]["verdict"]})
             continue
         if credited or reducing:
-            best = (min(credited, key=lambda f: (f["accuracy_cost"], f["label_change_rate"] or 0.0)) if credited
+            best = (min(credited, key=lambda f: (max(f["accuracy_cost"], 0.0), f["label_change_rate"] or 0.0))
+                    if credited
                     else min(reducing, key=lambda f: f["defended"]))
             line.update({"accuracy_cost": best["accuracy_cost"], "label_change_rate": best["label_change_rate"],
                          "benign_flagged": best["benign_flagged"], "client_loss": client_loss(best["defence"], config),

@@ -1,10 +1,11 @@
 """DP-SGD's cost: the benchmark MLP for one epoch without DP and with DP-SGD under each Opacus
 grad-sample mode (epoch time and peak memory as ratios to non-private, medians of interleaved
 repetitions; ``ghost`` is ghost clipping), and the test-accuracy cost of ``guard.dp.DP_RECIPE``
-against the bench's non-DP targets at each epsilon, on digits (``accuracy``) and faces (``faces``).
+against the bench's non-DP targets at each epsilon, on digits (``accuracy``) and faces (``faces``), and
+after pretraining on public data (``public``).
 The recipe itself comes from ``python -m benchmarks.perf.dp_search``.
 
-Run: ``python -m benchmarks.perf.dp [--quick] [--threads N] [--only overhead accuracy faces]``.
+Run: ``python -m benchmarks.perf.dp [--quick] [--threads N] [--only overhead accuracy faces public]``.
 The non-private baseline of ``overhead`` uses the same model, optimiser, Poisson data loader and
 batch size; it only skips per-example gradients, clipping, noise and ``BatchMemoryManager``.
 """
@@ -31,6 +32,9 @@ EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 FACES_EPSILONS = (1.0, 8.0, 64.0)
 FACES_RECIPE = dp.DPRecipe(sample_rate=0.5, epochs=300, lr=1e-2)
 """The best of ``python -m benchmarks.perf.dp_search --data faces`` (a search on the private faces: see there)."""
+PUBLIC_EPSILONS = (1.0, 8.0)
+PUBLIC_SHARES = (1.0, 0.2)
+"""Shares of digits' auxiliary part (450 rows) the ``public`` section pretrains on."""
 BATCH_SIZE = 128
 
 
@@ -130,12 +134,8 @@ def _dp_cost(name: str, kind: str, epsilons: tuple[float, ...], seeds: range,
     parts = datasets.split(data, seed=0)
     train = (data.X[parts.train], data.y[parts.train])
     X_test, y_test = data.X[parts.test], data.y[parts.test]
-    plain = models.recipe(name, kind).sized(len(parts.train))
-    non_dp = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        model = plain.build(data.n_features, data.n_classes)
-        non_dp.append(models.accuracy(models.train_recipe(model, plain, *train, seed), X_test, y_test))
+    plain = models.recipe(name, kind)
+    non_dp = _non_private(data, kind, parts.train, parts.test, seeds)
     rows = [{"data": name, "model": kind, "recipe": "non-DP", "epsilon": "none",
              "test_accuracy": _interval(non_dp), "cost_points": "", "seeds": len(non_dp)}]
     for epsilon in epsilons:
@@ -156,10 +156,56 @@ def _dp_cost(name: str, kind: str, epsilons: tuple[float, ...], seeds: range,
     return rows
 
 
+def _non_private(data: datasets.Dataset, kind: str, rows: np.ndarray, test: np.ndarray,
+                 seeds: range) -> list[float]:
+    """Test accuracy of the bench's non-DP target (``models.recipe``) trained on ``rows``, per seed."""
+    plain = models.recipe(data.name, kind).sized(len(rows))
+    accuracies = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = models.train_recipe(plain.build(data.n_features, data.n_classes), plain, data.X[rows],
+                                    data.y[rows], seed)
+        accuracies.append(models.accuracy(model, data.X[test], data.y[test]))
+    return accuracies
+
+
+def public_pretraining(quick: bool) -> Rows:
+    """Digits MLP: DP_RECIPE fine-tuning a model pretrained on public data (``guard.dp.public``: the
+    auxiliary part of split 0, whole or a fifth), against the bench's non-DP target (``cost_points``), the
+    same pretrained model fine-tuned without DP (``like_for_like``), and the public data alone
+    (``private_adds``: what the private rows add under DP), paired per seed."""
+    data, parts = _digits()
+    train, test = (data.X[parts.train], data.y[parts.train]), (data.X[parts.test], data.y[parts.test])
+    seeds = range(2 if quick else 6)
+    non_dp = _non_private(data, "mlp", parts.train, parts.test, seeds)
+    rows = [{"public_rows": 0, "recipe": "non-DP", "epsilon": "none", "test_accuracy": _interval(non_dp)}]
+    for share in PUBLIC_SHARES:
+        public = parts.aux[: round(share * len(parts.aux))]
+        alone = _non_private(data, "mlp", public, parts.test, seeds)
+        rows.append({"public_rows": len(public), "recipe": "non-DP, public rows only", "epsilon": "none",
+                     "test_accuracy": _interval(alone)})
+        for epsilon in PUBLIC_EPSILONS:
+            private, like = [], []
+            for seed in seeds:
+                torch.manual_seed(seed)
+                _, report = dp.train_private(models.recipe("digits", "mlp").build(data.n_features, data.n_classes),
+                                             train, target_epsilon=epsilon, seed=seed, test_data=test,
+                                             public_data=(data.X[public], data.y[public]),
+                                             **dp.DP_RECIPE.options(len(parts.train)))
+                private.append(report.test_accuracy)
+                like.append(report.non_private_test_accuracy)
+            rows.append({"public_rows": len(public), "recipe": "public, then DP_RECIPE", "epsilon": epsilon,
+                         "test_accuracy": _interval(private),
+                         "cost_points": _interval([100 * (a - b) for a, b in zip(non_dp, private)]),
+                         "like_for_like": _interval([100 * (a - b) for a, b in zip(like, private)]),
+                         "private_adds": _interval([100 * (b - a) for a, b in zip(alone, private)])})
+    return rows
+
+
 def accuracy_vs_epsilon(quick: bool) -> Rows:
     """Digits MLP: the test-accuracy cost of DP-SGD with guard.dp.DP_RECIPE at each epsilon, against the
     bench's non-DP target, over training seeds on split 0 (mean and 95% t-interval)."""
-    return _dp_cost("digits", "mlp", EPSILONS, range(1 if quick else 3))
+    return _dp_cost("digits", "mlp", EPSILONS, range(1 if quick else 6))
 
 
 def faces(quick: bool) -> Rows:
@@ -171,7 +217,7 @@ def faces(quick: bool) -> Rows:
             + _dp_cost("faces", "softmax", (8.0,), seeds)[1:] + _dp_cost("faces", "mlp", (8.0,), range(1)))
 
 
-SECTIONS = {"overhead": overhead, "accuracy": accuracy_vs_epsilon, "faces": faces}
+SECTIONS = {"overhead": overhead, "accuracy": accuracy_vs_epsilon, "faces": faces, "public": public_pretraining}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,8 @@ def _measure(values: list[float]) -> dict:
 
 def _row(defence: str, values: float | list[float], *, attack: str = "copycat", family: str = "extraction",
          primary: str = "agreement_test", trials: int = 500, chance: float = 0.1, accuracy: float = 0.9,
-         status: str = "ok", reason: str = "", reference: float | None = None, samples=None) -> dict:
+         status: str = "ok", reason: str = "", reference: float | None = None, samples=None,
+         changed: float = 0.0) -> dict:
     values = [values] if np.isscalar(values) else list(values)
     counts = {"agreement_test": "test_points", "tpr_at_1pct_fpr": "members", "accuracy": "records"}
     metrics = {} if status != "ok" else {primary: _measure(values)}
@@ -28,7 +29,7 @@ def _row(defence: str, values: float | list[float], *, attack: str = "copycat", 
             "status": status, "reason": reason, "primary": primary, "seeds": list(range(len(values))),
             "chance": reference if reference is not None else chance, "metrics": metrics,
             "samples": samples or [{} for _ in values],
-            "utility": {"test_accuracy": {"mean": accuracy}, "label_change_rate": {"mean": 0.0}}}
+            "utility": {"test_accuracy": {"mean": accuracy}, "label_change_rate": {"mean": changed}}}
 
 
 def _only(findings: list[dict], defence: str) -> dict:
@@ -170,6 +171,18 @@ def test_summary_names_the_cheapest_defence_to_chance():
             _row("dp-eps8", 0.008, accuracy=0.85, **membership)]
     [line] = summary(verdicts(rows), config)
     assert line["cheapest"] == "dp-eps8" and line["accuracy_cost"] == pytest.approx(0.05) and line["still"] == "–"
+
+
+def test_a_defence_that_happens_to_gain_accuracy_is_not_ranked_before_one_that_changes_no_label():
+    # a DP target better than an overfit non-DP one (the Fair-shaped survey: -6 points) costs nothing, but it
+    # still changes labels; label_only changes none
+    config = {"defence_specs": {"dp-eps8": {"dp_epsilon": 8.0}, "label_only": {"output": ["label_only"]}}}
+    membership = {"family": "membership", "primary": "tpr_at_1pct_fpr", "trials": 900, "chance": 0.01,
+                  "attack": "lira-online"}
+    rows = [_row("none", 0.07, **membership), _row("dp-eps8", 0.008, accuracy=0.96, changed=0.08, **membership),
+            _row("label_only", 0.009, **membership)]
+    [line] = summary(verdicts(rows), config)
+    assert line["cheapest"] == "label_only" and line["accuracy_cost"] == 0.0
 
 
 def test_every_family_with_findings_gets_a_summary_line_even_without_a_verdict():
