@@ -86,6 +86,8 @@ def defence_outcomes(task: CellTask, defence: Defence, adaptive: bool = True) ->
                              "adaptive": False, "dp_audit": dp_audit}))
         if reason or not spec.applies(context) or spec.name not in chosen:
             continue
+        if spec.family == "inversion" and defence.dp_public:
+            continue  # the evaluator that judges reconstructions trains on the aux part, which pretrained this target
         for attacker in _attackers(spec, defence):
             key = (cell.dataset, cell.model, defence.name,
                    spec.name if attacker == ONE_KEY else f"{spec.name} ({attacker})")
@@ -176,8 +178,8 @@ def _target(config: BenchConfig, cell: Cell, defence: Defence, shared: Callable)
     dataset, _ = load_dataset(cell.dataset, config.sensitive)
     split = datasets.split(dataset, cell.seed)
     recipe = target_recipe(config, dataset, cell.model, len(split.train))
-    return shared(("target", defence.dp_epsilon), lambda: _train_target(
-        dataset, cell.model, recipe, dataset.X[split.train], dataset.y[split.train], defence, cell.seed, config))
+    return shared(("target", defence.dp_epsilon, *(("public",) if defence.dp_public else ())), lambda: _train_target(
+        dataset, cell.model, recipe, split, defence, cell.seed, config))
 
 
 def target_recipe(config: BenchConfig, dataset: datasets.Dataset, kind: str, n_train: int) -> models.Recipe:
@@ -213,26 +215,34 @@ def _labeller(model: torch.nn.Module):
     return lambda X: models.predict_proba(model, X).argmax(axis=1)
 
 
-def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, X: np.ndarray, y: np.ndarray,
+def _train_target(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, split: datasets.Split,
                   defence: Defence, seed: int, config: BenchConfig) -> torch.nn.Module:
-    """The target of one cell. Without DP: the recipe, or the first of ``models.fit``'s few variations
-    of its learning rate and epochs (those the user did not set) that fits the training set to the floor
-    (``models.train_accuracy_floor``); refused (``models.Underfit``) if none does. DP-SGD trains with its
-    own recipe (``guard.dp.DP_RECIPE``) sized to the data, never the non-private one, and is not held to
-    the floor (its lower fit is its privacy cost, reported as utility)."""
-    def build() -> torch.nn.Module:
-        return _initial_model(dataset, kind, recipe, seed, config)
-
+    """The target of one cell, trained on the split's training part. Without DP: the recipe, or the first
+    of ``models.fit``'s few variations of its learning rate and epochs (those the user did not set) that
+    fits the training set to the floor (``models.train_accuracy_floor``); refused (``models.Underfit``) if
+    none does. DP-SGD trains with its own recipe (``guard.dp.DP_RECIPE``) sized to the data, never the
+    non-private one (after pretraining on the auxiliary part for ``dp_public``), and is not held to the
+    floor (its lower fit is its privacy cost, reported as utility)."""
+    X, y = dataset.X[split.train], dataset.y[split.train]
     if defence.dp_epsilon is None:
         fixed = frozenset(name for name in ("lr", "epochs") if getattr(config, name) is not None)
         floor = models.train_accuracy_floor(X, y, config.min_train_accuracy, dataset.image_shape is not None)
-        return models.fit(build, recipe, X, y, seed, floor,
+        return models.fit(lambda: _initial_model(dataset, kind, recipe, seed, config), recipe, X, y, seed, floor,
                           f"the {kind} target on {dataset.name} (seed {seed})", fixed)
-    from guard.dp import DP_RECIPE, train_private
+    from guard.dp import train_private
 
-    private, _ = train_private(build(), (X, y), target_epsilon=defence.dp_epsilon, seed=seed,
-                               **DP_RECIPE.options(len(X)))
+    private, _ = train_private(_initial_model(dataset, kind, recipe, seed, config), (X, y), seed=seed,
+                               **_dp_options(dataset, split, defence))
     return private.eval()
+
+
+def _dp_options(dataset: datasets.Dataset, split: datasets.Split, defence: Defence) -> dict[str, Any]:
+    """``train_private``'s options for a DP defence: its epsilon, ``DP_RECIPE`` sized to the training part,
+    and for ``dp_public`` the auxiliary part as public data."""
+    from guard.dp import DP_RECIPE
+
+    public = (dataset.X[split.aux], dataset.y[split.aux]) if defence.dp_public else None
+    return {"target_epsilon": defence.dp_epsilon, "public_data": public, **DP_RECIPE.options(len(split.train))}
 
 
 def _initial_model(dataset: datasets.Dataset, kind: str, recipe: models.Recipe, seed: int,
@@ -249,16 +259,15 @@ def _dp_audit(config: BenchConfig, cell: Cell, defence: Defence, shared: Callabl
     black-box bound still shows)."""
     if defence.dp_epsilon is None or config.quick:
         return None
-    from guard.dp import DP_RECIPE
     from guard.dp.audit import audit
 
     dataset, _ = load_dataset(cell.dataset, config.sensitive)
     split = datasets.split(dataset, cell.seed)
     recipe = target_recipe(config, dataset, cell.model, len(split.train))
     X, y = dataset.X[split.train], dataset.y[split.train]
-    return shared(("dp-audit", defence.dp_epsilon), lambda: audit(
-        _initial_model(dataset, cell.model, recipe, cell.seed, config), (X, y), kind="gradient",
-        target_epsilon=defence.dp_epsilon, seed=cell.seed, **DP_RECIPE.options(len(X))).as_dict())
+    return shared(("dp-audit", defence.dp_epsilon, *(("public",) if defence.dp_public else ())), lambda: audit(
+        _initial_model(dataset, cell.model, recipe, cell.seed, config), (X, y), kind="gradient", seed=cell.seed,
+        **_dp_options(dataset, split, defence)).as_dict())
 
 
 def _user_model(factory: str, dataset: datasets.Dataset) -> torch.nn.Module:

@@ -31,12 +31,15 @@ from guard.outputs import read_spec
 
 @dataclass(frozen=True)
 class Defence:
-    """One configuration of the guard: output specs, monitoring, or DP-SGD training at ``dp_epsilon``."""
+    """One configuration of the guard: output specs, monitoring, or DP-SGD training at ``dp_epsilon``;
+    ``dp_public``: DP-SGD fine-tunes a model pretrained on the split's auxiliary part, which is public in
+    the bench's threat model (``guard.dp.public``; ``guard train-dp --public``)."""
 
     name: str
     output: tuple[str, ...] = ()
     monitoring: bool = False
     dp_epsilon: float | None = None
+    dp_public: bool = False
 
     @property
     def public_format(self) -> OutputFormat:
@@ -79,6 +82,7 @@ DEFENCES: dict[str, Defence] = {d.name: d for d in (
     Defence("monitoring", monitoring=True),
     Defence("dp-eps1", dp_epsilon=1.0),
     Defence("dp-eps8", dp_epsilon=8.0),
+    Defence("dp-eps8-public", dp_epsilon=8.0, dp_public=True),
     *watermark_defences(),
 )}
 

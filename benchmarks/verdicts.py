@@ -134,7 +134,9 @@ def verdicts(rows: list[Row]) -> list[Row]:
     the no-model reference" (the strongest attack against the defence is within the interval an
     attacker at chance would get, below the strongest undefended one), "reduces" (the strongest
     attack against the defence lies below its own undefended interval) and "does not help" (their
-    intervals overlap). Two different attacks are never compared: an undefended attack stronger than
+    intervals overlap). An attack that reaches chance against the defence and fails undefended too
+    shows nothing of the defence and is not taken as the strongest while another attack is left. Two
+    different attacks are never compared: an undefended attack stronger than
     the one that is strongest against the defence is named in ``lowered`` (its value on each side),
     one that could not run against the defence in ``not_run``."""
     findings = []
@@ -150,7 +152,7 @@ def verdicts(rows: list[Row]) -> list[Row]:
             by_attack = {a: [r for r in undefended if base_attack(r["attack"]) == a]
                          for a in {base_attack(r["attack"]) for r in ran}}
             strongest_undefended = strongest([r for rows_of in by_attack.values() for r in rows_of])
-            defended = strongest(ran)
+            defended = strongest([r for r in ran if not _uninformative(r, by_attack)] or ran)
             own = strongest(by_attack[base_attack(defended["attack"])]) if defended else None
             findings.append(_finding(dataset, model, family, defence, strongest_undefended, own, defended, ran,
                                      _lowered(by_attack, ran, own), {
@@ -205,7 +207,8 @@ def client_loss(defence: str, config: dict[str, Any]) -> str:
     format observed, ``benchmarks.audit``)."""
     spec = config.get("defence_specs", {}).get(defence, {})
     if spec.get("dp_epsilon") is not None:
-        return "nothing in the answers' format; the model is retrained with DP-SGD"
+        return ("nothing in the answers' format; the model is retrained with DP-SGD"
+                + (" from one pretrained on public data" if spec.get("dp_public") else ""))
     if spec.get("monitoring"):
         return "nothing unless flagged: false alarms calibrated to 0.1% of benign streams"
     losses = {"round": "confidences beyond {0} decimals", "top_k": "all but the top {0} confidences",
@@ -285,6 +288,17 @@ def _outcome(family: str, strongest_undefended: Row | None, own: Row | None,
     if bounds[1] < own_bounds[0]:
         return "reduces", f"reduces it from {_valued(own)} to {against}", own
     return "does not help", f"does not help: {against} against {_valued(own)} undefended (the intervals overlap)", own
+
+
+def _uninformative(row: Row, by_attack: dict[str, list[Row]]) -> bool:
+    """Whether ``row``'s attack reaches chance against the defence and its undefended run does too."""
+    own = strongest(by_attack[base_attack(row["attack"])])
+    return row["status"] == "ok" and own is not None and _reaches_chance(row) and _reaches_chance(own)
+
+
+def _reaches_chance(row: Row) -> bool:
+    bounds = interval(row)
+    return bounds is not None and bounds[0] <= chance_level(row)
 
 
 def _valued(row: Row) -> str:

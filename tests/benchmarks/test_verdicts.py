@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import grid
-from benchmarks.verdicts import base_attack, chance_interval, interval, summary, verdicts
+from benchmarks.verdicts import base_attack, chance_interval, client_loss, interval, summary, verdicts
 
 
 def _measure(values: list[float]) -> dict:
@@ -173,6 +173,17 @@ def test_summary_names_the_cheapest_defence_to_chance():
     assert line["cheapest"] == "dp-eps8" and line["accuracy_cost"] == pytest.approx(0.05) and line["still"] == "–"
 
 
+def test_an_attack_at_chance_on_both_sides_is_not_taken_as_the_strongest_against_a_defence():
+    # the bench's publicly pretrained DP MLP: LiRA 0.077 -> 0.008, and the loss threshold, at chance on
+    # both sides, is nominally the strongest against the defence (0.011 against 0.009)
+    membership = {"family": "membership", "primary": "tpr_at_1pct_fpr", "trials": 898, "chance": 0.01}
+    rows = [_row("none", 0.077, attack="lira-online", **membership), _row("none", 0.009, attack="threshold", **membership),
+            _row("dp", 0.008, attack="lira-online", **membership), _row("dp", 0.011, attack="threshold", **membership)]
+    finding = _only(verdicts(rows), "dp")
+    assert finding["strongest_attack"] == finding["baseline_attack"] == "lira-online"
+    assert finding["outcome"] == "brings it to chance" and finding["defended"] == pytest.approx(0.008)
+
+
 def test_a_defence_that_happens_to_gain_accuracy_is_not_ranked_before_one_that_changes_no_label():
     # a DP target better than an overfit non-DP one (the Fair-shaped survey: -6 points) costs nothing, but it
     # still changes labels; label_only changes none
@@ -195,3 +206,9 @@ def test_the_default_grid_runs_undefended_every_attack_a_defence_is_compared_wit
     undefended = set(grid.attacks_on(config, "none"))
     for defence in config.defences:
         assert {base_attack(a) for a in grid.attacks_on(config, defence)} <= undefended, defence
+
+
+def test_clients_of_a_publicly_pretrained_dp_model_are_told_so():
+    specs = {"defence_specs": {"dp-eps8-public": {"dp_epsilon": 8.0, "dp_public": True}, "dp-eps8": {"dp_epsilon": 8.0}}}
+    assert client_loss("dp-eps8-public", specs).endswith("retrained with DP-SGD from one pretrained on public data")
+    assert client_loss("dp-eps8", specs).endswith("retrained with DP-SGD")
