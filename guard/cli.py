@@ -225,7 +225,11 @@ def train_dp(
                f"{report.steps} steps, noise multiplier {report.noise_multiplier:.3f}); test "
                f"accuracy {report.test_accuracy:.3f} private, "
                f"{report.non_private_test_accuracy:.3f} without DP"
-               + (f" (both pretrained on {report.public_rows} public rows)" if report.public_rows else ""))
+               + (f" (both pretrained on {report.public_rows} public rows, which alone give "
+                  f"{report.public_only_test_accuracy:.3f})" if report.public_rows else ""))
+    if report.public_rows and report.test_accuracy <= report.public_only_test_accuracy:
+        typer.echo("note: the private rows add no test accuracy at this epsilon: the model pretrained on the "
+                   "public rows alone is as accurate, without touching private data")
     for notice in report.notices:
         typer.echo(f"note: {notice}")
     if report.audit is not None:

@@ -41,6 +41,7 @@ class PrivacyReport:
     public_rows: int = 0  # rows of public data the model was pretrained on without privacy (guard.dp.public)
     test_accuracy: float | None = None
     non_private_test_accuracy: float | None = None
+    public_only_test_accuracy: float | None = None  # the model pretrained on the public rows, before DP-SGD
     classes: list | None = None  # the original label of each class index, when labels were mapped
     audit: dict | None = None  # guard.dp.audit.EpsilonAudit.as_dict() of an audit of this run's settings
     notices: list[str] = field(default_factory=list)  # the accountant's warnings about epsilon, one line each

@@ -84,7 +84,8 @@ def train_private(
     of the private iterates, it costs no privacy (on resume it restarts from the loaded weights).
     ``public_data = (X, y)``, rows that need no protection, pretrains the model without privacy
     before DP-SGD fine-tunes it (:mod:`guard.dp.public`); the non-private baseline starts from the
-    same pretrained weights, so the accuracy comparison is like for like.
+    same pretrained weights, so the accuracy comparison is like for like, and the report adds the
+    pretrained model's own test accuracy (what the private rows add under DP is the difference).
     """
     X, y = as_tensors(train_data)
     check_data(model, X, y)
@@ -179,6 +180,8 @@ def train_private(
                                      batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed)
         report.test_accuracy = accuracy(trained, X_test, y_test)
         report.non_private_test_accuracy = accuracy(baseline, X_test, y_test)
+        if public_data is not None:
+            report.public_only_test_accuracy = accuracy(initial.eval(), X_test, y_test)
     return trained, report
 
 

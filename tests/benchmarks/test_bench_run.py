@@ -163,9 +163,9 @@ def test_an_interrupt_ends_every_worker_and_reports_the_finished_cells(tmp_path,
     import psutil
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    # two data sets: cells past the first few still train targets, so the run cannot finish before the signal
+    # adaptive Knockoff trains a copy in every cell (seconds each): the run cannot finish before the signal
     grid_options = ["--quick", "--workers", "2", "--data", "digits,breast_cancer", "--defences",
-                    "none,round:1,label_only", "--attacks", "threshold,copycat"]
+                    "none,round:1,label_only", "--attacks", "threshold,knockoff-adaptive"]
     bench = _bench(out, cache, *grid_options)
     parent = psutil.Process(bench.pid)
     deadline = time.monotonic() + 600
@@ -194,7 +194,7 @@ def test_an_interrupt_ends_every_worker_and_reports_the_finished_cells(tmp_path,
         output, _ = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, output
         results = json.loads((out / "results.json").read_text())
-        assert not results["config"]["partial"] and results["config"]["attacks"] == ["threshold", "copycat"]
+        assert not results["config"]["partial"] and results["config"]["attacks"] == ["threshold", "knockoff-adaptive"]
         assert {(row["dataset"], row["model"], row["defence"]) for row in results["rows"]} >= cells
         assert len({(row["dataset"], row["model"], row["defence"]) for row in results["rows"]}) == 9
 

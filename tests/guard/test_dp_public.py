@@ -34,6 +34,7 @@ def test_dp_sgd_starts_from_the_publicly_pretrained_weights_and_the_baseline_too
     assert alone.public_rows == 0 and pretrained.public_rows == 300
     assert alone.test_accuracy < 0.8 and alone.non_private_test_accuracy < 0.8
     assert pretrained.test_accuracy > 0.95 and pretrained.non_private_test_accuracy > 0.95
+    assert pretrained.public_only_test_accuracy > 0.95 and alone.public_only_test_accuracy is None
     assert pretrained.epsilon == pytest.approx(alone.epsilon)  # the public rows cost the private ones nothing
 
 
@@ -69,7 +70,15 @@ def test_train_dp_pretrains_on_a_public_file_and_warns_of_private_rows_in_it(tmp
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
     report = dp.PrivacyReport.load(tmp_path / "out" / dp.REPORT_FILE)
-    assert report.public_rows == 150 and "(both pretrained on 150 public rows)" in result.output
+    assert report.public_rows == 150
+    assert f"(both pretrained on 150 public rows, which alone give {report.public_only_test_accuracy:.3f})" in result.output
+    assert report.test_accuracy > report.public_only_test_accuracy and "add no test accuracy" not in result.output
+    # at epsilon 0.5 with a large step the noise undoes what the public rows taught: the private rows add nothing
+    noisy = CliRunner().invoke(app, [*arguments, "--target-epsilon", "0.5", "--lr", "0.5"])
+    assert noisy.exit_code == 0, noisy.output
+    report = dp.PrivacyReport.load(tmp_path / "out" / dp.REPORT_FILE)
+    assert report.test_accuracy <= report.public_only_test_accuracy
+    assert "note: the private rows add no test accuracy at this epsilon" in noisy.output
     private_train = data.split(data.load(str(tmp_path / "private.csv")), seed=0, train=0.75, test=0.25).train
     shared = int((private_train >= 250).sum())  # the private training rows the public file repeats
     assert shared > 0 and f"warning: {shared} of the 225 private training rows are also in --public" in result.output
