@@ -3,10 +3,12 @@
 ``ATTACKS`` maps each attack's stable name to its class. This package never imports ``guard``.
 """
 from attacks.base import Attack, AttackResult
+from attacks.equivalent import FunctionallyEquivalent
 from attacks.extraction import EXTRACTION_ATTACKS
 from attacks.inversion import INVERSION_ATTACKS
 from attacks.membership import MEMBERSHIP_ATTACKS
 
-ATTACKS: dict[str, type[Attack]] = {**EXTRACTION_ATTACKS, **MEMBERSHIP_ATTACKS, **INVERSION_ATTACKS}
+ATTACKS: dict[str, type[Attack]] = {**EXTRACTION_ATTACKS, FunctionallyEquivalent.name: FunctionallyEquivalent,
+                                    **MEMBERSHIP_ATTACKS, **INVERSION_ATTACKS}
 
 __all__ = ["ATTACKS", "Attack", "AttackResult"]

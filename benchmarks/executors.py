@@ -58,7 +58,9 @@ class LocalPool:
                 finished = [(task, result) for task, result in pending if result.ready()]
                 for task, result in finished:
                     done(task, result.get())
-                pending = [(task, result) for task, result in pending if not result.ready()]
+                # drop those found ready, not those ready now: one that finished after the scan waits for the next
+                collected = {id(result) for _, result in finished}
+                pending = [(task, result) for task, result in pending if id(result) not in collected]
                 if not finished:
                     time.sleep(POLL_S)
             pool.close()

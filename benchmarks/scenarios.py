@@ -14,6 +14,7 @@ import numpy as np
 from attacks.attribute import LearnedAttribute, MembershipAttribute
 from attacks.base import AttackResult
 from attacks.ensemble import Architecture, Ensemble, TrainingConfig
+from attacks.equivalent import FunctionallyEquivalent
 from attacks.extraction import Copycat, EquationSolving, JacobianAugmentation, Knockoff
 from attacks.inversion import InverseModel, MAPAttribute, MAPAttributeLabelOnly, MIFace, MIFaceBlackBox
 from attacks.membership import RMIA, LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
@@ -208,6 +209,14 @@ def _equation_solving(rounding_aware: bool) -> Callable[[Target, Context], Attac
         return EquationSolving(hidden, rounding=rounding, seed=context.seed, **options).run(
             target, X_test, y_test, oracle=context.labels_of)
     return run
+
+
+def _functionally_equivalent(target: Target, context: Context) -> AttackResult:
+    """Jagielski et al.'s extraction of the ReLU MLP, its segments between the attacker's own records."""
+    X_test, y_test = context.part("test")
+    aux, _ = context.part("aux")
+    return FunctionallyEquivalent(context.hidden, seed=context.seed).run(target, X_test, y_test, aux=aux,
+                                                                         oracle=context.labels_of)
 
 
 def _learning(build: Callable[[Context], Any]) -> Callable[[Target, Context], AttackResult]:
@@ -519,6 +528,8 @@ ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
     AttackSpec("equation-solving-rounding-aware", "extraction", "agreement_test", _equation_solving(True),
                _majority_agreement, applies=lambda c: _rounds(c) and (c.model_kind == "softmax" or not c.quick),
                adaptive=_rounds, adapts="equation-solving"),
+    AttackSpec("functionally-equivalent", "extraction", "agreement_test", _functionally_equivalent,
+               _majority_agreement, applies=lambda c: c.model_kind == "mlp" and c.activation == "relu"),
     AttackSpec("copycat", "extraction", "agreement_test",
                _learning(lambda c: Copycat(labels_only=True, **_copy_options(c))), _majority_agreement),
     AttackSpec("copycat-k-center", "extraction", "agreement_test",
