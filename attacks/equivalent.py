@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, AttackResult
-from attacks.extraction import Labeller, _labels_of, _result
+from attacks.extraction import Labeller, _labels_of, _result, labeller
+from attacks.scoring import agreement
 from attacks.targets import OutputUnavailable, Target
 
 
@@ -83,7 +84,8 @@ class FunctionallyEquivalent(Attack):
         copy, residual = search.fit()
         oracle = _labels_of(oracle, target)
         spent = target.queries - start
-        return _result(self.name, copy, spent, {"queries": [spent], "agreement": []}, oracle, X_test, y_test,
+        curve = {"queries": [spent], "agreement": [agreement(labeller(copy)(X_test), oracle(X_test))]}
+        return _result(self.name, copy, spent, curve, oracle, X_test, y_test,
                        units_found=float(len(search.units)), fit_residual=residual)
 
 

@@ -80,7 +80,8 @@ Functionally equivalent extraction, newer than the full run these come from, is 
 answers keep the precision it needs or where a defence does not touch them (the undefended model, 2-decimal
 rounding, monitoring, the DP targets)."""
 
-OWNERSHIP_SUITE = ("copycat", "copycat-k-center", "knockoff-adaptive", "jacobian", "equation-solving")
+OWNERSHIP_SUITE = ("copycat", "copycat-k-center", "knockoff-adaptive", "jacobian", "equation-solving",
+                   "functionally-equivalent")
 """The default grid's attacks on the watermark defences: every extraction attack, whose copies the
 ownership family verifies (``benchmarks.ownership``)."""
 OWNERSHIP = {defence.name: OWNERSHIP_SUITE for defence in watermark_defences()}

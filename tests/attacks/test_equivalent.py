@@ -33,6 +33,7 @@ def test_every_unit_of_a_small_relu_network_is_recovered_and_the_copy_is_exact()
     cosines = np.abs(found @ W.T)
     assert (cosines.max(axis=0)[bending] > 0.999).all() and result.metrics["units_found"] == len(bending)
     assert result.metrics["agreement_test"] == 1.0 and result.metrics["fit_residual"] < 1e-3
+    assert result.artefacts["curve"] == {"queries": [result.queries], "agreement": [1.0]}
     with torch.no_grad():
         logits = target(torch.as_tensor(X, dtype=torch.float32)).double()
         stolen = copy(torch.as_tensor(X))

@@ -80,8 +80,9 @@ def test_the_default_grid_keeps_the_full_runs_strength():
     for defence, attacks in grid.STRONGEST.items():  # every defence keeps an attack of every family
         families = {ATTACK_SPECS[a].family for a in attacks}
         assert {"extraction", "membership", "attribute"} <= families and set(attacks) <= set(default.attacks)
+    extraction = {a for a, spec in ATTACK_SPECS.items() if spec.family == "extraction" and spec.adapts is None}
     for defence, attacks in grid.OWNERSHIP.items():  # the watermarks: every extraction copy is verified
-        assert {ATTACK_SPECS[a].family for a in attacks} == {"extraction"} and default.against[defence] == attacks
+        assert set(attacks) == extraction and default.against[defence] == attacks
     assert set(default.against) == set(grid.STRONGEST) | set(grid.OWNERSHIP)
     assert grid.attacks_on(grid.configure(attacks=("copycat",)), "none") == ("copycat",)
     assert grid.configure("quick", seeds=(4,)).seeds == (4,)  # the user's options over the grid's
