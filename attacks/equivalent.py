@@ -224,14 +224,15 @@ class _Search:
 
     def fit(self) -> tuple[EquivalentCopy, float]:
         """The output layer and linear skip by least squares on every answer; the largest residual."""
-        X, G = np.vstack(self.X), np.vstack(self.G)
-        usable = np.isfinite(G).all(axis=1) & (np.abs(G) < 600).all(axis=1)
-        X, G = np.clip(X[usable], 0.0, 1.0), G[usable]
+        X, G = np.clip(np.vstack(self.X), 0.0, 1.0), np.vstack(self.G)
+        exact = (np.abs(G) < 600).all(axis=1)  # answers with no probability rounded or underflowed to 0
+        if exact.sum() > len(self.units) + self.d + 1:
+            X, G = X[exact], G[exact]
         W = np.array([w for w, _ in self.units]).reshape(-1, self.d)
         b = np.array([bias for _, bias in self.units])
         features = np.hstack([np.maximum(X @ W.T + b, 0.0), X, np.ones((len(X), 1))])
         theta, *_ = np.linalg.lstsq(features, G, rcond=None)
-        residual = float(np.abs(features @ theta - G).max()) if len(X) else float("inf")
+        residual = float(np.abs(features @ theta - G).max())
         return EquivalentCopy(W, b, theta), residual
 
 

@@ -56,7 +56,7 @@ def test_rounded_answers_hide_the_kinks_and_labels_refuse_it(digits, digits_spli
     X_test = digits.X[digits_split.test]
     rounded = FunctionallyEquivalent(64, seed=0, max_queries=20_000).run(
         TorchTarget(digits_mlp, 10, output=OutputFormat(rounding=2)), X_test, aux=digits.X[digits_split.aux])
-    assert rounded.metrics["units_found"] < 10
+    assert rounded.metrics["units_found"] < 10 and np.isfinite(rounded.metrics["fit_residual"])
     labels = TorchTarget(digits_mlp, 10, output=OutputFormat(label_only=True))
     with pytest.raises(OutputUnavailable, match="needs probabilities"):
         FunctionallyEquivalent(64).run(labels, X_test)
