@@ -164,9 +164,10 @@ def test_an_interrupt_ends_every_worker_and_reports_the_finished_cells(tmp_path,
     import psutil
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    # 18 cells, each training a Knockoff copy: the run cannot finish before the signal, even on a loaded machine
-    grid_options = ["--quick", "--workers", "2", "--data", "digits,breast_cancer", "--defences",
-                    "none,round:1,label_only,round:2,top_k:1,noise", "--attacks", "threshold,knockoff-adaptive"]
+    # the faces targets train for half a minute after the first cells finish: the run cannot end before
+    # the signal, however fast the machine (digits and breast cancer alone finish within a second of it)
+    grid_options = ["--quick", "--workers", "2", "--data", "digits,breast_cancer,faces", "--defences",
+                    "none,round:1,label_only", "--attacks", "threshold,knockoff-adaptive"]
     bench = _bench(out, cache, *grid_options)
     parent = psutil.Process(bench.pid)
     deadline = time.monotonic() + 600
@@ -189,7 +190,7 @@ def test_an_interrupt_ends_every_worker_and_reports_the_finished_cells(tmp_path,
     assert results["config"]["partial"] and "Partial run" in (out / "report.md").read_text()
     assert "## Summary" in output and "## Verdict" not in output and f"markdown: {out / 'report.md'}" in output
     cells = {(row["dataset"], row["model"], row["defence"]) for row in results["rows"]}
-    assert len(cells) < 18
+    assert len(cells) < 15
     if signum == signal.SIGINT:  # --resume finishes the recorded run from the cache
         resumed = _bench(out, cache, "--resume")
         output, _ = resumed.communicate(timeout=600)
@@ -197,7 +198,7 @@ def test_an_interrupt_ends_every_worker_and_reports_the_finished_cells(tmp_path,
         results = json.loads((out / "results.json").read_text())
         assert not results["config"]["partial"] and results["config"]["attacks"] == ["threshold", "knockoff-adaptive"]
         assert {(row["dataset"], row["model"], row["defence"]) for row in results["rows"]} >= cells
-        assert len({(row["dataset"], row["model"], row["defence"]) for row in results["rows"]}) == 18
+        assert len({(row["dataset"], row["model"], row["defence"]) for row in results["rows"]}) == 15
 
 
 def test_cache_keys_change_with_the_code(tmp_path, monkeypatch):
