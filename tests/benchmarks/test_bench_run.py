@@ -180,8 +180,10 @@ def test_an_interrupt_ends_every_worker_and_reports_the_finished_cells(tmp_path,
     assert len(workers) == 2 and bench.poll() is None
     # Ctrl-C reaches the terminal's whole process group; SIGTERM (kill) only the parent
     os.killpg(bench.pid, signum) if signum == signal.SIGINT else bench.send_signal(signum)
-    _, alive = psutil.wait_procs(workers, timeout=5)
-    assert not alive, f"workers left running 5 s after the signal: {alive}"
+    # at rest they end at once; under the whole suite on 2 cores the parent was once not scheduled for 5 s.
+    # Workers left behind would wait for tasks forever, so a longer window still catches them.
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"workers left running 20 s after the signal: {alive}"
     output, _ = bench.communicate(timeout=300)
     assert bench.returncode == 130, output
     _, alive = psutil.wait_procs(children, timeout=5)  # the resource tracker ends with the parent
