@@ -9,10 +9,11 @@ linear in ``x``, with a kink wherever a hidden unit's pre-activation crosses zer
 1. *critical points* (sec. 5.2): along random segments of the feature box, ``g`` is sampled on a grid;
    where its second difference is not zero a kink lies near, and it is located where the slopes on
    both sides meet (checked with one more query; a segment holding several kinks is halved);
-2. *weights up to scale* (sec. 5.3): on both sides of a critical point the Jacobian of ``g`` is
-   measured by finite differences; its jump is ``a_i w_i^T``, rank one, whose right singular vector is
-   the unit's weight row ``w_i`` up to scale and sign, and ``b_i = -w_i . x*``. Kinks where a known
-   unit's hyperplane meets the segment are not measured again;
+2. *weights up to scale* (sec. 5.3): symmetric second differences at a critical point give the
+   unit's hyperplane normal roughly; stepped along it to both sides, the Jacobian of ``g`` (finite
+   differences) jumps by ``a_i w_i^T``, rank one, whose right singular vector is the unit's weight row
+   ``w_i`` up to scale and sign, and ``b_i = -w_i . x*``. Kinks where a known unit's hyperplane meets
+   the segment are not measured again;
 3. *the output layer* (sec. 5.4) by least squares on every answer received. The paper recovers each
    unit's sign; here it is not needed: ``relu(-z) = relu(z) - z``, so a unit of the wrong sign only adds
    a linear term, and the copy ``A' relu(W' x + b') + L x + c'`` with a linear skip ``L`` solved with the
@@ -99,8 +100,9 @@ class _Search:
         self.units: list[tuple[np.ndarray, float]] = []  # unit weight row (norm 1), bias
 
     def g(self, X: np.ndarray) -> np.ndarray:
-        """Logit differences of the answers to ``X`` (kept for the final fit)."""
-        P = self.target.predict_proba(np.clip(X, 0.0, 1.0))
+        """Logit differences of the answers to ``X``, clipped to the box (both kept for the final fit)."""
+        X = np.clip(X, 0.0, 1.0)
+        P = self.target.predict_proba(X)
         logs = np.log(np.clip(P.astype(np.float64), 1e-300, None))
         G = logs[:, 1:] - logs[:, :1]
         self.X.append(X)
@@ -121,10 +123,10 @@ class _Search:
         new = 0
         for s, at in located:
             x = starts[s] + at * (ends[s] - starts[s])
-            if self._known(x):
+            if self._on_known_hyperplane(x):
                 continue
             unit = self._measure(x)
-            if unit is not None and not self._known(x, unit):
+            if unit is not None and not self._is_known(unit):
                 self.units.append(unit)
                 new += 1
         return new
@@ -146,20 +148,20 @@ class _Search:
         if not kinks or depth == 0:
             return []
         delta = 1e-4
-        probes = []
-        for s, a, b in kinks:
-            probes += [a, a + delta, b - delta, b]
-        X = np.array([starts[s] + p * (ends[s] - starts[s]) for (s, _, _), p in
-                      zip([k for k in kinks for _ in range(4)], probes)])
-        G = self.g(X).reshape(len(kinks), 4, -1)
-        slope_a, slope_b = (G[:, 1] - G[:, 0]) / delta, (G[:, 3] - G[:, 2]) / delta
+        segment = np.array([k[0] for k in kinks])
         a, b = np.array([k[1] for k in kinks]), np.array([k[2] for k in kinks])
+        origin, span = starts[segment], ends[segment] - starts[segment]
+
+        def along(t: np.ndarray) -> np.ndarray:  # points at ``t`` (one per kink, or (kinks, k)) on their segments
+            return origin[:, None, :] + t.reshape(len(kinks), -1)[:, :, None] * span[:, None, :]
+
+        G = self.g(along(np.stack([a, a + delta, b - delta, b], axis=1)).reshape(-1, self.d)).reshape(len(kinks), 4, -1)
+        slope_a, slope_b = (G[:, 1] - G[:, 0]) / delta, (G[:, 3] - G[:, 2]) / delta
         gap = slope_a - slope_b
         rhs = G[:, 3] - G[:, 0] + slope_a * a[:, None] - slope_b * b[:, None]
         at = (gap * rhs).sum(axis=1) / np.maximum((gap * gap).sum(axis=1), 1e-300)
         inside = (at > a) & (at < b) & ((gap * gap).sum(axis=1) > 0)
-        check = np.array([starts[s] + np.clip(p, 0, 1) * (ends[s] - starts[s]) for (s, _, _), p in zip(kinks, at)])
-        observed = self.g(check)
+        observed = self.g(along(np.clip(at, 0, 1))[:, 0])
         predicted = G[:, 0] + slope_a * (at - a)[:, None]
         scale = 1.0 + np.abs(observed).max(axis=1)
         confirmed = inside & (np.abs(observed - predicted).max(axis=1) < 1e-3 * scale)
@@ -213,18 +215,15 @@ class _Search:
         G = self.g(X)
         return ((G[1:] - G[0]) / (signs * h)[:, None]).T
 
-    def _known(self, x: np.ndarray, unit: tuple[np.ndarray, float] | None = None) -> bool:
-        """Whether ``x`` lies on a known unit's hyperplane (or ``unit`` is a known one)."""
-        for weights, bias in self.units:
-            if unit is None and abs(weights @ x + bias) < 10 * self.step:
-                return True
-            if unit is not None and weights @ unit[0] > 0.999 and abs(bias - unit[1]) < 1e-2:
-                return True
-        return False
+    def _on_known_hyperplane(self, x: np.ndarray) -> bool:
+        return any(abs(weights @ x + bias) < 10 * self.step for weights, bias in self.units)
+
+    def _is_known(self, unit: tuple[np.ndarray, float]) -> bool:
+        return any(weights @ unit[0] > 0.999 and abs(bias - unit[1]) < 1e-2 for weights, bias in self.units)
 
     def fit(self) -> tuple[EquivalentCopy, float]:
         """The output layer and linear skip by least squares on every answer; the largest residual."""
-        X, G = np.clip(np.vstack(self.X), 0.0, 1.0), np.vstack(self.G)
+        X, G = np.vstack(self.X), np.vstack(self.G)
         exact = (np.abs(G) < 600).all(axis=1)  # answers with no probability rounded or underflowed to 0
         if exact.sum() > len(self.units) + self.d + 1:
             X, G = X[exact], G[exact]

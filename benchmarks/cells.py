@@ -178,8 +178,14 @@ def _target(config: BenchConfig, cell: Cell, defence: Defence, shared: Callable)
     dataset, _ = load_dataset(cell.dataset, config.sensitive)
     split = datasets.split(dataset, cell.seed)
     recipe = target_recipe(config, dataset, cell.model, len(split.train))
-    return shared(("target", defence.dp_epsilon, *(("public",) if defence.dp_public else ())), lambda: _train_target(
+    return shared(("target", *_training_key(defence)), lambda: _train_target(
         dataset, cell.model, recipe, split, defence, cell.seed, config))
+
+
+def _training_key(defence: Defence) -> tuple:
+    """What of a defence changes how its target trains: the DP epsilon (None without DP) and public
+    pretraining."""
+    return (defence.dp_epsilon, "public") if defence.dp_public else (defence.dp_epsilon,)
 
 
 def target_recipe(config: BenchConfig, dataset: datasets.Dataset, kind: str, n_train: int) -> models.Recipe:
@@ -265,7 +271,7 @@ def _dp_audit(config: BenchConfig, cell: Cell, defence: Defence, shared: Callabl
     split = datasets.split(dataset, cell.seed)
     recipe = target_recipe(config, dataset, cell.model, len(split.train))
     X, y = dataset.X[split.train], dataset.y[split.train]
-    return shared(("dp-audit", defence.dp_epsilon, *(("public",) if defence.dp_public else ())), lambda: audit(
+    return shared(("dp-audit", *_training_key(defence)), lambda: audit(
         _initial_model(dataset, cell.model, recipe, cell.seed, config), (X, y), kind="gradient", seed=cell.seed,
         **_dp_options(dataset, split, defence)).as_dict())
 

@@ -76,9 +76,9 @@ reference counts. ``python -m benchmarks.perf.strongest results.json`` derives i
 The RMIA entries come from a membership-only run of seed 0 (every membership attack on every defence
 but label_only and monitoring): RMIA was the strongest there on at least one target of each. The
 publicly pretrained DP target gets dp-eps8's, without inversion (``benchmarks.cells``: not judged there).
-Functionally equivalent extraction, newer than the full run these come from, is added by hand where the
-answers keep the precision it needs or where a defence does not touch them (the undefended model, 2-decimal
-rounding, monitoring, the DP targets)."""
+Functionally equivalent extraction, newer than the full run these come from, is added by hand
+(``EQUIVALENT_ON``) where answers keep the precision it needs (the undefended model, monitoring, the DP
+targets) and on 2-decimal rounding, the mildest defence that takes that precision away."""
 
 OWNERSHIP_SUITE = ("copycat", "copycat-k-center", "knockoff-adaptive", "jacobian", "equation-solving",
                    "functionally-equivalent")

@@ -45,6 +45,12 @@ class Dataset:
         X = np.asarray(X, dtype=np.float64)
         return X if self.low is None else self.low + X * (np.asarray(self.high) - self.low)
 
+    def scaled(self, X: np.ndarray) -> np.ndarray:
+        """Features in the scale they were loaded in mapped to this data set's [0, 1] (``raw``'s inverse;
+        rows from elsewhere may land outside)."""
+        X = np.asarray(X, dtype=np.float64)
+        return X if self.low is None else min_max(X, self.low, self.high)
+
     @property
     def n_features(self) -> int:
         return int(self.X.shape[1])
@@ -150,9 +156,7 @@ def rows_like(reference: Dataset, other: Dataset) -> tuple[np.ndarray, np.ndarra
     missing = [label for label in labels if label not in index]
     if missing:
         raise ValueError(f"{other.name} has labels {missing} that {reference.name} lacks")
-    low = 0.0 if reference.low is None else np.asarray(reference.low, dtype=np.float64)
-    high = 1.0 if reference.high is None else np.asarray(reference.high, dtype=np.float64)
-    X = (other.raw(other.X) - low) / np.where(high > low, high - low, 1.0)
+    X = reference.scaled(other.raw(other.X))
     return X.astype(np.float32), np.array([index[label] for label in labels], dtype=np.int64)[other.y]
 
 
@@ -207,7 +211,12 @@ def from_arrays(name: str, X: np.ndarray, y: np.ndarray, columns: tuple[str, ...
         X = X.reshape(len(X), -1)
     else:
         low, high = X.min(axis=0), X.max(axis=0)
-    scaled = (X - low) / np.where(high > low, high - low, 1.0)
-    return Dataset(name, scaled.astype(np.float32), labels.astype(np.int64), len(classes), image_shape,
+    return Dataset(name, min_max(X, low, high).astype(np.float32), labels.astype(np.int64), len(classes), image_shape,
                    columns=columns, low=low, high=high,
                    classes=tuple(int(c) if isinstance(c, float) and c.is_integer() else c for c in classes.tolist()))
+
+
+def min_max(X: np.ndarray, low, high) -> np.ndarray:
+    """``X`` scaled from ``[low, high]`` to ``[0, 1]`` (a constant feature maps to 0)."""
+    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    return (X - low) / np.where(high > low, high - low, 1.0)

@@ -282,6 +282,39 @@ def extraction(quick: bool) -> Rows:
     return rows
 
 
+@section("equivalent")
+def equivalent(quick: bool) -> Rows:
+    """Functionally equivalent extraction (Jagielski et al. 2020, sec. 5) of the digits MLP (64 ReLU units,
+    60 epochs, split seed 0) over attack seeds, from probabilities and rounded to 2 decimals, beside equation
+    solving of the same architecture as the bench runs it (one L-BFGS start, 300 iterations)."""
+    import time
+
+    from attacks.equivalent import FunctionallyEquivalent
+    from attacks.extraction import EquationSolving
+    from attacks.targets import OutputFormat, TorchTarget
+    from benchmarks import datasets, models
+
+    digits = datasets.load("digits")
+    split = datasets.split(digits, seed=0)
+    mlp = models.train_target("mlp", digits.X[split.train], digits.y[split.train], 10, seed=0, epochs=60)
+    X_test, y_test, aux = digits.X[split.test], digits.y[split.test], digits.X[split.aux]
+    oracle = lambda X: models.predict_proba(mlp, X).argmax(axis=1)  # noqa: E731
+    runs = [(f"functionally-equivalent seed {seed}", OutputFormat(), FunctionallyEquivalent(64, seed=seed))
+            for seed in range(1 if quick else 4)]
+    runs += [("functionally-equivalent seed 0", OutputFormat(rounding=2), FunctionallyEquivalent(64, seed=0)),
+             ("equation-solving", OutputFormat(), EquationSolving(64, restarts=1, max_iter=300, seed=0))]
+    rows: Rows = []
+    for name, output, attack in runs:
+        start = time.perf_counter()
+        extra = {"aux": aux} if isinstance(attack, FunctionallyEquivalent) else {}
+        result = attack.run(TorchTarget(mlp, 10, output=output), X_test, y_test, oracle=oracle, **extra)
+        rows.append({"attack": name, "output": f"round:{output.rounding}" if output.rounding else "full",
+                     "seconds": time.perf_counter() - start, "queries": result.queries,
+                     **{key: result.metrics.get(key, float("nan"))
+                        for key in ("agreement_test", "agreement_uniform", "units_found")}})
+    return rows
+
+
 @section("adaptive")
 def adaptive(quick: bool) -> Rows:
     """Each output defence against the adaptive attack that knows it, in the LiRA game
